@@ -1,0 +1,615 @@
+"""
+Tasks, prompts, datasets and CoIN-mini.
+
+CoIN trains one multimodal LLM on eight instruction tasks in sequence. This file holds:
+  1. the task list and the prompt template (one function builds prompts for training and evaluation),
+  2. reading the official on-disk format (Instructions_*/<Task>/{train,test}.json + an image root),
+  3. the PyTorch dataset and collate function used by the training loop,
+  4. CoIN-mini: a seeded, pillow-only generator of eight synthetic tasks that mirror CoIN's eight, written
+     in the official format, plus the "stage-0" caption corpus that pretrains the tiny base.
+
+Run `python data.py mini --out=DIR` to generate CoIN-mini.
+"""
+import json
+import os
+import random
+import sys
+
+import torch
+from PIL import Image, ImageDraw, ImageFilter, ImageFont
+
+# -----------------------------------------------------------------------------
+# The task sequence (shared/coin-facts.md, section 1). Directory names are the official ones.
+
+TASKS = ["ScienceQA", "TextVQA", "ImageNet", "GQA", "VizWiz", "Grounding", "VQAv2", "OCR-VQA"]
+ORDERS = {
+    "paper": TASKS,
+    # the order of the paper's order ablation, as listed in coin-facts.md (unverified upstream)
+    "alphabet": ["GQA", "ImageNet", "OCR-VQA", "Grounding", "ScienceQA", "TextVQA", "VizWiz", "VQAv2"],
+}
+
+
+def parse_tasks(spec):
+    """'all' | an order name | 'A,B,C' -> list of task names; rejects unknown names."""
+    if spec in ("all", ""):
+        return list(TASKS)
+    if spec in ORDERS:
+        return list(ORDERS[spec])
+    names = [s.strip() for s in spec.split(",") if s.strip()]
+    lower = {t.lower(): t for t in TASKS}
+    out = []
+    for n in names:
+        if n.lower() not in lower:
+            raise ValueError(f"unknown task {n!r}: choose from {', '.join(TASKS)} (or 'all', {', '.join(ORDERS)})")
+        out.append(lower[n.lower()])
+    if len(set(out)) != len(out):
+        raise ValueError(f"--tasks lists a task twice: {spec!r}")
+    return out
+
+
+# -----------------------------------------------------------------------------
+# Prompt template: Vicuna v1, as the official code uses it for LLaVA-1.5. Loss goes on the answer only.
+
+SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. "
+          "The assistant gives helpful, detailed, and polite answers to the user's questions.")
+IMAGE_TOKEN = "<image>"
+
+
+def build_prompt(question, has_image):
+    """The text the model sees before its answer; training appends ' ' + answer + eos to it.
+    `question` has no <image> token; it is put first, on its own line, as LLaVA does."""
+    user = f"{IMAGE_TOKEN}\n{question}" if has_image else question
+    return f"{SYSTEM} USER: {user} ASSISTANT:"
+
+
+def split_question(text):
+    """(question without the format instruction, the instruction): the last line is the instruction."""
+    lines = text.rstrip("\n").split("\n")
+    if len(lines) == 1:
+        return text, ""
+    return "\n".join(lines[:-1]), lines[-1]
+
+
+# -----------------------------------------------------------------------------
+# Reading the official format
+
+def task_file(data_dir, task, split, instructions="Original"):
+    return os.path.join(data_dir, f"Instructions_{instructions}", task, f"{split}.json")
+
+
+def read_json(path):
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: no such file (is --data_dir the folder holding Instructions_*/?)")
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: malformed JSON at line {e.lineno}, column {e.colno}: {e.msg}") from None
+
+
+def train_examples(data_dir, task, instructions="Original"):
+    """Train records -> list of dicts {id, image (rel path or None), question, answer}."""
+    path = task_file(data_dir, task, "train", instructions)
+    out = []
+    for i, rec in enumerate(read_json(path)):
+        try:
+            conv = rec["conversations"]
+            human, gpt = conv[0]["value"], conv[1]["value"]
+            assert conv[0]["from"] == "human" and conv[1]["from"] == "gpt"
+        except (KeyError, IndexError, TypeError, AssertionError):
+            raise ValueError(f"{path}: record {i} is not a LLaVA conversation "
+                             "({{'conversations': [{{'from': 'human', ...}}, {{'from': 'gpt', ...}}]}})") from None
+        question = human.replace(IMAGE_TOKEN, "").strip("\n")
+        out.append({"id": rec.get("id", i), "image": rec.get("image"), "question": question, "answer": gpt})
+    return out
+
+
+def test_examples(data_dir, task, instructions="Original", split="test"):
+    """Test records as stored: {question_id, image, text, answer, ...}."""
+    path = task_file(data_dir, task, split, instructions)
+    recs = read_json(path)
+    for i, rec in enumerate(recs):
+        missing = [k for k in ("question_id", "text", "answer") if k not in rec]
+        if missing:
+            raise ValueError(f"{path}: record {i} lacks {', '.join(missing)}")
+    return recs
+
+
+def load_image(image_dir, rel):
+    path = os.path.join(image_dir, rel)
+    try:
+        return Image.open(path).convert("RGB")
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: image missing (record's image={rel!r}, --image_dir={image_dir})") from None
+    except OSError as e:
+        raise ValueError(f"{path}: image unreadable ({e})") from None
+
+
+def expand2square(img, background):
+    """Pad to a square with the processor's mean colour, as official LLaVA training does."""
+    w, h = img.size
+    if w == h:
+        return img
+    s = max(w, h)
+    out = Image.new(img.mode, (s, s), background)
+    out.paste(img, ((s - w) // 2, (s - h) // 2))
+    return out
+
+
+def image_mean_rgb(processor):
+    return tuple(int(m * 255) for m in processor.image_processor.image_mean)
+
+
+# -----------------------------------------------------------------------------
+# Training dataset: tokenised prompt + answer, labels on the answer (and eos) only
+
+class InstructionDataset(torch.utils.data.Dataset):
+    def __init__(self, examples, processor, image_dir, max_len=2048):
+        self.examples, self.processor, self.image_dir, self.max_len = examples, processor, image_dir, max_len
+        self.tok = processor.tokenizer
+        self.mean = image_mean_rgb(processor)
+
+    def __len__(self):
+        return len(self.examples)
+
+    def __getitem__(self, i):
+        ex = self.examples[i]
+        has_image = ex["image"] is not None
+        prompt = build_prompt(ex["question"], has_image)
+        if has_image:
+            img = expand2square(load_image(self.image_dir, ex["image"]), self.mean)
+            enc = self.processor(text=prompt, images=img, return_tensors="pt")
+            pixel_values = enc["pixel_values"][0]
+        else:
+            enc = self.processor(text=prompt, return_tensors="pt")
+            pixel_values = None
+        prompt_ids = enc["input_ids"][0]
+        answer_ids = self.tok(" " + ex["answer"], add_special_tokens=False, return_tensors="pt")["input_ids"][0]
+        if len(answer_ids) == 0:
+            raise ValueError(f"example {ex['id']}: answer {ex['answer']!r} tokenises to nothing")
+        answer_ids = torch.cat([answer_ids, torch.tensor([self.tok.eos_token_id])])
+        ids = torch.cat([prompt_ids, answer_ids])[: self.max_len]
+        labels = ids.clone()
+        labels[: len(prompt_ids)] = -100  # no loss on the prompt
+        return {"input_ids": ids, "labels": labels, "pixel_values": pixel_values}
+
+
+def collate(batch, pad_id):
+    """Right-pad to the longest item; stack the images of the items that have one (LLaVA fills the
+    image tokens with image features in order)."""
+    n = max(len(b["input_ids"]) for b in batch)
+    ids = torch.full((len(batch), n), pad_id, dtype=torch.long)
+    labels = torch.full((len(batch), n), -100, dtype=torch.long)
+    mask = torch.zeros((len(batch), n), dtype=torch.long)
+    for i, b in enumerate(batch):
+        L = len(b["input_ids"])
+        ids[i, :L], labels[i, :L], mask[i, :L] = b["input_ids"], b["labels"], 1
+    pix = [b["pixel_values"] for b in batch if b["pixel_values"] is not None]
+    return {"input_ids": ids, "labels": labels, "attention_mask": mask,
+            "pixel_values": torch.stack(pix) if pix else None}
+
+
+# -----------------------------------------------------------------------------
+# CoIN-mini: a synthetic world of coloured shapes, signs and book covers
+
+COLORS = {"red": (220, 40, 40), "green": (40, 190, 60), "blue": (50, 90, 230), "yellow": (235, 215, 40),
+          "purple": (150, 60, 200), "orange": (245, 140, 30), "white": (240, 240, 240), "pink": (245, 130, 190)}
+SHAPES = ["circle", "square", "triangle", "diamond", "star", "cross", "hexagon", "ring", "bar", "pentagon"]
+CORNERS = {"circle": 0, "ring": 0, "triangle": 3, "square": 4, "diamond": 4, "bar": 4, "pentagon": 5,
+           "hexagon": 6, "star": 10, "cross": 12}
+POSITIONS = ["top left", "top", "top right", "left", "center", "right", "bottom left", "bottom", "bottom right"]
+WORDS = ["cat", "dog", "fox", "owl", "bee", "cow", "pig", "hen", "ant", "elk",
+         "yak", "emu", "bat", "rat", "ram", "gnu", "eel", "koi", "jay", "doe"]
+TITLES = ["sun", "moon", "rain", "snow", "wind", "fire", "lake", "hill", "road", "sea",
+          "gold", "iron", "rose", "leaf", "king", "frog"]
+AUTHORS = ["ann", "bob", "cid", "dee", "eve", "gus", "hal", "ivy", "jon", "kim", "lou", "max"]
+GENRES = {"poetry": (200, 50, 60), "travel": (40, 110, 200), "cooking": (230, 130, 30),
+          "history": (120, 60, 160), "science": (40, 150, 80), "comics": (220, 200, 40)}
+NUMBER_WORDS = ["zero", "one", "two", "three", "four", "five"]
+
+# Format instructions: the last line of every question. Original = the official wording; Diverse = one other
+# wording per task; 10Type = ten paraphrases, one drawn per example (section 2 of coin-facts.md).
+SHORT = "Answer the question using a single word or phrase."
+LETTER = "Answer with the option's letter from the given choices directly."
+UNANS = "When the provided information is insufficient, respond with 'Unanswerable'. " + SHORT
+BOX = "Please provide the bounding box coordinate of the region this sentence describes:"
+INSTRUCTIONS = {
+    "Original": {"ScienceQA": [LETTER], "TextVQA": [SHORT], "ImageNet": [SHORT], "GQA": [SHORT],
+                 "VizWiz": [UNANS], "Grounding": [BOX], "VQAv2": [SHORT], "OCR-VQA": [SHORT]},
+    "Diverse": {"ScienceQA": ["Reply with only the letter of the correct option."],
+                "TextVQA": ["Give the text you read as a short answer."],
+                "ImageNet": ["Name the object's class in one word."],
+                "GQA": ["Respond with one word that answers the question about the scene."],
+                "VizWiz": ["If the picture does not show enough, say 'Unanswerable'; otherwise answer in one word."],
+                "Grounding": ["Give the normalised box [x1, y1, x2, y2] of the region described here:"],
+                "VQAv2": ["Answer briefly with one word or a number."],
+                "OCR-VQA": ["Read the cover and answer with a short phrase."]},
+}
+_TEN = ["{}", "Please: {}", "Note: {}", "{} Be brief.", "Instruction: {}", "Task: {}", "{} Thanks.",
+        "Rule: {}", "Remember: {}", "Format: {}"]
+INSTRUCTIONS["10Type"] = {t: [p.format(v[0]) for p in _TEN] for t, v in INSTRUCTIONS["Original"].items()}
+
+
+def _noise_bg(rng, size):
+    base = rng.randint(15, 55)
+    img = Image.new("RGB", (size, size), (base, base, base + rng.randint(0, 15)))
+    return img
+
+
+def _cell_box(size, pos, jitter, rng):
+    """Box of grid cell `pos` (0..8) with a small margin and jitter, in pixels."""
+    c = size // 3
+    r, k = divmod(pos, 3)
+    m = max(1, c // 8)
+    j = lambda: rng.randint(-jitter, jitter)
+    return [k * c + m + j(), r * c + m + j(), (k + 1) * c - m + j(), (r + 1) * c - m + j()]
+
+
+def draw_shape(d, shape, box, color):
+    x1, y1, x2, y2 = box
+    cx, cy, w, h = (x1 + x2) / 2, (y1 + y2) / 2, x2 - x1, y2 - y1
+    if shape == "circle":
+        d.ellipse(box, fill=color)
+    elif shape == "ring":
+        d.ellipse(box, outline=color, width=max(2, w // 5))
+    elif shape == "square":
+        d.rectangle(box, fill=color)
+    elif shape == "bar":
+        d.rectangle([x1, cy - h / 5, x2, cy + h / 5], fill=color)
+    elif shape == "triangle":
+        d.polygon([(cx, y1), (x2, y2), (x1, y2)], fill=color)
+    elif shape == "diamond":
+        d.polygon([(cx, y1), (x2, cy), (cx, y2), (x1, cy)], fill=color)
+    elif shape == "cross":
+        t = w / 6
+        d.rectangle([cx - t, y1, cx + t, y2], fill=color)
+        d.rectangle([x1, cy - t, x2, cy + t], fill=color)
+    else:  # star, hexagon, pentagon: regular polygons
+        import math
+        n, inner = {"star": (5, 0.45), "hexagon": (6, 1.0), "pentagon": (5, 1.0)}[shape]
+        pts = []
+        for i in range(n * (2 if inner < 1 else 1)):
+            rad = (w / 2) * (inner if (inner < 1 and i % 2) else 1.0)
+            a = -math.pi / 2 + i * math.pi * 2 / (n * (2 if inner < 1 else 1))
+            pts.append((cx + rad * math.cos(a), cy + rad * math.sin(a)))
+        d.polygon(pts, fill=color)
+
+
+def make_scene(rng, size, n_objects, distinct=True):
+    """1..n objects in distinct grid cells; returns objects [{shape, color, pos, box}]. With distinct=True no
+    two objects share (shape, color), so every 'the <color> <shape>' names one object."""
+    cells = rng.sample(range(9), n_objects)
+    objs, seen = [], set()
+    for pos in cells:
+        while True:
+            shape, color = rng.choice(SHAPES), rng.choice(list(COLORS))
+            if not distinct or (shape, color) not in seen:
+                break
+        seen.add((shape, color))
+        objs.append({"shape": shape, "color": color, "pos": pos, "box": _cell_box(size, pos, 1, rng)})
+    return objs
+
+
+def render_scene(rng, size, objs):
+    img = _noise_bg(rng, size)
+    d = ImageDraw.Draw(img)
+    for o in objs:
+        draw_shape(d, o["shape"], o["box"], COLORS[o["color"]])
+    return img
+
+
+def _font(size):
+    return ImageFont.load_default(size=size)
+
+
+def render_sign(rng, size, word):
+    img = _noise_bg(rng, size)
+    d = ImageDraw.Draw(img)
+    f = _font(size * 14 // 48)
+    x1, y1, x2, y2 = d.textbbox((0, 0), word, font=f)
+    x = rng.randint(1, max(1, size - (x2 - x1) - 3))
+    y = rng.randint(1, max(1, size - (y2 + 2)))
+    bg = rng.choice([(250, 250, 250), (240, 220, 60), (60, 200, 90)])
+    d.rectangle([x - 1, y + y1 - 2, x + x2 + 1, y + y2 + 2], fill=bg)
+    d.text((x, y), word, font=f, fill=(10, 10, 10))
+    return img
+
+
+def render_book(rng, size, title, author, genre):
+    img = Image.new("RGB", (size, size), GENRES[genre])
+    d = ImageDraw.Draw(img)
+    d.text((rng.randint(2, 8), rng.randint(1, 4)), title.upper(), font=_font(size * 13 // 48), fill=(255, 255, 255))
+    d.text((rng.randint(2, 12), size * 30 // 48 + rng.randint(0, 3)), author, font=_font(size * 11 // 48),
+           fill=(20, 20, 20))
+    return img
+
+
+def degrade(rng, img):
+    """VizWiz's unanswerable photos: blurred to a smear, darkened, or cut to a corner."""
+    kind = rng.choice(["blur", "dark", "crop"])
+    if kind == "blur":
+        return img.filter(ImageFilter.GaussianBlur(radius=img.size[0] / 6))
+    if kind == "dark":
+        return img.point(lambda v: v // 12)
+    s = img.size[0]
+    return img.crop((0, 0, s // 5, s // 5)).resize((s, s), Image.NEAREST)
+
+
+def _options(rng, correct, pool, n=5):
+    """Five choices including the correct one, shuffled; -> (lines, letter)."""
+    choices = rng.sample([p for p in pool if p != correct], n - 1) + [correct]
+    rng.shuffle(choices)
+    letters = "ABCDE"[:n]
+    lines = "\n".join(f"{l}. {c}" for l, c in zip(letters, choices))
+    return lines, letters[choices.index(correct)], choices
+
+
+def _box_str(box, size):
+    return "[" + ", ".join(f"{v / size:.2f}" for v in box) + "]"
+
+
+def _one_of(rng, objs):
+    return rng.choice(objs)
+
+
+def _name(o):
+    return f"{o['color']} {o['shape']}"
+
+
+def _relation(a, b):
+    """Relations of object a to object b that hold (grid rows/columns)."""
+    ra, ka = divmod(a["pos"], 3)
+    rb, kb = divmod(b["pos"], 3)
+    rel = []
+    if ka < kb: rel.append("to the left of")
+    if ka > kb: rel.append("to the right of")
+    if ra < rb: rel.append("above")
+    if ra > rb: rel.append("below")
+    return rel
+
+
+def describe(objs):
+    parts = [f"a {_name(o)} at the {POSITIONS[o['pos']]}" for o in objs]
+    return "The picture shows " + ", ".join(parts) + "."
+
+
+def make_item(task, rng, size):
+    """One synthetic example of `task`: dict(image: PIL or None, question, answer, accept (content words the
+    General Knowledge judge accepts), chance (1 / number of plausible answers), plus task extras)."""
+    if task == "ScienceQA":
+        if rng.random() < 0.25:  # text-only knowledge items, as ScienceQA has
+            shape = rng.choice([s for s in SHAPES if CORNERS[s] > 0])
+            ans = str(CORNERS[shape])
+            lines, letter, _ = _options(rng, ans, sorted({str(v) for v in CORNERS.values()}, key=int))
+            return dict(image=None, question=f"How many corners does a {shape} have?\n{lines}", answer=letter,
+                        accept=[letter, ans], chance=0.2)
+        objs = make_scene(rng, size, 1)
+        o = objs[0]
+        if rng.random() < 0.5:
+            q, ans, pool = "What is the color of the object?", o["color"], list(COLORS)
+        else:
+            q, ans, pool = "Which shape is in the picture?", o["shape"], SHAPES
+        lines, letter, _ = _options(rng, ans, pool)
+        return dict(image=render_scene(rng, size, objs), question=f"{q}\n{lines}", answer=letter,
+                    accept=[letter, ans], chance=0.2)
+    if task == "TextVQA":
+        w = rng.choice(WORDS)
+        q = rng.choice(["What word is written on the sign?", "What does the sign say?"])
+        return dict(image=render_sign(rng, size, w), question=q, answer=w, accept=[w], chance=1 / len(WORDS))
+    if task == "ImageNet":
+        objs = make_scene(rng, size, 1)
+        o = objs[0]
+        o["box"] = _cell_box(size, o["pos"], 0, rng)
+        # ImageNet photos show one big object: redraw it larger, centred near its cell
+        c = size // 2
+        s = rng.randint(size // 4, size * 2 // 5)
+        o["box"] = [c - s + rng.randint(-4, 4), c - s + rng.randint(-4, 4)]
+        o["box"] += [o["box"][0] + 2 * s, o["box"][1] + 2 * s]
+        return dict(image=render_scene(rng, size, objs), question="What is the object in the image?",
+                    answer=o["shape"], accept=[o["shape"]], chance=1 / len(SHAPES))
+    if task == "GQA":
+        while True:
+            objs = make_scene(rng, size, rng.randint(2, 3))
+            a, b = rng.sample(objs, 2)
+            rels = _relation(a, b)
+            if not rels:
+                continue
+            rel = rng.choice(rels)
+            others = [o for o in objs if o is not b and rel in _relation(o, b)]
+            if len(others) == 1:
+                break
+        img = render_scene(rng, size, objs)
+        u = rng.random()
+        if u < 0.45:
+            return dict(image=img, question=f"What shape is {rel} the {_name(b)}?", answer=a["shape"],
+                        accept=[a["shape"]], chance=1 / len(SHAPES))
+        if u < 0.85:
+            return dict(image=img, question=f"What color is the shape {rel} the {_name(b)}?", answer=a["color"],
+                        accept=[a["color"]], chance=1 / len(COLORS))
+        yes = rng.random() < 0.5
+        subj = a if yes else rng.choice([o for o in objs if o is not a and o is not b] or [b])
+        holds = rel in _relation(subj, b) if subj is not b else False
+        ans = "yes" if holds else "no"
+        return dict(image=img, question=f"Is the {_name(subj)} {rel} the {_name(b)}?", answer=ans, accept=[ans],
+                    chance=0.5)
+    if task == "VizWiz":
+        objs = make_scene(rng, size, 1)
+        o = objs[0]
+        c, s = size // 2, rng.randint(size // 4, size * 2 // 5)
+        o["box"] = [c - s, c - s, c + s, c + s]
+        img = render_scene(rng, size, objs)
+        if rng.random() < 0.5:
+            q, ans, n = "What color is this?", o["color"], len(COLORS) + 1
+        else:
+            q, ans, n = "What is this thing?", o["shape"], len(SHAPES) + 1
+        if rng.random() < 0.3:
+            img, ans = degrade(rng, img), "unanswerable"
+        return dict(image=img, question=q, answer=ans, accept=[ans], chance=1 / n)
+    if task == "Grounding":
+        objs = make_scene(rng, size, rng.randint(2, 3))
+        o = _one_of(rng, objs)
+        box = _box_str(o["box"], size)
+        return dict(image=render_scene(rng, size, objs), question=None, expression=f"the {_name(o)}",
+                    answer=box, accept=[POSITIONS[o["pos"]]], chance=1 / 9, answer_bbox=box, size=[size, size])
+    if task == "VQAv2":
+        u = rng.random()
+        if u < 0.45:  # counting
+            shape, k = rng.choice(SHAPES), rng.randint(1, 4)
+            objs = make_scene(rng, size, k, distinct=False)
+            for o in objs:
+                o["shape"] = shape
+            extra = [o for o in make_scene(rng, size, rng.randint(0, 1)) if o["shape"] != shape]
+            used = {o["pos"] for o in objs}
+            objs += [o for o in extra if o["pos"] not in used]
+            return dict(image=render_scene(rng, size, objs), question=f"How many {shape}s are there?",
+                        answer=str(k), accept=[str(k), NUMBER_WORDS[k]], chance=1 / 4)
+        objs = make_scene(rng, size, rng.randint(1, 3))
+        shapes = [o["shape"] for o in objs]
+        if u < 0.85:
+            o = rng.choice([o for o in objs if shapes.count(o["shape"]) == 1] or objs[:1])
+            if shapes.count(o["shape"]) > 1:
+                objs = [o]
+            return dict(image=render_scene(rng, size, objs), question=f"What color is the {o['shape']}?",
+                        answer=o["color"], accept=[o["color"]], chance=1 / len(COLORS))
+        shape = rng.choice(SHAPES)
+        ans = "yes" if shape in shapes else "no"
+        return dict(image=render_scene(rng, size, objs), question=f"Is there a {shape} in the picture?",
+                    answer=ans, accept=[ans], chance=0.5)
+    if task == "OCR-VQA":
+        title, author, genre = rng.choice(TITLES), rng.choice(AUTHORS), rng.choice(list(GENRES))
+        img = render_book(rng, size, title, author, genre)
+        u = rng.random()
+        if u < 0.4:
+            q, ans, n = "What is the title of this book?", title, len(TITLES)
+        elif u < 0.75:
+            q, ans, n = "Who is the author of this book?", author, len(AUTHORS)
+        else:
+            q, ans, n = "What is the genre of this book?", genre, len(GENRES)
+        return dict(image=img, question=q, answer=ans, accept=[ans], chance=1 / n)
+    raise ValueError(f"unknown task {task!r}")
+
+
+def stage0_item(rng, size):
+    """A caption-corpus item for pretraining the tiny base: content in full sentences, no task formats."""
+    kind = rng.choice(["scene", "scene", "scene", "sign", "book", "fact", "blur"])
+    if kind == "fact":
+        s = rng.choice(SHAPES)
+        n = CORNERS[s]
+        a = f"A {s} has {n} corners." if n else f"A {s} has no corners."
+        return None, rng.choice([f"How many corners does a {s} have?", f"Tell me about the {s}."]), a
+    if kind == "sign":
+        w = rng.choice(WORDS)
+        img = render_sign(rng, size, w)
+        q = rng.choice(["Describe the image.", "What does the sign say?"])
+        return img, q, f"A sign with the word {w} written on it."
+    if kind == "book":
+        t, a, g = rng.choice(TITLES), rng.choice(AUTHORS), rng.choice(list(GENRES))
+        img = render_book(rng, size, t, a, g)
+        q = rng.choice(["Describe the image.", "What book is this?", "Who wrote this book?"])
+        return img, q, f"A {g} book called {t}, written by {a}."
+    objs = make_scene(rng, size, rng.randint(1, 4))
+    img = render_scene(rng, size, objs)
+    if kind == "blur":
+        return degrade(rng, img), "Describe the image.", "The picture is too unclear to see anything."
+    u = rng.random()
+    o = rng.choice(objs)
+    if u < 0.5:
+        return img, "Describe the image.", describe(objs)
+    if u < 0.65:
+        return img, f"Where is the {_name(o)}?", f"The {_name(o)} is at the {POSITIONS[o['pos']]} of the picture."
+    if u < 0.8:
+        return img, f"What is at the {POSITIONS[o['pos']]}?", f"There is a {_name(o)} at the {POSITIONS[o['pos']]}."
+    k = sum(p["shape"] == o["shape"] for p in objs)
+    return img, f"How many {o['shape']}s are there?", f"There {'is' if k == 1 else 'are'} {NUMBER_WORDS[k]} {o['shape']}{'' if k == 1 else 's'}."
+
+
+def _dump(path, obj):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1)
+    os.replace(tmp, path)
+
+
+def generate_mini(out, n_train=3000, n_test=200, n_stage0=20000, size=48, seed=0, progress=True):
+    """Write CoIN-mini under `out` in the official layout:
+    out/Instructions_{Original,Diverse,10Type}/<Task>/{train,test}.json, out/images/<Task>/<split>/N.png,
+    out/Stage0/train.json (caption corpus), out/annotations/TextVQA_0.5.1_val.json, out/coin_mini.json (meta)."""
+    from tqdm import tqdm
+    meta = {"seed": seed, "size": size, "n_train": n_train, "n_test": n_test, "chance": {}}
+    img_dir = os.path.join(out, "images")
+    textvqa_ann = []
+    for ti, task in enumerate(TASKS):
+        for split, n in (("train", n_train), ("test", n_test)):
+            rng = random.Random(f"{seed}-{task}-{split}")
+            os.makedirs(os.path.join(img_dir, task, split), exist_ok=True)
+            sets = {k: [] for k in INSTRUCTIONS}
+            chance = 0.0
+            for i in tqdm(range(n), desc=f"CoIN-mini {task} {split}", disable=not progress, leave=False):
+                it = make_item(task, rng, size)
+                rel = None
+                if it["image"] is not None:
+                    rel = f"{task}/{split}/{i:06d}.png"
+                    it["image"].save(os.path.join(img_dir, rel))
+                chance += it["chance"]
+                for iset, table in INSTRUCTIONS.items():
+                    instr = rng.choice(table[task]) if len(table[task]) > 1 else table[task][0]
+                    if task == "Grounding":
+                        text = f"{instr} {it['expression']}"
+                    else:
+                        text = f"{it['question']}\n{instr}"
+                    qid = f"{task}_{split}_{i}"
+                    if split == "train":
+                        human = f"{IMAGE_TOKEN}\n{text}" if rel else text
+                        rec = {"id": qid, "conversations": [{"from": "human", "value": human},
+                                                            {"from": "gpt", "value": it["answer"]}]}
+                    else:
+                        rec = {"question_id": qid, "text": text, "answer": it["answer"], "accept": it["accept"]}
+                        if task == "Grounding":
+                            rec["answer_bbox"], rec["size"] = it["answer_bbox"], it["size"]
+                    if rel:
+                        rec["image"] = rel
+                    sets[iset].append(rec)
+                if split == "test" and task == "TextVQA":
+                    # ten "human" answers: mostly the word, sometimes a slip (TextVQA's annotator noise)
+                    ans = [it["answer"] if rng.random() < 0.9 else rng.choice(WORDS) for _ in range(10)]
+                    textvqa_ann.append({"question_id": f"{task}_{split}_{i}", "answers": ans})
+            for iset, recs in sets.items():
+                _dump(task_file(out, task, split, iset), recs)
+            if split == "test":
+                meta["chance"][task] = 100 * chance / n
+    _dump(os.path.join(out, "annotations", "TextVQA_0.5.1_val.json"), {"data": textvqa_ann})
+    rng = random.Random(f"{seed}-stage0")
+    os.makedirs(os.path.join(img_dir, "Stage0"), exist_ok=True)
+    recs = []
+    for i in tqdm(range(n_stage0), desc="CoIN-mini stage-0 captions", disable=not progress, leave=False):
+        img, q, a = stage0_item(rng, size)
+        rec = {"id": f"stage0_{i}", "conversations": [{"from": "human", "value": q}, {"from": "gpt", "value": a}]}
+        if img is not None:
+            rec["image"] = f"Stage0/{i:06d}.png"
+            img.save(os.path.join(img_dir, rec["image"]))
+            rec["conversations"][0]["value"] = f"{IMAGE_TOKEN}\n{q}"
+        recs.append(rec)
+    for iset in INSTRUCTIONS:
+        _dump(task_file(out, "Stage0", "train", iset), recs)
+    _dump(os.path.join(out, "coin_mini.json"), meta)
+    return meta
+
+
+def main(argv):
+    if not argv or argv[0] != "mini":
+        sys.exit("usage: python data.py mini [--out=data/coin-mini] [--n_train=3000] [--n_test=200] "
+                 "[--n_stage0=20000] [--size=48] [--seed=0]")
+    opts = {"out": "data/coin-mini", "n_train": 3000, "n_test": 200, "n_stage0": 20000, "size": 48, "seed": 0}
+    for a in argv[1:]:
+        k, _, v = a.removeprefix("--").partition("=")
+        if k not in opts:
+            sys.exit(f"unknown option --{k}; known: {', '.join('--' + o for o in opts)}")
+        opts[k] = type(opts[k])(v)
+    meta = generate_mini(**opts)
+    print(f"wrote CoIN-mini to {opts['out']} (chance levels %: "
+          + ", ".join(f"{t} {c:.1f}" for t, c in meta["chance"].items()) + ")")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
