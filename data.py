@@ -318,8 +318,9 @@ def render_sign(rng, size, word):
 def render_book(rng, size, title, author, genre):
     img = Image.new("RGB", (size, size), GENRES[genre])
     d = ImageDraw.Draw(img)
-    d.text((rng.randint(2, 8), rng.randint(1, 4)), title.upper(), font=_font(size * 13 // 48), fill=(255, 255, 255))
-    d.text((rng.randint(2, 12), size * 30 // 48 + rng.randint(0, 3)), author, font=_font(size * 11 // 48),
+    d.text((rng.randint(1, 8), rng.randint(0, 4)), title, font=_font(size * 14 // 48), fill=(255, 255, 255))
+    d.rectangle([0, size * 27 // 48, size, size], fill=(235, 235, 225))  # the author's band
+    d.text((rng.randint(1, 14), size * 29 // 48 + rng.randint(0, 3)), author, font=_font(size * 13 // 48),
            fill=(20, 20, 20))
     return img
 

@@ -1,0 +1,96 @@
+"""coin.py: config parsing, the training loop's arithmetic, the tiny base, and a whole (tiny) run end to end."""
+import json
+import os
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+import coin
+import data
+
+
+def test_config_overrides_and_rejections():
+    cfg = coin.parse_config(["--experts=2", "--lr=1e-3", "--zero_shot=false", "--stage0", "--tasks=GQA,VQAv2"])
+    assert (cfg.experts, cfg.lr, cfg.zero_shot, cfg.stage0, cfg.tasks) == (2, 1e-3, False, True, "GQA,VQAv2")
+    with pytest.raises(SystemExit, match="unknown setting '--expert=2'.*--experts"):
+        coin.parse_config(["--expert=2"])
+    with pytest.raises(SystemExit, match="--experts takes a int, not 'eight'"):
+        coin.parse_config(["--experts=eight"])
+    with pytest.raises(SystemExit, match="--zero_shot takes true/false"):
+        coin.parse_config(["--zero_shot=maybe"])
+    with pytest.raises(ValueError, match="unknown task 'Foo'"):
+        coin.parse_config(["--tasks=GQA,Foo"])
+    with pytest.raises(SystemExit, match="--schedule='linear': choose from constant, cosine"):
+        coin.parse_config(["--schedule=linear"])
+
+
+def test_global_batches_cover_each_epoch_once():
+    steps = list(coin.global_batches(10, 4, seed=3, epochs=2))
+    assert [len(s) for s in steps] == [4, 4, 2, 4, 4, 2]
+    assert sorted(sum(steps[:3], [])) == list(range(10)) and sorted(sum(steps[3:], [])) == list(range(10))
+    assert steps == list(coin.global_batches(10, 4, seed=3, epochs=2))
+
+
+def test_lr_schedule():
+    cfg = coin.Config(lr=1.0, warmup_ratio=0.1, schedule="constant")
+    assert [coin.lr_at(s, 20, cfg) for s in (0, 1, 2, 19)] == [0.5, 1.0, 1.0, 1.0]
+    cfg.schedule = "cosine"
+    assert coin.lr_at(2, 20, cfg) == 1.0 and coin.lr_at(19, 20, cfg) < 0.01
+
+
+def test_tiny_base_loads_like_a_real_llava(tiny_base):
+    model = LlavaForConditionalGeneration.from_pretrained(tiny_base)
+    processor = AutoProcessor.from_pretrained(tiny_base)
+    assert type(model).__name__ == "LlavaForConditionalGeneration"
+    assert model.config.vision_feature_layer == -2 and model.config.vision_feature_select_strategy == "default"
+    enc = processor(text=data.build_prompt("What is it?", True), images=[data.Image.new("RGB", (48, 48))],
+                    return_tensors="pt")
+    assert (enc["input_ids"] == model.config.image_token_index).sum() == model.config.image_seq_length
+    assert processor.tokenizer.convert_ids_to_tokens(enc["input_ids"][0][:2].tolist())[1] == data.SYSTEM
+    out = model(**enc)
+    assert out.logits.shape[:2] == enc["input_ids"].shape
+
+
+def run(mini_data, tiny_base, out, *extra):
+    coin.main([f"--data_dir={mini_data}", f"--base={tiny_base}", f"--out={out}", "--max_test=8", "--eval_batch=8",
+               "--micro_batch=8", "--max_new_tokens=12", "--lora_r=8", *extra])
+    with open(os.path.join(out, "results.json")) as f:
+        return json.load(f)
+
+
+def test_end_to_end_two_tasks(mini_data, tiny_base, tmp_path):
+    out = str(tmp_path / "run")
+    res = run(mini_data, tiny_base, out, "--tasks=GQA,ScienceQA", "--experts=4")
+    assert res["tasks"] == ["GQA", "ScienceQA"]
+    m = res["matrix"]
+    assert m[0][1] is None and all(isinstance(v, float) for v in (m[0][0], m[1][0], m[1][1]))
+    for key in ("matrix", "MAA", "BWT"):
+        assert key in res["general_knowledge"]
+    assert abs(res["MAA"] - (m[0][0] + (m[1][0] + m[1][1]) / 2) / 2) < 1e-6
+    for stage in ("stage1-GQA", "stage2-ScienceQA"):
+        ckpt = os.path.join(out, "checkpoints", stage)
+        meta = json.load(open(os.path.join(ckpt, "meta.json")))
+        assert meta["config"]["experts"] == 4 and meta["task"] == stage.split("-", 1)[1]
+        sd = load_file(os.path.join(ckpt, "adapter.safetensors"))
+        assert any(k.startswith("projector.") for k in sd) and any("router" in k for k in sd)
+    assert os.path.isfile(os.path.join(out, "predictions", "stage2-ScienceQA", "GQA.jsonl"))
+
+
+def test_training_moves_only_adapter_and_projector(mini_data, tiny_base, tmp_path):
+    """After one stage, the frozen weights are untouched and the adapter checkpoint reproduces the model."""
+    out = str(tmp_path / "run")
+    run(mini_data, tiny_base, out, "--tasks=VQAv2", "--experts=2", "--zero_shot=false", "--max_test=4")
+    base = LlavaForConditionalGeneration.from_pretrained(tiny_base)
+    model = LlavaForConditionalGeneration.from_pretrained(tiny_base)
+    coin.add_moelora(model, None, 8, 32.0, 2, 0.05)
+    coin.load_checkpoint(model, os.path.join(out, "checkpoints", "stage1-VQAv2", "adapter.safetensors"))
+    sd = load_file(os.path.join(out, "checkpoints", "stage1-VQAv2", "adapter.safetensors"))
+    base_proj = base.model.multi_modal_projector.state_dict()
+    assert any(not torch.equal(sd[f"projector.{k}"], v) for k, v in base_proj.items()), "projector did not train"
+    lm = dict(base.model.language_model.named_parameters())
+    for name, p in model.model.language_model.named_parameters():
+        key = name.replace(".base.", ".")
+        if key in lm:
+            assert torch.equal(p, lm[key]), name

@@ -1,0 +1,125 @@
+"""data.py: the task list, the prompt template, the official format, the dataset and CoIN-mini."""
+import json
+import os
+import random
+
+import pytest
+import torch
+from transformers import AutoProcessor
+
+import data
+
+
+def test_parse_tasks():
+    assert data.parse_tasks("all") == data.TASKS
+    assert data.parse_tasks("alphabet")[0] == "GQA"
+    assert data.parse_tasks("gqa, ScienceQA") == ["GQA", "ScienceQA"]
+    with pytest.raises(ValueError, match="unknown task 'SQA'"):
+        data.parse_tasks("SQA,GQA")
+    with pytest.raises(ValueError, match="twice"):
+        data.parse_tasks("GQA,gqa")
+
+
+def test_prompt_template_is_vicuna_v1():
+    p = data.build_prompt("What is it?\nAnswer the question using a single word or phrase.", has_image=True)
+    assert p.startswith("A chat between a curious user and an artificial intelligence assistant.")
+    assert p.endswith(" USER: <image>\nWhat is it?\nAnswer the question using a single word or phrase. ASSISTANT:")
+    assert "<image>" not in data.build_prompt("Text only?", has_image=False)
+    assert data.split_question("Q?\nA. x\nInstr.") == ("Q?\nA. x", "Instr.")
+
+
+def test_generator_is_deterministic_and_official_format(mini_data, tmp_path):
+    again = str(tmp_path / "again")
+    data.generate_mini(again, n_train=48, n_test=12, n_stage0=64, seed=0, progress=False)
+    for task in data.TASKS:
+        for split in ("train", "test"):
+            a = json.load(open(data.task_file(mini_data, task, split)))
+            b = json.load(open(data.task_file(again, task, split)))
+            assert a == b, (task, split)
+        train = json.load(open(data.task_file(mini_data, task, "train")))
+        test = json.load(open(data.task_file(mini_data, task, "test")))
+        assert len(train) == 48 and len(test) == 12
+        for rec in train:
+            human, gpt = rec["conversations"]
+            assert human["from"] == "human" and gpt["from"] == "gpt"
+            assert human["value"].startswith("<image>\n") == ("image" in rec)
+        for rec in test:
+            assert {"question_id", "text", "answer"} <= set(rec)
+            assert "<image>" not in rec["text"]
+            instr = data.split_question(rec["text"])[1] if task != "Grounding" else rec["text"]
+            assert any(instr.startswith(i) for i in data.INSTRUCTIONS["Original"][task]), (task, rec["text"])
+            if "image" in rec:
+                assert os.path.isfile(os.path.join(mini_data, "images", rec["image"]))
+    # the same images, byte for byte
+    rel = json.load(open(data.task_file(mini_data, "GQA", "test")))[3]["image"]
+    assert open(os.path.join(mini_data, "images", rel), "rb").read() == open(os.path.join(again, "images", rel), "rb").read()
+    # a different seed gives different data
+    other = str(tmp_path / "other")
+    data.generate_mini(other, n_train=4, n_test=4, n_stage0=4, seed=1, progress=False)
+    assert json.load(open(data.task_file(other, "GQA", "test"))) != json.load(open(data.task_file(mini_data, "GQA", "test")))[:4]
+
+
+def test_scienceqa_has_text_only_items_and_letters(mini_data):
+    recs = json.load(open(data.task_file(mini_data, "ScienceQA", "test")))
+    assert any("image" not in r for r in recs) and any("image" in r for r in recs)
+    for r in recs:
+        assert r["answer"] in "ABCDE" and f"\n{r['answer']}. " in "\n" + r["text"]
+
+
+def test_items_are_answerable_from_their_content():
+    """Each generated answer is consistent with the drawn content (checked on the scene description)."""
+    rng = random.Random(0)
+    for _ in range(200):
+        it = data.make_item("Grounding", rng, 48)
+        x1, y1, x2, y2 = json.loads(it["answer"])
+        assert 0 <= x1 < x2 <= 1 and 0 <= y1 < y2 <= 1
+        it = data.make_item("VizWiz", rng, 48)
+        assert it["answer"] in list(data.COLORS) + data.SHAPES + ["unanswerable"]
+        it = data.make_item("OCR-VQA", rng, 48)
+        assert it["answer"] in data.TITLES + data.AUTHORS + list(data.GENRES)
+
+
+def test_instruction_sets(mini_data):
+    for iset in ("Diverse", "10Type"):
+        recs = json.load(open(data.task_file(mini_data, "VQAv2", "test", iset)))
+        base = json.load(open(data.task_file(mini_data, "VQAv2", "test")))
+        assert [r["answer"] for r in recs] == [r["answer"] for r in base]
+        assert all(r["text"] != b["text"] for r, b in zip(recs, base)) or iset == "10Type"
+    ten = json.load(open(data.task_file(mini_data, "VQAv2", "train", "10Type")))
+    assert len({data.split_question(r["conversations"][0]["value"])[1] for r in ten}) > 3
+
+
+def test_dataset_masks_prompt_and_collates(mini_data, tiny_base):
+    processor = AutoProcessor.from_pretrained(tiny_base)
+    ex = data.train_examples(mini_data, "ScienceQA")
+    ds = data.InstructionDataset(ex, processor, os.path.join(mini_data, "images"))
+    items = [ds[i] for i in range(6)]
+    tok = processor.tokenizer
+    for e, it in zip(ex, items):
+        answer = it["input_ids"][it["labels"] != -100]
+        assert tok.decode(answer[:-1]).strip() == e["answer"] and answer[-1] == tok.eos_token_id
+        assert (it["pixel_values"] is None) == (e["image"] is None)
+    batch = data.collate(items, tok.pad_token_id)
+    n = max(len(i["input_ids"]) for i in items)
+    assert batch["input_ids"].shape == (6, n) and batch["attention_mask"].sum() == sum(len(i["input_ids"]) for i in items)
+    assert batch["pixel_values"].shape[0] == sum(e["image"] is not None for e in ex[:6])
+    image_id = tok.convert_tokens_to_ids("<image>")
+    assert (batch["input_ids"] == image_id).sum() == batch["pixel_values"].shape[0] * 36
+
+
+def test_bad_input_messages(tmp_path):
+    d = tmp_path / "Instructions_Original" / "GQA"
+    d.mkdir(parents=True)
+    (d / "train.json").write_text('[{"id": 1, "conversations": [')
+    with pytest.raises(ValueError, match=r"train.json: malformed JSON at line 1"):
+        data.train_examples(str(tmp_path), "GQA")
+    (d / "train.json").write_text('[{"id": 1, "conv": []}]')
+    with pytest.raises(ValueError, match=r"train.json: record 0 is not a LLaVA conversation"):
+        data.train_examples(str(tmp_path), "GQA")
+    with pytest.raises(FileNotFoundError, match="TextVQA/train.json: no such file"):
+        data.train_examples(str(tmp_path), "TextVQA")
+    with pytest.raises(FileNotFoundError, match="image missing"):
+        data.load_image(str(tmp_path), "nope.png")
+    (tmp_path / "bad.png").write_bytes(b"not a png")
+    with pytest.raises(ValueError, match="bad.png: image unreadable"):
+        data.load_image(str(tmp_path), "bad.png")
