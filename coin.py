@@ -305,10 +305,9 @@ def load_base(cfg, device):
     return model, processor
 
 
-def evaluate_stage(model, processor, cfg, tasks, rank, world, device, stage_name):
+def evaluate_stage(model, processor, judge, cfg, tasks, rank, world, stage_name):
     """Generate and score every task in `tasks`; returns {task: (instruction following, general knowledge)}."""
     image_dir = cfg.image_dir or os.path.join(cfg.data_dir, "images")
-    judge = evaluate.ExactJudge() if cfg.judge == "exact" else evaluate.LMJudge(cfg.judge)
     scores = {}
     for task in tasks:
         records = data.test_examples(cfg.data_dir, task, cfg.instructions)
@@ -319,9 +318,9 @@ def evaluate_stage(model, processor, cfg, tasks, rank, world, device, stage_name
         if rank == 0:
             pred_dir = os.path.join(cfg.out, "predictions", stage_name)
             evaluate.write_jsonl(os.path.join(pred_dir, f"{task}.jsonl"), preds)
-            ann = os.path.join(cfg.data_dir, "annotations", "TextVQA_0.5.1_val.json")
+            ann = os.path.join(cfg.data_dir, "annotations")  # official ground-truth files, where present
             s_if = evaluate.score_task(task, preds, records, scoring=cfg.scoring,
-                                       annotations=ann if task == "TextVQA" and os.path.isfile(ann) else None)
+                                       annotations=ann if os.path.isdir(ann) else None)
             s_gk = judge.score(task, preds, records)
             evaluate.write_jsonl(os.path.join(pred_dir, f"{task}.judge.jsonl"), s_gk["rows"])
             scores[task] = (s_if["score"], s_gk["score"])
@@ -376,13 +375,15 @@ def main(argv):
     print0(f"MoELoRA E={cfg.experts} r={cfg.lora_r} on {len(wrapped)} linears; trainable "
            f"{sum(p.numel() for p in params):,} of {sum(p.numel() for p in model.parameters()):,} parameters; "
            f"global batch {cfg.micro_batch * world * cfg.grad_accum} on {world} rank(s)")
+    # the General Knowledge judge, built once, on rank 0 (which does all the scoring)
+    judge = None if rank else evaluate.ExactJudge() if cfg.judge == "exact" else evaluate.LMJudge(cfg.judge)
     T = len(tasks)
     if_matrix = [[None] * T for _ in range(T)]
     gk_matrix = [[None] * T for _ in range(T)]
     extra = {"config": dataclasses.asdict(cfg), "world_size": world, "timing": {}}
     if cfg.zero_shot:
         t0 = time.time()
-        zs = evaluate_stage(model, processor, cfg, tasks, rank, world, device, "stage0-zeroshot")
+        zs = evaluate_stage(model, processor, judge, cfg, tasks, rank, world, "stage0-zeroshot")
         extra["zero_shot"] = {t: {"if": s[0], "gk": s[1]} for t, s in zs.items()}
         extra["timing"]["zero_shot_eval"] = time.time() - t0
     for j, task in enumerate(tasks):
@@ -398,7 +399,7 @@ def main(argv):
                             {"stage": j + 1, "task": task, "steps": len(losses), "final_loss": losses[-1],
                              "seed": cfg.seed, "global_batch": cfg.micro_batch * world * cfg.grad_accum})
         t0 = time.time()
-        scores = evaluate_stage(model, processor, cfg, tasks[:j + 1], rank, world, device, stage_name)
+        scores = evaluate_stage(model, processor, judge, cfg, tasks[:j + 1], rank, world, stage_name)
         extra["timing"][stage_name] = {"train": t_train, "eval": time.time() - t0}
         if rank == 0:
             for i, t in enumerate(tasks[:j + 1]):

@@ -1,0 +1,79 @@
+"""
+How fast does eval.py score prediction files with no model? Writes a synthetic CoIN-mini-shaped test set (no images:
+scoring never opens them) and a full 8 x 8 lower-triangular run of coin prediction files, 50,004 predictions in all,
+then times `python eval.py --predictions=...` end to end (interpreter start and imports included): every official
+scorer, the exact General Knowledge judge, results.json, tables and heatmaps.
+
+    python bench/eval_speed.py          # prints the wall time; the target is under 10 s on a 2-core CPU
+"""
+import json
+import os
+import random
+import subprocess
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import data  # noqa: E402
+import eval as evaluate  # noqa: E402
+
+N_PER_TASK = 1389  # 36 (stage, task) files x 1389 = 50,004 predictions
+
+
+def record(task, i, rng):
+    """A test record shaped like CoIN-mini's, with a plausible answer."""
+    qid = f"{task}_test_{i}"
+    if task == "ScienceQA":
+        opts = rng.sample(list(data.COLORS), 5)
+        k = rng.randrange(5)
+        lines = "\n".join(f"{l}. {c}" for l, c in zip("ABCDE", opts))
+        return {"question_id": qid, "text": f"What is the color of the object?\n{lines}\n{data.LETTER}",
+                "answer": "ABCDE"[k], "accept": ["ABCDE"[k], opts[k]]}
+    if task == "Grounding":
+        x, y = rng.randint(0, 5) / 10, rng.randint(0, 5) / 10
+        box = f"[{x:.2f}, {y:.2f}, {x + 0.3:.2f}, {y + 0.3:.2f}]"
+        return {"question_id": qid, "text": f"{data.BOX} the red bar", "answer": box, "answer_bbox": box,
+                "size": [48, 48], "accept": [rng.choice(data.POSITIONS)]}
+    word = rng.choice(list(data.COLORS) + data.SHAPES + data.WORDS)
+    return {"question_id": qid, "text": f"What is it?\n{data.SHORT}", "answer": word, "accept": [word]}
+
+
+def prediction(rec, rng):
+    """Right, right in another format, or wrong, about a third each."""
+    u = rng.random()
+    text = rec["answer"] if u < 0.4 else f"It is {rec['accept'][-1]}." if u < 0.7 else rng.choice(data.WORDS)
+    return {"question_id": rec["question_id"], "prompt": rec["text"], "text": text, "answer_id": "x",
+            "model_id": "bench"}
+
+
+def main(root):
+    rng = random.Random(0)
+    tasks = data.TASKS
+    recs = {t: [record(t, i, rng) for i in range(N_PER_TASK)] for t in tasks}
+    for t in tasks:
+        path = data.task_file(root, t, "test")
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        json.dump(recs[t], open(path, "w"))
+    ann = [{"question_id": r["question_id"], "answers": [r["answer"]] * 8 + ["other"] * 2} for r in recs["TextVQA"]]
+    os.makedirs(os.path.join(root, "annotations"))
+    json.dump({"data": ann}, open(os.path.join(root, "annotations", "TextVQA_0.5.1_val.json"), "w"))
+    n = 0
+    for j, stage in enumerate(tasks):
+        for t in tasks[:j + 1]:
+            preds = [prediction(r, rng) for r in recs[t]]
+            evaluate.write_jsonl(os.path.join(root, "run", "predictions", f"stage{j + 1}-{stage}", f"{t}.jsonl"), preds)
+            n += len(preds)
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    cmd = [sys.executable, "eval.py", f"--predictions={root}/run", f"--data_dir={root}", f"--out={root}/eval"]
+    t0 = time.time()
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, cwd=repo)
+    dt = time.time() - t0
+    res = json.load(open(os.path.join(root, "eval", "results.json")))
+    print(f"scored {n:,} predictions ({len(tasks)} x {len(tasks)} lower-triangular run) end to end in {dt:.1f} s "
+          f"(target < 10 s); MAA {res['MAA']:.2f}, general knowledge MAA {res['general_knowledge']['MAA']:.2f}")
+
+
+if __name__ == "__main__":
+    with tempfile.TemporaryDirectory(prefix="eval-speed-") as tmp:
+        main(tmp)

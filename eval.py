@@ -1,0 +1,796 @@
+"""
+Evaluation for coin: batched greedy generation, the eight official Instruction Following scorers, the General
+Knowledge judge, MAA/BWT, markdown tables and heatmaps. Scoring needs no model, no GPU and no torch.distributed:
+
+    python eval.py --predictions=out/run               # coin's files: predictions/<stage>/<Task>.jsonl
+    python eval.py --predictions=results/CoIN          # the official code's <Task>/<Stage>/merge.jsonl
+    python eval.py --predictions=merge.jsonl --task=GQA [--test_file=PATH]
+    python eval.py --compare=out/lora,out/moelora      # final numbers of several runs side by side
+
+`python eval.py --help` lists the settings (--key=value; unknown keys are errors).
+
+Scoring modes. The official scorers have two quirks; --scoring=official (the default, what the paper's numbers
+come from) reproduces them bit for bit, --scoring=fixed corrects them:
+  1. Grounding: the official parser removes the brackets, then cuts one more character from each end of the
+     string ("0.12, 0.34, 0.56, 0.78" -> ".12, 0.34, 0.56, 0.7"): y2 loses its last digit (0.78 reads 0.7) and an
+     x1 written "1.00" reads ".00". fixed parses the four numbers as written.
+  2. ImageNet: correct iff the ground truth is a substring of the answer or the answer a substring of the ground
+     truth; "" is a substring of every string, so an empty answer counts correct. fixed counts an empty (or
+     blank) answer wrong. Other short substrings ("cat" for "tabby cat") count in both modes, as intended.
+Deliberate differences from the official scripts, in both modes:
+  - NOTE(fidelity): every task divides by the number of test records and a missing prediction counts wrong (the
+    official ScienceQA scorer does this; the others divide by the number of prediction lines, so a truncated
+    merge.jsonl scores higher there). The count of missing predictions is reported.
+  - NOTE(fidelity): a malformed line, a repeated question_id or a prediction for a question_id not in the test
+    file is an error naming the file (the official scripts crash, keep the last, or mis-pair).
+  - NOTE(fidelity): ImageNet pairs predictions with test records by question_id; the official script pairs them
+    by line position, which is the same for its in-order merge.jsonl.
+  - TextVQA without its annotation file (TextVQA_0.5.1_val.json, 10 human answers) uses the test record's one
+    `answer` repeated ten times, so each question scores 0 or 1; ScienceQA and GQA read problems.json +
+    pid_splits.json and testdev_balanced_questions.json when given, else the test record's `answer`.
+"""
+import functools
+import hashlib
+import json
+import os
+import re
+import sys
+
+import torch
+import torch.distributed as dist
+from PIL import Image, ImageDraw, ImageFont
+from tqdm import tqdm
+
+import data
+
+SCORINGS = ("official", "fixed")
+
+# -----------------------------------------------------------------------------
+# Prediction files: one JSON object a line, the official merge.jsonl format
+
+
+def write_jsonl(path, rows):
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path + ".tmp", "w") as f:
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
+    os.replace(path + ".tmp", path)
+
+
+def read_predictions(path):
+    """Rows of a predictions JSONL (coin's or the official merge.jsonl): each line an object with at least
+    `question_id` and `text`. Blank lines are skipped; anything else malformed is an error naming file and line."""
+    rows, seen = [], {}
+    with open(path) as f:
+        for i, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{i}: not valid JSON ({e.msg}); a crashed run can leave a cut last line: "
+                                 "delete it and regenerate that record") from None
+            if not isinstance(row, dict) or "question_id" not in row or not isinstance(row.get("text"), str):
+                raise ValueError(f"{path}:{i}: expected an object with question_id and text (a string), "
+                                 f"got {line.strip()[:80]!r}")
+            qid = str(row["question_id"])
+            if qid in seen:
+                raise ValueError(f"{path}:{i}: question_id {row['question_id']!r} already on line {seen[qid]}")
+            seen[qid] = i
+            rows.append(row)
+    return rows
+
+
+def index_predictions(preds, records, where="predictions"):
+    """{str(question_id): prediction}, refusing repeated ids and ids that are not in `records`."""
+    by_qid = {}
+    for p in preds:
+        qid = str(p["question_id"])
+        if qid in by_qid:
+            raise ValueError(f"{where}: question_id {qid!r} appears twice")
+        by_qid[qid] = p
+    unknown = by_qid.keys() - {str(r["question_id"]) for r in records}
+    if unknown:
+        raise ValueError(f"{where}: {len(unknown)} predictions for question_ids not in the test file (e.g. "
+                         f"{sorted(unknown)[:3]}): wrong task, test file or --max_test?")
+    return by_qid
+
+
+# -----------------------------------------------------------------------------
+# Generation: batched greedy decoding with the KV cache, prompts left-padded so every answer starts in one column
+
+
+def generate(model, processor, records, image_dir, batch_size=64, max_new_tokens=32, rank=0, world_size=1,
+             desc=None):
+    """Greedy answers to `records` (data.test_examples), striped over ranks (record i goes to rank i % world_size)
+    and gathered on rank 0 in record order as merge.jsonl rows; other ranks get None. The prompt is the training
+    template; `prompt` in the row is the user turn, as the official files store it."""
+    distributed = world_size > 1
+    assert not distributed or (dist.is_available() and dist.is_initialized()), \
+        f"world_size={world_size} needs torch.distributed initialised"
+    tok = processor.tokenizer
+    mean = data.image_mean_rgb(processor)
+    model_id = os.path.basename(os.path.normpath(getattr(model, "name_or_path", "") or "model"))
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    mine = list(range(rank, len(records), world_size))
+    was_training, side = model.training, tok.padding_side
+    model.eval()
+    tok.padding_side = "left"  # new tokens are appended on the right, so prompts must end in the same column
+    rows = []
+    try:
+        with torch.no_grad():
+            for s in tqdm(range(0, len(mine), batch_size), desc=desc, disable=desc is None or rank != 0, leave=False):
+                idx = mine[s:s + batch_size]
+                batch = [records[i] for i in idx]
+                prompts = [data.build_prompt(r["text"], bool(r.get("image"))) for r in batch]
+                # text-only records (some ScienceQA items) carry no image; the others' images fill the
+                # <image> tokens in order
+                images = [data.expand2square(data.load_image(image_dir, r["image"]), mean)
+                          for r in batch if r.get("image")]
+                enc = processor(text=prompts, images=images or None, padding=True, return_tensors="pt").to(model.device)
+                if "pixel_values" in enc:
+                    enc["pixel_values"] = enc["pixel_values"].to(model.dtype)
+                out = model.generate(**enc, do_sample=False, max_new_tokens=max_new_tokens, pad_token_id=pad_id,
+                                     eos_token_id=tok.eos_token_id)
+                answers = tok.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)  # (B,)
+                for i, r, text in zip(idx, batch, answers):
+                    text = text.strip()
+                    user = f"{data.IMAGE_TOKEN}\n{r['text']}" if r.get("image") else r["text"]
+                    answer_id = hashlib.sha1(f"{model_id}/{r['question_id']}/{text}".encode()).hexdigest()[:22]
+                    rows.append((i, {"question_id": r["question_id"], "prompt": user, "text": text,
+                                     "answer_id": answer_id, "model_id": model_id, "metadata": {}}))
+    finally:
+        model.train(was_training)
+        tok.padding_side = side
+    if distributed:
+        parts = [None] * world_size if rank == 0 else None
+        dist.gather_object(rows, parts, dst=0)
+        if rank != 0:
+            return None
+        rows = [row for part in parts for row in part]
+    rows.sort(key=lambda x: x[0])
+    assert [i for i, _ in rows] == list(range(len(records))), f"gathered {len(rows)} answers for {len(records)} records"
+    return [row for _, row in rows]
+
+
+# -----------------------------------------------------------------------------
+# The standard VQA answer normalisation (EvalAI's, which TextVQA's m4c evaluator uses), rule for rule
+
+_PUNCTUATION = list(';/[]"{}()=+\\_-><@`,?!')
+_COMMA_IN_NUMBER = re.compile(r"(?<=\d)(,)+(?=\d)")
+_PERIOD = re.compile(r"\.(?!\d)")  # upstream writes (?!<=\d)(\.)(?!\d), which reduces to this
+_NUMBERS = {"none": "0", "zero": "0", "one": "1", "two": "2", "three": "3", "four": "4", "five": "5", "six": "6",
+            "seven": "7", "eight": "8", "nine": "9", "ten": "10"}
+_ARTICLES = {"a", "an", "the"}
+# Contractions written without (one of) their apostrophes are restored: "dont" -> "don't", "couldnt've" ->
+# "couldn't've". Upstream's table has exactly these keys plus: "somebody'd" -> "somebodyd" (backwards, kept),
+# two identities, and four capitalised keys ("Im", ...) that never match lower-cased text (left out).
+_CONTRACTED = """ain't aren't can't could've couldn't couldn't've didn't doesn't don't hadn't hadn't've hasn't
+haven't he'd he'd've he's how'd how'll how's isn't it'd it'd've it'll ma'am mightn't mightn't've might've mustn't
+must've needn't not've o'clock oughtn't 'ow's'at shan't she'd've should've shouldn't shouldn't've somebody'd've
+somebody'll somebody's someone'd someone'd've someone'll someone's something'd something'd've something'll that's
+there'd there'd've there're there's they'd they'd've they'll they're they've 'twas wasn't we'd've we've weren't
+what'll what're what's what've when's where'd where's where've who'd who'd've who'll who's who've why'll why're
+why's won't would've wouldn't wouldn't've y'all y'all'll y'all'd've you'd you'd've you'll you're you've""".split()
+CONTRACTIONS = {w[:i] + w[i + 1:]: w for w in _CONTRACTED for i, c in enumerate(w) if c == "'"}
+CONTRACTIONS["somebody'd"] = "somebodyd"
+
+
+@functools.lru_cache(maxsize=None)
+def normalize_vqa(answer):
+    """Lower case; drop ',' and '?'; split "'s"; punctuation removed (or made a space when it joins two words);
+    periods not followed by a digit removed (at most 32: upstream passes re.UNICODE as re.sub's count); number
+    words to digits; articles dropped; contractions restored."""
+    s = answer.lower().replace(",", "").replace("?", "").replace("'s", " 's").strip()
+    s = s.replace("\n", " ").replace("\t", " ").strip()
+    glued = _COMMA_IN_NUMBER.search(s) is not None
+    out = s
+    for p in _PUNCTUATION:  # upstream tests the text as it was before this loop, not as it goes
+        out = out.replace(p, "" if (p + " " in s or " " + p in s or glued) else " ")
+    out = _PERIOD.sub("", out, count=32)
+    words = [_NUMBERS.get(w, w) for w in out.split()]
+    return " ".join(CONTRACTIONS.get(w, w) for w in words if w not in _ARTICLES)
+
+
+# -----------------------------------------------------------------------------
+# The eight Instruction Following scorers: (answer text, ground truth, scoring) -> score in [0, 1]
+
+LETTERS = ["A", "B", "C", "D", "E"]
+
+
+def score_scienceqa(text, truth, scoring="official"):
+    """ScienceQA (eval_science_qa.py): the letter is the whole answer if it is one of A-E, else the first character
+    of "X. ...", else the first one-character word, upper-cased; correct iff it is the right option's letter."""
+    if text in LETTERS:
+        letter = text
+    elif len(text) >= 3 and text[0] in LETTERS and text[1:3] == ". ":
+        letter = text[0]
+    else:
+        m = re.search(r"\b(\w)\b", text)
+        letter = m.group(1).upper() if m else None
+    return float(letter == truth)
+
+
+def score_textvqa(text, answers, scoring="official"):
+    """TextVQA (m4c_evaluator.py): VQA soft accuracy. Answers normalised (normalize_vqa); the mean over the ten
+    leave-one-out subsets of the human answers of min(1, matches / 3)."""
+    pred = normalize_vqa(text)
+    gts = [normalize_vqa(a) for a in answers]
+    m = gts.count(pred)
+    accs = [min(1, (m - (g == pred)) / 3) for g in gts]
+    return sum(accs) / len(accs)
+
+
+def score_gqa(text, truth, scoring="official"):
+    """GQA (convert_gqa_for_eval.py + eval_gqa.py): trailing '.' stripped, lower-cased, one leading space dropped;
+    exact match with the answer."""
+    pred = text.rstrip(".").lower()
+    pred = pred[1:] if pred[:1] == " " else pred
+    return float(pred == truth)
+
+
+def score_exact_upper(text, truth, scoring="official"):
+    """VizWiz and VQAv2 (eval_vizwiz.py, eval_vqav2.py): exact match after upper-casing both."""
+    return float(text.upper() == truth.upper())
+
+
+def score_ocrvqa(text, truth, scoring="official"):
+    """OCR-VQA (eval_ocrvqa.py): wrong if the answer contains 'Unanswerable', else exact match lower-cased."""
+    return 0.0 if "Unanswerable" in text else float(text.lower() == truth.lower())
+
+
+def score_imagenet(text, truth, scoring="official"):
+    """ImageNet (eval_ImagetNet.py): correct iff the ground truth is in the answer or the answer in the ground truth
+    (case-sensitive). Quirk: "" is in every string; official counts an empty answer correct, fixed does not."""
+    if scoring == "fixed" and not text.strip():
+        return 0.0
+    return float(truth in text or text in truth)
+
+
+def parse_box(text, scoring="official"):
+    """Grounding's box parser (eval_grounding.py): one leading space dropped, brackets removed, split on ','.
+    Quirk: official then cuts one character from each end, so y2 loses its last digit; fixed does not."""
+    s = text[1:] if text[:1] == " " else text
+    s = s.replace("[", "").replace("]", "")
+    if scoring == "official":
+        s = s[1:-1]
+    try:
+        box = [float(v) for v in s.split(",")]
+    except ValueError:
+        return None
+    return box if len(box) == 4 else None
+
+
+def iou(a, b):
+    """Intersection over union of two [x1, y1, x2, y2] boxes (0 when the union is empty)."""
+    inter = max(0, min(a[2], b[2]) - max(a[0], b[0])) * max(0, min(a[3], b[3]) - max(a[1], b[1]))
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return inter / union if union > 0 else 0
+
+
+def score_grounding(text, truth, scoring="official"):
+    """Grounding (eval_grounding.py): both boxes (normalised to the padded square) scaled by max(w, h); correct iff
+    IoU > 0.5. An answer that does not parse to four numbers is wrong."""
+    box_text, size = truth
+    pred = parse_box(text, scoring)
+    if pred is None:
+        return 0.0
+    gt = [float(v) for v in box_text.replace("[", "").replace("]", "").split(",")]
+    s = max(size)
+    return float(iou([v * s for v in pred], [v * s for v in gt]) > 0.5)
+
+
+SCORERS = {"ScienceQA": score_scienceqa, "TextVQA": score_textvqa, "ImageNet": score_imagenet, "GQA": score_gqa,
+           "VizWiz": score_exact_upper, "Grounding": score_grounding, "VQAv2": score_exact_upper,
+           "OCR-VQA": score_ocrvqa}
+ANNOTATION_FILES = {"ScienceQA": "problems.json", "TextVQA": "TextVQA_0.5.1_val.json",
+                    "GQA": "testdev_balanced_questions.json"}
+
+
+@functools.lru_cache(maxsize=16)
+def load_annotations(task, path):
+    """The official ground truth of ScienceQA, TextVQA or GQA as {str(question_id): truth}; `path` is the file or a
+    folder holding it. None for the other tasks or when the folder lacks the file."""
+    if task not in ANNOTATION_FILES:
+        return None
+    if os.path.isdir(path):
+        path = os.path.join(path, ANNOTATION_FILES[task])
+        if not os.path.isfile(path):
+            return None
+    ann = data.read_json(path)
+    if task == "ScienceQA":  # problems.json + pid_splits.json beside it; the answer is an option index
+        split = data.read_json(os.path.join(os.path.dirname(path), "pid_splits.json"))["test"]
+        return {str(pid): LETTERS[ann[pid]["answer"]] for pid in split}
+    if task == "TextVQA":
+        out = {str(a["question_id"]): a["answers"] for a in ann["data"]}
+        bad = [q for q, a in out.items() if len(a) != 10]
+        if bad:
+            raise ValueError(f"{path}: question {bad[0]} has {len(out[bad[0]])} answers; the VQA accuracy needs 10")
+        return out
+    return {str(q): v["answer"] for q, v in ann.items()}
+
+
+def ground_truth(task, rec, ann):
+    qid = str(rec["question_id"])
+    if ann is not None:
+        if qid not in ann:
+            raise ValueError(f"question_id {qid!r} of the {task} test file is not in its annotation file")
+        return ann[qid]
+    if task == "TextVQA":
+        return [rec["answer"]] * 10  # no annotation file: the one stored answer stands for all ten
+    if task == "Grounding":
+        return rec.get("answer_bbox", rec["answer"]), rec["size"]
+    return rec["answer"]
+
+
+def score_task(task, preds, records, scoring="official", annotations=None):
+    """Instruction Following score (0-100) of `preds` (dicts with question_id and text) on `records`, the task's
+    test records. `annotations`: the official ground-truth file or a folder holding it (see load_annotations)."""
+    if scoring not in SCORINGS:
+        raise ValueError(f"scoring={scoring!r}: choose from {', '.join(SCORINGS)}")
+    if task == "Grounding" and any("size" not in r for r in records):
+        raise ValueError("Grounding test records need 'size' ([w, h]) to scale the boxes")
+    ann = load_annotations(task, annotations) if annotations else None
+    by_qid = index_predictions(preds, records, f"{task} predictions")
+    scorer, total, missing = SCORERS[task], 0.0, 0
+    for rec in records:
+        pred = by_qid.get(str(rec["question_id"]))
+        if pred is None:
+            missing += 1
+            continue
+        total += scorer(pred["text"], ground_truth(task, rec, ann), scoring)
+    n = len(records)
+    return {"task": task, "score": 100 * total / n if n else 0.0, "n": n, "missing": missing, "scoring": scoring,
+            "ground_truth": annotations if ann is not None else "test file"}
+
+
+# -----------------------------------------------------------------------------
+# General Knowledge: a judge rates the answer's content against the ground truth, 0-10, never seeing the image
+
+JUDGE_SYSTEM = "You are a helpful and precise assistant for checking the quality of the answer."
+JUDGE_RULE = ("We would like to request your feedback on the performance of an AI assistants in response to the user "
+              "question displayed above.\nPlease rate the accuracy of its responses according to the ground truth "
+              "answer displayed above. The assistant receives an overall score on a scale of 0 to 10, where a higher "
+              "score indicates better overall performance.\nPlease output a single line containing only a values "
+              "indicating the scores for the Assistant.")
+JUDGE_RULE_GROUNDING = JUDGE_RULE.replace(
+    "displayed above.\n", "displayed above. The user asks the question on observing an image. For your reference, the "
+    "visual content in the image is represented with one descriptive sentence describing the same image and the "
+    "bounding box coordinates of each object in the scene. These coordinates are in the form of bounding boxes, "
+    "represented as (x1, y1, x2, y2) with floating numbers ranging from 0 to 1. These values correspond to the top "
+    "left x, top left y, bottom right x, and bottom right y. \n", 1)
+
+
+def judge_prompt(task, rec, answer):
+    """(system, user) messages of the paper's judge (create_prompt.py, rule "CoIN"): the question without its last
+    (instruction) line, the ground truth, the answer. Grounding (rule "CoIN_Grounding") keeps the whole one-line
+    question, whose expression follows the instruction, and shows the box."""
+    if task == "Grounding":
+        question, truth, rule = rec["text"], rec.get("answer_bbox", rec["answer"]), JUDGE_RULE_GROUNDING
+    else:
+        question, truth, rule = data.split_question(rec["text"])[0], rec["answer"], JUDGE_RULE
+    user = (f"[Context]\n[Question]\n{question}\n\n[Ground truth answer]\n{truth}\n\n[End of ground truth answer]\n\n"
+            f"[Assistant]\n{answer}\n\n[End of Assistant]\n\n[System]\n{rule}\n\n")
+    return JUDGE_SYSTEM, user
+
+
+def parse_judge_score(text):
+    """The paper's parsing of the judge's reply: the reply as a number if it is one in [0, 10]; else "a/b" -> a if a
+    is a whole number <= 10; else the first number in the reply if <= 10; else 0. NOTE(fidelity): the first whole
+    number, not the first digit ("10" is 10, not 1); a negative reply counts 0 (the official script adds it)."""
+    t = text.strip()
+    try:
+        x = float(t)
+        return x if 0 <= x <= 10 else 0.0
+    except ValueError:
+        pass
+    a = t.split("/")[0].strip()
+    if "/" in t and a.isnumeric() and float(a) <= 10:
+        return float(a)
+    m = re.search(r"\d+(?:\.\d+)?", t)
+    return float(m.group()) if m and float(m.group()) <= 10 else 0.0
+
+
+class Judge:
+    """Both judges: `judge(task, [(record, answer)])` -> [(judge_text, score 0-10)]; `score` does the rest.
+    Task score = 100 * sum(scores) / (10 * N) over all N test records, a missing prediction scoring 0.
+    NOTE(fidelity): the official script rounds the task score to a whole number, and its file pattern
+    (prompt_[1-9]) leaves out the replies of chunk 0; here the score is not rounded and every item counts."""
+
+    def score(self, task, preds, records):
+        by_qid = index_predictions(preds, records, f"{task} predictions")
+        items = [(r, by_qid[str(r["question_id"])]["text"]) for r in records if str(r["question_id"]) in by_qid]
+        judged = iter(self.judge(task, items))
+        rows = []
+        for r in records:
+            text, s = next(judged) if str(r["question_id"]) in by_qid else ("missing prediction", 0)
+            rows.append({"question_id": r["question_id"], "judge_text": text, "score": s})
+        n = len(records)
+        return {"task": task, "score": 100 * sum(row["score"] for row in rows) / (10 * n) if n else 0.0, "n": n,
+                "missing": n - len(items), "judge": self.name, "rows": rows}
+
+
+def _says(phrase, text):
+    """`phrase` occurs in `text` as a whole word or phrase."""
+    return re.search(r"(?<!\w)" + re.escape(phrase) + r"(?!\w)", text) is not None
+
+
+_POSITION = re.compile(r"(?<!\w)(" + "|".join(sorted(data.POSITIONS, key=len, reverse=True)) + r")(?!\w)")
+_OPTION_LETTER = re.compile(r"(?<!\w)([B-E]|A(?!\s+[a-z]))(?!\w)")  # "B", "B.", "(B)"; not the article "A red.."
+
+
+class ExactJudge(Judge):
+    """CoIN-mini's judge: it knows each synthetic item's content (the test record's `accept` list) and scores the
+    answer's content whatever its format, 10 or 0 (judge_text says why). Rubric, on the lower-cased answer:
+      - any task: 10 iff an accepted string occurs as a whole word or phrase ("red", "top left", "2" or "two"),
+        and for a yes/no item the other word does not;
+      - ScienceQA: the options are read from the question; 10 iff the answer names the right option (its capital
+        letter standing alone, except an "A" starting a lower-case phrase, or its text) and no other;
+      - Grounding: 10 iff the position phrases named are exactly the accepted one, or the answer holds a box with
+        IoU > 0.5 (fixed parser).
+    Records without `accept` (the real CoIN) fall back to the stored answer: a crude stand-in for the LM judge."""
+    name = "exact"
+
+    def judge(self, task, items):
+        return [self.judge_one(task, rec, answer) for rec, answer in items]
+
+    def judge_one(self, task, rec, answer):
+        low = answer.lower()
+        accept = [a.lower() for a in rec.get("accept") or [rec["answer"]]]
+        if task == "ScienceQA":
+            options = dict(re.findall(r"^([A-E])\. (.+)$", rec["text"], re.M))
+            right = rec["answer"]
+            named = set(_OPTION_LETTER.findall(answer)) | {k for k, v in options.items() if _says(v.lower(), low)}
+            if right in named and len(named) == 1:
+                return f"10: names option {right} only", 10
+            return f"0: names {sorted(named) or 'no option'}, right is {right}", 0
+        if task == "Grounding":
+            bracketed = re.search(r"\[[^\]]*\]", answer)  # the first "[...]" in the answer, or all of it
+            box = parse_box(bracketed.group() if bracketed else answer, "fixed")
+            gt = parse_box(rec.get("answer_bbox", rec["answer"]), "fixed")
+            if box is not None and gt is not None and iou(box, gt) > 0.5:
+                return f"10: box IoU {iou(box, gt):.2f}", 10
+            named = set(_POSITION.findall(low))
+            if named and named <= set(accept):
+                return f"10: position {sorted(named)}", 10
+            return f"0: position {sorted(named)}, accepted {accept}", 0
+        for a in accept:
+            other = {"yes": "no", "no": "yes"}.get(a)
+            if _says(a, low) and not (other and _says(other, low)):
+                return f"10: says {a!r}", 10
+        return f"0: none of {accept}", 0
+
+
+class LMJudge(Judge):
+    """The paper's judge with any local causal LM (a Hugging Face folder; the paper used Qwen1.5-32B-Chat): the
+    judge_prompt messages through the tokenizer's chat template (plain "system\\n\\nuser" without one), greedy by
+    default (NOTE(fidelity): the official script samples at temperature 0.2), batched with left padding."""
+
+    def __init__(self, model_dir, batch_size=16, max_new_tokens=16, device=None):
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+        if not os.path.isdir(model_dir):
+            raise FileNotFoundError(f"judge {model_dir!r}: no such folder (give 'exact' or a Hugging Face causal LM)")
+        self.batch_size, self.max_new_tokens = batch_size, max_new_tokens
+        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.tok = AutoTokenizer.from_pretrained(model_dir)
+        self.tok.padding_side = "left"
+        if self.tok.pad_token is None:
+            self.tok.pad_token = self.tok.eos_token
+        self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype="auto").to(self.device).eval()
+        self.name = os.path.basename(os.path.normpath(model_dir))
+
+    def chat(self, system, user):
+        if not self.tok.chat_template:
+            return f"{system}\n\n{user}"
+        return self.tok.apply_chat_template([{"role": "system", "content": system}, {"role": "user", "content": user}],
+                                            tokenize=False, add_generation_prompt=True)
+
+    def judge(self, task, items):
+        prompts = [self.chat(*judge_prompt(task, rec, answer)) for rec, answer in items]
+        replies = []
+        with torch.no_grad():
+            for s in range(0, len(prompts), self.batch_size):
+                # a chat template writes its own special tokens
+                enc = self.tok(prompts[s:s + self.batch_size], return_tensors="pt", padding=True,
+                               add_special_tokens=not self.tok.chat_template).to(self.device)
+                out = self.model.generate(**enc, do_sample=False, max_new_tokens=self.max_new_tokens,
+                                          pad_token_id=self.tok.pad_token_id)
+                replies += self.tok.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+        return [(r.strip(), parse_judge_score(r)) for r in replies]
+
+
+# -----------------------------------------------------------------------------
+# Aggregates over the T x T accuracy matrix a[j][i] = score on task i after training stage j (None: not evaluated)
+
+
+def aggregates(matrix):
+    """MAA = mean over stages j of mean(a[j][0..j]); BWT = sum over i < T-1 of (a[T-1][i] - a[i][i]), divided by T
+    (the paper's main text) and by T - 1 (BWT_classic, the usual definition); final_average = mean of the last row;
+    forgetting[i] = max over stages i..T-2 of a[.][i], minus a[T-1][i] (None for the last task and later ones).
+    T = the number of leading stages whose rows are complete, so a run in progress gets its numbers so far."""
+    assert all(len(row) == len(matrix) for row in matrix), f"not a square matrix: {[len(r) for r in matrix]}"
+    T = 0
+    while T < len(matrix) and all(v is not None for v in matrix[T][:T + 1]):
+        T += 1
+    out = {"stages": T, "MAA": None, "BWT": None, "BWT_classic": None, "final_average": None,
+           "forgetting": [None] * len(matrix)}
+    if T == 0:
+        return out
+    a, last = matrix, matrix[T - 1]
+    drops = [last[i] - a[i][i] for i in range(T - 1)]
+    out.update(MAA=sum(sum(a[j][:j + 1]) / (j + 1) for j in range(T)) / T, BWT=sum(drops) / T,
+               BWT_classic=sum(drops) / (T - 1) if T > 1 else None, final_average=sum(last[:T]) / T)
+    out["forgetting"][:T - 1] = [max(a[j][i] for j in range(i, T - 1)) - last[i] for i in range(T - 1)]
+    return out
+
+
+# -----------------------------------------------------------------------------
+# Output: results.json, markdown tables, heatmaps
+
+
+def _fmt(v, none=""):
+    return none if v is None else f"{v:.2f}"
+
+
+def markdown_table(tasks, matrix, title, zero_shot=None):
+    """The matrix as a markdown table shaped like the paper's: a row per stage (the task just trained), a column per
+    task, the stage's mean; then per-task forgetting and MAA / BWT."""
+    agg = aggregates(matrix)
+    lines = [f"### {title}", "", "| stage | " + " | ".join(tasks) + " | mean |", "|---" * (len(tasks) + 2) + "|"]
+    if zero_shot:
+        vals = [zero_shot.get(t) for t in tasks]
+        lines.append("| 0 zero-shot | " + " | ".join(map(_fmt, vals)) + " |  |")
+    for j, row in enumerate(matrix):
+        seen = [v for v in row[:j + 1] if v is not None]
+        mean = sum(seen) / len(seen) if len(seen) == j + 1 else None
+        lines.append(f"| {j + 1} {tasks[j]} | " + " | ".join(map(_fmt, row)) + f" | {_fmt(mean)} |")
+    lines.append("| forgetting | " + " | ".join(map(_fmt, agg["forgetting"])) + " |  |")
+    f = {k: _fmt(agg[k], "-") for k in ("MAA", "BWT", "BWT_classic", "final_average")}
+    lines += ["", f"MAA **{f['MAA']}** · BWT **{f['BWT']}** (paper, /T) · BWT {f['BWT_classic']} (classic, "
+              f"/(T-1)) · final average {f['final_average']} · stages {agg['stages']}/{len(tasks)}", ""]
+    return "\n".join(lines)
+
+
+_VIRIDIS = [(68, 1, 84), (59, 82, 139), (33, 145, 140), (94, 201, 98), (253, 231, 37)]
+
+
+def colour(v):
+    """Viridis-like colour of a score in [0, 100]."""
+    x = min(max(v, 0), 100) / 100 * (len(_VIRIDIS) - 1)
+    k = min(int(x), len(_VIRIDIS) - 2)
+    return tuple(round(c0 + (c1 - c0) * (x - k)) for c0, c1 in zip(_VIRIDIS[k], _VIRIDIS[k + 1]))
+
+
+def heatmap(path, tasks, matrix, title):
+    """Draw the matrix with pillow: a cell per (stage, task) coloured by score with its number, labels, a colour bar."""
+    font, small, big = (ImageFont.load_default(size=s) for s in (13, 11, 15))
+    agg = aggregates(matrix)
+    labels = [f"{j + 1} {t}" for j, t in enumerate(tasks)]
+    f = {k: _fmt(agg[k], "-") for k in ("MAA", "BWT", "BWT_classic", "final_average")}
+    footer = (f"MAA {f['MAA']}   BWT {f['BWT']} (/T)   BWT {f['BWT_classic']} (/(T-1))   "
+              f"final average {f['final_average']}   stages {agg['stages']}/{len(tasks)}")
+    left = 24 + max(font.getlength(s) for s in labels)
+    cw, ch, top, T = max(64, 10 + max(font.getlength(t) for t in tasks)), 30, 72, len(tasks)
+    W = int(max(left + cw * T + 90, 20 + font.getlength(footer), 20 + big.getlength(title)))
+    img = Image.new("RGB", (W, top + ch * T + 44), "white")
+    d = ImageDraw.Draw(img)
+    d.text((10, 8), title, font=big, fill="black")
+    d.text((10, 30), "row: after training stage j    column: task evaluated", font=small, fill=(90, 90, 90))
+    for i, t in enumerate(tasks):
+        d.text((left + cw * i + cw / 2, top - 5), t, font=font, fill="black", anchor="mb")
+    for j, row in enumerate(matrix):
+        y = top + ch * j
+        d.text((10, y + ch / 2), labels[j], font=font, fill="black", anchor="lm")
+        for i, v in enumerate(row):
+            box = [left + cw * i, y, left + cw * (i + 1) - 1, y + ch - 1]
+            if v is None:  # grey: to be evaluated (or missing); white: never (a task not yet trained)
+                d.rectangle(box, fill=(242, 242, 242) if i <= j else "white", outline=(225, 225, 225))
+                continue
+            c = colour(v)
+            d.rectangle(box, fill=c, outline="white")
+            ink = "black" if 0.3 * c[0] + 0.59 * c[1] + 0.11 * c[2] > 120 else "white"
+            d.text(((box[0] + box[2]) / 2, (box[1] + box[3]) / 2), f"{v:.1f}", font=font, fill=ink, anchor="mm")
+    x0, bar_h = left + cw * T + 16, ch * T  # the colour bar, 100 at the top
+    for k in range(bar_h):
+        d.line([(x0, top + k), (x0 + 14, top + k)], fill=colour(100 * (1 - k / max(1, bar_h - 1))))
+    for v in (0, 25, 50, 75, 100):
+        y = top + (bar_h - 1) * (1 - v / 100)
+        d.line([(x0 + 14, y), (x0 + 18, y)], fill="black")
+        d.text((x0 + 21, y), str(v), font=small, fill="black", anchor="lm")
+    d.text((10, top + ch * T + 14), footer, font=font, fill="black")
+    img.save(path)
+
+
+def write_results(out_dir, tasks, if_matrix, gk_matrix, extra=None):
+    """Write results.json (tasks, matrix and every aggregate at the top level for Instruction Following, the same
+    under general_knowledge, then `extra`), results.md and heatmap_if.png / heatmap_gk.png; return the markdown.
+    gk_matrix may be None (no judge). Works on a partly filled matrix: stages still to come are None rows."""
+    os.makedirs(out_dir, exist_ok=True)
+    extra = dict(extra or {})
+    zs = extra.get("zero_shot") or {}
+    res = {"tasks": list(tasks), "matrix": if_matrix, **aggregates(if_matrix)}
+    md = markdown_table(tasks, if_matrix, "Instruction Following (accuracy %)", {t: s["if"] for t, s in zs.items()})
+    heatmap(os.path.join(out_dir, "heatmap_if.png"), tasks, if_matrix, "Instruction Following: accuracy (%)")
+    if gk_matrix is not None:
+        res["general_knowledge"] = {"tasks": list(tasks), "matrix": gk_matrix, **aggregates(gk_matrix)}
+        md += "\n" + markdown_table(tasks, gk_matrix, "General Knowledge (judge score %)",
+                                    {t: s["gk"] for t, s in zs.items() if s.get("gk") is not None})
+        heatmap(os.path.join(out_dir, "heatmap_gk.png"), tasks, gk_matrix, "General Knowledge: judge score (%)")
+    clash = res.keys() & extra.keys()
+    assert not clash, f"extra repeats results keys {sorted(clash)}"
+    res.update(extra)
+    with open(os.path.join(out_dir, "results.json.tmp"), "w") as f:
+        json.dump(res, f, indent=1)
+    os.replace(os.path.join(out_dir, "results.json.tmp"), os.path.join(out_dir, "results.json"))
+    with open(os.path.join(out_dir, "results.md"), "w") as f:
+        f.write(md)
+    return md
+
+
+# -----------------------------------------------------------------------------
+# Standalone: score prediction files written by coin or by the official CoIN code
+
+OPTIONS = {
+    "predictions": "",             # a run folder, its predictions/, the official results folder, or one file
+    "task": "",                    # with one file: its task
+    "test_file": "",               # with one file: its test JSON (default: the task's, under --data_dir)
+    "data_dir": "data/coin-mini",  # folder holding Instructions_*/
+    "instructions": "Original",    # Original | Diverse | 10Type
+    "annotations": "",             # official ground-truth files (a folder or a file); default <data_dir>/annotations
+    "tasks": "",                   # task order (matrix columns); default: coin's stage numbers, else the paper's order
+    "scoring": "official",         # official | fixed (see the top of this file)
+    "judge": "exact",              # General Knowledge judge: exact | none | a Hugging Face causal LM folder
+    "judge_batch": 16,             # prompts per batch for an LM judge
+    "max_test": 0,                 # score the first N test records only, as coin's --max_test (0 = all)
+    "out": "out/eval",             # where results.json, results.md, heatmaps and judge files go
+    "compare": "",                 # run folders holding results.json, comma-separated: their numbers side by side
+}
+
+
+def parse_options(argv):
+    opts = dict(OPTIONS)
+    for arg in argv:
+        if arg in ("-h", "--help"):
+            print(__doc__ + "\nSettings:\n" + "\n".join(f"  --{k}={v!r}" for k, v in OPTIONS.items()))
+            sys.exit(0)
+        key, eq, val = arg.removeprefix("--").partition("=")
+        if not arg.startswith("--") or key not in OPTIONS or not eq:
+            raise SystemExit(f"unknown or incomplete setting {arg!r}; known: {', '.join('--' + k for k in OPTIONS)}")
+        try:
+            opts[key] = type(OPTIONS[key])(val)
+        except ValueError:
+            raise SystemExit(f"--{key} takes a {type(OPTIONS[key]).__name__}, not {val!r}") from None
+    if opts["scoring"] not in SCORINGS:
+        raise SystemExit(f"--scoring={opts['scoring']!r}: choose from {', '.join(SCORINGS)}")
+    return opts
+
+
+def canonical_task(name):
+    """A task's name from a folder or stage name: 'OCRVQA', 'ocr-vqa' -> 'OCR-VQA'; None if it is not a task."""
+    key = re.sub(r"[^a-z0-9]", "", name.lower())
+    return {re.sub(r"[^a-z0-9]", "", t.lower()): t for t in data.TASKS}.get(key)
+
+
+def find_prediction_files(root):
+    """[(stage number or None, stage, task, path)] under `root`. coin's layout: <stage>/<Task>.jsonl with stage
+    folders 'stageN-<Task>' (N = 1, 2, ...) and 'stage0-zeroshot'. The official layout: <Task>/<Stage>/merge.jsonl
+    with Stage 'Finetune' (right after training Task), a task name (after training that task) or 'Zero_shot'."""
+    if os.path.isdir(os.path.join(root, "predictions")):
+        root = os.path.join(root, "predictions")
+    found = []
+    for name in sorted(os.listdir(root)):
+        folder = os.path.join(root, name)
+        m = re.fullmatch(r"stage(\d+)-(.+)", name)
+        if m and os.path.isdir(folder):  # coin's layout
+            stage = "zero-shot" if m.group(1) == "0" else canonical_task(m.group(2))
+            for f in sorted(os.listdir(folder)):
+                task = canonical_task(f.removesuffix(".jsonl"))
+                if f.endswith(".jsonl") and not f.endswith(".judge.jsonl") and task and stage:
+                    found.append((int(m.group(1)), stage, task, os.path.join(folder, f)))
+        elif canonical_task(name) and os.path.isdir(folder):  # the official layout
+            for s in sorted(os.listdir(folder)):
+                path = os.path.join(folder, s, "merge.jsonl")
+                key = re.sub(r"[^a-z]", "", s.lower())
+                stage = {"finetune": canonical_task(name), "zeroshot": "zero-shot"}.get(key) or canonical_task(s)
+                if os.path.isfile(path) and stage:
+                    found.append((None, stage, canonical_task(name), path))
+                elif os.path.isfile(path):
+                    print(f"skipping {path}: stage {s!r} is not a task, Finetune or Zero_shot")
+    if not found:
+        raise SystemExit(f"--predictions={root}: no prediction files (expected coin's <stage>/<Task>.jsonl or the "
+                         "official <Task>/<Stage>/merge.jsonl)")
+    return found
+
+
+def task_order(files, spec):
+    """Matrix columns: --tasks if given, else the order of coin's numbered stages, else the paper's order."""
+    if spec:
+        return data.parse_tasks(spec)
+    numbered = sorted({(n, s) for n, s, _, _ in files if n})
+    if numbered:
+        return [s for _, s in numbered]
+    present = {s for _, s, _, _ in files} | {t for _, _, t, _ in files}
+    return [t for t in data.TASKS if t in present]
+
+
+def compare(runs):
+    head = "| run | MAA | BWT (/T) | BWT (/(T-1)) | final avg | GK MAA | GK BWT (/T) | stages |"
+    lines = [head, "|---" * 8 + "|"]
+    for run in runs:
+        res = data.read_json(os.path.join(run, "results.json"))
+        gk = res.get("general_knowledge", {})
+        vals = [res.get(k) for k in ("MAA", "BWT", "BWT_classic", "final_average")] + [gk.get("MAA"), gk.get("BWT")]
+        lines.append(f"| {run} | " + " | ".join(map(_fmt, vals)) + f" | {res.get('stages')}/{len(res['tasks'])} |")
+    return "\n".join(lines)
+
+
+def main(argv):
+    opts = parse_options(argv)
+    if opts["compare"]:
+        print(compare([r for r in opts["compare"].split(",") if r]))
+        return
+    if not os.path.exists(opts["predictions"]):
+        raise SystemExit(f"--predictions={opts['predictions']!r}: no such folder or file (give a run folder, the "
+                         "official results folder, or one file with --task; or --compare=RUN1,RUN2; see --help)")
+    ann = opts["annotations"] or os.path.join(opts["data_dir"], "annotations")
+    if opts["annotations"] and not os.path.exists(ann):
+        raise SystemExit(f"--annotations={ann}: no such file or folder")
+    ann = ann if os.path.exists(ann) else None
+    judge = (None if opts["judge"] == "none" else ExactJudge() if opts["judge"] == "exact"
+             else LMJudge(opts["judge"], opts["judge_batch"]))
+    records = {}
+
+    def score(task, path, test_file=""):
+        if task not in records:
+            recs = data.read_json(test_file) if test_file else data.test_examples(opts["data_dir"], task,
+                                                                                  opts["instructions"])
+            records[task] = recs[:opts["max_test"]] if opts["max_test"] else recs
+        preds = read_predictions(path)
+        s = score_task(task, preds, records[task], opts["scoring"], ann)
+        g = judge.score(task, preds, records[task]) if judge else None
+        missing = f" ({s['missing']} of {s['n']} records without a prediction, counted wrong)" if s["missing"] else ""
+        print(f"{path}: {task} {s['score']:.2f}" + (f", general knowledge {g['score']:.2f}" if g else "") + missing)
+        return s, g
+
+    if os.path.isfile(opts["predictions"]):  # one file
+        task = canonical_task(opts["task"])
+        if not task:
+            raise SystemExit(f"--task={opts['task']!r}: one prediction file needs its task: {', '.join(data.TASKS)}")
+        s, g = score(task, opts["predictions"], opts["test_file"])
+        if g:
+            s["general_knowledge"] = {k: v for k, v in g.items() if k != "rows"}
+        print(json.dumps(s, indent=1))
+        return
+    files = find_prediction_files(opts["predictions"])
+    tasks = task_order(files, opts["tasks"])
+    T = len(tasks)
+    if_m, gk_m, zero_shot = [[None] * T for _ in range(T)], [[None] * T for _ in range(T)], {}
+    for _, stage, task, path in files:
+        if task not in tasks or stage not in tasks + ["zero-shot"]:
+            print(f"skipping {path}: {task} after {stage} is outside --tasks={','.join(tasks)}")
+            continue
+        if stage != "zero-shot" and tasks.index(task) > tasks.index(stage):
+            print(f"skipping {path}: {task} is evaluated before it is trained (after {stage})")
+            continue
+        s, g = score(task, path)
+        if g:
+            name = "stage0-zeroshot" if stage == "zero-shot" else f"stage{tasks.index(stage) + 1}-{stage}"
+            write_jsonl(os.path.join(opts["out"], "judge", name, f"{task}.judge.jsonl"), g["rows"])
+        if stage == "zero-shot":
+            zero_shot[task] = {"if": s["score"], "gk": g and g["score"]}
+        else:
+            j, i = tasks.index(stage), tasks.index(task)
+            if if_m[j][i] is not None:
+                raise SystemExit(f"{path}: a second prediction file for {task} after {stage}")
+            if_m[j][i], gk_m[j][i] = s["score"], g and g["score"]
+    extra = {"source": opts["predictions"], "scoring": opts["scoring"], "judge": opts["judge"],
+             "annotations": ann, "zero_shot": zero_shot}
+    print(write_results(opts["out"], tasks, if_m, gk_m if judge else None, extra))
+    print(f"wrote {os.path.join(opts['out'], 'results.json')}")
+
+
+if __name__ == "__main__":
+    try:
+        main(sys.argv[1:])
+    except (ValueError, FileNotFoundError) as e:  # bad input files: the message names the file
+        raise SystemExit(f"error: {e}") from None
