@@ -131,7 +131,8 @@ class Config:
     seed: int = 0
     threads: int = 0                      # torch threads per rank; 0 = cores / ranks
     stage0: bool = False                  # pretrain the tiny base on CoIN-mini's caption corpus instead
-    stage0_epochs: int = 3
+    stage0_epochs: int = 4                # stage 0: full fine-tuning of the whole tiny model on captions
+    stage0_lr: float = 1e-3               # with a cosine schedule
 
 
 def parse_config(argv):
@@ -358,7 +359,7 @@ def main(argv):
     rank, world, device = compute_init(cfg)
     torch.manual_seed(cfg.seed)
     if cfg.stage0:
-        cfg.epochs = cfg.stage0_epochs
+        cfg.epochs, cfg.lr, cfg.schedule = cfg.stage0_epochs, cfg.stage0_lr, "cosine"
         return pretrain_base(cfg, rank, world, device)
     tasks = data.parse_tasks(cfg.tasks)
     image_dir = cfg.image_dir or os.path.join(cfg.data_dir, "images")

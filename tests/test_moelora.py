@@ -1,118 +1,155 @@
-"""moelora.py against the written-out formula: y = W0 x + (alpha/r) sum_i g_i(x) B_i A_i dropout_i(x)."""
+"""moelora.py against the written-out formula, one expert at a time:
+
+    y = W0 x + (alpha / r) * sum_i g_i(x) * B_i A_i dropout_i(x),    g = softmax(W_g x)
+"""
 import pytest
 import torch
 import torch.nn as nn
-from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+import torch.nn.functional as F
+from transformers import (CLIPVisionConfig, LlamaConfig, LlamaForCausalLM, LlavaConfig,
+                          LlavaForConditionalGeneration)
 
 from moelora import (MoELoRALinear, add_moelora, load_moelora_state_dict, mark_only_moelora_trainable,
                      moelora_state_dict)
 
+D_IN, D_OUT, R = 12, 10, 8
 
-def make(E, r=8, d_in=12, d_out=10, dropout=0.0, seed=0):
+
+def make_layer(E, dropout=0.0, seed=0):
+    """A MoELoRA layer with random B (B = 0 at init would hide every bug in the adapter path)."""
     torch.manual_seed(seed)
-    layer = MoELoRALinear(nn.Linear(d_in, d_out), r=r, alpha=16.0, num_experts=E, dropout=dropout)
+    layer = MoELoRALinear(nn.Linear(D_IN, D_OUT), r=R, alpha=16.0, num_experts=E, dropout=dropout)
     with torch.no_grad():
-        layer.lora_B.normal_()  # B = 0 at init would hide every bug below
+        layer.lora_B.normal_()
     return layer
 
 
-def reference(layer, x):
-    """The equation, one expert at a time, from the per-expert export."""
-    w = layer.export_experts()
-    out = layer.base(x)
-    g = torch.softmax(x @ w["router"].t(), -1) if w["router"] is not None else torch.ones(*x.shape[:-1], 1)
-    for i in range(layer.num_experts):
-        out = out + w["scaling"] * g[..., i:i + 1] * (x @ w["A"][i].t() @ w["B"][i].t())
-    return out
-
-
-@pytest.mark.parametrize("E", [1, 2, 4, 8])
-@pytest.mark.parametrize("shape", [(5, 12), (3, 4, 12)])
-def test_matches_written_out_loop(E, shape):
-    layer = make(E)
-    x = torch.randn(*shape, requires_grad=True)
-    y = layer(x)
-    # the reference from detached copies of the same weights, with their own grads
-    w = layer.export_experts()
-    A = w["A"].clone().requires_grad_()
-    B = w["B"].clone().requires_grad_()
-    R = w["router"].clone().requires_grad_() if E > 1 else None
-    x2 = x.detach().clone().requires_grad_()
-    ref = layer.base(x2)
-    g = torch.softmax(x2 @ R.t(), -1) if E > 1 else torch.ones(*shape[:-1], 1)
+def loop_reference(layer, x, masks=None):
+    """The formula with an explicit loop over experts, on leaf copies of the exported per-expert weights.
+    masks: (E, ..., d_in) dropout multipliers (0 or 1/(1-p)) per expert, or None for no dropout."""
+    w = {k: v.clone().requires_grad_() if torch.is_tensor(v) else v for k, v in layer.export_experts().items()}
+    E = layer.num_experts
+    g = torch.ones(*x.shape[:-1], 1) if E == 1 else torch.softmax(x @ w["router"].t(), dim=-1)  # (..., E)
+    y = layer.base(x)
     for i in range(E):
-        ref = ref + w["scaling"] * g[..., i:i + 1] * (x2 @ A[i].t() @ B[i].t())
+        xi = x if masks is None else x * masks[i]
+        y = y + w["scaling"] * g[..., i:i + 1] * (xi @ w["A"][i].t() @ w["B"][i].t())
+    return y, w
+
+
+def assert_same_output_and_grads(layer, x, y, x_ref, ref, w):
+    """y = layer(x) and ref = loop_reference(layer, x_ref): same values, same gradients for x and every weight."""
     torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-6)
     upstream = torch.randn_like(y)
     (y * upstream).sum().backward()
     (ref * upstream).sum().backward()
-    torch.testing.assert_close(x.grad, x2.grad, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(layer.lora_A.grad.view(E, -1, 12), A.grad, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(layer.lora_B.grad.view(10, E, -1).permute(1, 0, 2), B.grad, rtol=1e-5, atol=1e-6)
+    E, re = layer.num_experts, layer.expert_rank
+    torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(layer.lora_A.grad.view(E, re, D_IN), w["A"].grad, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(layer.lora_B.grad.view(D_OUT, E, re).permute(1, 0, 2), w["B"].grad,
+                               rtol=1e-5, atol=1e-6)
     if E > 1:
-        torch.testing.assert_close(layer.router.weight.grad, R.grad, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(layer.router.weight.grad, w["router"].grad, rtol=1e-5, atol=1e-6)
 
 
-def test_starts_as_the_base_and_init():
-    base = nn.Linear(16, 8)
-    layer = MoELoRALinear(base, r=8, alpha=16, num_experts=4)
-    x = torch.randn(2, 3, 16)
-    assert torch.equal(layer(x), base(x))
-    assert torch.all(layer.lora_B == 0) and abs(layer.lora_A.std().item() - 0.01) < 0.003
-    assert layer.scaling == 2.0 and layer.router.weight.shape == (4, 16) and layer.router.bias is None
-    with pytest.raises(AssertionError, match="r=6 must split evenly over num_experts=4"):
-        MoELoRALinear(base, r=6, alpha=12, num_experts=4)
+@pytest.mark.parametrize("E", [1, 2, 4, 8])
+@pytest.mark.parametrize("shape", [(5, D_IN), (3, 4, D_IN)])
+def test_matches_written_out_loop(E, shape):
+    layer = make_layer(E)
+    x = torch.randn(*shape, requires_grad=True)
+    x_ref = x.detach().clone().requires_grad_()
+    ref, w = loop_reference(layer, x_ref)
+    assert_same_output_and_grads(layer, x, layer(x), x_ref, ref, w)
 
 
-def test_e1_is_plain_lora():
-    layer = make(1)
-    assert layer.router is None
-    x = torch.randn(7, 12)
-    lora = layer.base(x) + layer.scaling * (x @ layer.lora_A.t() @ layer.lora_B.t())
-    torch.testing.assert_close(layer(x), lora)
+@pytest.mark.parametrize("E", [1, 4])
+def test_dropout_matches_written_out_loop(E):
+    """In training each expert applies its own mask; the layer draws them in one F.dropout call on an (E, ..., d_in)
+    tensor, so re-seeding and drawing that tensor again gives the masks it used."""
+    layer = make_layer(E, dropout=0.3).train()
+    x = torch.randn(3, 4, D_IN, requires_grad=True)
+    torch.manual_seed(123)
+    y = layer(x)
+    torch.manual_seed(123)
+    masks = F.dropout(torch.ones(E, 3, 4, D_IN), 0.3)  # (E, 3, 4, d_in): 0 or 1/(1-p)
+    x_ref = x.detach().clone().requires_grad_()
+    ref, w = loop_reference(layer, x_ref, masks)
+    assert_same_output_and_grads(layer, x, y, x_ref, ref, w)
 
 
 def test_dropout_masks_are_independent_per_expert():
-    """Each expert sees its own mask: with A_i = I-like rows reading one input feature, the experts' outputs
-    disagree on which features were dropped; with p = 0 in eval mode there is no randomness at all."""
-    E, d = 4, 64
-    layer = MoELoRALinear(nn.Linear(d, d, bias=False), r=E, alpha=E, num_experts=E, dropout=0.5)
+    """Expert i reads x through A_i = I and writes output block i, so the output shows each expert's mask per token
+    and feature: every expert keeps about 1-p of the features, scaled by 1/(1-p), and two experts' masks agree only
+    as often as independent ones would (p^2 + (1-p)^2), not always."""
+    E, d, p = 4, 8, 0.3
+    layer = MoELoRALinear(nn.Linear(d, E * d, bias=False), r=E * d, alpha=E * d, num_experts=E, dropout=p)
     with torch.no_grad():
-        layer.lora_A.zero_()
-        layer.lora_A[:, 0] = 1.0  # every expert's single row reads feature 0
-        layer.router.weight.zero_()  # equal gates 1/E
-        layer.lora_B.zero_()
-        for i in range(E):
-            layer.lora_B[i, i] = 1.0  # expert i writes to output i
         layer.base.weight.zero_()
-    layer.train()
-    x = torch.ones(4000, d)
-    out = layer(x)[:, :E]  # (N, E): expert i's A_i dropout_i(x) at feature 0, times g_i * scaling
+        layer.lora_A.copy_(torch.eye(d).repeat(E, 1))  # A_i = I (d, d)
+        layer.lora_B.copy_(torch.eye(E * d))  # B_i writes output block i
+        layer.router.weight.zero_()  # g_i = 1/E
+    x = torch.ones(20000, d)
+    out = layer.train()(x).view(-1, E, d) * E  # (N, E, d): dropout_i(x), scaling = 1
     kept = out != 0
-    # each expert keeps about half, and two experts agree only at chance (~50%), not always
-    assert torch.allclose(kept.float().mean(0), torch.full((E,), 0.5), atol=0.05)
-    agree = (kept[:, 0] == kept[:, 1]).float().mean()
-    assert 0.4 < agree < 0.6, agree
-    layer.eval()
-    assert torch.equal(layer(x), layer(x))
+    assert torch.allclose(out[kept], torch.tensor(1 / (1 - p))), out[kept].unique()
+    rate = kept.float().mean(dim=(0, 2))  # (E,)
+    assert torch.allclose(rate, torch.full((E,), 1 - p), atol=0.01), rate
+    for i in range(1, E):
+        agree = (kept[:, 0] == kept[:, i]).float().mean().item()
+        assert abs(agree - (p * p + (1 - p) ** 2)) < 0.01, (i, agree)
+    # eval mode, or p = 0 in training: exactly the formula without dropout, and no random numbers drawn at all
+    for module in (layer.eval(), make_layer(4, dropout=0.0).train()):
+        state = torch.get_rng_state()
+        y = module(torch.ones(3, module.base.in_features))
+        assert torch.equal(torch.get_rng_state(), state), "dropout work in a no-dropout forward"
+        assert torch.equal(y, module(torch.ones(3, module.base.in_features)))
+
+
+def test_init_and_e1_is_plain_lora():
+    layer = MoELoRALinear(nn.Linear(D_IN, D_OUT), r=64, alpha=128, num_experts=8)
+    assert layer.scaling == 2.0 and torch.all(layer.lora_B == 0)
+    assert abs(layer.lora_A.std().item() - 0.01) < 0.001, layer.lora_A.std()
+    assert layer.router.weight.shape == (8, D_IN) and layer.router.bias is None
+    assert not any(p.requires_grad for p in layer.base.parameters())
+    n_params = sum(p.numel() for n, p in layer.named_parameters() if not n.startswith("base."))
+    assert n_params == 64 * (D_IN + D_OUT) + 8 * D_IN  # LoRA of rank r plus E x d_in for the router
+    with pytest.raises(AssertionError, match="r=6 must split evenly over num_experts=4"):
+        MoELoRALinear(nn.Linear(D_IN, D_OUT), r=6, alpha=12, num_experts=4)
+    lora = make_layer(1)
+    assert lora.router is None
+    x = torch.randn(7, D_IN)
+    expected = lora.base(x) + (16.0 / R) * (x @ lora.lora_A.t() @ lora.lora_B.t())  # W0 x + (alpha/r) B A x
+    torch.testing.assert_close(lora(x), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_export_experts_is_plain_tensors():
+    w = make_layer(4).export_experts()
+    assert w["A"].shape == (4, R // 4, D_IN) and w["B"].shape == (4, D_OUT, R // 4) and w["router"].shape == (4, D_IN)
+    assert all(type(w[k]) is torch.Tensor and not w[k].requires_grad for k in ("A", "B", "router"))
+    assert isinstance(w["scaling"], float) and make_layer(1).export_experts()["router"] is None
 
 
 def test_bf16_in_and_out():
-    layer = make(4)
-    x = torch.randn(3, 12, dtype=torch.bfloat16)
-    ref = reference(layer, x.float())
-    layer.base.to(torch.bfloat16)  # a bf16 base model; the adapter stays fp32 and casts in and back
+    layer = make_layer(4)
+    x = torch.randn(2, 3, D_IN).bfloat16()
+    ref, _ = loop_reference(layer, x.float())
+    layer.base.bfloat16()  # a bf16 base model with an fp32 adapter: cast in, compute, cast back
     y = layer(x)
     assert y.dtype == torch.bfloat16 and layer.lora_A.dtype == torch.float32
-    torch.testing.assert_close(y.float(), ref, rtol=0.05, atol=0.05)
+    torch.testing.assert_close(y.float(), ref.detach(), rtol=0.03, atol=0.05)
+    y16 = layer.bfloat16()(x)  # everything bf16
+    assert y16.dtype == torch.bfloat16
+    torch.testing.assert_close(y16.float(), ref.detach(), rtol=0.03, atol=0.1)
 
 
 def test_merge():
-    layer = make(1)
-    x = torch.randn(5, 12)
-    torch.testing.assert_close(layer.merge()(x), layer(x), rtol=1e-5, atol=1e-5)
+    layer = make_layer(1)
+    x = torch.randn(5, D_IN)
+    merged = layer.merge()
+    assert type(merged) is nn.Linear
+    torch.testing.assert_close(merged(x), layer(x), rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="router weighs the experts differently for every token"):
-        make(2).merge()
+        make_layer(2).merge()
 
 
 def tiny_llava():
@@ -122,40 +159,58 @@ def tiny_llava():
                       text_config=LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                                               num_attention_heads=4, num_key_value_heads=4, vocab_size=300),
                       image_token_index=299)
-    return LlavaForConditionalGeneration(cfg)
+    return LlavaForConditionalGeneration(cfg).eval()
+
+
+def llava_logits(model):
+    """Logits for a prompt with one image (16 patch tokens), so the vision tower and projector run too."""
+    torch.manual_seed(1)
+    ids = torch.tensor([[1, 5] + [299] * 16 + [7, 8, 9]])
+    return model(input_ids=ids, pixel_values=torch.randn(1, 3, 32, 32)).logits
 
 
 def test_injection_touches_exactly_the_language_model_linears():
     model = tiny_llava()
-    before = {n for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    linears = {n for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    before = llava_logits(model)
     names = add_moelora(model, None, r=8, alpha=16, num_experts=4)
-    lm = {n for n in before if n.startswith("model.language_model.")}
-    assert set(names) == lm and len(names) == 2 * 7  # q k v o gate up down, 2 layers
-    assert all(isinstance(model.get_submodule(n), MoELoRALinear) for n in names)
-    for n in before - lm:  # lm_head, vision tower, projector untouched
+    lm = {n for n in linears if n.startswith("model.language_model.")}
+    assert set(names) == lm and len(names) == 2 * 7, names  # q k v o gate up down in 2 layers
+    for n in linears - lm:  # lm_head, vision tower, projector
         assert type(model.get_submodule(n)) is nn.Linear, n
+    torch.testing.assert_close(llava_logits(model), before, rtol=0, atol=0)  # B = 0: the base model at init
+    with pytest.raises(AssertionError, match="already has MoELoRA layers"):
+        add_moelora(model)
     only_qv = add_moelora(tiny_llava(), ["q_proj", "v_proj"], r=8, alpha=16, num_experts=2)
-    assert len(only_qv) == 4 and all(n.endswith(("q_proj", "v_proj")) for n in only_qv)
+    assert sorted(only_qv) == sorted(n for n in lm if n.endswith(("q_proj", "v_proj")))
+    with pytest.raises(ValueError, match="no nn.Linear of the language model"):
+        add_moelora(tiny_llava(), ["fc1"])  # a vision tower linear: never a target
+    llama = LlamaForCausalLM(LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=4, vocab_size=300))
+    assert len(add_moelora(llama, r=8, alpha=16, num_experts=2)) == 14 and type(llama.lm_head) is nn.Linear
 
 
-def test_trainable_and_state_dict_round_trip():
+def test_only_adapters_train_and_state_dict_round_trips_strictly():
     model = tiny_llava()
-    add_moelora(model, None, r=8, alpha=16, num_experts=4)
+    names = add_moelora(model, None, r=8, alpha=16, num_experts=4)
     mark_only_moelora_trainable(model)
-    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    assert trainable and all(n.endswith(("lora_A", "lora_B", "router.weight")) for n in trainable)
-    sd = {k: torch.randn_like(v) for k, v in moelora_state_dict(model).items()}
-    assert set(sd) == trainable
+    expected = {f"{n}.{k}" for n in names for k in ("lora_A", "lora_B", "router.weight")}
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == expected
+    sd = moelora_state_dict(model)
+    assert set(sd) == expected and set(sd) <= set(model.state_dict())
+    trained = {k: torch.randn_like(v) for k, v in sd.items()}
     other = tiny_llava()
     add_moelora(other, None, r=8, alpha=16, num_experts=4)
-    load_moelora_state_dict(other, sd)
-    assert all(torch.equal(v, moelora_state_dict(other)[k]) for k, v in sd.items())
-    key = next(iter(sd))
-    with pytest.raises(KeyError, match="missing .*" + key.replace(".", r"\.")):
-        load_moelora_state_dict(other, {k: v for k, v in sd.items() if k != key})
-    with pytest.raises(KeyError, match=r"unexpected \['extra.lora_A'\]"):
-        load_moelora_state_dict(other, {**sd, "extra.lora_A": torch.zeros(1)})
-    wrong = tiny_llava()
-    add_moelora(wrong, None, r=16, alpha=16, num_experts=4)
+    load_moelora_state_dict(other, trained)
+    load_moelora_state_dict(model, trained)
+    assert all(torch.equal(v, moelora_state_dict(other)[k]) for k, v in trained.items())
+    torch.testing.assert_close(llava_logits(other), llava_logits(model), rtol=0, atol=0)
+    key = sorted(trained)[0]
+    with pytest.raises(KeyError, match=r"1 missing \['" + key.replace(".", r"\.")):
+        load_moelora_state_dict(other, {k: v for k, v in trained.items() if k != key})
+    with pytest.raises(KeyError, match=r"1 unexpected \['extra\.lora_A'\]"):
+        load_moelora_state_dict(other, {**trained, "extra.lora_A": torch.zeros(1)})
+    wrong_rank = tiny_llava()
+    add_moelora(wrong_rank, None, r=16, alpha=16, num_experts=4)
     with pytest.raises(ValueError, match="checkpoint shape"):
-        load_moelora_state_dict(wrong, sd)
+        load_moelora_state_dict(wrong_rank, trained)
