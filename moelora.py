@@ -1,16 +1,21 @@
 """
-MoELoRA, as CoIN defines it (arXiv 2403.08350, section 4; shared/coin-facts.md section 3).
+MoELoRA as CoIN defines it (arXiv 2403.08350; shared/coin-facts.md section 3): a LoRA of total rank r split into
+E experts of rank r/E, mixed per token by a dense softmax router that reads the wrapped layer's own input.
 
-A LoRA of total rank r whose rank is split into E experts of rank r/E, mixed per token by a dense softmax router:
-
-    g(x) = softmax(W_g x)                                     W_g: (E, d_in), no bias, one router per linear
+    g(x) = softmax(W_g x)                                    W_g: (E, d_in), no bias, one router per linear
     y    = W0 x + (alpha / r) * sum_i g_i(x) * B_i A_i dropout_i(x)
-                                                              A_i: (r/E, d_in), B_i: (d_out, r/E)
+                                                             A_i: (r/E, d_in), B_i: (d_out, r/E)
 
-No top-k, no task id, no load-balancing loss. E = 1 is plain LoRA (no router). The experts are stored stacked,
-A = [A_1; ...; A_E] (r, d_in) and B = [B_1 ... B_E] (d_out, r), so the sum over experts is two matrix products:
+No top-k, no task id, no load-balancing loss; the scaling uses the *total* rank r; E = 1 is plain LoRA (no router).
+The experts are stored stacked, lora_A = [A_1; ...; A_E] (r, d_in) and lora_B = [B_1 ... B_E] (d_out, r), so the
+sum over experts is two matrix products, as cheap as one LoRA of rank r (export_experts() gives the per-expert view):
 
-    sum_i g_i B_i A_i x = B ((A x) * repeat_interleave(g, r/E))
+    sum_i g_i B_i A_i x = lora_B ((lora_A x) * repeat_interleave(g, r/E))
+
+Usage:
+    names = add_moelora(model)                # every nn.Linear of the language model, lm_head excluded
+    mark_only_moelora_trainable(model)        # then switch the projector on if the recipe trains it
+    torch.save(moelora_state_dict(model), path); load_moelora_state_dict(model, torch.load(path))
 """
 import torch
 import torch.nn as nn
@@ -18,111 +23,136 @@ import torch.nn.functional as F
 
 
 class MoELoRALinear(nn.Module):
+    """A frozen nn.Linear (self.base) plus E LoRA experts of rank r/E mixed per token by a softmax router."""
+
     def __init__(self, base, r, alpha, num_experts, dropout=0.0):
         super().__init__()
-        assert isinstance(base, nn.Linear), f"MoELoRA wraps nn.Linear, got {type(base).__name__}"
+        assert isinstance(base, nn.Linear), f"MoELoRALinear wraps an nn.Linear, got {type(base).__name__}"
         assert r % num_experts == 0, f"rank r={r} must split evenly over num_experts={num_experts}"
-        self.base = base  # frozen W0 (and bias), kept inside so state-dict keys read <name>.base.weight
+        assert 0.0 <= dropout < 1.0, f"dropout={dropout} must be in [0, 1)"
+        self.base = base.requires_grad_(False)  # W0 (and bias), frozen; state-dict key <name>.base.weight
         self.r, self.num_experts, self.expert_rank = r, num_experts, r // num_experts
-        self.scaling = alpha / r  # NOTE(fidelity): the *total* rank, as the official code scales
+        self.scaling = alpha / r  # NOTE(fidelity): alpha over the *total* rank r, not r/E, as the official code
         self.dropout = dropout
-        d_in, d_out = base.in_features, base.out_features
-        dev = base.weight.device
-        self.lora_A = nn.Parameter(torch.randn(r, d_in, device=dev) * 0.01)  # A_i ~ N(0, 0.01^2), stacked by expert
-        self.lora_B = nn.Parameter(torch.zeros(d_out, r, device=dev))  # B_i = 0: the wrapped layer starts as W0
-        self.router = nn.Linear(d_in, num_experts, bias=False, device=dev) if num_experts > 1 else None
+        d_in, d_out, device = base.in_features, base.out_features, base.weight.device
+        # adapter weights in the default dtype (fp32) even on a bf16 base: inputs are cast in and results back
+        # NOTE(fidelity): A_i ~ N(0, 0.01^2) as the official MoELoRA, also for E = 1, whereas the paper's LoRA
+        # baseline (stock PEFT) draws A Kaiming-uniform: E = 1 is that LoRA in every respect but this init.
+        self.lora_A = nn.Parameter(torch.randn(r, d_in, device=device) * 0.01)  # (r, d_in): A_1..A_E stacked
+        self.lora_B = nn.Parameter(torch.zeros(d_out, r, device=device))  # B_i = 0: starts as the base layer
+        self.router = nn.Linear(d_in, num_experts, bias=False, device=device) if num_experts > 1 else None
 
-    def forward(self, x):  # x: (..., d_in)
+    def forward(self, x):  # x: (..., d_in), any dtype
         y = self.base(x)  # (..., d_out)
         h = x.to(self.lora_A.dtype)
         E, re = self.num_experts, self.expert_rank
         if self.training and self.dropout > 0:
-            # NOTE(fidelity): the official code loops over experts, each calling dropout on x, so every expert sees
-            # its own mask. Here the E masks are drawn at once on an (..., E, d_in) copy and each expert's A_i is
-            # applied to its own masked copy with one batched product: the same distribution, no Python loop.
-            hx = F.dropout(h.unsqueeze(-2).expand(*h.shape[:-1], E, h.shape[-1]), self.dropout)  # (..., E, d_in)
-            z = torch.einsum("...ed,erd->...er", hx, self.lora_A.view(E, re, -1)).flatten(-2)  # (..., r)
+            # NOTE(fidelity): the official code loops over experts and calls dropout once per expert, so each expert
+            # sees its own mask. We draw all E masks in one F.dropout call on an (E, ..., d_in) copy of x, i.e. the
+            # same independent Bernoulli(1 - p) per expert, token and feature, scaled by 1 / (1 - p) (not the same
+            # random stream), and apply expert i's A_i to its own copy with one batched product: no Python loop.
+            # This costs E masks of x's size per step, as the official loop does; one shared mask would not.
+            hx = F.dropout(h.expand(E, *h.shape), self.dropout)  # (E, ..., d_in)
+            z = torch.einsum("e...d,erd->...er", hx, self.lora_A.view(E, re, -1))  # (..., E, r/E)
+        else:  # p = 0 or eval: no dropout work, one product for all experts' A_i x
+            z = (h @ self.lora_A.t()).unflatten(-1, (E, re))  # (..., E, r/E)
+        if self.router is None:
+            z = z * self.scaling
         else:
-            z = h @ self.lora_A.t()  # (..., r): all experts' A_i x, stacked
-        if self.router is not None:
-            g = F.softmax(self.router(h), dim=-1)  # (..., E): dense gate per token
-            z = z * g.repeat_interleave(re, dim=-1)  # (..., r): expert i's rows weighted by g_i
-        return y + (z @ self.lora_B.t() * self.scaling).to(y.dtype)  # (..., d_out)
+            g = F.softmax(self.router(h), dim=-1)  # (..., E): dense gates, one per expert and token
+            z = z * (g * self.scaling).unsqueeze(-1)  # (..., E, r/E): = * repeat_interleave(g, r/E), no copy
+        return y + (z.flatten(-2) @ self.lora_B.t()).to(y.dtype)  # (..., d_out)
 
     def export_experts(self):
-        """The per-expert view: A (E, r/E, d_in), B (E, d_out, r/E), router (E, d_in) or None, scaling."""
+        """The per-expert view as plain tensors, to check the module against the written-out formula:
+        A (E, r/E, d_in), B (E, d_out, r/E), router (E, d_in) or None when E = 1, and the float scaling."""
         E, re = self.num_experts, self.expert_rank
-        B = self.lora_B.detach().view(-1, E, re).permute(1, 0, 2)  # (E, d_out, r/E)
-        return {"A": self.lora_A.detach().view(E, re, -1).clone(), "B": B.clone(),
+        return {"A": self.lora_A.detach().view(E, re, -1).clone(),
+                "B": self.lora_B.detach().view(-1, E, re).permute(1, 0, 2).clone(),  # columns of B -> experts
                 "router": None if self.router is None else self.router.weight.detach().clone(),
                 "scaling": float(self.scaling)}
 
     def merge(self):
-        """E = 1: return a plain nn.Linear with W0 + (alpha/r) B A folded in (exact). E > 1 has no such weight."""
+        """E = 1: a plain nn.Linear computing W0 x + (alpha/r) B A x, for adapter-free inference (self is unchanged)."""
         if self.num_experts > 1:
-            raise ValueError(f"cannot merge a {self.num_experts}-expert MoELoRA: its router weighs the experts "
-                             "differently for every token, so there is no single weight delta to fold into W0")
+            raise ValueError(f"cannot merge a MoELoRA with {self.num_experts} experts: its router weighs the experts "
+                             "differently for every token, so there is no single weight delta to fold into W0; "
+                             "keep the adapter unmerged for inference")
+        w = self.base.weight
         merged = nn.Linear(self.base.in_features, self.base.out_features, bias=self.base.bias is not None,
-                           device=self.base.weight.device, dtype=self.base.weight.dtype)
+                           device=w.device, dtype=w.dtype)
         with torch.no_grad():
-            delta = (self.lora_B.float() @ self.lora_A.float()) * self.scaling
-            merged.weight.copy_(self.base.weight.float() + delta)
+            merged.weight.copy_(w.float() + self.scaling * (self.lora_B.float() @ self.lora_A.float()))
             if self.base.bias is not None:
                 merged.bias.copy_(self.base.bias)
-        return merged
+        return merged.requires_grad_(False)
 
 
-def language_model(model):
-    """The language model inside a multimodal model (transformers 5 layout: model.model.language_model)."""
-    for path in ("model.language_model", "language_model", "model"):
-        mod = model
-        for part in path.split("."):
-            mod = getattr(mod, part, None)
-        if mod is not None:
-            return mod
-    raise ValueError(f"no language model found in {type(model).__name__}")
+# -----------------------------------------------------------------------------
+# Helpers: inject, freeze, save, load
+
+NOT_LANGUAGE_MODEL = ("lm_head", "vision_tower", "vision_model", "visual", "multi_modal_projector", "mm_projector")
+
+
+def language_model_linears(model):
+    """Names of the language model's nn.Linear layers: those under a module called `language_model` (transformers
+    LLaVA: model.language_model.*), or in a model without one every linear outside lm_head, vision and projector."""
+    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    in_lm = [n for n in names if "language_model" in n.split(".")]
+    return [n for n in (in_lm or names) if not set(n.split(".")) & set(NOT_LANGUAGE_MODEL)]
 
 
 def add_moelora(model, targets=None, r=128, alpha=256.0, num_experts=8, dropout=0.05):
-    """Wrap the language model's nn.Linear layers (all of them by default, or those whose name ends with one of
-    `targets`) in MoELoRALinear. lm_head, the vision tower and the projector are never touched. Returns the
-    wrapped modules' full names."""
-    lm = language_model(model)
-    prefix = {m: n for n, m in model.named_modules()}[lm]
-    chosen = [(n, m) for n, m in lm.named_modules() if isinstance(m, nn.Linear)
-              and (targets is None or any(n.endswith(t) for t in targets)) and not n.endswith("lm_head")]
-    assert chosen, f"no nn.Linear in {prefix or type(lm).__name__} matches targets={targets}"
-    for name, mod in chosen:
-        parent_name, _, child = name.rpartition(".")
-        parent = lm.get_submodule(parent_name) if parent_name else lm
-        setattr(parent, child, MoELoRALinear(mod, r, alpha, num_experts, dropout))
-    return [f"{prefix}.{n}" if prefix else n for n, _ in chosen]
+    """Wrap the language model's nn.Linear layers in MoELoRALinear, in place: all of them (targets=None) or those
+    whose name ends with one of `targets` (e.g. ["q_proj", "v_proj"]). Never lm_head, the vision tower or the
+    projector. Defaults are the official E = 8, r = 128, alpha = 256, dropout 0.05. Returns the wrapped names."""
+    wrapped = [n for n, m in model.named_modules() if isinstance(m, MoELoRALinear)]
+    assert not wrapped, f"the model already has MoELoRA layers ({wrapped[0]}, ...): add_moelora runs once"
+    names = language_model_linears(model)
+    targets = [targets] if isinstance(targets, str) else targets
+    if targets is not None:
+        names = [n for n in names if any(n == t or n.endswith("." + t) for t in targets)]
+    if not names:
+        raise ValueError(f"add_moelora: no nn.Linear of the language model of {type(model).__name__} matches "
+                         f"targets={targets}; pass name suffixes such as ['q_proj', 'v_proj'] or None for all")
+    for name in names:
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child,
+                MoELoRALinear(model.get_submodule(name), r, alpha, num_experts, dropout))
+    return names
 
 
-def _is_adapter_param(name):
-    return name.endswith(("lora_A", "lora_B", "router.weight")) and ".base." not in name
+def moelora_parameters(model):
+    """(name, parameter) of every adapter weight: lora_A, lora_B and router.weight of each MoELoRALinear."""
+    for module_name, m in model.named_modules():
+        if isinstance(m, MoELoRALinear):
+            for name, p in m.named_parameters():
+                if not name.startswith("base."):
+                    yield f"{module_name}.{name}", p
 
 
 def mark_only_moelora_trainable(model):
-    for name, p in model.named_parameters():
-        p.requires_grad_(_is_adapter_param(name))
+    """Freeze everything but the adapters (whether the projector trains is the training loop's choice)."""
+    model.requires_grad_(False)
+    for _, p in moelora_parameters(model):
+        p.requires_grad_(True)
 
 
 def moelora_state_dict(model):
-    return {n: p for n, p in model.named_parameters() if _is_adapter_param(n)}
+    """The adapter weights only, keyed as in model.state_dict() (e.g. '...q_proj.lora_A')."""
+    return {name: p.detach() for name, p in moelora_parameters(model)}
 
 
 def load_moelora_state_dict(model, sd):
-    """Strict: the keys must be exactly the model's adapter parameters, with the same shapes."""
-    own = moelora_state_dict(model)
-    missing, unexpected = sorted(set(own) - set(sd)), sorted(set(sd) - set(own))
+    """Strict load: sd must hold exactly the model's adapter weights, with the same shapes."""
+    own = dict(moelora_parameters(model))
+    missing, unexpected = sorted(own.keys() - sd.keys()), sorted(sd.keys() - own.keys())
     if missing or unexpected:
-        raise KeyError(f"adapter state dict does not match the model: missing {missing[:5]}"
-                       f"{' ...' if len(missing) > 5 else ''} ({len(missing)}), unexpected {unexpected[:5]}"
-                       f"{' ...' if len(unexpected) > 5 else ''} ({len(unexpected)})")
-    for k, p in own.items():
-        if p.shape != sd[k].shape:
-            raise ValueError(f"adapter tensor {k}: checkpoint shape {tuple(sd[k].shape)} != model {tuple(p.shape)} "
-                             "(a different rank, expert count or base model?)")
+        raise KeyError(f"adapter state dict does not match the model's MoELoRA layers: {len(missing)} missing "
+                       f"{missing[:5]}, {len(unexpected)} unexpected {unexpected[:5]} (first 5 of each shown)")
+    for name, p in own.items():
+        if p.shape != sd[name].shape:
+            raise ValueError(f"adapter weight {name}: checkpoint shape {tuple(sd[name].shape)} != model shape "
+                             f"{tuple(p.shape)} (a different rank, number of experts or base model?)")
         with torch.no_grad():
-            p.copy_(sd[k])
+            p.copy_(sd[name])

@@ -1,0 +1,163 @@
+"""
+What does MoELoRA cost over plain LoRA? Forward + backward time of one adapted linear at LLaVA-7B shapes, side by
+side in one run: the frozen base linear alone, plain LoRA r = 128 (moelora.py with E = 1), PEFT's LoRA layer of the
+same rank (if peft is installed), MoELoRA E = 8 r = 128 (moelora.py), and a per-expert loop MoELoRA written here
+with the official code's structure (E LoRA pairs, E dropouts, a Python loop summing the gated outputs).
+
+    python bench/moelora.py                   # about a minute on a 2-core CPU; prints one table per shape
+    python bench/moelora.py --dropout=0.05    # the training default: E dropout masks per step instead of one
+    pip install --no-deps -r bench/requirements.txt   # optional: adds the PEFT row, leaves torch alone
+
+Timings on a shared CPU are fragile: the variants run interleaved in a shuffled order each round and the table
+shows medians (spread: the median deviation from the median). Adapter cost = time over the base linear alone - 1.
+Its FLOP share: 3 r (d_in + d_out) against 2 d_in d_out multiply-adds per token (the base is frozen, so it has no
+weight gradient; the input needs one). Targets (at dropout 0): MoELoRA E=8 within 1.15 x LoRA's time, its adapter
+cost within 1.5 x its FLOP share and at least 3 x below the loop's, LoRA no slower than PEFT's layer.
+
+With dropout, each MoELoRA expert draws its own mask as the official code does: E random draws per input element
+instead of LoRA's one. The loop pays the same; on a CPU, where random numbers are slow, it shows in the table.
+"""
+import argparse
+import os
+import random
+import statistics
+import sys
+import time
+
+# OpenMP threads that spin while a sibling thread is descheduled turn every small matmul into a wait for a CPU time
+# slice on a machine shared with other jobs (seen here: LoRA's cost over the base x6). Waiting passively measures the
+# adapter, not the neighbours. Must be set before torch loads OpenMP; OMP_WAIT_POLICY=ACTIVE in the shell overrides.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+import torch  # noqa: E402
+import torch.nn as nn  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from moelora import MoELoRALinear  # noqa: E402
+
+
+class LoopMoELoRA(nn.Module):
+    """The official structure: one (A_i, B_i, dropout_i) per expert and a Python loop over them."""
+
+    def __init__(self, base, r, alpha, num_experts, dropout):
+        super().__init__()
+        self.base, self.scaling = base, alpha / r
+        d_in, d_out, re = base.in_features, base.out_features, r // num_experts
+        self.lora_A = nn.ModuleList(nn.Linear(d_in, re, bias=False) for _ in range(num_experts))
+        self.lora_B = nn.ModuleList(nn.Linear(re, d_out, bias=False) for _ in range(num_experts))
+        self.dropout = nn.ModuleList(nn.Dropout(dropout) for _ in range(num_experts))
+        self.router = nn.Linear(d_in, num_experts, bias=False)
+
+    def forward(self, x):  # (N, d_in)
+        y = self.base(x)  # (N, d_out)
+        g = F.softmax(self.router(x), dim=-1)  # (N, E)
+        for i, (A, B, drop) in enumerate(zip(self.lora_A, self.lora_B, self.dropout)):
+            y = y + B(A(drop(x))) * g[:, i:i + 1] * self.scaling
+        return y
+
+
+def peft_lora(base, r, alpha, dropout):
+    """PEFT's LoRA layer on the same base, or None (with a note) when peft is not installed."""
+    try:
+        from peft import LoraConfig
+        from peft.tuners.lora import Linear
+    except ImportError:
+        print("note: peft is not importable, skipping the PEFT row (pip install --no-deps peft accelerate psutil)")
+        return None
+    layer = Linear(base, "default", config=LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout), r=r,
+                   lora_alpha=alpha, lora_dropout=dropout)
+    layer.base_layer.requires_grad_(False)  # PEFT's layer leaves the base trainable; the model wrapper freezes it
+    return layer
+
+
+def step_time(module, x, grad_out):
+    """Seconds for one forward + backward; gradients are cleared outside the timed region."""
+    t0 = time.perf_counter()
+    module(x).backward(grad_out)
+    elapsed = time.perf_counter() - t0
+    x.grad = None
+    for p in module.parameters():
+        p.grad = None
+    return elapsed
+
+
+def bench_shape(d_in, d_out, args, rng):
+    """Seconds of forward + backward, one list per variant, keyed base / lora / peft / moe / loop."""
+    torch.manual_seed(0)
+    base = nn.Linear(d_in, d_out, bias=False).requires_grad_(False)  # LLaMA linears have no bias
+    variants = {"base": base,
+                "lora": MoELoRALinear(base, args.r, args.alpha, 1, args.dropout),
+                "peft": peft_lora(base, args.r, args.alpha, args.dropout),
+                "moe": MoELoRALinear(base, args.r, args.alpha, args.experts, args.dropout),
+                "loop": LoopMoELoRA(base, args.r, args.alpha, args.experts, args.dropout)}
+    variants = {key: m.train() for key, m in variants.items() if m is not None}
+    x = torch.randn(args.tokens, d_in, requires_grad=True)  # (N, d_in): earlier adapters make the input need grad
+    grad_out = torch.randn(args.tokens, d_out)  # (N, d_out)
+    times = {key: [] for key in variants}
+    for rnd in range(args.warmup + args.rounds):
+        order = list(variants)
+        rng.shuffle(order)  # interleaved, in a new order each round, so a slow spell hits every variant alike
+        for key in order:
+            t = step_time(variants[key], x, grad_out)
+            if rnd >= args.warmup:
+                times[key].append(t)
+    return times
+
+
+def report(d_in, d_out, times, args):
+    """Print the table and the targets for one shape; True if every target is met."""
+    labels = {"base": "base linear alone", "lora": f"LoRA r={args.r} (moelora.py, E=1)",
+              "peft": f"PEFT LoRA r={args.r}", "moe": f"MoELoRA E={args.experts} r={args.r} (moelora.py)",
+              "loop": f"per-expert loop E={args.experts} r={args.r}"}
+    med = {key: statistics.median(ts) for key, ts in times.items()}
+    spread = {key: statistics.median(abs(t - med[key]) for t in ts) / med[key] for key, ts in times.items()}
+    noise = statistics.median(spread.values())  # typical relative deviation of one timing from its median
+    cost = {key: t / med["base"] - 1 for key, t in med.items()}  # adapter cost: time over the base alone - 1
+    share = 3 * args.r * (d_in + d_out) / (2 * d_in * d_out)  # adapter FLOPs over the base linear's, fwd + bwd
+    print(f"\n{d_in} -> {d_out}, {args.tokens} tokens, fp32, dropout {args.dropout}, {args.threads} threads, "
+          f"{args.rounds} rounds; a rank-{args.r} adapter adds {share:.1%} of the base linear's FLOPs")
+    print(f"  {'variant':40s} {'median ms':>10s} {'spread':>7s} {'best ms':>9s} {'adapter cost':>13s}")
+    for key, ts in times.items():
+        print(f"  {labels[key]:40s} {med[key] * 1e3:10.1f} {spread[key]:7.1%} {min(ts) * 1e3:9.1f} {cost[key]:13.1%}")
+    checks = [("MoE / LoRA time", med["moe"] / med["lora"], "<=", 1.15),
+              ("MoE adapter cost / its FLOP share", cost["moe"] / share, "<=", 1.5),
+              ("loop / MoE adapter cost", cost["loop"] / max(cost["moe"], 1e-9), ">=", 3.0)]
+    if "peft" in med:
+        checks.append(("LoRA / PEFT time", med["lora"] / med["peft"], "<=", 1.0))
+    print(f"  {'LoRA adapter cost / its FLOP share':36s} {cost['lora'] / share:6.2f}  (for reference)")
+    all_met = True
+    for what, value, op, target in checks:
+        met = value <= target if op == "<=" else value >= target
+        miss = abs(value / target - 1)
+        verdict = "met" if met else f"NOT met (by {miss:.1%}{', within the timing spread' if miss < noise else ''})"
+        print(f"  {what:36s} {value:6.2f}  target {op} {target:<5} {verdict}")
+        all_met &= met
+    return all_met
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    parser.add_argument("--tokens", type=int, default=512, help="tokens per step (N)")
+    parser.add_argument("--shapes", default="4096x4096,4096x11008", help="d_in x d_out of the adapted linears")
+    parser.add_argument("--r", type=int, default=128, help="total LoRA rank")
+    parser.add_argument("--alpha", type=float, default=256.0, help="LoRA alpha")
+    parser.add_argument("--experts", type=int, default=8, help="experts of the MoELoRA rows")
+    parser.add_argument("--dropout", type=float, default=0.0, help="adapter dropout (training default: 0.05)")
+    parser.add_argument("--rounds", type=int, default=7, help="timed rounds; each runs every variant once")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed rounds first")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    load = os.getloadavg()[0]
+    print(f"torch {torch.__version__}, {args.threads} threads, OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}, "
+          f"load average {load:.1f} on {os.cpu_count()} CPUs"
+          + ("  (busy machine: timings will be noisy)" if load > 0.5 else ""))
+    t0, rng, all_met = time.time(), random.Random(0), True
+    for shape in args.shapes.split(","):
+        d_in, d_out = (int(v) for v in shape.split("x"))
+        all_met &= report(d_in, d_out, bench_shape(d_in, d_out, args, rng), args)
+    print(f"\n{'all targets met' if all_met else 'some targets NOT met'} ({time.time() - t0:.0f} s)")
+
+
+if __name__ == "__main__":
+    main()
