@@ -236,13 +236,13 @@ def _noise_bg(rng, size):
     return img
 
 
-def _cell_box(size, pos, jitter, rng):
-    """Box of grid cell `pos` (0..8) with a small margin and jitter, in pixels."""
+def _cell_box(size, pos):
+    """Box of grid cell `pos` (0..8) with a small margin, in pixels. Objects sit exactly in their cells, so a
+    Grounding answer is one of nine boxes (chance 1/9): a 1M-parameter model can learn that in a few hundred steps."""
     c = size // 3
     r, k = divmod(pos, 3)
     m = max(1, c // 8)
-    j = lambda: rng.randint(-jitter, jitter)
-    return [k * c + m + j(), r * c + m + j(), (k + 1) * c - m + j(), (r + 1) * c - m + j()]
+    return [k * c + m, r * c + m, (k + 1) * c - m, (r + 1) * c - m]
 
 
 def draw_shape(d, shape, box, color):
@@ -286,8 +286,29 @@ def make_scene(rng, size, n_objects, distinct=True):
             if not distinct or (shape, color) not in seen:
                 break
         seen.add((shape, color))
-        objs.append({"shape": shape, "color": color, "pos": pos, "box": _cell_box(size, pos, 0, rng)})
+        objs.append({"shape": shape, "color": color, "pos": pos, "box": _cell_box(size, pos)})
     return objs
+
+
+def big_object(rng, size, shift=0):
+    """One big object near the centre, as in ImageNet's and VizWiz's photos (radius size/4 .. 2*size/5)."""
+    o = make_scene(rng, size, 1)[0]
+    c, s = size // 2, rng.randint(size // 4, size * 2 // 5)
+    x, y = c - s + rng.randint(-shift, shift), c - s + rng.randint(-shift, shift)
+    o["box"], o["pos"] = [x, y, x + 2 * s, y + 2 * s], 4
+    return o
+
+
+def count_scene(rng, size):
+    """1..4 objects of one shape (any colours) plus at most one other object: VQAv2's counting scenes.
+    Returns (objects, shape, count)."""
+    shape, k = rng.choice(SHAPES), rng.randint(1, 4)
+    objs = make_scene(rng, size, k, distinct=False)
+    for o in objs:
+        o["shape"] = shape
+    extra = [o for o in make_scene(rng, size, rng.randint(0, 1)) if o["shape"] != shape]
+    used = {o["pos"] for o in objs}
+    return objs + [o for o in extra if o["pos"] not in used], shape, k
 
 
 def render_scene(rng, size, objs):
@@ -355,12 +376,21 @@ def _box_str(box, size):
     return "[" + ", ".join(f"{v / size:.2f}" for v in box) + "]"
 
 
-def _one_of(rng, objs):
-    return rng.choice(objs)
-
-
 def _name(o):
     return f"{o['color']} {o['shape']}"
+
+
+def _article(word):
+    return "an" if word[0] in "aeiou" else "a"
+
+
+def _a(o):
+    """'a red star', 'an orange ring'."""
+    return f"{_article(o['color'])} {_name(o)}"
+
+
+def plural(shape):
+    return shape + ("es" if shape.endswith("s") else "s")
 
 
 def _relation(a, b):
@@ -376,7 +406,7 @@ def _relation(a, b):
 
 
 def describe(objs):
-    parts = [f"a {_name(o)} at the {POSITIONS[o['pos']]}" for o in objs]
+    parts = [f"{_a(o)} at the {POSITIONS[o['pos']]}" for o in objs]
     return "The picture shows " + ", ".join(parts) + "."
 
 
@@ -405,14 +435,8 @@ def make_item(task, rng, size):
         q = rng.choice(["What word is written on the sign?", "What does the sign say?"])
         return dict(image=render_sign(rng, size, w), question=q, answer=w, accept=[w], chance=1 / len(WORDS))
     if task == "ImageNet":
-        objs = make_scene(rng, size, 1)
-        o = objs[0]
-        # ImageNet photos show one big object: redraw it larger, centred near its cell
-        c = size // 2
-        s = rng.randint(size // 4, size * 2 // 5)
-        o["box"] = [c - s + rng.randint(-4, 4), c - s + rng.randint(-4, 4)]
-        o["box"] += [o["box"][0] + 2 * s, o["box"][1] + 2 * s]
-        return dict(image=render_scene(rng, size, objs), question="What is the object in the image?",
+        o = big_object(rng, size, shift=4)
+        return dict(image=render_scene(rng, size, [o]), question="What is the object in the image?",
                     answer=o["shape"], accept=[o["shape"]], chance=1 / len(SHAPES))
     if task == "GQA":
         while True:
@@ -440,11 +464,8 @@ def make_item(task, rng, size):
         return dict(image=img, question=f"Is the {_name(subj)} {rel} the {_name(b)}?", answer=ans, accept=[ans],
                     chance=0.5)
     if task == "VizWiz":
-        objs = make_scene(rng, size, 1)
-        o = objs[0]
-        c, s = size // 2, rng.randint(size // 4, size * 2 // 5)
-        o["box"] = [c - s, c - s, c + s, c + s]
-        img = render_scene(rng, size, objs)
+        o = big_object(rng, size)
+        img = render_scene(rng, size, [o])
         if rng.random() < 0.5:
             q, ans, n = "What color is this?", o["color"], len(COLORS) + 1
         else:
@@ -454,21 +475,15 @@ def make_item(task, rng, size):
         return dict(image=img, question=q, answer=ans, accept=[ans], chance=1 / n)
     if task == "Grounding":
         objs = make_scene(rng, size, rng.randint(2, 3))
-        o = _one_of(rng, objs)
+        o = rng.choice(objs)
         box = _box_str(o["box"], size)
         return dict(image=render_scene(rng, size, objs), question=None, expression=f"the {_name(o)}",
                     answer=box, accept=[POSITIONS[o["pos"]]], chance=1 / 9, answer_bbox=box, size=[size, size])
     if task == "VQAv2":
         u = rng.random()
         if u < 0.4:  # counting
-            shape, k = rng.choice(SHAPES), rng.randint(1, 4)
-            objs = make_scene(rng, size, k, distinct=False)
-            for o in objs:
-                o["shape"] = shape
-            extra = [o for o in make_scene(rng, size, rng.randint(0, 1)) if o["shape"] != shape]
-            used = {o["pos"] for o in objs}
-            objs += [o for o in extra if o["pos"] not in used]
-            return dict(image=render_scene(rng, size, objs), question=f"How many {shape}s are there?",
+            objs, shape, k = count_scene(rng, size)
+            return dict(image=render_scene(rng, size, objs), question=f"How many {plural(shape)} are there?",
                         answer=str(k), accept=[str(k), NUMBER_WORDS[k]], chance=1 / 4)
         objs = make_scene(rng, size, rng.randint(1, 3))
         shapes = [o["shape"] for o in objs]
@@ -497,9 +512,16 @@ def make_item(task, rng, size):
     raise ValueError(f"unknown task {task!r}")
 
 
+def _count_phrase(k, shape):
+    return f"{NUMBER_WORDS[k]} {shape if k == 1 else plural(shape)}"
+
+
 def stage0_item(rng, size):
-    """A caption-corpus item for pretraining the tiny base: content in full sentences, no task formats."""
-    kind = rng.choice(["scene", "scene", "scene", "sign", "book", "fact", "blur"])
+    """A caption-corpus item for pretraining the tiny base: (image or None, question, answer). It covers every
+    kind of picture the eight tasks show (scenes, big single objects, repeated shapes, signs, book covers,
+    degraded photos) and the content their questions ask about (names, colours, positions, relations, counts,
+    words), always answered in full sentences: the base knows the world, not the tasks' answer formats."""
+    kind = rng.choices(["scene", "big", "many", "sign", "book", "fact", "blur"], [6, 2, 2, 2, 2, 1, 1])[0]
     if kind == "fact":
         s = rng.choice(SHAPES)
         n = CORNERS[s]
@@ -507,28 +529,57 @@ def stage0_item(rng, size):
         return None, rng.choice([f"How many corners does a {s} have?", f"Tell me about the {s}."]), a
     if kind == "sign":
         w = rng.choice(WORDS)
-        img = render_sign(rng, size, w)
-        q = rng.choice(["Describe the image.", "What does the sign say?"])
-        return img, q, f"A sign with the word {w} written on it."
+        q = rng.choice(["Describe the image.", "What does the sign say?", "What is written here?"])
+        return render_sign(rng, size, w), q, f"A sign with the word {w} written on it."
     if kind == "book":
         t, a, g = rng.choice(TITLES), rng.choice(AUTHORS), rng.choice(list(GENRES))
         img = render_book(rng, size, t, a, g)
-        q = rng.choice(["Describe the image.", "What book is this?", "Who wrote this book?"])
-        return img, q, f"A {g} book called {t}, written by {a}."
+        q, ans = rng.choice([("Describe the image.", f"A {g} book called {t}, written by {a}."),
+                             ("What book is this?", f"It is {_article(g)} {g} book called {t}."),
+                             ("Who wrote this book?", f"This book was written by {a}."),
+                             ("What is written on the cover?", f"The cover says {t} and, below, {a}.")])
+        return img, q, ans
+    if kind in ("big", "blur") and rng.random() < 0.5 or kind == "big":
+        o = big_object(rng, size, shift=4)
+        img = render_scene(rng, size, [o])
+        if kind == "blur":
+            return degrade(rng, img), "What is this?", "The picture is too unclear to see anything."
+        q, ans = rng.choice([("Describe the image.", f"A big {_name(o)} fills the picture."),
+                             ("What is this?", f"It is {_a(o)}."),
+                             ("What is the object in the picture?", f"The object is {_a(o)}.")])
+        return img, q, ans
+    if kind == "many":
+        objs, shape, k = count_scene(rng, size)
+        others = [o for o in objs if o["shape"] != shape]
+        if rng.random() < 0.5:
+            return render_scene(rng, size, objs), f"How many {plural(shape)} are there?", \
+                f"There {'is' if k == 1 else 'are'} {_count_phrase(k, shape)}."
+        tail = f" and {_a(others[0])}" if others else ""
+        return render_scene(rng, size, objs), "Describe the image.", f"The picture shows {_count_phrase(k, shape)}{tail}."
     objs = make_scene(rng, size, rng.randint(1, 4))
     img = render_scene(rng, size, objs)
     if kind == "blur":
         return degrade(rng, img), "Describe the image.", "The picture is too unclear to see anything."
     u = rng.random()
     o = rng.choice(objs)
-    if u < 0.5:
+    where = POSITIONS[o["pos"]]
+    if u < 0.3:
         return img, "Describe the image.", describe(objs)
-    if u < 0.65:
-        return img, f"Where is the {_name(o)}?", f"The {_name(o)} is at the {POSITIONS[o['pos']]} of the picture."
-    if u < 0.8:
-        return img, f"What is at the {POSITIONS[o['pos']]}?", f"There is a {_name(o)} at the {POSITIONS[o['pos']]}."
-    k = sum(p["shape"] == o["shape"] for p in objs)
-    return img, f"How many {o['shape']}s are there?", f"There {'is' if k == 1 else 'are'} {NUMBER_WORDS[k]} {o['shape']}{'' if k == 1 else 's'}."
+    if u < 0.45:
+        return img, f"Where is the {_name(o)}?", f"The {_name(o)} is at the {where} of the picture."
+    if u < 0.6:
+        return img, f"What is at the {where}?", f"There is {_a(o)} at the {where}."
+    if u < 0.7:
+        return img, f"What color is the {o['shape']} at the {where}?", f"The {o['shape']} at the {where} is {o['color']}."
+    pairs = [(a, b, r) for a in objs for b in objs if a is not b for r in _relation(a, b)]
+    if not pairs:
+        return img, "Describe the image.", describe(objs)
+    a, b, r = rng.choice(pairs)
+    if rng.random() < 0.5:
+        return img, f"Where is the {_name(a)} compared to the {_name(b)}?", f"The {_name(a)} is {r} the {_name(b)}."
+    them = [x for x in objs if x is not b and r in _relation(x, b)]
+    ans = " and ".join(_a(x) for x in them)
+    return img, f"What is {r} the {_name(b)}?", f"There is {ans} {r} the {_name(b)}."
 
 
 def _dump(path, obj):
@@ -539,7 +590,7 @@ def _dump(path, obj):
     os.replace(tmp, path)
 
 
-def generate_mini(out, n_train=3000, n_test=200, n_stage0=20000, size=48, seed=0, progress=True):
+def generate_mini(out, n_train=3000, n_test=200, n_stage0=40000, size=48, seed=0, progress=True):
     """Write CoIN-mini under `out` in the official layout:
     out/Instructions_{Original,Diverse,10Type}/<Task>/{train,test}.json, out/images/<Task>/<split>/N.png,
     out/Stage0/train.json (caption corpus), out/annotations/TextVQA_0.5.1_val.json, out/coin_mini.json (meta)."""
@@ -604,16 +655,27 @@ def generate_mini(out, n_train=3000, n_test=200, n_stage0=20000, size=48, seed=0
     return meta
 
 
-def main(argv):
-    if not argv or argv[0] != "mini":
-        sys.exit("usage: python data.py mini [--out=data/coin-mini] [--n_train=3000] [--n_test=200] "
-                 "[--n_stage0=20000] [--size=48] [--seed=0]")
-    opts = {"out": "data/coin-mini", "n_train": 3000, "n_test": 200, "n_stage0": 20000, "size": 48, "seed": 0}
-    for a in argv[1:]:
+def parse_options(argv, defaults):
+    """--key=value options of a small command line tool over `defaults` (whose values give the types);
+    an unknown key or a value of the wrong type exits with a message."""
+    opts = dict(defaults)
+    for a in argv:
         k, _, v = a.removeprefix("--").partition("=")
         if k not in opts:
             sys.exit(f"unknown option --{k}; known: {', '.join('--' + o for o in opts)}")
-        opts[k] = type(opts[k])(v)
+        try:
+            opts[k] = type(opts[k])(v)
+        except ValueError:
+            sys.exit(f"--{k} takes a {type(opts[k]).__name__}, not {v!r}")
+    return opts
+
+
+def main(argv):
+    if not argv or argv[0] != "mini":
+        sys.exit("usage: python data.py mini [--out=data/coin-mini] [--n_train=3000] [--n_test=200] "
+                 "[--n_stage0=40000] [--size=48] [--seed=0]")
+    opts = parse_options(argv[1:], {"out": "data/coin-mini", "n_train": 3000, "n_test": 200, "n_stage0": 40000,
+                                    "size": 48, "seed": 0})
     meta = generate_mini(**opts)
     print(f"wrote CoIN-mini to {opts['out']} (chance levels %: "
           + ", ".join(f"{t} {c:.1f}" for t, c in meta["chance"].items()) + ")")

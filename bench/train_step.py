@@ -1,0 +1,131 @@
+"""
+One training step of coin's loop (forward, backward, AdamW), timed side by side in one run for two model sizes and
+two adapters, against this machine's matmul peak measured in the same run:
+
+- models: the embedded tiny LLaVA (built from config, random weights) and a ~100M-parameter LLaVA-shaped model
+  (CLIP d384 x 6 on 112 px, Llama d768 x 12, 32k vocabulary), both random-initialised: no download;
+- adapters: plain LoRA (E=1) and MoELoRA (E=8), r=16 on the tiny model and r=128 on the 100M one, on every
+  language-model linear, projector trainable, as coin.py trains them.
+
+Prints tokens/s, achieved FLOP/s (matmul FLOPs of the step counted by torch's FlopCounterMode) as a fraction of
+the peak of one large torch.mm, and the adapter's share of the step (step time with the adapter minus the same step
+of the frozen model with no adapter, where only the projector trains). Medians of alternating rounds.
+
+    python bench/train_step.py [--threads=2] [--rounds=3] [--steps=3] [--only=tiny|100m]
+"""
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+import torch
+import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import data  # noqa: E402
+from moelora import add_moelora, mark_only_moelora_trainable  # noqa: E402
+from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration  # noqa: E402
+
+SIZES = {  # name: (vision d, layers, image px, patch, text d, layers, vocab, micro batch, text tokens, r)
+    "tiny": (128, 4, 48, 8, 128, 4, 1000, 16, 40, 16),
+    "100m": (384, 6, 112, 14, 768, 12, 32000, 8, 64, 128),
+}
+
+
+def build(size):
+    vd, vl, px, patch, td, tl, vocab, *_ = SIZES[size]
+    cfg = LlavaConfig(
+        vision_config=CLIPVisionConfig(hidden_size=vd, intermediate_size=4 * vd, num_hidden_layers=vl,
+                                       num_attention_heads=max(1, vd // 64), image_size=px, patch_size=patch),
+        text_config=LlamaConfig(hidden_size=td, intermediate_size=int(8 / 3 * td) // 64 * 64 or 3 * td,
+                                num_hidden_layers=tl, num_attention_heads=max(1, td // 64), vocab_size=vocab,
+                                max_position_embeddings=1024),
+        image_token_index=vocab - 1, image_seq_length=(px // patch) ** 2, vision_feature_layer=-2,
+        vision_feature_select_strategy="default", projector_hidden_act="gelu")
+    torch.manual_seed(0)
+    return LlavaForConditionalGeneration(cfg)
+
+
+def batch_for(model, size):
+    _, _, px, patch, _, _, vocab, mb, n_text, _ = SIZES[size]
+    n_img = (px // patch) ** 2
+    g = torch.Generator().manual_seed(0)
+    text = torch.randint(5, vocab - 1, (mb, n_text), generator=g)
+    ids = torch.cat([text[:, :1], torch.full((mb, n_img), vocab - 1), text[:, 1:]], dim=1)  # (B, 1 + n_img + T-1)
+    labels = ids.clone()
+    labels[:, : 1 + n_img + n_text // 2] = -100  # loss on the second half of the text: the "answer"
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels,
+            "pixel_values": torch.randn(mb, 3, px, px, generator=g)}
+
+
+def prepare(size, experts):
+    """The model as coin.py trains it: everything frozen, adapter (if any) and projector trainable."""
+    model = build(size)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    if experts:
+        r = SIZES[size][-1]
+        add_moelora(model, None, r, 2.0 * r, experts, dropout=0.05)
+        mark_only_moelora_trainable(model)
+    for p in model.model.multi_modal_projector.parameters():
+        p.requires_grad_(True)
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    return model, torch.optim.AdamW(params, lr=1e-4)
+
+
+def step(model, opt, b):
+    logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], pixel_values=b["pixel_values"]).logits
+    loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), b["labels"][:, 1:].flatten())  # (B*(L-1), V) vs (B*(L-1),)
+    loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+
+
+def matmul_peak(n=2048, reps=5):
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    ts = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        a @ b
+        ts.append(time.perf_counter() - t)
+    return 2 * n ** 3 / min(ts)
+
+
+def main(argv):
+    opts = data.parse_options(argv, {"threads": 2, "rounds": 3, "steps": 3, "only": ""})
+    torch.set_num_threads(opts["threads"])
+    peak = matmul_peak()
+    print(f"matmul peak (2048^3 fp32 torch.mm, {opts['threads']} threads): {peak / 1e9:.1f} GFLOP/s")
+    print("| model | params | adapter | tokens/step | step ms | tokens/s | GFLOP/step | % of peak | adapter share |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for size in [s for s in SIZES if not opts["only"] or s == opts["only"]]:
+        runs = {name: prepare(size, e) for name, e in (("none", 0), ("LoRA E=1", 1), ("MoELoRA E=8", 8))}
+        b = batch_for(runs["none"][0], size)
+        flops, times = {}, {k: [] for k in runs}
+        for name, (model, opt) in runs.items():
+            with FlopCounterMode(display=False) as fc:
+                step(model, opt, b)  # also the warm-up
+            flops[name] = fc.get_total_flops()
+        for _ in range(opts["rounds"]):  # alternate, so a busy spell hits every variant alike
+            for name, (model, opt) in runs.items():
+                t = time.perf_counter()
+                for _ in range(opts["steps"]):
+                    step(model, opt, b)
+                times[name].append((time.perf_counter() - t) / opts["steps"])
+        n_params = sum(p.numel() for p in runs["none"][0].parameters())
+        tokens = b["input_ids"].numel()
+        base_t = statistics.median(times["none"])
+        for name in runs:
+            t = statistics.median(times[name])
+            share = "-" if name == "none" else f"{100 * (t - base_t) / t:.1f}%"
+            print(f"| {size} | {n_params / 1e6:.1f}M | {name} | {tokens} | {1e3 * t:.0f} | {tokens / t:,.0f} | "
+                  f"{flops[name] / 1e9:.2f} | {100 * flops[name] / t / peak:.0f}% | {share} |")
+        del runs
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
