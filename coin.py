@@ -4,16 +4,24 @@ coin: continual instruction tuning of a multimodal LLM (CoIN, arXiv 2403.08350),
 Reads top to bottom: config -> DDP setup -> load the base -> inject MoELoRA -> for each task: train one epoch, save,
 evaluate on every task seen so far -> results. `python coin.py --help` lists the settings.
 """
+import contextlib
 import dataclasses
+import functools
+import hashlib
 import json
 import math
 import os
+import pickle
+import signal
+import subprocess
 import sys
 import time
 
 import torch
+import transformers
 import torch.distributed as dist
 import torch.nn.functional as F
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from tqdm import tqdm
@@ -130,6 +138,11 @@ class Config:
     out: str = "out/run"
     seed: int = 0
     threads: int = 0                      # torch threads per rank; 0 = cores / ranks
+    # Re-running a command into the same --out continues it: finished stages are kept (checkpoint and results rows),
+    # a stage stopped part-way goes on from its mid-stage checkpoint, and a resumed run ends with the same weights
+    # and scores. Settings, data and base must be the same (checked); --resume=false refuses an --out that holds a run.
+    resume: bool = True
+    save_every: int = 0                   # mid-stage checkpoint every N optimizer steps (0 = only on Ctrl-C)
     stage0: bool = False                  # pretrain the tiny base on CoIN-mini's caption corpus instead
     stage0_epochs: int = 4                # stage 0: full fine-tuning of the whole tiny model on captions
     stage0_lr: float = 1e-3               # with a cosine schedule
@@ -213,56 +226,162 @@ def lr_at(step, total, cfg):
     return cfg.lr
 
 
-def train_one_task(model, dataset, params, cfg, rank, world, device, seed, desc):
+def train_one_task(model, dataset, params, cfg, rank, world, device, seed, desc, midstage=None, info=None):
     """One pass (cfg.epochs) over `dataset`, updating `params` with AdamW; returns the list of step losses.
     Loss = sum of answer-token cross-entropies / answer tokens in the whole global batch, so that 1 x N ranks,
     2 x N/2 and gradient accumulation give the same step. NOTE(fidelity): the official trainer averages per
-    micro-batch instead (mean over that micro-batch's tokens, then mean over micro-batches and ranks)."""
+    micro-batch instead (mean over that micro-batch's tokens, then mean over micro-batches and ranks).
+    With `midstage` (a file; `info` is run_info) the stage can stop and go on: the state is saved there every
+    cfg.save_every steps and on Ctrl-C, and a run that finds the file continues the stage from it, exactly."""
     pad_id = dataset.tok.pad_token_id
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     global_batch = cfg.micro_batch * world * cfg.grad_accum
     steps = list(global_batches(len(dataset), global_batch, seed, cfg.epochs))
+    # the dropout masks depend on (seed, stage) only: a resumed run that skips finished stages draws the same ones
+    torch.manual_seed(seed)
+    start, losses = 0, []
+    if midstage and os.path.exists(midstage):
+        start, losses = load_midstage(midstage, model, opt, info, rank, world, device)
+        print0(f"{desc}: continuing after step {start} of {len(steps)} ({midstage})")
     model.train()
-    losses = []
-    bar = tqdm(steps, desc=desc, disable=rank != 0, leave=False, mininterval=2)
-    for step, idx in enumerate(bar):
-        mine = idx[rank::world]  # this rank's share of the global batch
-        micro = [collate([dataset[i] for i in mine[k:k + cfg.micro_batch]], pad_id)
-                 for k in range(0, len(mine), cfg.micro_batch)]
-        n_tokens = all_reduce_(torch.tensor([float(sum((m["labels"] != -100).sum() for m in micro))]))[0]
-        loss_sum = torch.zeros(1)
-        for m in micro:
-            logits = model(input_ids=m["input_ids"].to(device), attention_mask=m["attention_mask"].to(device),
-                           pixel_values=None if m["pixel_values"] is None else
-                           m["pixel_values"].to(device, dtype=model.dtype)).logits
-            labels = m["labels"].to(device)
-            # shift: position t predicts token t+1
-            ce = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), reduction="sum")
-            (ce / n_tokens).backward()
-            loss_sum += ce.detach().cpu()
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-        if world > 1:
-            flat = torch.cat([g.flatten() for g in grads])
-            dist.all_reduce(flat)  # sum over ranks: each rank already divided by the global token count
-            off = 0
-            for p, g in zip(params, grads):
-                p.grad = flat[off:off + g.numel()].view_as(g).clone()
-                off += g.numel()
-        loss = all_reduce_(loss_sum)[0].item() / n_tokens.item()
-        if not math.isfinite(loss):
-            raise FloatingPointError(f"{desc}: loss is {loss} at step {step}; stopping (last checkpoint kept)")
-        torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-        for group in opt.param_groups:
-            group["lr"] = lr_at(step, len(steps), cfg)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        losses.append(loss)
-        bar.set_postfix(loss=f"{sum(losses[-20:]) / len(losses[-20:]):.3f}")
+    bar = tqdm(range(start, len(steps)), desc=desc, disable=rank != 0, leave=False, mininterval=2,
+               initial=start, total=len(steps))
+    with sigint_flag() if midstage else contextlib.nullcontext([]) as stop:
+        for step in bar:
+            mine = steps[step][rank::world]  # this rank's share of the global batch
+            micro = [collate([dataset[i] for i in mine[k:k + cfg.micro_batch]], pad_id)
+                     for k in range(0, len(mine), cfg.micro_batch)]
+            # one all_reduce: the global batch's answer-token count, and whether any rank was sent Ctrl-C
+            counts = all_reduce_(torch.tensor([float(sum((m["labels"] != -100).sum() for m in micro)),
+                                               float(len(stop))]))
+            n_tokens = counts[0]
+            if counts[1] > 0:  # every rank sees it at the same step: all save together, then stop
+                save_midstage(midstage, model, opt, step, losses, info, rank, world, device)
+                print0(f"{desc}: interrupted before step {step + 1} of {len(steps)}; saved {midstage}. Run the same "
+                       "command again to continue from there.")
+                raise SystemExit(130)
+            loss_sum = torch.zeros(1)
+            for m in micro:
+                logits = model(input_ids=m["input_ids"].to(device), attention_mask=m["attention_mask"].to(device),
+                               pixel_values=None if m["pixel_values"] is None else
+                               m["pixel_values"].to(device, dtype=model.dtype)).logits
+                labels = m["labels"].to(device)
+                # shift: position t predicts token t+1
+                ce = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), reduction="sum")
+                (ce / n_tokens).backward()
+                loss_sum += ce.detach().cpu()
+            grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+            if world > 1:
+                flat = torch.cat([g.flatten() for g in grads])
+                dist.all_reduce(flat)  # sum over ranks: each rank already divided by the global token count
+                off = 0
+                for p, g in zip(params, grads):
+                    p.grad = flat[off:off + g.numel()].view_as(g).clone()
+                    off += g.numel()
+            loss = all_reduce_(loss_sum)[0].item() / n_tokens.item()
+            if not math.isfinite(loss):  # raise before the step: no weight and no checkpoint sees it
+                kept = midstage if midstage and os.path.exists(midstage) else "the previous stage's"
+                raise FloatingPointError(f"{desc}: the loss is {loss} at step {step + 1} of {len(steps)}; stopped "
+                                         f"without saving, the last good checkpoint stays ({kept}); try a lower --lr")
+            torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+            for group in opt.param_groups:
+                group["lr"] = lr_at(step, len(steps), cfg)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            losses.append(loss)
+            bar.set_postfix(loss=f"{sum(losses[-20:]) / len(losses[-20:]):.3f}")
+            if midstage and cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < len(steps):
+                save_midstage(midstage, model, opt, step + 1, losses, info, rank, world, device)
     return losses
+
+
+@contextlib.contextmanager
+def sigint_flag():
+    """While training, Ctrl-C only appends to the list this yields: the step in flight completes, then every rank
+    saves a mid-stage checkpoint and the run exits. Elsewhere (loading, evaluating) Ctrl-C stops at once, as usual."""
+    flag = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: flag.append(signum))
+    try:
+        yield flag
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 # -----------------------------------------------------------------------------
 # Checkpoints: adapter + projector as safetensors with a readable meta.json, written atomically
+
+# A stage's folder, checkpoints/stage<j>-<Task>/, holds adapter.safetensors, then meta.json: the stage is finished
+# once its meta.json exists. Until then midstage.pt holds the state to continue it. Every file is written to .tmp and
+# renamed, so a kill at any moment leaves the previous version or the new one, never half a file. --out must be one
+# folder that every rank sees (shared storage on several nodes): rank 0 writes, all ranks read.
+MIDSTAGE = "midstage.pt"
+
+# settings that may change when a run is continued: where output goes and how the same global batch is split
+MAY_DIFFER = ("out", "resume", "save_every", "threads", "micro_batch", "grad_accum", "eval_batch")
+
+
+def stage_dir(cfg, j, task):
+    return os.path.join(cfg.out, "checkpoints", f"stage{j + 1}-{task}")
+
+
+@functools.cache
+def git_commit():
+    """The code's commit ('-dirty' with uncommitted changes), or None outside a git checkout."""
+    try:
+        out = subprocess.run(["git", "describe", "--always", "--dirty", "--abbrev=40"], capture_output=True,
+                             text=True, timeout=10, cwd=os.path.dirname(os.path.abspath(__file__)))
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if out.returncode != 0:
+        return None
+    return out.stdout.strip()
+
+
+def inputs_hash(train_sets, test_sets, model):
+    """A hash of what a run reads besides its settings: the records it uses and a sample of every base weight. A
+    resumed run checks it, so a regenerated data set or a rebuilt base never mixes into an earlier run's stages."""
+    h = hashlib.sha1(json.dumps([train_sets, test_sets], sort_keys=True).encode())
+    for name, p in model.named_parameters():
+        h.update(name.encode())
+        h.update(p.detach().flatten()[:256].float().cpu().numpy().tobytes())
+    return h.hexdigest()
+
+
+def run_info(cfg, world, inputs):
+    """What every checkpoint and results.json record about the run that wrote them."""
+    return {"config": dataclasses.asdict(cfg), "seed": cfg.seed, "world_size": world,
+            "global_batch": cfg.micro_batch * world * cfg.grad_accum, "inputs": inputs, "git": git_commit(),
+            "torch": str(torch.__version__), "transformers": transformers.__version__}
+
+
+def check_same_run(saved, info, path):
+    """Refuse to continue from a file that another run wrote: settings that change results, data and base must match."""
+    old, new = saved.get("config", {}), info["config"]
+    for key in new:
+        if key not in MAY_DIFFER and old.get(key) != new[key]:
+            raise SystemExit(f"{path}: written by a run with --{key}={old.get(key)!r}, this one has --{key}={new[key]!r}; "
+                             "continue it with the same settings, or write to another --out")
+    if saved.get("global_batch") != info["global_batch"]:
+        raise SystemExit(f"{path}: written with a global batch of {saved.get('global_batch')}, this run has "
+                         f"{info['global_batch']} (micro_batch x ranks x grad_accum); keep the global batch to continue")
+    if saved.get("inputs") != info["inputs"]:
+        raise SystemExit(f"{path}: written by a run that read other data or another base (regenerated data or a "
+                         "rebuilt base?); write to another --out")
+
+
+def read_json_file(path):
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise SystemExit(f"{path}: unreadable ({e}); delete it to redo what it recorded") from None
+
+
+def write_json_file(path, obj):
+    with open(path + ".tmp", "w") as f:
+        json.dump(obj, f, indent=1)
+    os.replace(path + ".tmp", path)
+
 
 def trainable_state_dict(model):
     sd = moelora_state_dict(model)
@@ -270,23 +389,81 @@ def trainable_state_dict(model):
     return {k: v.detach().cpu().contiguous() for k, v in sd.items()}
 
 
-def save_checkpoint(model, cfg, stage_dir, meta):
+def finite_or_raise(sd, path, step):
+    bad = [k for k, v in sd.items() if not torch.isfinite(v).all()]
+    if bad:
+        raise FloatingPointError(f"{path}: not written: {len(bad)} weights (e.g. {bad[0]}) are not finite after step "
+                                 f"{step}; the last good checkpoint stays (try a lower --lr)")
+
+
+def save_checkpoint(model, stage_dir, meta):
+    """The end of a stage: adapter.safetensors, then meta.json (the stage is finished), then the mid-stage file goes."""
     os.makedirs(stage_dir, exist_ok=True)
     path = os.path.join(stage_dir, "adapter.safetensors")
-    save_file(trainable_state_dict(model), path + ".tmp")
+    sd = trainable_state_dict(model)
+    finite_or_raise(sd, path, meta["step"])
+    save_file(sd, path + ".tmp")
     os.replace(path + ".tmp", path)
-    meta = {**meta, "config": dataclasses.asdict(cfg), "torch": torch.__version__,
-            "transformers": __import__("transformers").__version__}
-    with open(os.path.join(stage_dir, "meta.json.tmp"), "w") as f:
-        json.dump(meta, f, indent=1)
-    os.replace(os.path.join(stage_dir, "meta.json.tmp"), os.path.join(stage_dir, "meta.json"))
+    write_json_file(os.path.join(stage_dir, "meta.json"), meta)
+    if os.path.exists(os.path.join(stage_dir, MIDSTAGE)):
+        os.remove(os.path.join(stage_dir, MIDSTAGE))
+
+
+def load_trainable(model, sd, path):
+    """Strict: `sd` (read from `path`) must hold exactly this model's adapter and projector weights, same shapes."""
+    proj = {k.removeprefix("projector."): v for k, v in sd.items() if k.startswith("projector.")}
+    try:
+        load_moelora_state_dict(model, {k: v for k, v in sd.items() if not k.startswith("projector.")})
+        projector(model).load_state_dict(proj, strict=True)
+    except (KeyError, ValueError, RuntimeError) as e:
+        raise ValueError(f"{path}: not a checkpoint of this model (another --base, --lora_r or --experts?): "
+                         f"{e.args[0]}") from None
 
 
 def load_checkpoint(model, path):
-    sd = load_file(path)
-    proj = {k.removeprefix("projector."): v for k, v in sd.items() if k.startswith("projector.")}
-    load_moelora_state_dict(model, {k: v for k, v in sd.items() if not k.startswith("projector.")})
-    projector(model).load_state_dict(proj, strict=True)
+    try:
+        sd = load_file(path)
+    except (OSError, SafetensorError) as e:
+        raise ValueError(f"{path}: unreadable checkpoint ({e})") from None
+    load_trainable(model, sd, path)
+
+
+def save_midstage(path, model, opt, step, losses, info, rank, world, device):
+    """All it takes to continue a stage after `step` steps exactly: the trainable weights, AdamW's state, the step
+    (the data order and the lr are functions of it) and every rank's RNG state (the dropout masks)."""
+    rng = [torch.get_rng_state()] + ([torch.cuda.get_rng_state(device)] if device.type == "cuda" else [])
+    rngs = [rng]
+    if world > 1:
+        rngs = [None] * world if rank == 0 else None
+        dist.gather_object(rng, rngs, dst=0)
+    if rank == 0:
+        sd = trainable_state_dict(model)
+        finite_or_raise(sd, path, step)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        torch.save({**info, "step": step, "losses": losses, "weights": sd, "optimizer": opt.state_dict(),
+                    "rng": rngs}, path + ".tmp")
+        os.replace(path + ".tmp", path)
+    if world > 1:
+        dist.barrier()  # no rank stops (Ctrl-C) before the file is complete
+
+
+def load_midstage(path, model, opt, info, rank, world, device):
+    """Restore what save_midstage wrote into `model`, `opt` and this rank's RNG; returns (steps done, their losses)."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as e:
+        raise SystemExit(f"{path}: unreadable mid-stage checkpoint ({e}); delete it to restart the stage") from None
+    check_same_run(state, info, path)
+    if state["world_size"] != world:
+        raise SystemExit(f"{path}: written by {state['world_size']} ranks, this run has {world}: a stage continues "
+                         "exactly only on as many ranks (one RNG state each); use that many, or delete it to restart "
+                         "the stage")
+    load_trainable(model, state["weights"], path)
+    opt.load_state_dict(state["optimizer"])
+    torch.set_rng_state(state["rng"][rank][0])
+    if device.type == "cuda":
+        torch.cuda.set_rng_state(state["rng"][rank][1], device)
+    return state["step"], state["losses"]
 
 
 # -----------------------------------------------------------------------------
@@ -306,13 +483,12 @@ def load_base(cfg, device):
     return model, processor
 
 
-def evaluate_stage(model, processor, judge, cfg, tasks, rank, world, stage_name):
-    """Generate and score every task in `tasks`; returns {task: (instruction following, general knowledge)}."""
+def evaluate_stage(model, processor, judge, cfg, test_sets, rank, world, stage_name):
+    """Generate and score every task of `test_sets` ({task: test records}); returns {task: (instruction following,
+    general knowledge)}."""
     image_dir = cfg.image_dir or os.path.join(cfg.data_dir, "images")
     scores = {}
-    for task in tasks:
-        records = data.test_examples(cfg.data_dir, task, cfg.instructions)
-        records = records[:cfg.max_test] if cfg.max_test else records
+    for task, records in test_sets.items():
         preds = evaluate.generate(model, processor, records, image_dir, batch_size=cfg.eval_batch,
                                   max_new_tokens=cfg.max_new_tokens, rank=rank, world_size=world,
                                   desc=f"eval {stage_name} {task}")
@@ -352,19 +528,84 @@ def pretrain_base(cfg, rank, world, device):
 
 
 # -----------------------------------------------------------------------------
+# Before any work: check the inputs, and find where an earlier run into --out stopped
+
+def check_inputs(cfg, train_sets, test_sets, tokenizer):
+    """Fail now on what would otherwise fail hours in: an empty train set, a missing image, an answer that tokenises
+    to nothing. (A corrupt image fails when it is read, naming the file: opening every image here would take minutes
+    at CoIN's size; checking that each exists takes seconds.)"""
+    image_dir = cfg.image_dir or os.path.join(cfg.data_dir, "images")
+    for task in train_sets:
+        for split, records in (("train", train_sets[task]), ("test", test_sets[task])):
+            path = data.task_file(cfg.data_dir, task, split, cfg.instructions)
+            if not records:
+                raise ValueError(f"{path}: no records")
+            missing = [r["image"] for r in records
+                       if r.get("image") and not os.path.exists(os.path.join(image_dir, r["image"]))]
+            if missing:
+                raise FileNotFoundError(f"{path}: {len(missing)} image(s) missing under --image_dir={image_dir}, "
+                                        f"e.g. {missing[0]!r}")
+        path = data.task_file(cfg.data_dir, task, "train", cfg.instructions)
+        answers = tokenizer([" " + ex["answer"] for ex in train_sets[task]], add_special_tokens=False)["input_ids"]
+        for ex, ids in zip(train_sets[task], answers):
+            if not ex["answer"].strip() or not ids:
+                raise ValueError(f"{path}: record {ex['id']!r}: the answer {ex['answer']!r} tokenises to nothing "
+                                 "(no loss to learn from); fix or drop it")
+
+
+def finished_stages(cfg, tasks, info):
+    """How many stages, from the first, an earlier run into --out finished; 0 for a new --out."""
+    if not cfg.resume:
+        if os.path.exists(os.path.join(cfg.out, "results.json")) or os.path.isdir(os.path.join(cfg.out, "checkpoints")):
+            raise SystemExit(f"--out={cfg.out} holds a run already: --resume=true (the default) continues it; to start "
+                             "over, delete that folder or choose another --out")
+        return 0
+    done = 0
+    while done < len(tasks) and os.path.exists(meta := os.path.join(stage_dir(cfg, done, tasks[done]), "meta.json")):
+        check_same_run(read_json_file(meta), info, meta)
+        done += 1
+    return done
+
+
+def load_results(cfg, tasks, done, info):
+    """The matrices and results.json extras this run extends: empty ones for a new --out, else the earlier run's rows
+    of its `done` finished stages, its zero-shot row and its timings (results.json is only ever extended)."""
+    T = len(tasks)
+    if_matrix, gk_matrix = [[None] * T for _ in range(T)], [[None] * T for _ in range(T)]
+    extra = {**info, "timing": {}}
+    path = os.path.join(cfg.out, "results.json")
+    if cfg.resume and os.path.exists(path):
+        old = read_json_file(path)
+        check_same_run(old, info, path)
+        if_matrix[:done], gk_matrix[:done] = old["matrix"][:done], old["general_knowledge"]["matrix"][:done]
+        extra["timing"] = old["timing"]
+        if "zero_shot" in old:
+            extra["zero_shot"] = old["zero_shot"]
+    return if_matrix, gk_matrix, extra
+
+
+# -----------------------------------------------------------------------------
 # The task loop
 
 def main(argv):
     cfg = parse_config(argv)
     rank, world, device = compute_init(cfg)
     torch.manual_seed(cfg.seed)
+    if not os.path.isdir(cfg.data_dir):
+        raise SystemExit(f"--data_dir={cfg.data_dir}: no such folder (the one holding Instructions_*/; "
+                         f"`python data.py mini --out={cfg.data_dir}` writes CoIN-mini there)")
     if cfg.stage0:
         cfg.epochs, cfg.lr, cfg.schedule = cfg.stage0_epochs, cfg.stage0_lr, "cosine"
         return pretrain_base(cfg, rank, world, device)
     tasks = data.parse_tasks(cfg.tasks)
     image_dir = cfg.image_dir or os.path.join(cfg.data_dir, "images")
-    train_sets = {t: data.train_examples(cfg.data_dir, t, cfg.instructions) for t in tasks}  # fail early on bad files
+    # read every file first: a malformed one fails now, naming it, not hours later
+    train_sets = {t: data.train_examples(cfg.data_dir, t, cfg.instructions)[:cfg.max_train or None] for t in tasks}
+    test_sets = {t: data.test_examples(cfg.data_dir, t, cfg.instructions)[:cfg.max_test or None] for t in tasks}
     model, processor = load_base(cfg, device)
+    check_inputs(cfg, train_sets, test_sets, processor.tokenizer)
+    info = run_info(cfg, world, inputs_hash(train_sets, test_sets, model))
+    done = finished_stages(cfg, tasks, info)
     for p in model.parameters():
         p.requires_grad_(False)
     wrapped = add_moelora(model, None, cfg.lora_r, cfg.lora_alpha, cfg.experts, cfg.lora_dropout)
@@ -375,38 +616,43 @@ def main(argv):
     params = [p for p in model.parameters() if p.requires_grad]
     print0(f"MoELoRA E={cfg.experts} r={cfg.lora_r} on {len(wrapped)} linears; trainable "
            f"{sum(p.numel() for p in params):,} of {sum(p.numel() for p in model.parameters()):,} parameters; "
-           f"global batch {cfg.micro_batch * world * cfg.grad_accum} on {world} rank(s)")
+           f"global batch {info['global_batch']} on {world} rank(s)")
     # the General Knowledge judge, built once, on rank 0 (which does all the scoring)
     judge = None if rank else evaluate.ExactJudge() if cfg.judge == "exact" else evaluate.LMJudge(cfg.judge)
     T = len(tasks)
-    if_matrix = [[None] * T for _ in range(T)]
-    gk_matrix = [[None] * T for _ in range(T)]
-    extra = {"config": dataclasses.asdict(cfg), "world_size": world, "timing": {}}
-    if cfg.zero_shot:
+    if_matrix, gk_matrix, extra = load_results(cfg, tasks, done, info)
+    if cfg.zero_shot and "zero_shot" not in extra:
         t0 = time.time()
-        zs = evaluate_stage(model, processor, judge, cfg, tasks, rank, world, "stage0-zeroshot")
+        zs = evaluate_stage(model, processor, judge, cfg, test_sets, rank, world, "stage0-zeroshot")
         extra["zero_shot"] = {t: {"if": s[0], "gk": s[1]} for t, s in zs.items()}
         extra["timing"]["zero_shot_eval"] = time.time() - t0
+    if rank == 0:
+        table = evaluate.write_results(cfg.out, tasks, if_matrix, gk_matrix, extra)
+    if done:  # --resume: go on from the last finished stage's adapter and projector
+        load_checkpoint(model, os.path.join(stage_dir(cfg, done - 1, tasks[done - 1]), "adapter.safetensors"))
+        print0(f"{cfg.out}: an earlier run finished {done} of {len(tasks)} stages; continuing after stage {done}")
     for j, task in enumerate(tasks):
-        examples = train_sets[task][:cfg.max_train] if cfg.max_train else train_sets[task]
-        ds = data.InstructionDataset(examples, processor, image_dir)
-        t0 = time.time()
-        losses = train_one_task(model, ds, params, cfg, rank, world, device, cfg.seed + j,
-                                f"stage {j + 1}/{T} train {task}")
-        t_train = time.time() - t0
         stage_name = f"stage{j + 1}-{task}"
-        if rank == 0:
-            save_checkpoint(model, cfg, os.path.join(cfg.out, "checkpoints", stage_name),
-                            {"stage": j + 1, "task": task, "steps": len(losses), "final_loss": losses[-1],
-                             "seed": cfg.seed, "global_batch": cfg.micro_batch * world * cfg.grad_accum})
+        if j < done and if_matrix[j][j] is not None:
+            continue  # trained and scored by an earlier run
         t0 = time.time()
-        scores = evaluate_stage(model, processor, judge, cfg, tasks[:j + 1], rank, world, stage_name)
+        if j >= done:  # train (from the stage's mid-stage checkpoint, if an earlier run left one)
+            ds = data.InstructionDataset(train_sets[task], processor, image_dir)
+            losses = train_one_task(model, ds, params, cfg, rank, world, device, cfg.seed + j,
+                                    f"stage {j + 1}/{T} train {task}", os.path.join(stage_dir(cfg, j, task), MIDSTAGE),
+                                    info)
+            if rank == 0:
+                save_checkpoint(model, stage_dir(cfg, j, task), {"stage": j + 1, "task": task, "step": len(losses),
+                                                                 "final_loss": losses[-1], **info})
+            print0(f"stage {j + 1} {task}: {len(losses)} steps, loss {losses[-1]:.3f}, {time.time() - t0:.0f}s")
+        t_train, t0 = time.time() - t0, time.time()
+        scores = evaluate_stage(model, processor, judge, cfg, {t: test_sets[t] for t in tasks[:j + 1]}, rank, world,
+                                stage_name)
         extra["timing"][stage_name] = {"train": t_train, "eval": time.time() - t0}
         if rank == 0:
             for i, t in enumerate(tasks[:j + 1]):
                 if_matrix[j][i], gk_matrix[j][i] = scores[t]
-            print0(f"stage {j + 1} {task}: {len(losses)} steps, loss {losses[-1]:.3f}, {t_train:.0f}s; scores "
-                   + ", ".join(f"{t} {s[0]:.1f}" for t, s in scores.items()))
+            print0(f"stage {j + 1} {task} scores: " + ", ".join(f"{t} {s[0]:.1f}" for t, s in scores.items()))
             table = evaluate.write_results(cfg.out, tasks, if_matrix, gk_matrix, extra)
     if rank == 0:
         print0(table)

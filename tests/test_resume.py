@@ -1,0 +1,304 @@
+"""Nothing lost: a run killed mid-stage or mid-save, stopped with Ctrl-C, or restarted by torchrun after losing a rank
+ends with the same adapter weights and predictions as an uninterrupted run (bit for bit: CPU, same world size); bad
+input fails before any work with a message naming the file and what is wrong."""
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import LlavaForConditionalGeneration
+
+import coin
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TASKS = ["GQA", "VQAv2"]
+
+
+def args(mini_data, tiny_base, out, *extra, tasks=TASKS):
+    """12 steps a stage (48 records, global batch 4), a mid-stage checkpoint every 3 steps, dropout on (so the
+    restored RNG state matters), one torch thread (bit-for-bit needs the same kernels)."""
+    return [f"--data_dir={mini_data}", f"--base={tiny_base}", f"--out={out}", f"--tasks={','.join(tasks)}",
+            "--experts=2", "--lora_r=8", "--micro_batch=4", "--save_every=3", "--max_test=4", "--eval_batch=4",
+            "--max_new_tokens=4", "--threads=1", *extra]
+
+
+def start(argv, log, torchrun=()):
+    """coin.py in a child process (which a test can kill), its output to `log`."""
+    cmd = [sys.executable, *(["-m", "torch.distributed.run", *torchrun] if torchrun else []), "coin.py", *argv]
+    return subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=open(log, "w"),
+                            stderr=subprocess.STDOUT)
+
+
+def wait_for(path, proc, log, timeout=120):
+    t0 = time.time()
+    while not os.path.exists(path):
+        assert proc.poll() is None, f"the run ended before {path} appeared:\n{open(log).read()[-3000:]}"
+        assert time.time() - t0 < timeout, f"no {path} after {timeout}s"
+        time.sleep(0.005)
+
+
+def stage(out, j, tasks=TASKS):
+    return os.path.join(out, "checkpoints", f"stage{j + 1}-{tasks[j]}")
+
+
+def assert_killed_mid_stage(out, j, tasks=TASKS):
+    """The kill landed where the test meant it to: stage j not finished, its mid-stage checkpoint part-way."""
+    assert not os.path.exists(os.path.join(stage(out, j, tasks), "meta.json")), "stage finished before the kill"
+    step = torch.load(os.path.join(stage(out, j, tasks), coin.MIDSTAGE), weights_only=True)["step"]
+    assert 0 < step < 12, step
+    return step
+
+
+def assert_same_run(out, ref, tasks=TASKS):
+    """Same adapter + projector weights after every stage, same final loss, same predictions, same results."""
+    for j in range(len(tasks)):
+        got, want = (load_file(os.path.join(stage(d, j, tasks), "adapter.safetensors")) for d in (out, ref))
+        assert got.keys() == want.keys()
+        for k in want:
+            assert torch.equal(got[k], want[k]), f"stage {j + 1}: {k} differs"
+        meta_got, meta_want = (json.load(open(os.path.join(stage(d, j, tasks), "meta.json"))) for d in (out, ref))
+        assert meta_got["final_loss"] == meta_want["final_loss"] and meta_got["step"] == meta_want["step"] == 12
+        assert not os.path.exists(os.path.join(stage(out, j, tasks), coin.MIDSTAGE))
+    for stage_name in os.listdir(os.path.join(ref, "predictions")):
+        for f in os.listdir(os.path.join(ref, "predictions", stage_name)):
+            got, want = (open(os.path.join(d, "predictions", stage_name, f)).read() for d in (out, ref))
+            assert got == want, f"{stage_name}/{f} differs"
+    got, want = (json.load(open(os.path.join(d, "results.json"))) for d in (out, ref))
+    for key in ("matrix", "general_knowledge", "zero_shot", "MAA", "BWT", "inputs"):
+        assert got.get(key) == want.get(key), key
+
+
+@pytest.fixture(scope="module")
+def reference(mini_data, tiny_base, tmp_path_factory):
+    """The uninterrupted one-process run the interrupted ones must match."""
+    out = str(tmp_path_factory.mktemp("reference") / "run")
+    coin.main(args(mini_data, tiny_base, out))
+    return out
+
+
+def test_sigkill_mid_stage_then_resume(mini_data, tiny_base, reference, tmp_path, capsys):
+    """SIGKILL during stage 2: the rerun keeps stage 1 (checkpoint, scores) and goes on from stage 2's checkpoint."""
+    out, log = str(tmp_path / "run"), str(tmp_path / "log")
+    proc = start(args(mini_data, tiny_base, out), log)
+    wait_for(os.path.join(stage(out, 1), coin.MIDSTAGE), proc, log)
+    proc.kill()
+    proc.wait()
+    step = assert_killed_mid_stage(out, 1)
+    coin.main(args(mini_data, tiny_base, out))
+    printed = capsys.readouterr().out
+    assert "an earlier run finished 1 of 2 stages" in printed and f"continuing after step {step} of 12" in printed
+    assert "stage 1 GQA" not in printed  # neither retrained nor re-scored
+    assert_same_run(out, reference)
+
+
+def test_sigkill_mid_save_keeps_the_last_good_checkpoint(mini_data, tiny_base, reference, tmp_path):
+    """A FIFO where stage 2's first mid-stage checkpoint is written (midstage.pt.tmp) makes that save block half-way
+    (the pipe is full), so the kill lands mid-save every time. The bytes written by then go into a plain file: what
+    any kill mid-save leaves. The rerun must never read it, keep stage 1 and redo stage 2 from its start."""
+    out, log = str(tmp_path / "run"), str(tmp_path / "log")
+    tmp = os.path.join(stage(out, 1), coin.MIDSTAGE + ".tmp")
+    os.makedirs(stage(out, 1))
+    os.mkfifo(tmp)
+    reader = os.open(tmp, os.O_RDONLY | os.O_NONBLOCK)
+    proc = start(args(mini_data, tiny_base, out), log)
+    written = b""
+    while len(written) < 4096:  # the save has begun; the file (~1 MB) is far larger than the pipe (64 kB)
+        assert proc.poll() is None, open(log).read()[-3000:]
+        try:
+            written += os.read(reader, 1 << 16)
+        except BlockingIOError:
+            time.sleep(0.005)
+    proc.kill()
+    proc.wait()
+    while chunk := os.read(reader, 1 << 16):  # what was in the pipe when the writer died
+        written += chunk
+    os.close(reader)
+    os.remove(tmp)
+    with open(tmp, "wb") as f:
+        f.write(written)
+    assert 4096 <= len(written) < 200_000
+    assert os.path.exists(os.path.join(stage(out, 0), "meta.json"))
+    assert not os.path.exists(os.path.join(stage(out, 1), coin.MIDSTAGE))
+    coin.main(args(mini_data, tiny_base, out))
+    assert_same_run(out, reference)
+
+
+def test_ctrl_c_saves_and_resume_continues(mini_data, tiny_base, reference, tmp_path):
+    """SIGINT during training: the step in flight completes, a mid-stage checkpoint is written, exit code 130 and a
+    message saying how to continue; the rerun matches the uninterrupted run."""
+    out, log = str(tmp_path / "run"), str(tmp_path / "log")
+    proc = start(args(mini_data, tiny_base, out), log)
+    wait_for(os.path.join(stage(out, 0), coin.MIDSTAGE), proc, log)
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=60) == 130, open(log).read()[-3000:]
+    assert "Run the same command again to continue" in open(log).read()
+    assert_killed_mid_stage(out, 0)
+    coin.main(args(mini_data, tiny_base, out))
+    assert_same_run(out, reference)
+
+
+def test_torchrun_elastic_restart_after_a_rank_is_killed(mini_data, tiny_base, tmp_path):
+    """Two gloo ranks under torchrun --max-restarts=1; rank 1 is SIGKILLed mid-stage; torchrun restarts both, which
+    continue from the mid-stage checkpoint and end equal to an uninterrupted two-rank run."""
+    def torchrun(out, log):
+        with socket.socket() as s:  # a free port for this run's rendezvous
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        return start(args(mini_data, tiny_base, out, "--micro_batch=2", "--zero_shot=false", tasks=["GQA"]), log,
+                     torchrun=["--nproc_per_node=2", "--max-restarts=1", f"--master_port={port}"])
+
+    ref, out = str(tmp_path / "ref"), str(tmp_path / "run")
+    proc = torchrun(ref, str(tmp_path / "ref.log"))
+    assert proc.wait(timeout=300) == 0, open(tmp_path / "ref.log").read()[-3000:]
+    log = str(tmp_path / "run.log")
+    proc = torchrun(out, log)
+    wait_for(os.path.join(stage(out, 0, ["GQA"]), coin.MIDSTAGE), proc, log)
+    workers = {worker_env(pid)["RANK"]: pid for pid in os.listdir("/proc") if pid.isdigit() and parent(pid) == proc.pid}
+    assert sorted(workers) == ["0", "1"], workers
+    os.kill(int(workers["1"]), signal.SIGKILL)
+    assert proc.wait(timeout=300) == 0, open(log).read()[-3000:]
+    assert "continuing after step" in open(log).read()
+    assert_same_run(out, ref, ["GQA"])
+
+
+def parent(pid):
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[1])
+    except OSError:  # the process has ended
+        return None
+
+
+def worker_env(pid):
+    with open(f"/proc/{pid}/environ", "rb") as f:
+        return dict(kv.decode().split("=", 1) for kv in f.read().split(b"\0") if b"=" in kv)
+
+
+# -----------------------------------------------------------------------------
+# Bad input: a clear error before any work, naming the file and what is wrong
+
+@pytest.fixture
+def data_copy(mini_data, tmp_path):
+    """A copy of CoIN-mini to break (mini_data is shared by the whole session)."""
+    out = str(tmp_path / "data")
+    shutil.copytree(mini_data, out)
+    return out
+
+
+def task_file(data_dir, task, split):
+    return os.path.join(data_dir, "Instructions_Original", task, f"{split}.json")
+
+
+def test_missing_data_root(tiny_base, tmp_path):
+    with pytest.raises(SystemExit, match=r"--data_dir=\S*nowhere: no such folder"):
+        coin.main(args(str(tmp_path / "nowhere"), tiny_base, str(tmp_path / "run")))
+
+
+@pytest.mark.parametrize("split", ["train", "test"])
+def test_malformed_json(data_copy, tiny_base, tmp_path, split):
+    """Both tasks' train and test files are read first: a broken test file of the last task fails before stage 1."""
+    path = task_file(data_copy, "VQAv2", split)
+    text = open(path).read()
+    with open(path, "w") as f:
+        f.write(text[:len(text) // 2])
+    out = str(tmp_path / "run")
+    with pytest.raises(ValueError, match=rf"VQAv2/{split}.json: malformed JSON at line \d+, column \d+"):
+        coin.main(args(data_copy, tiny_base, out))
+    assert not os.path.exists(out)  # nothing started
+
+
+def test_missing_image(data_copy, tiny_base, tmp_path):
+    rec = json.load(open(task_file(data_copy, "VQAv2", "test")))[3]  # the last of the 4 evaluated
+    os.remove(os.path.join(data_copy, "images", rec["image"]))
+    out = str(tmp_path / "run")
+    with pytest.raises(FileNotFoundError, match=r"VQAv2/test.json: 1 image\(s\) missing under --image_dir=\S+, e.g. "
+                                                + re.escape(repr(rec["image"]))):
+        coin.main(args(data_copy, tiny_base, out))
+    assert not os.path.exists(out)
+
+
+def test_corrupt_image(data_copy, tiny_base, tmp_path):
+    """A corrupt image fails when it is read, naming the file."""
+    rec = json.load(open(task_file(data_copy, "GQA", "train")))[0]
+    path = os.path.join(data_copy, "images", rec["image"])
+    with open(path, "wb") as f:
+        f.write(b"not a png")
+    with pytest.raises(ValueError, match=re.escape(path) + ": image unreadable"):
+        coin.main(args(data_copy, tiny_base, str(tmp_path / "run"), "--zero_shot=false", tasks=["GQA"]))
+
+
+def test_answer_that_tokenises_to_nothing(data_copy, tiny_base, tmp_path):
+    path = task_file(data_copy, "GQA", "train")
+    recs = json.load(open(path))
+    recs[5]["conversations"][1]["value"] = " "
+    with open(path, "w") as f:
+        json.dump(recs, f)
+    out = str(tmp_path / "run")
+    with pytest.raises(ValueError, match=rf"GQA/train.json: record {re.escape(repr(recs[5]['id']))}: the answer ' ' "
+                                         "tokenises to nothing"):
+        coin.main(args(data_copy, tiny_base, out))
+    assert not os.path.exists(out)
+
+
+def test_checkpoint_of_another_model(reference, tiny_base, tmp_path):
+    path = os.path.join(stage(reference, 0), "adapter.safetensors")
+    model = LlavaForConditionalGeneration.from_pretrained(tiny_base)
+    coin.add_moelora(model, None, 16, 32.0, 2, 0.05)  # rank 16; the checkpoint's is 8
+    with pytest.raises(ValueError, match=re.escape(path) + r": not a checkpoint of this model .*lora_A: checkpoint "
+                                                           r"shape \(8, 128\) != model shape \(16, 128\)"):
+        coin.load_checkpoint(model, path)
+    model = LlavaForConditionalGeneration.from_pretrained(tiny_base)
+    coin.add_moelora(model, ["q_proj"], 8, 32.0, 2, 0.05)  # adapters on q_proj only
+    with pytest.raises(ValueError, match=r"not a checkpoint of this model .*0 missing \[\], 36 unexpected"):
+        coin.load_checkpoint(model, path)
+    truncated = str(tmp_path / "adapter.safetensors")
+    with open(truncated, "wb") as f:
+        f.write(open(path, "rb").read()[:1000])
+    with pytest.raises(ValueError, match=re.escape(truncated) + ": unreadable checkpoint"):
+        coin.load_checkpoint(model, truncated)
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(mini_data, tiny_base, tmp_path):
+    """lr 1e30: step 1 blows the projector up, step 2's loss is NaN. The run stops naming task and step; the mid-stage
+    checkpoint of step 1 stays and no stage checkpoint is written."""
+    out = str(tmp_path / "run")
+    midstage = os.path.join(stage(out, 0, ["GQA"]), coin.MIDSTAGE)
+    with pytest.raises(FloatingPointError, match=r"train GQA: the loss is nan at step 2 of 12; stopped without saving, "
+                                                 r"the last good checkpoint stays \(" + re.escape(midstage)):
+        coin.main(args(mini_data, tiny_base, out, "--zero_shot=false", "--lr=1e30", "--save_every=1", tasks=["GQA"]))
+    assert torch.load(midstage, weights_only=True)["step"] == 1
+    assert not os.path.exists(os.path.join(stage(out, 0, ["GQA"]), "adapter.safetensors"))
+
+
+def test_resume_refuses_what_another_run_wrote(data_copy, tiny_base, tmp_path):
+    """Continuing mixes nothing: other settings, another global batch, other data, or --resume=false on a used --out
+    are errors naming the file; a finished run re-run changes nothing."""
+    out = str(tmp_path / "run")
+    run = lambda *extra: coin.main(args(data_copy, tiny_base, out, "--zero_shot=false", *extra, tasks=["GQA"]))
+    run()
+    adapter = os.path.join(stage(out, 0, ["GQA"]), "adapter.safetensors")
+    before = open(adapter, "rb").read(), open(os.path.join(out, "results.json")).read()
+    run()  # finished: nothing to do
+    assert (open(adapter, "rb").read(), open(os.path.join(out, "results.json")).read()) == before
+    with pytest.raises(SystemExit, match=r"stage1-GQA/meta.json: written by a run with --lr=0.002, this one has "
+                                         r"--lr=0.001; continue it with the same settings, or write to another --out"):
+        run("--lr=1e-3")
+    with pytest.raises(SystemExit, match=r"meta.json: written with a global batch of 4, this run has 8"):
+        run("--micro_batch=8")
+    with pytest.raises(SystemExit, match=rf"--out={re.escape(out)} holds a run already"):
+        run("--resume=false")
+    path = task_file(data_copy, "GQA", "test")
+    recs = json.load(open(path))
+    recs[0]["answer"] = "regenerated"
+    with open(path, "w") as f:
+        json.dump(recs, f)
+    with pytest.raises(SystemExit, match=r"meta.json: written by a run that read other data or another base"):
+        run()
