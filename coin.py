@@ -189,7 +189,13 @@ def compute_init(cfg):
     if world > 1:
         if device.type == "cuda":
             torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        store = None
+        if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+            # torchrun's store outlives an elastic restart (--max-restarts), and restarted ranks would read the dead
+            # ones' addresses from it and fail to connect (pytorch/pytorch#135712): each restart gets its own keys
+            store = dist.PrefixStore(f"restart{os.environ['TORCHELASTIC_RESTART_COUNT']}",
+                                     dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world))
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=store, rank=rank, world_size=world)
     torch.set_num_threads(cfg.threads or max(1, (os.cpu_count() or 1) // world))
     return rank, world, device
 

@@ -24,17 +24,19 @@ TASKS = ["GQA", "VQAv2"]
 
 def args(mini_data, tiny_base, out, *extra, tasks=TASKS):
     """12 steps a stage (48 records, global batch 4), a mid-stage checkpoint every 3 steps, dropout on (so the
-    restored RNG state matters), one torch thread (bit-for-bit needs the same kernels)."""
+    restored RNG state matters), one torch thread (bit-for-bit needs the same kernels), an lr at which the random
+    tiny model scores above 0 on stage 1 (so the results compared are not all zeros)."""
     return [f"--data_dir={mini_data}", f"--base={tiny_base}", f"--out={out}", f"--tasks={','.join(tasks)}",
-            "--experts=2", "--lora_r=8", "--micro_batch=4", "--save_every=3", "--max_test=4", "--eval_batch=4",
-            "--max_new_tokens=4", "--threads=1", *extra]
+            "--experts=2", "--lora_r=8", "--micro_batch=4", "--save_every=3", "--lr=1e-2", "--max_test=4",
+            "--eval_batch=4", "--max_new_tokens=4", "--threads=1", *extra]
 
 
 def start(argv, log, torchrun=()):
     """coin.py in a child process (which a test can kill), its output to `log`."""
     cmd = [sys.executable, *(["-m", "torch.distributed.run", *torchrun] if torchrun else []), "coin.py", *argv]
-    return subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=open(log, "w"),
-                            stderr=subprocess.STDOUT)
+    with open(log, "w") as f:  # the child keeps its own copy of the file
+        return subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=f,
+                                stderr=subprocess.STDOUT)
 
 
 def wait_for(path, proc, log, timeout=120):
@@ -81,6 +83,7 @@ def reference(mini_data, tiny_base, tmp_path_factory):
     """The uninterrupted one-process run the interrupted ones must match."""
     out = str(tmp_path_factory.mktemp("reference") / "run")
     coin.main(args(mini_data, tiny_base, out))
+    assert json.load(open(os.path.join(out, "results.json")))["matrix"][0][0] > 0
     return out
 
 
@@ -268,14 +271,20 @@ def test_checkpoint_of_another_model(reference, tiny_base, tmp_path):
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(mini_data, tiny_base, tmp_path):
     """lr 1e30: step 1 blows the projector up, step 2's loss is NaN. The run stops naming task and step; the mid-stage
-    checkpoint of step 1 stays and no stage checkpoint is written."""
+    checkpoint of step 1 stays and no stage checkpoint is written. (A corrupt mid-stage file is an error naming it.)"""
     out = str(tmp_path / "run")
+    run = lambda: coin.main(args(mini_data, tiny_base, out, "--zero_shot=false", "--lr=1e30", "--save_every=1",
+                                 tasks=["GQA"]))
     midstage = os.path.join(stage(out, 0, ["GQA"]), coin.MIDSTAGE)
     with pytest.raises(FloatingPointError, match=r"train GQA: the loss is nan at step 2 of 12; stopped without saving, "
                                                  r"the last good checkpoint stays \(" + re.escape(midstage)):
-        coin.main(args(mini_data, tiny_base, out, "--zero_shot=false", "--lr=1e30", "--save_every=1", tasks=["GQA"]))
+        run()
     assert torch.load(midstage, weights_only=True)["step"] == 1
     assert not os.path.exists(os.path.join(stage(out, 0, ["GQA"]), "adapter.safetensors"))
+    with open(midstage, "r+b") as f:
+        f.truncate(1000)
+    with pytest.raises(SystemExit, match=re.escape(midstage) + ": unreadable mid-stage checkpoint"):
+        run()
 
 
 def test_resume_refuses_what_another_run_wrote(data_copy, tiny_base, tmp_path):
@@ -288,7 +297,7 @@ def test_resume_refuses_what_another_run_wrote(data_copy, tiny_base, tmp_path):
     before = open(adapter, "rb").read(), open(os.path.join(out, "results.json")).read()
     run()  # finished: nothing to do
     assert (open(adapter, "rb").read(), open(os.path.join(out, "results.json")).read()) == before
-    with pytest.raises(SystemExit, match=r"stage1-GQA/meta.json: written by a run with --lr=0.002, this one has "
+    with pytest.raises(SystemExit, match=r"stage1-GQA/meta.json: written by a run with --lr=0.01, this one has "
                                          r"--lr=0.001; continue it with the same settings, or write to another --out"):
         run("--lr=1e-3")
     with pytest.raises(SystemExit, match=r"meta.json: written with a global batch of 4, this run has 8"):
