@@ -140,7 +140,7 @@ class Config:
     threads: int = 0                      # torch threads per rank; 0 = cores / ranks
     # Re-running a command into the same --out continues it: finished stages are kept (checkpoint and results rows),
     # a stage stopped part-way goes on from its mid-stage checkpoint, and a resumed run ends with the same weights
-    # and scores. Settings, data and base must be the same (checked); --resume=false refuses an --out that holds a run.
+    # and scores. Settings, data and base must be the same (checked); --resume=false refuses an --out with a run.
     resume: bool = True
     save_every: int = 0                   # mid-stage checkpoint every N optimizer steps (0 = only on Ctrl-C)
     stage0: bool = False                  # pretrain the tiny base on CoIN-mini's caption corpus instead
@@ -332,15 +332,18 @@ def stage_dir(cfg, j, task):
 
 @functools.cache
 def git_commit():
-    """The code's commit ('-dirty' with uncommitted changes), or None outside a git checkout."""
+    """The code's commit, plus '-dirty-' and a hash of `git diff HEAD` when files differ from it; None outside git."""
+    def git(*args):
+        out = subprocess.run(["git", *args], capture_output=True, timeout=10,
+                             cwd=os.path.dirname(os.path.abspath(__file__)))
+        return out.stdout if out.returncode == 0 else None
     try:
-        out = subprocess.run(["git", "describe", "--always", "--dirty", "--abbrev=40"], capture_output=True,
-                             text=True, timeout=10, cwd=os.path.dirname(os.path.abspath(__file__)))
+        commit, diff = git("rev-parse", "HEAD"), git("diff", "HEAD")
     except (OSError, subprocess.SubprocessError):
         return None
-    if out.returncode != 0:
+    if commit is None:
         return None
-    return out.stdout.strip()
+    return commit.decode().strip() + (f"-dirty-{hashlib.sha1(diff).hexdigest()[:12]}" if diff else "")
 
 
 def inputs_hash(train_sets, test_sets, model):
@@ -361,15 +364,15 @@ def run_info(cfg, world, inputs):
 
 
 def check_same_run(saved, info, path):
-    """Refuse to continue from a file that another run wrote: settings that change results, data and base must match."""
+    """Refuse to continue from a file another run wrote: settings that change results, data and base must match."""
     old, new = saved.get("config", {}), info["config"]
     for key in new:
         if key not in MAY_DIFFER and old.get(key) != new[key]:
-            raise SystemExit(f"{path}: written by a run with --{key}={old.get(key)!r}, this one has --{key}={new[key]!r}; "
-                             "continue it with the same settings, or write to another --out")
+            raise SystemExit(f"{path}: written by a run with --{key}={old.get(key)!r}, this one has "
+                             f"--{key}={new[key]!r}; continue it with the same settings, or write to another --out")
     if saved.get("global_batch") != info["global_batch"]:
         raise SystemExit(f"{path}: written with a global batch of {saved.get('global_batch')}, this run has "
-                         f"{info['global_batch']} (micro_batch x ranks x grad_accum); keep the global batch to continue")
+                         f"{info['global_batch']} (micro_batch x ranks x grad_accum); keep it to continue that run")
     if saved.get("inputs") != info["inputs"]:
         raise SystemExit(f"{path}: written by a run that read other data or another base (regenerated data or a "
                          "rebuilt base?); write to another --out")
@@ -537,9 +540,9 @@ def pretrain_base(cfg, rank, world, device):
 # Before any work: check the inputs, and find where an earlier run into --out stopped
 
 def check_inputs(cfg, train_sets, test_sets, tokenizer):
-    """Fail now on what would otherwise fail hours in: an empty train set, a missing image, an answer that tokenises
-    to nothing. (A corrupt image fails when it is read, naming the file: opening every image here would take minutes
-    at CoIN's size; checking that each exists takes seconds.)"""
+    """Fail now on what would otherwise fail hours in: a task file with no records, a missing image, an answer that
+    tokenises to nothing. (A corrupt image fails when it is read, naming the file: opening every image here would take
+    minutes at CoIN's size; checking that each exists takes seconds.)"""
     image_dir = cfg.image_dir or os.path.join(cfg.data_dir, "images")
     for task in train_sets:
         for split, records in (("train", train_sets[task]), ("test", test_sets[task])):
@@ -566,10 +569,17 @@ def finished_stages(cfg, tasks, info):
             raise SystemExit(f"--out={cfg.out} holds a run already: --resume=true (the default) continues it; to start "
                              "over, delete that folder or choose another --out")
         return 0
-    done = 0
-    while done < len(tasks) and os.path.exists(meta := os.path.join(stage_dir(cfg, done, tasks[done]), "meta.json")):
-        check_same_run(read_json_file(meta), info, meta)
-        done += 1
+    done, meta = 0, None
+    for j, task in enumerate(tasks):
+        path = os.path.join(stage_dir(cfg, j, task), "meta.json")
+        if not os.path.exists(path):
+            break
+        meta = read_json_file(path)
+        check_same_run(meta, info, path)
+        done = j + 1
+    if meta and meta.get("git") != info["git"]:  # allowed (a fix elsewhere should not cost finished stages), but said
+        print0(f"note: stage {done} was trained by code {meta.get('git')}, this is {info['git']}; stages 1-{done} "
+               "are kept")
     return done
 
 
