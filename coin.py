@@ -2,7 +2,8 @@
 coin: continual instruction tuning of a multimodal LLM (CoIN, arXiv 2403.08350), from scratch.
 
 Reads top to bottom: config -> DDP setup -> load the base -> inject MoELoRA -> for each task: train one epoch, save,
-evaluate on every task seen so far -> results. `python coin.py --help` lists the settings.
+evaluate on every task seen so far -> results. `python coin.py --help` lists the settings. Running the same command
+into the same --out again continues where it stopped (killed, Ctrl-C, a lost rank), to the same weights and scores.
 """
 import contextlib
 import dataclasses
@@ -18,9 +19,9 @@ import sys
 import time
 
 import torch
-import transformers
 import torch.distributed as dist
 import torch.nn.functional as F
+import transformers
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
