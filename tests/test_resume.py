@@ -34,17 +34,32 @@ def args(mini_data, tiny_base, out, *extra, tasks=TASKS):
 def start(argv, log, torchrun=()):
     """coin.py in a child process (which a test can kill), its output to `log`."""
     cmd = [sys.executable, *(["-m", "torch.distributed.run", *torchrun] if torchrun else []), "coin.py", *argv]
-    with open(log, "w") as f:  # the child keeps its own copy of the file
+    with open(log, "w") as f:  # the child keeps its own copy of the file; its own session, to kill it whole
         return subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=f,
-                                stderr=subprocess.STDOUT)
+                                stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def fail(proc, log, why):
+    """Kill the run with all its processes (torchrun's workers too), then fail the test with the log's end."""
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    pytest.fail(f"{why}:\n{open(log).read()[-3000:]}")
 
 
 def wait_for(path, proc, log, timeout=120):
     t0 = time.time()
     while not os.path.exists(path):
-        assert proc.poll() is None, f"the run ended before {path} appeared:\n{open(log).read()[-3000:]}"
-        assert time.time() - t0 < timeout, f"no {path} after {timeout}s"
+        if proc.poll() is not None or time.time() - t0 > timeout:
+            fail(proc, log, f"no {path} (run ended: {proc.poll() is not None})")
         time.sleep(0.005)
+
+
+def finish(proc, log, timeout=300):
+    try:
+        return proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        fail(proc, log, f"still running after {timeout}s")
 
 
 def stage(out, j, tasks=TASKS):
@@ -116,7 +131,8 @@ def test_sigkill_mid_save_keeps_the_last_good_checkpoint(mini_data, tiny_base, r
     proc = start(args(mini_data, tiny_base, out), log)
     written = b""
     while len(written) < 4096:  # the save has begun; the file (~1 MB) is far larger than the pipe (64 kB)
-        assert proc.poll() is None, open(log).read()[-3000:]
+        if proc.poll() is not None:
+            fail(proc, log, "the run ended before the save")
         try:
             written += os.read(reader, 1 << 16)
         except BlockingIOError:
@@ -143,7 +159,7 @@ def test_ctrl_c_saves_and_resume_continues(mini_data, tiny_base, reference, tmp_
     proc = start(args(mini_data, tiny_base, out), log)
     wait_for(os.path.join(stage(out, 0), coin.MIDSTAGE), proc, log)
     proc.send_signal(signal.SIGINT)
-    assert proc.wait(timeout=60) == 130, open(log).read()[-3000:]
+    assert finish(proc, log, 60) == 130, open(log).read()[-3000:]
     assert "Run the same command again to continue" in open(log).read()
     assert_killed_mid_stage(out, 0)
     coin.main(args(mini_data, tiny_base, out))
@@ -162,14 +178,14 @@ def test_torchrun_elastic_restart_after_a_rank_is_killed(mini_data, tiny_base, t
 
     ref, out = str(tmp_path / "ref"), str(tmp_path / "run")
     proc = torchrun(ref, str(tmp_path / "ref.log"))
-    assert proc.wait(timeout=300) == 0, open(tmp_path / "ref.log").read()[-3000:]
+    assert finish(proc, str(tmp_path / "ref.log")) == 0, open(tmp_path / "ref.log").read()[-3000:]
     log = str(tmp_path / "run.log")
     proc = torchrun(out, log)
     wait_for(os.path.join(stage(out, 0, ["GQA"]), coin.MIDSTAGE), proc, log)
     workers = {worker_env(pid)["RANK"]: pid for pid in os.listdir("/proc") if pid.isdigit() and parent(pid) == proc.pid}
     assert sorted(workers) == ["0", "1"], workers
     os.kill(int(workers["1"]), signal.SIGKILL)
-    assert proc.wait(timeout=300) == 0, open(log).read()[-3000:]
+    assert finish(proc, log) == 0, open(log).read()[-3000:]
     assert "continuing after step" in open(log).read()
     assert_same_run(out, ref, ["GQA"])
 
