@@ -59,7 +59,7 @@ def train_tokenizer(texts, vocab_size):
     return fast
 
 
-def build_tiny_base(out_dir, texts, image_size=48, patch_size=8, vision_dim=64, vision_layers=3, text_dim=128,
+def build_tiny_base(out_dir, texts, image_size=48, patch_size=8, vision_dim=128, vision_layers=4, text_dim=128,
                     text_layers=4, heads=4, vocab_size=1000, seed=0):
     """Write a random-initialised tiny LLaVA (model + processor) to out_dir; returns (model, processor)."""
     torch.manual_seed(seed)

@@ -55,7 +55,7 @@ def test_tiny_base_loads_like_a_real_llava(tiny_base):
 
 def run(mini_data, tiny_base, out, *extra):
     coin.main([f"--data_dir={mini_data}", f"--base={tiny_base}", f"--out={out}", "--max_test=8", "--eval_batch=8",
-               "--micro_batch=8", "--max_new_tokens=12", "--lora_r=8", *extra])
+               "--micro_batch=8", "--max_new_tokens=12", "--lora_r=8", "--threads=1", *extra])
     with open(os.path.join(out, "results.json")) as f:
         return json.load(f)
 
@@ -102,7 +102,8 @@ def test_two_gloo_ranks_equal_one_process_and_grad_accum(mini_data, tiny_base, t
     import subprocess
     import sys
     common = [f"--data_dir={mini_data}", f"--base={tiny_base}", "--tasks=VQAv2", "--experts=2", "--lora_r=8",
-              "--lora_dropout=0", "--zero_shot=false", "--max_test=4", "--eval_batch=4", "--max_new_tokens=4"]
+              "--lora_dropout=0", "--zero_shot=false", "--max_test=4", "--eval_batch=4", "--max_new_tokens=4",
+              "--threads=1"]
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     runs = {"1x8": ["--micro_batch=8"], "1x4x2": ["--micro_batch=4", "--grad_accum=2"]}
     for name, args in runs.items():
