@@ -13,6 +13,7 @@ import json
 import math
 import os
 import pickle
+import random
 import signal
 import subprocess
 import sys
@@ -111,9 +112,15 @@ class Config:
     tasks: str = "all"                    # all | alphabet | comma-separated task names, in training order
     max_train: int = 0                    # use at most this many train records per task (0 = all)
     max_test: int = 0                     # evaluate on at most this many test records per task (0 = all)
+    data_fraction: float = 1.0            # train on a seeded random fraction of each train set (the paper's ablation)
+    skip_bad: bool = False                # drop bad records (listed by `python data.py check`), counted and reported;
+                                          # by default a bad record stops the run before any work, naming its file
+    multitask: bool = False               # the multi-task baseline: one stage on the union of all train sets
     # --- model
     base: str = "assets/tiny-llava"       # a Hugging Face LLaVA directory (the pretrain-only base)
-    dtype: str = "float32"                # float32 | bfloat16
+    dtype: str = "float32"                # float32 | bfloat16 (7B on GPUs: bfloat16, as the official runs)
+    attn: str = "sdpa"                    # attention kernel: sdpa (PyTorch's fused attention) | eager
+    grad_ckpt: bool = False               # gradient checkpointing: recompute activations in backward (7B on GPUs: on)
     # --- adapter
     lora_r: int = 16                      # total rank r, split over the experts (official: 128)
     lora_alpha: float = 32.0              # scaling alpha / r (official: 256 / 128 = 2)
@@ -124,6 +131,7 @@ class Config:
     lr: float = 2e-3                      # official 2e-4 at 7B; the tiny model wants a larger step
     micro_batch: int = 16                 # per rank, per forward
     grad_accum: int = 1                   # global_batch = micro_batch * world_size * grad_accum
+    global_batch: str = ""                # "" = as above; N, or "official" (the per-task table): sets grad_accum
     epochs: int = 1                       # CoIN trains one epoch per task
     weight_decay: float = 0.0
     warmup_ratio: float = 0.03
@@ -174,10 +182,36 @@ def parse_config(argv):
             raise SystemExit(f"--{key} takes a {typ.__name__}, not {val!r}") from None
     data.parse_tasks(cfg.tasks)  # fail now on an unknown task name
     for key, allowed in (("instructions", data.INSTRUCTIONS), ("schedule", ("constant", "cosine")),
-                         ("scoring", ("official", "fixed")), ("dtype", ("float32", "bfloat16"))):
+                         ("scoring", ("official", "fixed")), ("dtype", ("float32", "bfloat16")),
+                         ("attn", ("sdpa", "eager"))):
         if getattr(cfg, key) not in allowed:
             raise SystemExit(f"--{key}={getattr(cfg, key)!r}: choose from {', '.join(allowed)}")
+    if not 0 < cfg.data_fraction <= 1:
+        raise SystemExit(f"--data_fraction={cfg.data_fraction}: a fraction in (0, 1]")
+    if cfg.global_batch not in ("", "official") and not cfg.global_batch.isdigit():
+        raise SystemExit(f"--global_batch={cfg.global_batch!r}: a number, 'official' or '' (micro_batch x ranks x "
+                         "grad_accum)")
     return cfg
+
+
+# The official global batch of each task (8 GPUs x grad-accum 8 x the scripts' per-device batch); --global_batch=official
+OFFICIAL_GLOBAL_BATCH = {"ScienceQA": 896, "TextVQA": 896, "ImageNet": 1024, "GQA": 384, "VizWiz": 896,
+                         "Grounding": 384, "VQAv2": 512, "OCR-VQA": 640}
+
+
+def grad_accum_for(cfg, stage, world):
+    """The accumulation steps that make `stage`'s global batch: global_batch = micro_batch * world_size * grad_accum."""
+    if cfg.global_batch == "":
+        return cfg.grad_accum
+    if cfg.global_batch == "official" and stage not in OFFICIAL_GLOBAL_BATCH:
+        raise SystemExit(f"--global_batch=official: the official table has no batch for stage {stage!r}; give "
+                         "--global_batch=N")
+    want = OFFICIAL_GLOBAL_BATCH[stage] if cfg.global_batch == "official" else int(cfg.global_batch)
+    per_step = cfg.micro_batch * world
+    if want % per_step:
+        raise SystemExit(f"stage {stage}: global batch {want} is not a multiple of micro_batch x ranks = "
+                         f"{cfg.micro_batch} x {world}; choose a --micro_batch that divides {want // world}")
+    return want // per_step
 
 
 # -----------------------------------------------------------------------------
@@ -269,9 +303,11 @@ def train_one_task(model, dataset, params, cfg, rank, world, device, seed, desc,
                 raise SystemExit(130)
             loss_sum = torch.zeros(1)
             for m in micro:
-                logits = model(input_ids=m["input_ids"].to(device), attention_mask=m["attention_mask"].to(device),
-                               pixel_values=None if m["pixel_values"] is None else
-                               m["pixel_values"].to(device, dtype=model.dtype)).logits
+                # input_ids, attention_mask and the image tensors (pixel_values; image_grid_thw for Qwen2-VL)
+                inputs = {k: v.to(device) for k, v in m.items() if k != "labels" and v is not None}
+                if "pixel_values" in inputs:
+                    inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
+                logits = model(**inputs).logits  # (B, T, vocab)
                 labels = m["labels"].to(device)
                 # shift: position t predicts token t+1
                 ce = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), reduction="sum")
@@ -324,7 +360,7 @@ def sigint_flag():
 MIDSTAGE = "midstage.pt"
 
 # settings that may change when a run is continued: where output goes and how the same global batch is split
-MAY_DIFFER = ("out", "resume", "save_every", "threads", "micro_batch", "grad_accum", "eval_batch")
+MAY_DIFFER = ("out", "resume", "save_every", "threads", "micro_batch", "grad_accum", "eval_batch", "grad_ckpt")
 
 
 def stage_dir(cfg, j, task):
@@ -357,10 +393,10 @@ def inputs_hash(train_sets, test_sets, model):
     return h.hexdigest()
 
 
-def run_info(cfg, world, inputs):
+def run_info(cfg, world, inputs, global_batch):
     """What every checkpoint and results.json record about the run that wrote them."""
     return {"config": dataclasses.asdict(cfg), "seed": cfg.seed, "world_size": world,
-            "global_batch": cfg.micro_batch * world * cfg.grad_accum, "inputs": inputs, "git": git_commit(),
+            "global_batch": global_batch, "inputs": inputs, "git": git_commit(),
             "torch": str(torch.__version__), "transformers": transformers.__version__}
 
 
@@ -368,7 +404,8 @@ def check_same_run(saved, info, path):
     """Refuse to continue from a file another run wrote: settings that change results, data and base must match."""
     old, new = saved.get("config", {}), info["config"]
     for key in new:
-        if key not in MAY_DIFFER and old.get(key) != new[key]:
+        # a setting added since that run was written had its default there
+        if key not in MAY_DIFFER and old.get(key, getattr(Config, key)) != new[key]:
             raise SystemExit(f"{path}: written by a run with --{key}={old.get(key)!r}, this one has "
                              f"--{key}={new[key]!r}; continue it with the same settings, or write to another --out")
     if saved.get("global_batch") != info["global_batch"]:
@@ -479,17 +516,37 @@ def load_midstage(path, model, opt, info, rank, world, device):
 # -----------------------------------------------------------------------------
 # The model
 
+# the module that maps vision features into the language model's space, per family (it trains with the adapter)
+PROJECTORS = ("multi_modal_projector",  # LLaVA: Linear, GELU, Linear
+              "visual.merger")          # Qwen2-VL: the patch merger at the end of its vision tower
+
+
 def projector(model):
-    return model.model.multi_modal_projector
+    for name in PROJECTORS:
+        try:
+            return model.model.get_submodule(name)
+        except AttributeError:
+            pass
+    raise ValueError(f"{type(model).__name__}: no projector found (looked for model.{', model.'.join(PROJECTORS)}); "
+                     "add its module name to coin.PROJECTORS")
 
 
-def load_base(cfg, device):
+def load_processor(cfg):
     if not os.path.isdir(cfg.base):
         raise SystemExit(f"--base={cfg.base}: no such model directory (the embedded default is made by "
                          "`python coin.py --stage0`; see run.sh)")
+    return AutoProcessor.from_pretrained(cfg.base)
+
+
+def load_base(cfg, device):
+    """Any Hugging Face image-text-to-text directory (LLaVA, Qwen2-VL, ...) and its processor."""
+    processor = load_processor(cfg)
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[cfg.dtype]
-    model = AutoModelForImageTextToText.from_pretrained(cfg.base, dtype=dtype).to(device)
-    processor = AutoProcessor.from_pretrained(cfg.base)
+    model = AutoModelForImageTextToText.from_pretrained(cfg.base, dtype=dtype, attn_implementation=cfg.attn).to(device)
+    if cfg.grad_ckpt:
+        # non-reentrant checkpointing: gradients reach the adapters although every block's input (the frozen
+        # embeddings) has requires_grad=False, and the recomputed forward redraws the same dropout masks
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     return model, processor
 
 
@@ -540,30 +597,48 @@ def pretrain_base(cfg, rank, world, device):
 # -----------------------------------------------------------------------------
 # Before any work: check the inputs, and find where an earlier run into --out stopped
 
-def check_inputs(cfg, train_sets, test_sets, tokenizer):
-    """Fail now on what would otherwise fail hours in: a task file with no records, a missing image, an answer that
-    tokenises to nothing. (A corrupt image fails when it is read, naming the file: opening every image here would take
-    minutes at CoIN's size; checking that each exists takes seconds.)"""
+def read_inputs(cfg, tasks, processor):
+    """Every task's train and test records, read and checked before any work (data.check_tasks, the code path of
+    `python data.py check`): a malformed record, a missing image or an answer that tokenises to nothing stops the run
+    now, naming the file, or with --skip_bad is dropped, counted and reported. (A corrupt image fails when it is read,
+    naming the file: opening every image here would take minutes at CoIN's size; `data.py check` does.)
+    Then --data_fraction (seeded per task) and --max_train / --max_test. Returns ({task: train}, {task: test}, dropped)."""
     image_dir = cfg.image_dir or os.path.join(cfg.data_dir, "images")
-    for task in train_sets:
-        for split, records in (("train", train_sets[task]), ("test", test_sets[task])):
-            path = data.task_file(cfg.data_dir, task, split, cfg.instructions)
-            if not records:
-                raise ValueError(f"{path}: no records")
-            missing = [r["image"] for r in records
-                       if r.get("image") and not os.path.exists(os.path.join(image_dir, r["image"]))]
-            if missing:
-                raise FileNotFoundError(f"{path}: {len(missing)} image(s) missing under --image_dir={image_dir}, "
-                                        f"e.g. {missing[0]!r}")
-        path = data.task_file(cfg.data_dir, task, "train", cfg.instructions)
-        answers = tokenizer([" " + ex["answer"] for ex in train_sets[task]], add_special_tokens=False)["input_ids"]
-        for ex, ids in zip(train_sets[task], answers):
-            if not ex["answer"].strip() or not ids:
-                raise ValueError(f"{path}: record {ex['id']!r}: the answer {ex['answer']!r} tokenises to nothing "
-                                 "(no loss to learn from); fix or drop it")
+    checked = data.check_tasks(cfg.data_dir, tasks, cfg.instructions, image_dir, open_images=False, processor=processor)
+    for path, good, problems in checked.values():
+        if not good and not problems:
+            raise ValueError(f"{path}: no records")
+    bad = {key: c for key, c in checked.items() if c[2]}
+    if bad and not cfg.skip_bad:
+        raise ValueError("\n".join(f"{path}: {len(problems)} bad record(s); the first: {problems[0][1]}"
+                                   for path, _, problems in bad.values())
+                         + f"\n(`python data.py check --data={cfg.data_dir} --image_dir={image_dir}` lists them all; "
+                         "--skip_bad drops them, counted)")
+    if bad:
+        print0("--skip_bad: dropping bad records\n" + data.check_table(bad))
+    dropped = {f"{task}/{split}": len(c[2]) for (task, split), c in bad.items()}
+    train_sets, test_sets = {}, {}
+    for task in tasks:
+        train = checked[task, "train"][1]
+        if cfg.data_fraction < 1:  # the same records for a seed, whatever the other settings
+            keep = random.Random(f"{cfg.seed}-{task}").sample(range(len(train)),
+                                                              max(1, round(cfg.data_fraction * len(train))))
+            train = [train[i] for i in sorted(keep)]
+        train_sets[task] = train[:cfg.max_train or None]
+        test_sets[task] = checked[task, "test"][1][:cfg.max_test or None]
+    return train_sets, test_sets, dropped
 
 
-def finished_stages(cfg, tasks, info):
+def plan_stages(cfg, tasks):
+    """The stages as data: (name, tasks trained on, tasks evaluated after it, its row of the accuracy matrix).
+    Sequential (CoIN): stage j trains task j, then evaluates tasks 1..j. Multi-task (the paper's upper baseline): one
+    stage on the union of all train sets, evaluated on every task; its scores fill the matrix's last row."""
+    if cfg.multitask:
+        return [("MultiTask", list(tasks), list(tasks), len(tasks) - 1)]
+    return [(task, [task], tasks[:j + 1], j) for j, task in enumerate(tasks)]
+
+
+def finished_stages(cfg, stages, info):
     """How many stages, from the first, an earlier run into --out finished; 0 for a new --out."""
     if not cfg.resume:
         if os.path.exists(os.path.join(cfg.out, "results.json")) or os.path.isdir(os.path.join(cfg.out, "checkpoints")):
@@ -571,8 +646,8 @@ def finished_stages(cfg, tasks, info):
                              "over, delete that folder or choose another --out")
         return 0
     done, meta = 0, None
-    for j, task in enumerate(tasks):
-        path = os.path.join(stage_dir(cfg, j, task), "meta.json")
+    for j, (name, *_) in enumerate(stages):
+        path = os.path.join(stage_dir(cfg, j, name), "meta.json")
         if not os.path.exists(path):
             break
         meta = read_json_file(path)
@@ -584,9 +659,9 @@ def finished_stages(cfg, tasks, info):
     return done
 
 
-def load_results(cfg, tasks, done, info):
-    """The matrices and results.json extras this run extends: empty ones for a new --out, else the earlier run's rows
-    of its `done` finished stages, its zero-shot row and its timings (results.json is only ever extended)."""
+def load_results(cfg, tasks, rows, info):
+    """The matrices and results.json extras this run extends: empty ones for a new --out, else the earlier run's
+    `rows` (of its finished stages), its zero-shot row and its timings (results.json is only ever extended)."""
     T = len(tasks)
     if_matrix, gk_matrix = [[None] * T for _ in range(T)], [[None] * T for _ in range(T)]
     extra = {**info, "timing": {}}
@@ -594,7 +669,8 @@ def load_results(cfg, tasks, done, info):
     if cfg.resume and os.path.exists(path):
         old = read_json_file(path)
         check_same_run(old, info, path)
-        if_matrix[:done], gk_matrix[:done] = old["matrix"][:done], old["general_knowledge"]["matrix"][:done]
+        for r in rows:
+            if_matrix[r], gk_matrix[r] = old["matrix"][r], old["general_knowledge"]["matrix"][r]
         extra["timing"] = old["timing"]
         if "zero_shot" in old:
             extra["zero_shot"] = old["zero_shot"]
@@ -615,14 +691,18 @@ def main(argv):
         cfg.epochs, cfg.lr, cfg.schedule = cfg.stage0_epochs, cfg.stage0_lr, "cosine"
         return pretrain_base(cfg, rank, world, device)
     tasks = data.parse_tasks(cfg.tasks)
+    stages = plan_stages(cfg, tasks)
     image_dir = cfg.image_dir or os.path.join(cfg.data_dir, "images")
-    # read every file first: a malformed one fails now, naming it, not hours later
-    train_sets = {t: data.train_examples(cfg.data_dir, t, cfg.instructions)[:cfg.max_train or None] for t in tasks}
-    test_sets = {t: data.test_examples(cfg.data_dir, t, cfg.instructions)[:cfg.max_test or None] for t in tasks}
+    # read and check every file first (processor only: a 7B model takes minutes to load): a problem fails now
+    train_sets, test_sets, dropped = read_inputs(cfg, tasks, load_processor(cfg))
     model, processor = load_base(cfg, device)
-    check_inputs(cfg, train_sets, test_sets, processor.tokenizer)
-    info = run_info(cfg, world, inputs_hash(train_sets, test_sets, model))
-    done = finished_stages(cfg, tasks, info)
+    # grad_accum of each stage (fails now on a global batch that micro_batch x ranks cannot make)
+    accum = {name: grad_accum_for(cfg, name, world) for name, *_ in stages}
+    batches = {name: cfg.micro_batch * world * a for name, a in accum.items()}
+    # one number if every stage has it (the usual case), else the table
+    info = run_info(cfg, world, inputs_hash(train_sets, test_sets, model),
+                    batches[stages[0][0]] if len(set(batches.values())) == 1 else batches)
+    done = finished_stages(cfg, stages, info)
     for p in model.parameters():
         p.requires_grad_(False)
     wrapped = add_moelora(model, None, cfg.lora_r, cfg.lora_alpha, cfg.experts, cfg.lora_dropout)
@@ -636,8 +716,9 @@ def main(argv):
            f"global batch {info['global_batch']} on {world} rank(s)")
     # the General Knowledge judge, built once, on rank 0 (which does all the scoring)
     judge = None if rank else evaluate.ExactJudge() if cfg.judge == "exact" else evaluate.LMJudge(cfg.judge)
-    T = len(tasks)
-    if_matrix, gk_matrix, extra = load_results(cfg, tasks, done, info)
+    if_matrix, gk_matrix, extra = load_results(cfg, tasks, [row for *_, row in stages[:done]], info)
+    if dropped:
+        extra["dropped_records"] = dropped  # --skip_bad: what was left out, per task file
     if cfg.zero_shot and "zero_shot" not in extra:
         t0 = time.time()
         zs = evaluate_stage(model, processor, judge, cfg, test_sets, rank, world, "stage0-zeroshot")
@@ -646,30 +727,33 @@ def main(argv):
     if rank == 0:
         table = evaluate.write_results(cfg.out, tasks, if_matrix, gk_matrix, extra)
     if done:  # --resume: go on from the last finished stage's adapter and projector
-        load_checkpoint(model, os.path.join(stage_dir(cfg, done - 1, tasks[done - 1]), "adapter.safetensors"))
-        print0(f"{cfg.out}: an earlier run finished {done} of {len(tasks)} stages; continuing after stage {done}")
-    for j, task in enumerate(tasks):
-        stage_name = f"stage{j + 1}-{task}"
-        if j < done and if_matrix[j][j] is not None:
+        load_checkpoint(model, os.path.join(stage_dir(cfg, done - 1, stages[done - 1][0]), "adapter.safetensors"))
+        print0(f"{cfg.out}: an earlier run finished {done} of {len(stages)} stages; continuing after stage {done}")
+    for j, (name, train_tasks, eval_tasks, row) in enumerate(stages):
+        stage_name = f"stage{j + 1}-{name}"
+        if j < done and if_matrix[row][tasks.index(eval_tasks[-1])] is not None:
             continue  # trained and scored by an earlier run
         t0 = time.time()
         if j >= done:  # train (from the stage's mid-stage checkpoint, if an earlier run left one)
-            ds = data.InstructionDataset(train_sets[task], processor, image_dir)
-            losses = train_one_task(model, ds, params, cfg, rank, world, device, cfg.seed + j,
-                                    f"stage {j + 1}/{T} train {task}", os.path.join(stage_dir(cfg, j, task), MIDSTAGE),
-                                    info)
+            ds = data.InstructionDataset([ex for t in train_tasks for ex in train_sets[t]], processor, image_dir)
+            losses = train_one_task(model, ds, params, dataclasses.replace(cfg, grad_accum=accum[name]), rank, world,
+                                    device, cfg.seed + j, f"stage {j + 1}/{len(stages)} train {name}",
+                                    os.path.join(stage_dir(cfg, j, name), MIDSTAGE), info)
             if rank == 0:
-                save_checkpoint(model, stage_dir(cfg, j, task), {"stage": j + 1, "task": task, "step": len(losses),
+                save_checkpoint(model, stage_dir(cfg, j, name), {"stage": j + 1, "task": name, "step": len(losses),
                                                                  "final_loss": losses[-1], **info})
-            print0(f"stage {j + 1} {task}: {len(losses)} steps, loss {losses[-1]:.3f}, {time.time() - t0:.0f}s")
+            print0(f"stage {j + 1} {name}: {len(losses)} steps, loss {losses[-1]:.3f}, {time.time() - t0:.0f}s")
         t_train, t0 = time.time() - t0, time.time()
-        scores = evaluate_stage(model, processor, judge, cfg, {t: test_sets[t] for t in tasks[:j + 1]}, rank, world,
+        scores = evaluate_stage(model, processor, judge, cfg, {t: test_sets[t] for t in eval_tasks}, rank, world,
                                 stage_name)
         extra["timing"][stage_name] = {"train": t_train, "eval": time.time() - t0}
         if rank == 0:
-            for i, t in enumerate(tasks[:j + 1]):
-                if_matrix[j][i], gk_matrix[j][i] = scores[t]
-            print0(f"stage {j + 1} {task} scores: " + ", ".join(f"{t} {s[0]:.1f}" for t, s in scores.items()))
+            for t in eval_tasks:
+                if_matrix[row][tasks.index(t)], gk_matrix[row][tasks.index(t)] = scores[t]
+            if cfg.multitask:  # no sequence, so no MAA or BWT: the mean over tasks is the number
+                extra["multitask_average"] = {"if": sum(s[0] for s in scores.values()) / len(scores),
+                                              "gk": sum(s[1] for s in scores.values()) / len(scores)}
+            print0(f"stage {j + 1} {name} scores: " + ", ".join(f"{t} {s[0]:.1f}" for t, s in scores.items()))
             table = evaluate.write_results(cfg.out, tasks, if_matrix, gk_matrix, extra)
     if rank == 0:
         print0(table)

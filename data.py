@@ -3,12 +3,13 @@ Tasks, prompts, datasets and CoIN-mini.
 
 CoIN trains one multimodal LLM on eight instruction tasks in sequence. This file holds:
   1. the task list and the prompt template (one function builds prompts for training and evaluation),
-  2. reading the official on-disk format (Instructions_*/<Task>/{train,test}.json + an image root),
+  2. reading the official on-disk format (Instructions_*/<Task>/{train,test,val}.json + an image root) and
+     checking it (`python data.py check --data=ROOT`: records per task and split, bad records, exit 1 on any),
   3. the PyTorch dataset and collate function used by the training loop,
   4. CoIN-mini: a seeded, pillow-only generator of eight synthetic tasks that mirror CoIN's eight, written
      in the official format, plus the "stage-0" caption corpus that pretrains the tiny base.
 
-Run `python data.py mini --out=DIR` to generate CoIN-mini.
+Run `python data.py mini --out=DIR` to generate CoIN-mini, `python data.py check --data=DIR` to check a release.
 """
 import json
 import os
@@ -48,18 +49,35 @@ def parse_tasks(spec):
 
 
 # -----------------------------------------------------------------------------
-# Prompt template: Vicuna v1, as the official code uses it for LLaVA-1.5. Loss goes on the answer only.
+# Prompt template: Vicuna v1 for LLaVA-1.5 (as the official code uses it); any other backbone: the processor's own chat
+# template. Training and evaluation both build prompts here, so the two cannot drift. Loss goes on the answer only.
 
 SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. "
           "The assistant gives helpful, detailed, and polite answers to the user's questions.")
 IMAGE_TOKEN = "<image>"
 
 
-def build_prompt(question, has_image):
-    """The text the model sees before its answer; training appends ' ' + answer + eos to it.
-    `question` has no <image> token; it is put first, on its own line, as LLaVA does."""
+def chat_template(processor):
+    """The processor's chat template, or None: a LLaVA-1.5 base (the assembled pretrain-only one, the tiny one) has
+    none and takes Vicuna v1."""
+    return getattr(processor, "chat_template", None) if processor is not None else None
+
+
+def build_prompt(question, has_image, processor=None):
+    """The text the model sees before its answer; training appends answer_text(answer) + eos to it.
+    `question` has no <image> token; the image comes first, as LLaVA and the chat templates put it."""
+    if chat_template(processor):
+        content = ([{"type": "image"}] if has_image else []) + [{"type": "text", "text": question}]
+        return processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True,
+                                             tokenize=False)
     user = f"{IMAGE_TOKEN}\n{question}" if has_image else question
     return f"{SYSTEM} USER: {user} ASSISTANT:"
+
+
+def answer_text(answer, processor=None):
+    """The answer as it follows the prompt: Vicuna v1 has "ASSISTANT: <answer>"; a chat template's generation prompt
+    ends its assistant header itself (with a newline)."""
+    return answer if chat_template(processor) else " " + answer
 
 
 def split_question(text):
@@ -87,32 +105,139 @@ def read_json(path):
         raise ValueError(f"{path}: malformed JSON at line {e.lineno}, column {e.colno}: {e.msg}") from None
 
 
-def train_examples(data_dir, task, instructions="Original"):
-    """Train records -> list of dicts {id, image (rel path or None), question, answer}."""
-    path = task_file(data_dir, task, "train", instructions)
+def parse_train_record(rec):
+    """An official train record -> {id, image (rel path or None), question, answer}; ValueError saying what is wrong."""
+    try:
+        conv = rec["conversations"]
+        human, gpt = conv[0]["value"], conv[1]["value"]
+        assert conv[0]["from"] == "human" and conv[1]["from"] == "gpt" and isinstance(gpt, str)
+    except (KeyError, IndexError, TypeError, AssertionError):
+        raise ValueError("is not a LLaVA conversation ({'conversations': [{'from': 'human', ...}, "
+                         "{'from': 'gpt', ...}]})") from None
+    question = human.replace(IMAGE_TOKEN, "").strip("\n")
+    return {"id": rec.get("id"), "image": rec.get("image"), "question": question, "answer": gpt}
+
+
+def parse_test_record(rec):
+    """An official test record, as stored ({question_id, image, text, answer, ...}); ValueError if a field lacks."""
+    missing = [k for k in ("question_id", "text", "answer") if not isinstance(rec, dict) or k not in rec]
+    if missing:
+        raise ValueError(f"lacks {', '.join(missing)}")
+    return rec
+
+
+def read_records(data_dir, task, split, instructions="Original"):
+    """(path, [(index, parsed record or None, problem or None)]) of one task file: train files parse to examples,
+    test and val files stay as stored. Only an unreadable file raises; a bad record is reported, not raised."""
+    path = task_file(data_dir, task, split, instructions)
+    parse = parse_train_record if split == "train" else parse_test_record
     out = []
     for i, rec in enumerate(read_json(path)):
         try:
-            conv = rec["conversations"]
-            human, gpt = conv[0]["value"], conv[1]["value"]
-            assert conv[0]["from"] == "human" and conv[1]["from"] == "gpt"
-        except (KeyError, IndexError, TypeError, AssertionError):
-            raise ValueError(f"{path}: record {i} is not a LLaVA conversation "
-                             "({{'conversations': [{{'from': 'human', ...}}, {{'from': 'gpt', ...}}]}})") from None
-        question = human.replace(IMAGE_TOKEN, "").strip("\n")
-        out.append({"id": rec.get("id", i), "image": rec.get("image"), "question": question, "answer": gpt})
-    return out
+            ex = parse(rec)
+            out.append((i, ex if split != "train" or ex["id"] is not None else {**ex, "id": i}, None))
+        except ValueError as e:
+            out.append((i, None, f"record {i} {e.args[0]}"))
+    return path, out
+
+
+def _first_problem(data_dir, task, split, instructions):
+    path, recs = read_records(data_dir, task, split, instructions)
+    bad = [p for _, _, p in recs if p]
+    if bad:
+        raise ValueError(f"{path}: {bad[0]}")
+    return [ex for _, ex, _ in recs]
+
+
+def train_examples(data_dir, task, instructions="Original"):
+    """Train records -> list of dicts {id, image (rel path or None), question, answer}; a bad record raises."""
+    return _first_problem(data_dir, task, "train", instructions)
 
 
 def test_examples(data_dir, task, instructions="Original", split="test"):
-    """Test records as stored: {question_id, image, text, answer, ...}."""
-    path = task_file(data_dir, task, split, instructions)
-    recs = read_json(path)
-    for i, rec in enumerate(recs):
-        missing = [k for k in ("question_id", "text", "answer") if k not in rec]
-        if missing:
-            raise ValueError(f"{path}: record {i} lacks {', '.join(missing)}")
-    return recs
+    """Test records as stored: {question_id, image, text, answer, ...}; a bad record raises."""
+    return _first_problem(data_dir, task, split, instructions)
+
+
+# -----------------------------------------------------------------------------
+# Checking a release before any work: `python data.py check --data=ROOT`, and coin.py's check before training
+
+PROBLEMS = ("malformed", "image missing", "image unreadable", "empty answer")
+
+
+def check_split(data_dir, task, split, instructions, image_dir, open_images=True, processor=None):
+    """(path, good records, problems) of one task file; problems are (kind, message) with kind in PROBLEMS.
+    A record is bad if it is malformed, names an image that is missing (or, with open_images, cannot be decoded),
+    or is a train record whose answer is blank (or, with `processor`, tokenises to nothing: no loss to learn from).
+    Opening every image takes minutes at CoIN's size; existence alone takes seconds."""
+    path, recs = read_records(data_dir, task, split, instructions)
+    good, problems = [], []
+    for i, rec, problem in recs:
+        kind = "malformed" if problem else None
+        if rec is not None and rec.get("image"):
+            img = os.path.join(image_dir, rec["image"])
+            if not os.path.isfile(img):
+                kind, problem = "image missing", f"record {i}: image {rec['image']!r} missing under {image_dir}"
+            elif open_images:
+                try:
+                    with Image.open(img) as im:
+                        im.verify()
+                except Exception as e:  # pillow raises many types for a broken file
+                    kind, problem = "image unreadable", f"record {i}: image {img} unreadable ({e})"
+        if rec is not None and kind is None and split == "train":
+            empty = not rec["answer"].strip() or (processor is not None and not processor.tokenizer(
+                answer_text(rec["answer"], processor), add_special_tokens=False)["input_ids"])
+            if empty:
+                kind, problem = "empty answer", f"record {rec['id']!r}: the answer {rec['answer']!r} tokenises to nothing"
+        if kind:
+            problems.append((kind, problem))
+        else:
+            good.append(rec)
+    return path, good, problems
+
+
+def check_tasks(data_dir, tasks, instructions, image_dir, splits=("train", "test"), open_images=True,
+                processor=None):
+    """check_split over tasks x splits: {(task, split): (path, good, problems)}. A split in `splits` that is
+    optional (val) is skipped when its file is absent."""
+    out = {}
+    for task in tasks:
+        for split in splits:
+            if split == "val" and not os.path.isfile(task_file(data_dir, task, split, instructions)):
+                continue
+            out[task, split] = check_split(data_dir, task, split, instructions, image_dir, open_images, processor)
+    return out
+
+
+def check_table(checked):
+    """A markdown table of check_tasks' result: records and problems per task and split."""
+    lines = ["| task | split | records | good | " + " | ".join(PROBLEMS) + " |",
+             "|---|---|---|---|" + "---|" * len(PROBLEMS)]
+    for (task, split), (_, good, problems) in checked.items():
+        counts = [sum(k == kind for k, _ in problems) for kind in PROBLEMS]
+        lines.append(f"| {task} | {split} | {len(good) + len(problems)} | {len(good)} | "
+                     + " | ".join(str(c) for c in counts) + " |")
+    return "\n".join(lines)
+
+
+def check_main(argv):
+    """`python data.py check --data=ROOT`: records per task and split, and every bad record; exit 1 on any."""
+    opts = parse_options(argv, {"data": "data/coin-mini", "instructions": "Original", "image_dir": "", "tasks": "all"})
+    image_dir = opts["image_dir"] or os.path.join(opts["data"], "images")
+    checked, unreadable = {}, []
+    for task in parse_tasks(opts["tasks"]):
+        try:
+            checked.update(check_tasks(opts["data"], [task], opts["instructions"], image_dir, ("train", "test", "val")))
+        except (OSError, ValueError) as e:  # a file that is missing or not JSON at all
+            unreadable.append(str(e))
+    print(check_table(checked))
+    problems = [f"{path}: {msg}" for path, _, found in checked.values() for _, msg in found]
+    for line in unreadable + problems:
+        print(line)
+    n = len(unreadable) + len(problems)
+    print(f"{n} problem(s)" if n else "no problems", f"in {opts['data']} (--instructions={opts['instructions']}, "
+          f"--image_dir={image_dir})")
+    return 1 if n else 0
 
 
 def load_image(image_dir, rel):
@@ -155,28 +280,30 @@ class InstructionDataset(torch.utils.data.Dataset):
     def __getitem__(self, i):
         ex = self.examples[i]
         has_image = ex["image"] is not None
-        prompt = build_prompt(ex["question"], has_image)
+        prompt = build_prompt(ex["question"], has_image, self.processor)
         if has_image:
             img = expand2square(load_image(self.image_dir, ex["image"]), self.mean)
             enc = self.processor(text=prompt, images=img, return_tensors="pt")
-            pixel_values = enc["pixel_values"][0]
         else:
             enc = self.processor(text=prompt, return_tensors="pt")
-            pixel_values = None
+        # the image tensors, with a leading image (LLaVA: pixel_values (1, 3, H, W)) or patch dimension (Qwen2-VL:
+        # pixel_values (patches, C * t * p * p) and image_grid_thw (1, 3)); collate concatenates them along it
+        images = {k: v for k, v in enc.items() if k not in ("input_ids", "attention_mask")} if has_image else {}
         prompt_ids = enc["input_ids"][0]
-        answer_ids = self.tok(" " + ex["answer"], add_special_tokens=False, return_tensors="pt")["input_ids"][0]
+        answer_ids = self.tok(answer_text(ex["answer"], self.processor), add_special_tokens=False,
+                              return_tensors="pt")["input_ids"][0]
         if len(answer_ids) == 0:
             raise ValueError(f"example {ex['id']}: answer {ex['answer']!r} tokenises to nothing")
         answer_ids = torch.cat([answer_ids, torch.tensor([self.tok.eos_token_id])])
         ids = torch.cat([prompt_ids, answer_ids])[: self.max_len]
         labels = ids.clone()
         labels[: len(prompt_ids)] = -100  # no loss on the prompt
-        return {"input_ids": ids, "labels": labels, "pixel_values": pixel_values}
+        return {"input_ids": ids, "labels": labels, "pixel_values": images.pop("pixel_values", None), **images}
 
 
 def collate(batch, pad_id):
-    """Right-pad to the longest item; stack the images of the items that have one (LLaVA fills the
-    image tokens with image features in order)."""
+    """Right-pad to the longest item; concatenate the image tensors of the items that have one (the model fills
+    the image tokens with image features in order)."""
     n = max(len(b["input_ids"]) for b in batch)
     ids = torch.full((len(batch), n), pad_id, dtype=torch.long)
     labels = torch.full((len(batch), n), -100, dtype=torch.long)
@@ -184,9 +311,11 @@ def collate(batch, pad_id):
     for i, b in enumerate(batch):
         L = len(b["input_ids"])
         ids[i, :L], labels[i, :L], mask[i, :L] = b["input_ids"], b["labels"], 1
-    pix = [b["pixel_values"] for b in batch if b["pixel_values"] is not None]
-    return {"input_ids": ids, "labels": labels, "attention_mask": mask,
-            "pixel_values": torch.stack(pix) if pix else None}
+    out = {"input_ids": ids, "labels": labels, "attention_mask": mask}
+    for key in {k for b in batch for k in b} - out.keys():
+        parts = [b[key] for b in batch if b.get(key) is not None]
+        out[key] = torch.cat(parts) if parts else None
+    return out
 
 
 # -----------------------------------------------------------------------------
@@ -671,9 +800,13 @@ def parse_options(argv, defaults):
 
 
 def main(argv):
+    if argv and argv[0] == "check":
+        sys.exit(check_main(argv[1:]))
     if not argv or argv[0] != "mini":
         sys.exit("usage: python data.py mini [--out=data/coin-mini] [--n_train=3000] [--n_test=200] "
-                 "[--n_stage0=40000] [--size=48] [--seed=0]")
+                 "[--n_stage0=40000] [--size=48] [--seed=0]\n"
+                 "       python data.py check [--data=ROOT] [--instructions=Original] [--image_dir=ROOT/images] "
+                 "[--tasks=all]")
     opts = parse_options(argv[1:], {"out": "data/coin-mini", "n_train": 3000, "n_test": 200, "n_stage0": 40000,
                                     "size": 48, "seed": 0})
     meta = generate_mini(**opts)

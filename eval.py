@@ -122,7 +122,7 @@ def generate(model, processor, records, image_dir, batch_size=64, max_new_tokens
             for s in tqdm(range(0, len(mine), batch_size), desc=desc, disable=desc is None or rank != 0, leave=False):
                 idx = mine[s:s + batch_size]
                 batch = [records[i] for i in idx]
-                prompts = [data.build_prompt(r["text"], bool(r.get("image"))) for r in batch]
+                prompts = [data.build_prompt(r["text"], bool(r.get("image")), processor) for r in batch]
                 # text-only records (some ScienceQA items) carry no image; the others' images fill the
                 # <image> tokens in order
                 images = [data.expand2square(data.load_image(image_dir, r["image"]), mean)

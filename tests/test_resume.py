@@ -240,8 +240,8 @@ def test_missing_image(data_copy, tiny_base, tmp_path):
     rec = json.load(open(task_file(data_copy, "VQAv2", "test")))[3]  # the last of the 4 evaluated
     os.remove(os.path.join(data_copy, "images", rec["image"]))
     out = str(tmp_path / "run")
-    with pytest.raises(FileNotFoundError, match=r"VQAv2/test.json: 1 image\(s\) missing under --image_dir=\S+, e.g. "
-                                                + re.escape(repr(rec["image"]))):
+    with pytest.raises(ValueError, match=r"VQAv2/test.json: 1 bad record\(s\); the first: record 3: image "
+                                         + re.escape(repr(rec["image"])) + r" missing under \S+"):
         coin.main(args(data_copy, tiny_base, out))
     assert not os.path.exists(out)
 
@@ -263,7 +263,7 @@ def test_answer_that_tokenises_to_nothing(data_copy, tiny_base, tmp_path):
     with open(path, "w") as f:
         json.dump(recs, f)
     out = str(tmp_path / "run")
-    with pytest.raises(ValueError, match=rf"GQA/train.json: record {re.escape(repr(recs[5]['id']))}: the answer ' ' "
+    with pytest.raises(ValueError, match=rf"GQA/train.json: 1 bad record\(s\); the first: record {re.escape(repr(recs[5]['id']))}: the answer ' ' "
                                          "tokenises to nothing"):
         coin.main(args(data_copy, tiny_base, out))
     assert not os.path.exists(out)
