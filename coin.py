@@ -27,9 +27,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from tqdm import tqdm
-from transformers import (AutoModelForImageTextToText, AutoProcessor, CLIPImageProcessor, CLIPVisionConfig,
-                          LlamaConfig, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor,
-                          PreTrainedTokenizerFast)
+from transformers import (AutoModelForImageTextToText, AutoProcessor, AutoTokenizer, CLIPImageProcessor,
+                          CLIPVisionConfig, CLIPVisionModel, LlamaConfig, LlamaForCausalLM, LlavaConfig,
+                          LlavaForConditionalGeneration, LlavaProcessor, PreTrainedTokenizerFast)
 
 import data
 import eval as evaluate
@@ -128,7 +128,7 @@ class Config:
     lora_dropout: float = 0.05            # official: 0.05
     train_projector: bool = True          # the projector trains along with the adapter, as in CoIN
     # --- optim
-    lr: float = 2e-3                      # official 2e-4 at 7B; the tiny model wants a larger step
+    lr: float = 1e-3                      # official 2e-4 at 7B; tiny model: 1e-3 (2e-3 scrambled its image features)
     micro_batch: int = 16                 # per rank, per forward
     grad_accum: int = 1                   # global_batch = micro_batch * world_size * grad_accum
     global_batch: str = ""                # "" = as above; N, or "official" (the per-task table): sets grad_accum
@@ -572,6 +572,83 @@ def evaluate_stage(model, processor, judge, cfg, test_sets, rank, world, stage_n
 
 
 # -----------------------------------------------------------------------------
+# The CoIN base at 7B: the pretrain-only LLaVA-1.5, assembled from its three public parts into one Hugging Face
+# LlavaForConditionalGeneration directory (`python coin.py assemble ...`; README section 9 lists the downloads)
+
+PROJECTOR_KEYS = {"model.mm_projector.0.weight": "model.multi_modal_projector.linear_1.weight",  # (d_text, d_vision)
+                  "model.mm_projector.0.bias": "model.multi_modal_projector.linear_1.bias",      # (d_text,)
+                  "model.mm_projector.2.weight": "model.multi_modal_projector.linear_2.weight",  # (d_text, d_text)
+                  "model.mm_projector.2.bias": "model.multi_modal_projector.linear_2.bias"}      # (d_text,)
+
+
+def assemble_llava15(vicuna_dir, clip_dir, projector_bin, out_dir):
+    """Vicuna-7B-v1.5 (LlamaForCausalLM) + CLIP ViT-L/14-336 (its vision model) + the stage-1 mlp2x_gelu projector
+    (mm_projector.bin) -> out_dir, a LlavaForConditionalGeneration with its LlavaProcessor, as LLaVA-1.5's
+    pretraining left it: features from layer -2, the CLS token dropped ("default"), Linear-GELU-Linear. <image> is
+    added to the tokenizer (one new embedding row, the mean of the others: image features replace it anyway). No chat
+    template is saved: coin prompts this base with Vicuna v1, as the official code does. Every tensor name and shape
+    is checked against the LLaVA class; anything missing, left over or misshapen is an error naming it."""
+    proj = torch.load(projector_bin, map_location="cpu", weights_only=True)
+    if set(proj) != set(PROJECTOR_KEYS):
+        raise ValueError(f"{projector_bin}: expected exactly the keys {sorted(PROJECTOR_KEYS)} (LLaVA-1.5's stage-1 "
+                         f"mlp2x_gelu projector), found {sorted(proj)}")
+    # from_pretrained fills weights a directory lacks with random ones, with a warning: here that is an error
+    lm, info = LlamaForCausalLM.from_pretrained(vicuna_dir, dtype="auto", output_loading_info=True)
+    clip, info_clip = CLIPVisionModel.from_pretrained(clip_dir, dtype=lm.dtype, output_loading_info=True)
+    for part, loaded in ((vicuna_dir, info), (clip_dir, info_clip)):
+        if loaded["missing_keys"] or loaded["mismatched_keys"]:
+            raise ValueError(f"{part}: not the expected model ({len(loaded['missing_keys'])} weights missing, e.g. "
+                             f"{sorted(loaded['missing_keys'])[:3]}; mismatched {list(loaded['mismatched_keys'])[:3]}); "
+                             "--vicuna takes a Llama directory, --clip a CLIP (vision) directory")
+    tok = AutoTokenizer.from_pretrained(vicuna_dir)
+    if data.IMAGE_TOKEN in tok.get_vocab():
+        raise ValueError(f"{vicuna_dir}: the tokenizer has {data.IMAGE_TOKEN} already; give the plain Vicuna directory")
+    tok.add_special_tokens({"extra_special_tokens": [data.IMAGE_TOKEN]})  # one token, never split
+    if tok.pad_token is None:
+        tok.pad_token = tok.unk_token  # LLaVA-1.5 (Vicuna v1) pads with <unk>
+    vc, tc = clip.config, lm.config
+    tc.vocab_size = len(tok)
+    config = LlavaConfig(vision_config=vc, text_config=tc, image_token_index=tok.convert_tokens_to_ids(data.IMAGE_TOKEN),
+                         image_seq_length=(vc.image_size // vc.patch_size) ** 2, vision_feature_layer=-2,
+                         vision_feature_select_strategy="default", projector_hidden_act="gelu")
+    with torch.device("meta"):  # the LLaVA's names and shapes, no memory
+        llava = LlavaForConditionalGeneration(config)
+    sd = {f"model.language_model.{k}": v for k, v in lm.model.state_dict().items()}
+    sd["lm_head.weight"] = lm.lm_head.weight.detach()
+    sd.update({f"model.vision_tower.{k}": v for k, v in clip.state_dict().items()})
+    sd.update({PROJECTOR_KEYS[k]: v.to(lm.dtype) for k, v in proj.items()})
+    for key in ("model.language_model.embed_tokens.weight", "lm_head.weight"):  # (vocab, d) -> (vocab + 1, d)
+        w = sd[key]
+        sd[key] = torch.cat([w, w.mean(0, keepdim=True)])
+    want = llava.state_dict()
+    missing, unexpected = sorted(want.keys() - sd.keys()), sorted(sd.keys() - want.keys())
+    if missing or unexpected:
+        raise ValueError(f"assembling {out_dir}: {len(missing)} LLaVA weights missing {missing[:5]}, {len(unexpected)} "
+                         f"unexpected {unexpected[:5]} (first 5 shown; is {vicuna_dir} a Llama and {clip_dir} a CLIP?)")
+    wrong = [f"{k}: {tuple(sd[k].shape)} != {tuple(v.shape)}" for k, v in want.items() if sd[k].shape != v.shape]
+    if wrong:
+        raise ValueError(f"assembling {out_dir}: {len(wrong)} shapes differ from the LLaVA's (part != LLaVA), e.g. "
+                         f"{wrong[0]} (a projector of another vision tower or language model?)")
+    llava.load_state_dict(sd, strict=True, assign=True)
+    llava.generation_config.pad_token_id, llava.generation_config.eos_token_id = tok.pad_token_id, tok.eos_token_id
+    processor = LlavaProcessor(image_processor=CLIPImageProcessor.from_pretrained(clip_dir), tokenizer=tok,
+                               patch_size=vc.patch_size, vision_feature_select_strategy="default",
+                               num_additional_image_tokens=1)
+    llava.save_pretrained(out_dir)
+    processor.save_pretrained(out_dir)
+    return llava, processor
+
+
+def assemble_main(argv):
+    opts = data.parse_options(argv, {"vicuna": "", "clip": "", "projector": "", "out": ""})
+    if not all(opts.values()):
+        raise SystemExit("usage: python coin.py assemble --vicuna=DIR --clip=DIR --projector=mm_projector.bin --out=DIR")
+    llava, _ = assemble_llava15(opts["vicuna"], opts["clip"], opts["projector"], opts["out"])
+    print(f"wrote the pretrain-only LLaVA-1.5 base ({sum(p.numel() for p in llava.parameters()):,} parameters) to "
+          f"{opts['out']}; train on it with --base={opts['out']}")
+
+
+# -----------------------------------------------------------------------------
 # Stage 0: pretrain the tiny base on captions (full fine-tuning, the same loop), as LLaVA's base saw captions only
 
 def pretrain_base(cfg, rank, world, device):
@@ -763,4 +840,7 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    if sys.argv[1:2] == ["assemble"]:
+        assemble_main(sys.argv[2:])
+    else:
+        main(sys.argv[1:])

@@ -468,10 +468,14 @@ def render_sign(rng, size, word):
 def render_book(rng, size, title, author, genre):
     img = Image.new("RGB", (size, size), GENRES[genre])
     d = ImageDraw.Draw(img)
-    d.text((rng.randint(1, 8), rng.randint(0, 4)), title, font=_font(size * 14 // 48), fill=(255, 255, 255))
-    d.rectangle([0, size * 27 // 48, size, size], fill=(235, 235, 225))  # the author's band
-    d.text((rng.randint(1, 14), size * 29 // 48 + rng.randint(0, 3)), author, font=_font(size * 13 // 48),
-           fill=(20, 20, 20))
+    # large type (a 1M-parameter reader needs it at 48 px), placed at random but never clipped
+    for text, font_px, y, color in ((title, 16, rng.randint(0, 4), (255, 255, 255)),
+                                    (author, 15, size * 29 // 48 + rng.randint(0, 3), (20, 20, 20))):
+        f = _font(size * font_px // 48)
+        if color != (255, 255, 255):
+            d.rectangle([0, size * 27 // 48, size, size], fill=(235, 235, 225))  # the author's band
+        x = rng.randint(1, max(1, size - d.textbbox((0, 0), text, font=f)[2] - 1))
+        d.text((x, y), text, font=f, fill=color)
     return img
 
 
@@ -650,7 +654,7 @@ def stage0_item(rng, size):
     kind of picture the eight tasks show (scenes, big single objects, repeated shapes, signs, book covers,
     degraded photos) and the content their questions ask about (names, colours, positions, relations, counts,
     words), always answered in full sentences: the base knows the world, not the tasks' answer formats."""
-    kind = rng.choices(["scene", "big", "many", "sign", "book", "fact", "blur"], [6, 2, 2, 2, 2, 1, 1])[0]
+    kind = rng.choices(["scene", "big", "many", "sign", "book", "fact", "blur"], [6, 2, 2, 2, 3, 1, 1])[0]
     if kind == "fact":
         s = rng.choice(SHAPES)
         n = CORNERS[s]
@@ -694,8 +698,12 @@ def stage0_item(rng, size):
     where = POSITIONS[o["pos"]]
     if u < 0.3:
         return img, "Describe the image.", describe(objs)
-    if u < 0.45:
-        return img, f"Where is the {_name(o)}?", f"The {_name(o)} is at the {where} of the picture."
+    if u < 0.5:
+        # where, also in numbers (fractions of the picture's width and height): the knowledge a Grounding answer
+        # needs, in a sentence, not in the task's "[x1, y1, x2, y2]" format
+        x1, y1, x2, y2 = (v / size for v in o["box"])
+        return img, f"Where is the {_name(o)}?", (f"The {_name(o)} is at the {where} of the picture, from x {x1:.2f} "
+                                                  f"to {x2:.2f} and y {y1:.2f} to {y2:.2f}.")
     if u < 0.6:
         return img, f"What is at the {where}?", f"There is {_a(o)} at the {where}."
     if u < 0.7:

@@ -11,7 +11,7 @@ Prints tokens/s, achieved FLOP/s (matmul FLOPs of the step counted by torch's Fl
 the peak of one large torch.mm, and the adapter's share of the step (step time with the adapter minus the same step
 of the frozen model with no adapter, where only the projector trains). Medians of alternating rounds.
 
-    python bench/train_step.py [--threads=2] [--rounds=3] [--steps=3] [--only=tiny|100m]
+    python bench/train_step.py [--threads=2] [--rounds=3] [--steps=3] [--only=tiny|100m] [--dropout=0.05]
 """
 import os
 import statistics
@@ -60,14 +60,14 @@ def batch_for(model, size):
             "pixel_values": torch.randn(mb, 3, px, px, generator=g)}
 
 
-def prepare(size, experts):
+def prepare(size, experts, dropout):
     """The model as coin.py trains it: everything frozen, adapter (if any) and projector trainable."""
     model = build(size)
     for p in model.parameters():
         p.requires_grad_(False)
     if experts:
         r = SIZES[size][-1]
-        add_moelora(model, None, r, 2.0 * r, experts, dropout=0.05)
+        add_moelora(model, None, r, 2.0 * r, experts, dropout=dropout)
         mark_only_moelora_trainable(model)
     for p in model.model.multi_modal_projector.parameters():
         p.requires_grad_(True)
@@ -96,14 +96,16 @@ def matmul_peak(n=2048, reps=5):
 
 
 def main(argv):
-    opts = data.parse_options(argv, {"threads": 2, "rounds": 3, "steps": 3, "only": ""})
+    opts = data.parse_options(argv, {"threads": 2, "rounds": 3, "steps": 3, "only": "", "dropout": 0.05})
     torch.set_num_threads(opts["threads"])
     peak = matmul_peak()
-    print(f"matmul peak (2048^3 fp32 torch.mm, {opts['threads']} threads): {peak / 1e9:.1f} GFLOP/s")
+    print(f"matmul peak (2048^3 fp32 torch.mm, {opts['threads']} threads): {peak / 1e9:.1f} GFLOP/s; "
+          f"adapter dropout {opts['dropout']}")
     print("| model | params | adapter | tokens/step | step ms | tokens/s | GFLOP/step | % of peak | adapter share |")
     print("|---|---|---|---|---|---|---|---|---|")
     for size in [s for s in SIZES if not opts["only"] or s == opts["only"]]:
-        runs = {name: prepare(size, e) for name, e in (("none", 0), ("LoRA E=1", 1), ("MoELoRA E=8", 8))}
+        variants = (("none", 0), ("LoRA E=1", 1), ("MoELoRA E=8", 8))
+        runs = {name: prepare(size, e, opts["dropout"]) for name, e in variants}
         b = batch_for(runs["none"][0], size)
         flops, times = {}, {k: [] for k in runs}
         for name, (model, opt) in runs.items():

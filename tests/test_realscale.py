@@ -166,3 +166,91 @@ def test_gradient_checkpointing_gives_the_same_gradients(mini_data, tiny_base):
     assert grads[0].keys() == grads[1].keys() and all(g is not None for g in grads[1].values())
     for n in grads[0]:
         torch.testing.assert_close(grads[1][n], grads[0][n], msg=n)
+
+
+# -----------------------------------------------------------------------------
+# The pretrain-only LLaVA-1.5 base, assembled from tiny random stand-ins of its three public parts
+
+
+def byte_bpe(texts, specials, vocab_size=300):
+    """A byte-level BPE tokenizer (any text tokenises) with `specials`, like the real ones but trained in a second."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer, tok.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
+    tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials,
+                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                                       show_progress=False))
+    return tok
+
+
+@pytest.fixture
+def llava15_parts(tmp_path):
+    """A tiny 'Vicuna' (LlamaForCausalLM + tokenizer without <image>), a tiny 'CLIP ViT-L/14-336' (CLIPVisionModel +
+    CLIPImageProcessor, 28 px, patch 14: 4 patches + CLS) and its stage-1 projector as mm_projector.bin."""
+    from tokenizers import processors
+    from transformers import (CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel, LlamaConfig, LlamaForCausalLM,
+                              PreTrainedTokenizerFast)
+    torch.manual_seed(0)
+    tok = byte_bpe([data.SYSTEM, "USER: what colour is it? ASSISTANT: red"] * 4, ["<unk>", "<s>", "</s>"])
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    tok = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    vicuna, clip = str(tmp_path / "vicuna"), str(tmp_path / "clip")
+    LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                 num_key_value_heads=2, vocab_size=len(tok), bos_token_id=1, eos_token_id=2,
+                                 max_position_embeddings=256)).save_pretrained(vicuna)
+    tok.save_pretrained(vicuna)
+    CLIPVisionModel(CLIPVisionConfig(hidden_size=24, intermediate_size=48, num_hidden_layers=3, num_attention_heads=2,
+                                     image_size=28, patch_size=14)).save_pretrained(clip)
+    CLIPImageProcessor(size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28}).save_pretrained(clip)
+    proj = {"model.mm_projector.0.weight": torch.randn(32, 24), "model.mm_projector.0.bias": torch.randn(32),
+            "model.mm_projector.2.weight": torch.randn(32, 32), "model.mm_projector.2.bias": torch.randn(32)}
+    torch.save(proj, tmp_path / "mm_projector.bin")
+    return vicuna, clip, str(tmp_path / "mm_projector.bin"), proj
+
+
+def test_assembled_llava15_base_loads_and_trains(llava15_parts, mini_data, tmp_path):
+    from transformers import LlavaForConditionalGeneration
+    vicuna, clip, bin_path, proj = llava15_parts
+    out = str(tmp_path / "llava-1.5-7b-pretrain")
+    r = subprocess.run([sys.executable, "coin.py", "assemble", f"--vicuna={vicuna}", f"--clip={clip}",
+                        f"--projector={bin_path}", f"--out={out}"], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    model = LlavaForConditionalGeneration.from_pretrained(out)
+    c = model.config
+    assert (c.vision_feature_layer, c.vision_feature_select_strategy, c.projector_hidden_act) == (-2, "default", "gelu")
+    mp = model.model.multi_modal_projector
+    for i, layer in ((0, mp.linear_1), (2, mp.linear_2)):
+        assert torch.equal(layer.weight, proj[f"model.mm_projector.{i}.weight"])
+        assert torch.equal(layer.bias, proj[f"model.mm_projector.{i}.bias"])
+    from transformers import CLIPVisionModel, LlamaForCausalLM
+    lm, vt = LlamaForCausalLM.from_pretrained(vicuna), CLIPVisionModel.from_pretrained(clip)
+    assert torch.equal(model.model.language_model.layers[1].mlp.down_proj.weight, lm.model.layers[1].mlp.down_proj.weight)
+    assert torch.equal(model.model.vision_tower.encoder.layers[2].mlp.fc1.weight, vt.encoder.layers[2].mlp.fc1.weight)
+    n = lm.config.vocab_size
+    assert torch.equal(model.lm_head.weight[:n], lm.lm_head.weight) and model.lm_head.weight.shape[0] == n + 1
+    processor = AutoProcessor.from_pretrained(out)
+    assert processor.tokenizer.convert_tokens_to_ids("<image>") == c.image_token_index == n
+    assert data.chat_template(processor) is None  # Vicuna v1 prompts
+    enc = processor(text=data.build_prompt("What is it?", True), images=[data.Image.new("RGB", (40, 30))],
+                    return_tensors="pt")
+    assert (enc["input_ids"] == c.image_token_index).sum() == 4  # 2 x 2 patches, CLS dropped
+    # the same loop trains and evaluates it
+    res = coin.main([f"--data_dir={mini_data}", f"--base={out}", f"--out={tmp_path / 'run'}", "--tasks=VQAv2",
+                     "--max_train=16", "--max_test=4", "--micro_batch=8", "--eval_batch=4", "--max_new_tokens=3",
+                     "--lora_r=4", "--experts=2", "--threads=1", "--zero_shot=false"])
+    assert json.load(open(tmp_path / "run" / "results.json"))["matrix"][0][0] is not None
+
+
+def test_assembly_checks_every_name_and_shape(llava15_parts, tmp_path):
+    vicuna, clip, bin_path, proj = llava15_parts
+    bad = str(tmp_path / "bad.bin")
+    torch.save({**proj, "model.mm_projector.0.weight": torch.randn(32, 16)}, bad)  # a projector for another tower
+    with pytest.raises(ValueError, match=r"1 shapes differ .*linear_1.weight: \(32, 16\) != \(32, 24\)"):
+        coin.assemble_llava15(vicuna, clip, bad, str(tmp_path / "out"))
+    torch.save({k.replace("model.", ""): v for k, v in proj.items()}, bad)
+    with pytest.raises(ValueError, match=r"bad.bin: expected exactly the keys .*found \['mm_projector.0.bias'"):
+        coin.assemble_llava15(vicuna, clip, bad, str(tmp_path / "out"))
+    with pytest.raises(ValueError, match=r"vicuna: not the expected model \(\d+ weights missing, e.g. \['embeddings"):
+        coin.assemble_llava15(vicuna, vicuna, bin_path, str(tmp_path / "out"))  # a Llama where CLIP belongs
+    assert not os.path.exists(tmp_path / "out")
