@@ -153,7 +153,7 @@ class Config:
     resume: bool = True
     save_every: int = 0                   # mid-stage checkpoint every N optimizer steps (0 = only on Ctrl-C)
     stage0: bool = False                  # pretrain the tiny base on CoIN-mini's caption corpus instead
-    stage0_epochs: int = 4                # stage 0: full fine-tuning of the whole tiny model on captions
+    stage0_epochs: int = 5                # stage 0: full fine-tuning of the whole tiny model on captions
     stage0_lr: float = 1e-3               # with a cosine schedule
 
 
