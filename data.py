@@ -268,6 +268,10 @@ def image_mean_rgb(processor):
 # -----------------------------------------------------------------------------
 # Training dataset: tokenised prompt + answer, labels on the answer (and eos) only
 
+# tensors a processor returns with one value per token, padded like input_ids (with 0) rather than concatenated
+PER_TOKEN = ("mm_token_type_ids", "token_type_ids")
+
+
 class InstructionDataset(torch.utils.data.Dataset):
     def __init__(self, examples, processor, image_dir, max_len=2048):
         self.examples, self.processor, self.image_dir, self.max_len = examples, processor, image_dir, max_len
@@ -288,7 +292,8 @@ class InstructionDataset(torch.utils.data.Dataset):
             enc = self.processor(text=prompt, return_tensors="pt")
         # the image tensors, with a leading image (LLaVA: pixel_values (1, 3, H, W)) or patch dimension (Qwen2-VL:
         # pixel_values (patches, C * t * p * p) and image_grid_thw (1, 3)); collate concatenates them along it
-        images = {k: v for k, v in enc.items() if k not in ("input_ids", "attention_mask")} if has_image else {}
+        images = {k: v for k, v in enc.items() if k not in ("input_ids", "attention_mask", *PER_TOKEN)} if has_image \
+            else {}
         prompt_ids = enc["input_ids"][0]
         answer_ids = self.tok(answer_text(ex["answer"], self.processor), add_special_tokens=False,
                               return_tensors="pt")["input_ids"][0]
@@ -298,7 +303,12 @@ class InstructionDataset(torch.utils.data.Dataset):
         ids = torch.cat([prompt_ids, answer_ids])[: self.max_len]
         labels = ids.clone()
         labels[: len(prompt_ids)] = -100  # no loss on the prompt
-        return {"input_ids": ids, "labels": labels, "pixel_values": images.pop("pixel_values", None), **images}
+        # per-token tensors beside input_ids (Qwen2-VL: mm_token_type_ids, 1 on image tokens, for its 3D rope), with
+        # or without an image: the answer tokens are text (0)
+        per_token = {k: torch.cat([enc[k][0], torch.zeros_like(answer_ids)])[: self.max_len]
+                     for k in PER_TOKEN if k in enc}
+        return {"input_ids": ids, "labels": labels, "pixel_values": images.pop("pixel_values", None), **images,
+                **per_token}
 
 
 def collate(batch, pad_id):
@@ -312,6 +322,10 @@ def collate(batch, pad_id):
         L = len(b["input_ids"])
         ids[i, :L], labels[i, :L], mask[i, :L] = b["input_ids"], b["labels"], 1
     out = {"input_ids": ids, "labels": labels, "attention_mask": mask}
+    for key in {k for b in batch for k in b if k in PER_TOKEN}:
+        out[key] = torch.zeros((len(batch), n), dtype=torch.long)  # (B, T)
+        for i, b in enumerate(batch):
+            out[key][i, :len(b[key])] = b[key]
     for key in {k for b in batch for k in b} - out.keys():
         parts = [b[key] for b in batch if b.get(key) is not None]
         out[key] = torch.cat(parts) if parts else None

@@ -1,5 +1,6 @@
 """Real scale on tiny stand-ins: the official data layout and its check, --skip_bad, the baselines (multi-task, data
-fraction), the batch table and gradient checkpointing. Everything here is written by the tests themselves."""
+fraction, zero-shot), the batch table, gradient checkpointing, the LLaVA-1.5 base assembly and a second backbone
+family (Qwen2-VL). Everything here is written by the tests themselves."""
 import json
 import os
 import shutil
@@ -8,6 +9,7 @@ import sys
 
 import pytest
 import torch
+import transformers
 from transformers import AutoProcessor
 
 import coin
@@ -254,3 +256,129 @@ def test_assembly_checks_every_name_and_shape(llava15_parts, tmp_path):
     with pytest.raises(ValueError, match=r"vicuna: not the expected model \(\d+ weights missing, e.g. \['embeddings"):
         coin.assemble_llava15(vicuna, vicuna, bin_path, str(tmp_path / "out"))  # a Llama where CLIP belongs
     assert not os.path.exists(tmp_path / "out")
+
+
+# -----------------------------------------------------------------------------
+# Another family: a tiny random Qwen2-VL (3D rope over image patches, a patch merger as projector, ChatML prompts)
+
+# ChatML as Qwen2-VL's template writes it: an image item becomes <|vision_start|><|image_pad|><|vision_end|>, which
+# the processor expands to one <|image_pad|> per merged patch
+CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{% if m['content'] is string %}{{ m['content'] }}"
+          "{% else %}{% for c in m['content'] %}{% if c['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
+          "{% else %}{{ c['text'] }}{% endif %}{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
+          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+QWEN_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>",
+                 "<|video_pad|>"]
+
+
+def qwen2vl_processor_class():
+    """Qwen2VLProcessor, or without torchvision the same processor minus its video part. Its video processor needs
+    torchvision, which has no CPU build to go with a CPU torch: there the test registers this image-only subclass
+    (CoIN has no videos); everything else (image processor, tokenizer, template, model) is Qwen2-VL's own."""
+    from transformers import Qwen2VLConfig, Qwen2VLProcessor
+    try:
+        import torchvision  # noqa: F401
+        return Qwen2VLProcessor
+    except ImportError:
+        pass
+
+    class ImageOnlyQwen2VLProcessor(Qwen2VLProcessor):
+        def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
+            super().__init__(image_processor, tokenizer, None, chat_template=chat_template, **kwargs)
+
+    AutoProcessor.register(Qwen2VLConfig, ImageOnlyQwen2VLProcessor, exist_ok=True)
+    return ImageOnlyQwen2VLProcessor
+
+
+@pytest.fixture(scope="module")
+def tiny_qwen2vl(mini_data, tmp_path_factory):
+    """A random Qwen2VLForConditionalGeneration (2 text layers of d64, a 2-layer d32 vision tower, patch 14, 2 x 2
+    merge) with its processor, saved as a model directory: CoIN-mini's 48 px images become 56 x 56, 16 patches, 4 image
+    tokens. Tokenizer: byte-level BPE with Qwen's special tokens, eos <|im_end|> (the end of a ChatML turn)."""
+    from transformers import (PreTrainedTokenizerFast, Qwen2VLConfig, Qwen2VLForConditionalGeneration,
+                              Qwen2VLImageProcessor)
+    torch.manual_seed(0)
+    tok = PreTrainedTokenizerFast(tokenizer_object=byte_bpe(coin.corpus_texts(mini_data), QWEN_SPECIALS, 500),
+                                  eos_token="<|im_end|>", pad_token="<|endoftext|>")
+    cls = qwen2vl_processor_class()
+    parts = {"video_processor": transformers.Qwen2VLVideoProcessor()} if "video_processor" in cls.get_attributes() \
+        else {}
+    processor = cls(image_processor=Qwen2VLImageProcessor(min_pixels=28 * 28, max_pixels=56 * 56), tokenizer=tok,
+                    chat_template=CHATML, **parts)
+    ids = dict(zip(QWEN_SPECIALS, tok.convert_tokens_to_ids(QWEN_SPECIALS)))
+    config = Qwen2VLConfig(
+        text_config=dict(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                         # head_dim 16: 8 rotary frequencies split over (time, height, width)
+                         rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]},
+                         bos_token_id=None, eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"]),
+        vision_config=dict(depth=2, embed_dim=32, hidden_size=64, num_heads=2, patch_size=14, spatial_merge_size=2,
+                           temporal_patch_size=2),
+        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"])
+    model = Qwen2VLForConditionalGeneration(config)
+    model.generation_config.pad_token_id, model.generation_config.eos_token_id = ids["<|endoftext|>"], ids["<|im_end|>"]
+    out = str(tmp_path_factory.mktemp("tiny-qwen2vl"))
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+    return out
+
+
+def test_qwen2vl_trains_one_task_and_evaluates(tiny_qwen2vl, mini_data, tmp_path):
+    """The same loop on a Qwen2-VL directory: adapters on exactly the language model's linears (found by type), the
+    patch merger trained as the projector, ChatML prompts; the zero-shot row is the base's own answers."""
+    from transformers import AutoModelForImageTextToText
+    import eval as evaluate
+    out = tmp_path / "run"
+    coin.main([f"--data_dir={mini_data}", f"--base={tiny_qwen2vl}", f"--out={out}", "--tasks=ScienceQA",
+               "--max_train=16", "--max_test=6", "--micro_batch=8", "--eval_batch=3", "--max_new_tokens=3",
+               "--lora_r=4", "--experts=2", "--threads=1", "--grad_ckpt"])
+    res = json.load(open(out / "results.json"))
+    assert res["matrix"][0][0] is not None and set(res["zero_shot"]) == {"ScienceQA"}
+    sd = coin.load_file(str(out / "checkpoints" / "stage1-ScienceQA" / "adapter.safetensors"))
+    base = AutoModelForImageTextToText.from_pretrained(tiny_qwen2vl)
+    linears = {f"model.language_model.layers.{i}.{m}" for i in range(2) for m in (
+        "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj",
+        "mlp.down_proj")}
+    assert {k.rsplit(".", 1)[0].removesuffix(".router") for k in sd if not k.startswith("projector.")} == linears
+    merger = base.model.visual.merger.state_dict()
+    assert {k.removeprefix("projector.") for k in sd if k.startswith("projector.")} == set(merger)
+    assert any(not torch.equal(sd[f"projector.{k}"], v) for k, v in merger.items()), "the merger did not train"
+    # zero-shot: the wrapped model before training (B = 0) answers exactly as the plain base does
+    processor = AutoProcessor.from_pretrained(tiny_qwen2vl)
+    records = data.test_examples(mini_data, "ScienceQA")[:6]
+    assert records[0].get("image") and not records[1].get("image"), "text-only items and images mixed in one batch"
+    want = evaluate.generate(base, processor, records, os.path.join(mini_data, "images"), batch_size=3, max_new_tokens=3)
+    got = [json.loads(line) for line in open(out / "predictions" / "stage0-zeroshot" / "ScienceQA.jsonl")]
+    assert [r["text"] for r in got] == [r["text"] for r in want]
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2vl"])
+def test_padded_batches_equal_single_items(family, tiny_base, tiny_qwen2vl, mini_data):
+    """Collation and batched generation change nothing: each item's loss in a right-padded batch mixing text-only
+    items and images equals its loss alone, and left-padded batched greedy answers equal one-by-one answers. This is
+    where a family's extra tensors (Qwen2-VL: image_grid_thw, the per-token mm_token_type_ids of its 3D rope) and the
+    image features' order go wrong if they do."""
+    from transformers import AutoModelForImageTextToText
+    import eval as evaluate
+    base = {"llava": tiny_base, "qwen2vl": tiny_qwen2vl}[family]
+    model, processor = AutoModelForImageTextToText.from_pretrained(base).eval(), AutoProcessor.from_pretrained(base)
+    image_dir = os.path.join(mini_data, "images")
+    ds = data.InstructionDataset(data.train_examples(mini_data, "ScienceQA")[:4], processor, image_dir)
+    assert [ds.examples[i]["image"] is None for i in range(4)] == [True, False, False, False]
+
+    def item_losses(items):
+        batch = data.collate(items, processor.tokenizer.pad_token_id)
+        labels = batch.pop("labels")
+        with torch.no_grad():
+            logits = model(**{k: v for k, v in batch.items() if v is not None}).logits  # (B, T, vocab)
+        ce = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), labels[:, 1:], reduction="none")
+        return ce.sum(1)  # (B,)
+
+    together = item_losses([ds[i] for i in range(4)])
+    alone = torch.cat([item_losses([ds[i]]) for i in range(4)])
+    torch.testing.assert_close(together, alone, rtol=1e-4, atol=1e-4)
+    records = data.test_examples(mini_data, "ScienceQA")[:4]
+    answers = [[r["text"] for r in evaluate.generate(model, processor, records, image_dir, batch_size=b,
+                                                     max_new_tokens=4)] for b in (4, 1)]
+    assert answers[0] == answers[1]
