@@ -36,4 +36,45 @@ phase "4. MoELoRA, 8 stages"
 python eval.py --compare=out/lora,out/moelora
 
 phase "5. comparison"
+
+# --- 6. The study (issue 6): the paper's findings with error bars; runs only with `STUDY=1 bash run.sh` or
+# `bash run.sh study`.
+# 7 runs x 3 seeds into out/study/<method>-s<seed>: multi-task, sequential LoRA (E = 1), MoELoRA E = 2, 4, 8 at the same
+# total rank (r = 16), and LoRA with the Diverse and 10Type instruction sets (LoRA Original is shared). Zero-shot is
+# the base, which every run scores before its first stage (results.json: zero_shot), so it needs no run of its own.
+# Two runs at a time, one thread each. Interrupted? Run the same command again: every run resumes into its folder
+# (a finished one is read back in seconds). Sizes are settings of the runs: to change STUDY_MAX_TRAIN use another
+# STUDY_OUT. Each run logs to <out>/<run>/log.txt; then eval.py writes out/study/study.md and study_curves.png.
+if [ "${STUDY:-0}" = 1 ] || [ "${1:-}" = study ]; then
+  STUDY_OUT=${STUDY_OUT:-out/study}                # one folder per run under it
+  STUDY_SEEDS=${STUDY_SEEDS:-"0 1 2"}
+  STUDY_MAX_TRAIN=${STUDY_MAX_TRAIN:-1500}         # train records per task (of 3000; 0 = all): the study's size
+  STUDY_JOBS=${STUDY_JOBS:-2}                      # runs at a time, --threads=1 each
+  STUDY_ARGS=${STUDY_ARGS:-}                       # more coin.py settings for every run, e.g. "--max_test=100"
+  study_runs=()
+  for s in $STUDY_SEEDS; do  # seed by seed, so a partial study already has every method
+    study_runs+=("multitask-s$s --multitask=true --experts=1 --seed=$s" "lora-s$s --experts=1 --seed=$s"
+                 "moelora-e2-s$s --experts=2 --seed=$s" "moelora-e4-s$s --experts=4 --seed=$s"
+                 "moelora-e8-s$s --experts=8 --seed=$s" "lora-diverse-s$s --experts=1 --instructions=Diverse --seed=$s"
+                 "lora-10type-s$s --experts=1 --instructions=10Type --seed=$s")
+  done
+  study_run() {  # <run name> <coin.py settings...>: one run, its output to its log
+    local out="$STUDY_OUT/$1"; shift
+    mkdir -p "$out"
+    echo "study: $(basename "$out") started"
+    # shellcheck disable=SC2086  # STUDY_ARGS: several settings, split on spaces
+    if python coin.py --tasks=all --lora_r=16 --lora_dropout=0 --threads=1 --max_train="$STUDY_MAX_TRAIN" \
+         --out="$out" "$@" $STUDY_ARGS >> "$out/log.txt" 2>&1; then
+      echo "study: $(basename "$out") done"
+    else
+      echo "study: $(basename "$out") FAILED, see $out/log.txt" >&2; return 1
+    fi
+  }
+  export -f study_run; export STUDY_OUT STUDY_MAX_TRAIN STUDY_ARGS
+  study_failed=0
+  printf '%s\n' "${study_runs[@]}" | xargs -P "$STUDY_JOBS" -L 1 bash -c 'study_run "$@"' _ || study_failed=1
+  python eval.py --study="$STUDY_OUT"  # the tables over seeds, the claims, the plot: unfinished runs are left out
+  [ "$study_failed" = 0 ] || echo "some study runs failed (above): run the same command again to resume them" >&2
+  phase "6. study (${#study_runs[@]} runs)"
+fi
 printf "\nWall time by section:\n${PHASES}total %34d s\n" $(( $(date +%s) - TSTART ))
