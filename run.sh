@@ -42,8 +42,9 @@ phase "5. comparison"
 # 7 runs x 3 seeds into out/study/<method>-s<seed>: multi-task, sequential LoRA (E = 1), MoELoRA E = 2, 4, 8 at the same
 # total rank (r = 16), and LoRA with the Diverse and 10Type instruction sets (LoRA Original is shared). Zero-shot is
 # the base, which every run scores before its first stage (results.json: zero_shot), so it needs no run of its own.
-# Two runs at a time, one thread each. Interrupted? Run the same command again: every run resumes into its folder
-# (a finished one is read back in seconds). Sizes are settings of the runs: to change STUDY_MAX_TRAIN use another
+# Two runs at a time, one thread each: ~21/2 times one run, roughly 30-50 min on 2 cores at 1500 records per task
+# (estimated from single runs, not yet timed whole). Interrupted? Run the same command again: every run resumes into its
+# folder (a finished one is read back in ~10 s). Sizes are settings of the runs: to change STUDY_MAX_TRAIN use another
 # STUDY_OUT. Each run logs to <out>/<run>/log.txt; then eval.py writes out/study/study.md and study_curves.png.
 if [ "${STUDY:-0}" = 1 ] || [ "${1:-}" = study ]; then
   STUDY_OUT=${STUDY_OUT:-out/study}                # one folder per run under it
