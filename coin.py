@@ -117,7 +117,8 @@ class Config:
                                           # by default a bad record stops the run before any work, naming its file
     multitask: bool = False               # the multi-task baseline: one stage on the union of all train sets
     # --- model
-    base: str = "assets/tiny-llava"       # a Hugging Face LLaVA directory (the pretrain-only base)
+    base: str = "assets/tiny-llava"       # any Hugging Face image-text-to-text model directory (CoIN: the
+                                          # pretrain-only LLaVA-1.5, `python coin.py assemble`; or Qwen2-VL, ...)
     dtype: str = "float32"                # float32 | bfloat16 (7B on GPUs: bfloat16, as the official runs)
     attn: str = "sdpa"                    # attention kernel: sdpa (PyTorch's fused attention) | eager
     grad_ckpt: bool = False               # gradient checkpointing: recompute activations in backward (7B on GPUs: on)
@@ -230,7 +231,13 @@ def compute_init(cfg):
             # ones' addresses from it and fail to connect (pytorch/pytorch#135712): each restart gets its own keys
             store = dist.PrefixStore(f"restart{os.environ['TORCHELASTIC_RESTART_COUNT']}",
                                      dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world))
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=store, rank=rank, world_size=world)
+        # on GPUs nccl sums the gradients; the step's token count and loss are CPU tensors, which nccl cannot reduce
+        dist.init_process_group("cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo", store=store, rank=rank,
+                                world_size=world)
+    if device.type == "cuda":
+        # the adapter computes in fp32 on a bf16 base: TF32 tensor cores instead of plain fp32 (~8x the FLOP rate on
+        # A100/H100), still finer than the bf16 the official DeepSpeed runs compute the adapter in
+        torch.backends.cuda.matmul.allow_tf32 = True
     torch.set_num_threads(cfg.threads or max(1, (os.cpu_count() or 1) // world))
     return rank, world, device
 
@@ -244,6 +251,18 @@ def all_reduce_(t):
     if dist.is_initialized():
         dist.all_reduce(t)
     return t
+
+
+def all_reduce_grads(params):
+    """Sum the gradients of `params` over ranks with one collective, through one flat fp32 buffer: the adapter's are
+    fp32, a bf16 base's projector's bf16, and each goes back in its own dtype. A missing gradient counts as zeros."""
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.flatten().float() for g in grads])
+    dist.all_reduce(flat)
+    off = 0
+    for p, g in zip(params, grads):
+        p.grad = flat[off:off + g.numel()].view_as(g).to(g.dtype, copy=True)
+        off += g.numel()
 
 
 # -----------------------------------------------------------------------------
@@ -313,14 +332,8 @@ def train_one_task(model, dataset, params, cfg, rank, world, device, seed, desc,
                 ce = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), reduction="sum")
                 (ce / n_tokens).backward()
                 loss_sum += ce.detach().cpu()
-            grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
             if world > 1:
-                flat = torch.cat([g.flatten() for g in grads])
-                dist.all_reduce(flat)  # sum over ranks: each rank already divided by the global token count
-                off = 0
-                for p, g in zip(params, grads):
-                    p.grad = flat[off:off + g.numel()].view_as(g).clone()
-                    off += g.numel()
+                all_reduce_grads(params)  # a sum: each rank already divided by the global batch's token count
             loss = all_reduce_(loss_sum)[0].item() / n_tokens.item()
             if not math.isfinite(loss):  # raise before the step: no weight and no checkpoint sees it
                 kept = midstage if midstage and os.path.exists(midstage) else "the previous stage's"

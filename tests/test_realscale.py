@@ -142,6 +142,24 @@ def test_global_batch_table_sets_grad_accum():
         coin.parse_config(["--global_batch=big"])
 
 
+def test_gradient_all_reduce_keeps_each_dtype(tmp_path):
+    """A bf16 base on several GPUs: the projector's gradients are bf16, the adapter's fp32. They are summed in one fp32
+    buffer and each goes back in its own dtype (assigning the fp32 sum to a bf16 parameter's .grad is an error)."""
+    import torch.distributed as dist
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        adapter, proj, unused = (torch.nn.Parameter(torch.zeros(3)),
+                                 torch.nn.Parameter(torch.zeros(2, 2, dtype=torch.bfloat16)),
+                                 torch.nn.Parameter(torch.zeros(2)))
+        adapter.grad, proj.grad = torch.tensor([1.0, 2.0, 3.0]), torch.full((2, 2), 0.5, dtype=torch.bfloat16)
+        coin.all_reduce_grads([adapter, proj, unused])
+    finally:
+        dist.destroy_process_group()
+    assert (adapter.grad.dtype, proj.grad.dtype, unused.grad.dtype) == (torch.float32, torch.bfloat16, torch.float32)
+    assert adapter.grad.tolist() == [1.0, 2.0, 3.0] and proj.grad.tolist() == [[0.5, 0.5], [0.5, 0.5]]
+    assert unused.grad.tolist() == [0.0, 0.0]  # every rank steps every parameter, in sync
+
+
 def test_gradient_checkpointing_gives_the_same_gradients(mini_data, tiny_base):
     """--grad_ckpt on the frozen base + adapters: the adapters still get gradients (non-reentrant checkpointing), the
     same ones as without it, dropout included (the recomputed forward redraws the same masks)."""
