@@ -41,7 +41,7 @@ phase "5. comparison"
 # `bash run.sh study`.
 # 7 runs x 3 seeds into out/study/<method>-s<seed>: multi-task, sequential LoRA (E = 1), MoELoRA E = 2, 4, 8 at the same
 # total rank (r = 16), and LoRA with the Diverse and 10Type instruction sets (LoRA Original is shared). Zero-shot is
-# the base, which every run scores before its first stage (results.json: zero_shot), so it needs no run of its own.
+# the base, which the LoRA runs score before their first stage (results.json: zero_shot; the others skip it: same base).
 # Two runs at a time, one thread each: ~21/2 times one run, roughly 30-50 min on 2 cores at 1500 records per task
 # (estimated from single runs, not yet timed whole). Interrupted? Run the same command again: every run resumes into its
 # folder (a finished one is read back in ~10 s). Sizes are settings of the runs: to change STUDY_MAX_TRAIN use another
@@ -54,9 +54,9 @@ if [ "${STUDY:-0}" = 1 ] || [ "${1:-}" = study ]; then
   STUDY_ARGS=${STUDY_ARGS:-}                       # more coin.py settings for every run, e.g. "--max_test=100"
   study_runs=()
   for s in $STUDY_SEEDS; do  # seed by seed, so a partial study already has every method
-    study_runs+=("multitask-s$s --multitask=true --experts=1 --seed=$s" "lora-s$s --experts=1 --seed=$s"
-                 "moelora-e2-s$s --experts=2 --seed=$s" "moelora-e4-s$s --experts=4 --seed=$s"
-                 "moelora-e8-s$s --experts=8 --seed=$s" "lora-diverse-s$s --experts=1 --instructions=Diverse --seed=$s"
+    study_runs+=("multitask-s$s --multitask=true --experts=1 --seed=$s --zero_shot=false" "lora-s$s --experts=1 --seed=$s"
+                 "moelora-e2-s$s --experts=2 --seed=$s --zero_shot=false" "moelora-e4-s$s --experts=4 --seed=$s --zero_shot=false"
+                 "moelora-e8-s$s --experts=8 --seed=$s --zero_shot=false" "lora-diverse-s$s --experts=1 --instructions=Diverse --seed=$s"
                  "lora-10type-s$s --experts=1 --instructions=10Type --seed=$s")
   done
   study_run() {  # <run name> <coin.py settings...>: one run, its output to its log
