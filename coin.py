@@ -101,7 +101,7 @@ def corpus_texts(data_dir):
 
 
 # -----------------------------------------------------------------------------
-# Config: one setting a line; override any with --key=value (unknown keys and wrong types are errors)
+# Config: one setting a line; override any with --key=value or --key value (unknown keys and wrong types are errors)
 
 @dataclasses.dataclass
 class Config:
@@ -160,9 +160,11 @@ class Config:
 
 def parse_config(argv):
     cfg, fields = Config(), {f.name: f for f in dataclasses.fields(Config)}
-    for arg in argv:
+    args = list(argv)
+    while args:
+        arg = args.pop(0)
         if arg in ("-h", "--help"):
-            print(__doc__ + "\nSettings (--key=value):")
+            print(__doc__ + "\nSettings (--key=value or --key value):")
             for f in fields.values():
                 print(f"  --{f.name}={getattr(cfg, f.name)!r}")
             sys.exit(0)
@@ -172,11 +174,16 @@ def parse_config(argv):
             raise SystemExit(f"unknown setting {arg!r}" + (f" (did you mean {', '.join('--' + c for c in close)}?)"
                                                           if close else "; see python coin.py --help"))
         typ = type(getattr(cfg, key))
+        if not eq and args and not args[0].startswith("--") and (
+                typ is not bool or args[0].lower() in ("1", "true", "0", "false")):
+            eq, val = "=", args.pop(0)  # --key value, as torchrun users type it (--tasks all)
         if typ is bool:
             if val.lower() not in ("", "1", "true", "0", "false"):
                 raise SystemExit(f"--{key} takes true/false, not {val!r}")
             setattr(cfg, key, not eq or val.lower() in ("1", "true"))
             continue
+        if not eq:
+            raise SystemExit(f"--{key} needs a value: --{key}=VALUE or --{key} VALUE")
         try:
             setattr(cfg, key, typ(val))
         except ValueError:

@@ -24,6 +24,13 @@ def test_config_overrides_and_rejections():
         coin.parse_config(["--tasks=GQA,Foo"])
     with pytest.raises(SystemExit, match="--schedule='linear': choose from constant, cosine"):
         coin.parse_config(["--schedule=linear"])
+    # the space-separated form too, as in `torchrun coin.py --tasks all`; a bare bool flag stays a flag
+    cfg = coin.parse_config(["--tasks", "all", "--experts", "4", "--stage0", "--zero_shot", "false", "--resume"])
+    assert (cfg.tasks, cfg.experts, cfg.stage0, cfg.zero_shot, cfg.resume) == ("all", 4, True, False, True)
+    with pytest.raises(SystemExit, match="--experts needs a value"):
+        coin.parse_config(["--experts"])
+    with pytest.raises(SystemExit, match="unknown setting 'all'"):
+        coin.parse_config(["--stage0", "all"])
 
 
 def test_global_batches_cover_each_epoch_once():
