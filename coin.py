@@ -551,6 +551,21 @@ def projector(model):
                      "add its module name to coin.PROJECTORS")
 
 
+def train_in_fp32(module):
+    """Keep a trainable module of a bf16 model in fp32 (master weights, as DeepSpeed's bf16 mode keeps them: a 2e-4
+    AdamW step is below bf16's resolution for most weights, so bf16 weights would mostly not move). Its inputs are
+    cast to fp32 on the way in, its output back to the model's dtype on the way out."""
+    out_dtype = next(module.parameters()).dtype
+    if out_dtype == torch.float32:
+        return
+    module.float()
+    module.register_forward_pre_hook(lambda m, args, kwargs: (
+        tuple(a.float() if torch.is_tensor(a) and a.is_floating_point() else a for a in args),
+        {k: v.float() if torch.is_tensor(v) and v.is_floating_point() else v for k, v in kwargs.items()}),
+        with_kwargs=True)
+    module.register_forward_hook(lambda m, args, out: out.to(out_dtype) if torch.is_tensor(out) else out)
+
+
 def load_processor(cfg):
     if not os.path.isdir(cfg.base):
         raise SystemExit(f"--base={cfg.base}: no such model directory (the embedded default is made by "
@@ -806,6 +821,8 @@ def main(argv):
     mark_only_moelora_trainable(model)
     for p in projector(model).parameters():
         p.requires_grad_(cfg.train_projector)
+    if cfg.train_projector:
+        train_in_fp32(projector(model))  # the adapters are fp32 already (moelora.py)
     model.to(device)
     params = [p for p in model.parameters() if p.requires_grad]
     print0(f"MoELoRA E={cfg.experts} r={cfg.lora_r} on {len(wrapped)} linears; trainable "

@@ -160,6 +160,27 @@ def test_gradient_all_reduce_keeps_each_dtype(tmp_path):
     assert unused.grad.tolist() == [0.0, 0.0]  # every rank steps every parameter, in sync
 
 
+def test_bf16_base_trains_its_projector_in_fp32(mini_data, tiny_base, tmp_path):
+    """--dtype=bfloat16: the frozen base is bf16, the trainable projector fp32 master weights (a small AdamW step is
+    lost in bf16), fed bf16 features and handing bf16 back; the whole loop runs and the saved projector moved."""
+    import safetensors.torch
+    coin.main([f"--data_dir={mini_data}", f"--base={tiny_base}", f"--out={tmp_path / 'run'}", "--tasks=VQAv2",
+               "--dtype=bfloat16", "--max_train=16", "--max_test=4", "--micro_batch=8", "--eval_batch=4",
+               "--max_new_tokens=3", "--lora_r=4", "--experts=2", "--threads=1", "--zero_shot=false"])
+    ckpt = safetensors.torch.load_file(str(tmp_path / "run" / "checkpoints" / "stage1-VQAv2" / "adapter.safetensors"))
+    proj = {k: v for k, v in ckpt.items() if k.startswith("projector.")}
+    assert proj and all(v.dtype == torch.float32 for v in proj.values())
+    from transformers import LlavaForConditionalGeneration
+    base = LlavaForConditionalGeneration.from_pretrained(tiny_base).model.multi_modal_projector.state_dict()
+    moved = [(v - base[k.removeprefix("projector.")].float()).abs().max().item() for k, v in proj.items()]
+    assert max(moved) > 0  # it trained
+    assert json.load(open(tmp_path / "run" / "results.json"))["matrix"][0][0] is not None
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4)).bfloat16()
+    coin.train_in_fp32(model)
+    y = model(torch.randn(2, 4, dtype=torch.bfloat16))
+    assert y.dtype == torch.bfloat16 and model[0].weight.dtype == torch.float32
+
+
 def test_gradient_checkpointing_gives_the_same_gradients(mini_data, tiny_base):
     """--grad_ckpt on the frozen base + adapters: the adapters still get gradients (non-reentrant checkpointing), the
     same ones as without it, dropout included (the recomputed forward redraws the same masks)."""
