@@ -54,12 +54,18 @@ class MoELoRALinear(nn.Module):
             # This costs E masks of x's size per step, as the official loop does; one shared mask would not.
             hx = F.dropout(h.expand(E, *h.shape), self.dropout)  # (E, ..., d_in)
             z = torch.einsum("e...d,erd->...er", hx, self.lora_A.view(E, re, -1))  # (..., E, r/E)
-        else:  # p = 0 or eval: no dropout work, one product for all experts' A_i x
-            z = (h @ self.lora_A.t()).unflatten(-1, (E, re))  # (..., E, r/E)
-        if self.router is None:
+            logits = None if self.router is None else self.router(h)  # (..., E)
+        elif self.router is None:  # p = 0 or eval: no dropout work, one product for all experts' A_i x
+            z, logits = (h @ self.lora_A.t()).unflatten(-1, (E, re)), None  # (..., E, r/E)
+        else:
+            # the router's E rows ride along with A's r rows: one pass over x (a memory-bound read at these shapes)
+            # instead of two, forward and backward; the (r + E, d_in) copy is small next to x
+            zl = h @ torch.cat([self.lora_A, self.router.weight]).t()  # (..., r + E)
+            z, logits = zl[..., :self.r].unflatten(-1, (E, re)), zl[..., self.r:]  # (..., E, r/E), (..., E)
+        if logits is None:
             z = z * self.scaling
         else:
-            g = F.softmax(self.router(h), dim=-1)  # (..., E): dense gates, one per expert and token
+            g = F.softmax(logits, dim=-1)  # (..., E): dense gates, one per expert and token
             z = z * (g * self.scaling).unsqueeze(-1)  # (..., E, r/E): = * repeat_interleave(g, r/E), no copy
         return y + (z.flatten(-2) @ self.lora_B.t()).to(y.dtype)  # (..., d_out)
 
