@@ -4,8 +4,8 @@ two adapters, against this machine's matmul peak measured in the same run:
 
 - models: the embedded tiny LLaVA (built from config, random weights) and a ~100M-parameter LLaVA-shaped model
   (CLIP d384 x 6 on 112 px, Llama d768 x 12, 32k vocabulary), both random-initialised: no download;
-- adapters: plain LoRA (E=1) and MoELoRA (E=8), r=16 on the tiny model and r=128 on the 100M one, on every
-  language-model linear, projector trainable, as coin.py trains them.
+- adapters: plain LoRA (E=1) and MoELoRA (E=8), r=16 on the tiny model and r=24 on the 100M one (r/d as LLaVA-7B's),
+  on every language-model linear, projector trainable, as coin.py trains them.
 
 Prints tokens/s, achieved FLOP/s (matmul FLOPs of the step counted by torch's FlopCounterMode) as a fraction of
 the peak of one large torch.mm, and the adapter's share of the step (step time with the adapter minus the same step
@@ -30,7 +30,7 @@ from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForCon
 
 SIZES = {  # name: (vision d, layers, image px, patch, text d, layers, vocab, micro batch, text tokens, r)
     "tiny": (128, 4, 48, 8, 128, 4, 1000, 16, 40, 16),
-    "100m": (384, 6, 112, 14, 768, 12, 32000, 8, 64, 128),
+    "100m": (384, 6, 112, 14, 768, 12, 32000, 8, 64, 24),  # r/d = 24/768 ~ LLaVA-7B's 128/4096
 }
 
 
@@ -101,8 +101,9 @@ def main(argv):
     peak = matmul_peak()
     print(f"matmul peak (2048^3 fp32 torch.mm, {opts['threads']} threads): {peak / 1e9:.1f} GFLOP/s; "
           f"adapter dropout {opts['dropout']}")
-    print("| model | params | adapter | tokens/step | step ms | tokens/s | GFLOP/step | % of peak | adapter share |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| model | params | adapter | tokens/step | step ms | tokens/s | GFLOP/step | % of peak | adapter share "
+          "of time | of FLOPs |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for size in [s for s in SIZES if not opts["only"] or s == opts["only"]]:
         variants = (("none", 0), ("LoRA E=1", 1), ("MoELoRA E=8", 8))
         runs = {name: prepare(size, e, opts["dropout"]) for name, e in variants}
@@ -123,7 +124,8 @@ def main(argv):
         base_t = statistics.median(times["none"])
         for name in runs:
             t = statistics.median(times[name])
-            share = "-" if name == "none" else f"{100 * (t - base_t) / t:.1f}%"
+            share = "- | -" if name == "none" else (f"{100 * (t - base_t) / t:.1f}% | "
+                                                    f"{100 * (flops[name] - flops['none']) / flops[name]:.1f}%")
             print(f"| {size} | {n_params / 1e6:.1f}M | {name} | {tokens} | {1e3 * t:.0f} | {tokens / t:,.0f} | "
                   f"{flops[name] / 1e9:.2f} | {100 * flops[name] / t / peak:.0f}% | {share} |")
         del runs
