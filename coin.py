@@ -444,12 +444,6 @@ def read_json_file(path):
         raise SystemExit(f"{path}: unreadable ({e}); delete it to redo what it recorded") from None
 
 
-def write_json_file(path, obj):
-    with open(path + ".tmp", "w") as f:
-        json.dump(obj, f, indent=1)
-    os.replace(path + ".tmp", path)
-
-
 def trainable_state_dict(model):
     sd = moelora_state_dict(model)
     sd.update({f"projector.{k}": v for k, v in projector(model).state_dict().items()})
@@ -471,7 +465,7 @@ def save_checkpoint(model, stage_dir, meta):
     finite_or_raise(sd, path, meta["step"])
     save_file(sd, path + ".tmp")
     os.replace(path + ".tmp", path)
-    write_json_file(os.path.join(stage_dir, "meta.json"), meta)
+    data.write_json(os.path.join(stage_dir, "meta.json"), meta)
     if os.path.exists(os.path.join(stage_dir, MIDSTAGE)):
         os.remove(os.path.join(stage_dir, MIDSTAGE))
 
@@ -588,7 +582,7 @@ def load_base(cfg, device):
 def evaluate_stage(model, processor, judge, cfg, test_sets, rank, world, stage_name):
     """Generate and score every task of `test_sets` ({task: test records}); returns {task: (instruction following,
     general knowledge)}."""
-    image_dir = cfg.image_dir or os.path.join(cfg.data_dir, "images")
+    image_dir = data.image_root(cfg.data_dir, cfg.image_dir)
     scores = {}
     for task, records in test_sets.items():
         preds = evaluate.generate(model, processor, records, image_dir, batch_size=cfg.eval_batch,
@@ -694,7 +688,7 @@ def pretrain_base(cfg, rank, world, device):
         dist.barrier()
     model, processor = load_base(cfg, device)
     examples = data.train_examples(cfg.data_dir, "Stage0", cfg.instructions)
-    ds = data.InstructionDataset(examples, processor, cfg.image_dir or os.path.join(cfg.data_dir, "images"))
+    ds = data.InstructionDataset(examples, processor, data.image_root(cfg.data_dir, cfg.image_dir))
     params = [p for p in model.parameters()]
     t0 = time.time()
     losses = train_one_task(model, ds, params, cfg, rank, world, device, cfg.seed, "stage-0 captions")
@@ -715,7 +709,7 @@ def read_inputs(cfg, tasks, processor):
     now, naming the file, or with --skip_bad is dropped, counted and reported. (A corrupt image fails when it is read,
     naming the file: opening every image here would take minutes at CoIN's size; `data.py check` does.)
     Then --data_fraction (seeded per task) and --max_train / --max_test. Returns ({task: train}, {task: test}, dropped)."""
-    image_dir = cfg.image_dir or os.path.join(cfg.data_dir, "images")
+    image_dir = data.image_root(cfg.data_dir, cfg.image_dir)
     checked = data.check_tasks(cfg.data_dir, tasks, cfg.instructions, image_dir, open_images=False, processor=processor)
     for path, good, problems in checked.values():
         if not good and not problems:
@@ -804,7 +798,7 @@ def main(argv):
         return pretrain_base(cfg, rank, world, device)
     tasks = data.parse_tasks(cfg.tasks)
     stages = plan_stages(cfg, tasks)
-    image_dir = cfg.image_dir or os.path.join(cfg.data_dir, "images")
+    image_dir = data.image_root(cfg.data_dir, cfg.image_dir)
     # read and check every file first (processor only: a 7B model takes minutes to load): a problem fails now
     train_sets, test_sets, dropped = read_inputs(cfg, tasks, load_processor(cfg))
     model, processor = load_base(cfg, device)

@@ -223,7 +223,7 @@ def check_table(checked):
 def check_main(argv):
     """`python data.py check --data=ROOT`: records per task and split, and every bad record; exit 1 on any."""
     opts = parse_options(argv, {"data": "data/coin-mini", "instructions": "Original", "image_dir": "", "tasks": "all"})
-    image_dir = opts["image_dir"] or os.path.join(opts["data"], "images")
+    image_dir = image_root(opts["data"], opts["image_dir"])
     checked, unreadable = {}, []
     for task in parse_tasks(opts["tasks"]):
         try:
@@ -238,6 +238,11 @@ def check_main(argv):
     print(f"{n} problem(s)" if n else "no problems", f"in {opts['data']} (--instructions={opts['instructions']}, "
           f"--image_dir={image_dir})")
     return 1 if n else 0
+
+
+def image_root(data_dir, image_dir=""):
+    """Where records' relative image paths start: --image_dir, or <data_dir>/images (CoIN-mini's layout)."""
+    return image_dir or os.path.join(data_dir, "images")
 
 
 def load_image(image_dir, rel):
@@ -482,14 +487,14 @@ def render_sign(rng, size, word):
 def render_book(rng, size, title, author, genre):
     img = Image.new("RGB", (size, size), GENRES[genre])
     d = ImageDraw.Draw(img)
-    # large type (a 1M-parameter reader needs it at 48 px), placed at random but never clipped
-    for text, font_px, y, color in ((title, 16, rng.randint(0, 4), (255, 255, 255)),
-                                    (author, 15, size * 29 // 48 + rng.randint(0, 3), (20, 20, 20))):
+    def place(text, font_px, y, color):  # large type (a 1M-parameter reader needs it at 48 px), never clipped
         f = _font(size * font_px // 48)
-        if color != (255, 255, 255):
-            d.rectangle([0, size * 27 // 48, size, size], fill=(235, 235, 225))  # the author's band
-        x = rng.randint(1, max(1, size - d.textbbox((0, 0), text, font=f)[2] - 1))
-        d.text((x, y), text, font=f, fill=color)
+        d.text((rng.randint(1, max(1, size - d.textbbox((0, 0), text, font=f)[2] - 1)), y), text, font=f, fill=color)
+
+    title_y, author_y = rng.randint(0, 4), size * 29 // 48 + rng.randint(0, 3)
+    place(title, 16, title_y, (255, 255, 255))
+    d.rectangle([0, size * 27 // 48, size, size], fill=(235, 235, 225))  # the author's band
+    place(author, 15, author_y, (20, 20, 20))
     return img
 
 
@@ -686,7 +691,8 @@ def stage0_item(rng, size):
                              ("Who wrote this book?", f"This book was written by {a}."),
                              ("What is written on the cover?", f"The cover says {t} and, below, {a}.")])
         return img, q, ans
-    if kind in ("big", "blur") and rng.random() < 0.5 or kind == "big":
+    # a big object: always for "big", half the time for "blur" (the coin is tossed for both kinds)
+    if kind in ("big", "blur") and (rng.random() < 0.5 or kind == "big"):
         o = big_object(rng, size, shift=4)
         img = render_scene(rng, size, [o])
         if kind == "blur":
@@ -736,12 +742,12 @@ def stage0_item(rng, size):
     return img, f"What is {r} the {_name(b)}?", f"There is {ans} {r} the {_name(b)}."
 
 
-def _dump(path, obj):
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
+def write_json(path, obj):
+    """Write obj as JSON to path atomically (to path.tmp, then renamed): a kill leaves the old file or the new one."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path + ".tmp", "w") as f:
         json.dump(obj, f, indent=1)
-    os.replace(tmp, path)
+    os.replace(path + ".tmp", path)
 
 
 def generate_mini(out, n_train=3000, n_test=200, n_stage0=40000, size=48, seed=0, progress=True):
@@ -788,10 +794,10 @@ def generate_mini(out, n_train=3000, n_test=200, n_stage0=40000, size=48, seed=0
                     ans = [it["answer"] if rng.random() < 0.9 else rng.choice(WORDS) for _ in range(10)]
                     textvqa_ann.append({"question_id": f"{task}_{split}_{i}", "answers": ans})
             for iset, recs in sets.items():
-                _dump(task_file(out, task, split, iset), recs)
+                write_json(task_file(out, task, split, iset), recs)
             if split == "test":
                 meta["chance"][task] = 100 * chance / n
-    _dump(os.path.join(out, "annotations", "TextVQA_0.5.1_val.json"), {"data": textvqa_ann})
+    write_json(os.path.join(out, "annotations", "TextVQA_0.5.1_val.json"), {"data": textvqa_ann})
     rng = random.Random(f"{seed}-stage0")
     os.makedirs(os.path.join(img_dir, "Stage0"), exist_ok=True)
     recs = []
@@ -804,8 +810,8 @@ def generate_mini(out, n_train=3000, n_test=200, n_stage0=40000, size=48, seed=0
             rec["conversations"][0]["value"] = f"{IMAGE_TOKEN}\n{q}"
         recs.append(rec)
     for iset in INSTRUCTIONS:
-        _dump(task_file(out, "Stage0", "train", iset), recs)
-    _dump(os.path.join(out, "coin_mini.json"), meta)
+        write_json(task_file(out, "Stage0", "train", iset), recs)
+    write_json(os.path.join(out, "coin_mini.json"), meta)
     return meta
 
 

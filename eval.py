@@ -621,9 +621,7 @@ def write_results(out_dir, tasks, if_matrix, gk_matrix, extra=None):
     clash = res.keys() & extra.keys()
     assert not clash, f"extra repeats results keys {sorted(clash)}"
     res.update(extra)
-    with open(os.path.join(out_dir, "results.json.tmp"), "w") as f:
-        json.dump(res, f, indent=1)
-    os.replace(os.path.join(out_dir, "results.json.tmp"), os.path.join(out_dir, "results.json"))
+    data.write_json(os.path.join(out_dir, "results.json"), res)
     with open(os.path.join(out_dir, "results.md"), "w") as f:
         f.write(md)
     return md
@@ -715,16 +713,27 @@ def read_study(root):
     return groups, shared, unfinished
 
 
+def _sequential(groups):
+    """The sequential methods with Original instructions (LoRA and MoELoRA E=2, 4, 8), by number of experts."""
+    return sorted(k for k in groups if not k[0] and k[2] == ORIGINAL)
+
+
+def _zero_shots(groups):
+    """The zero-shot rows ({'if': [...], 'gk': [...]}) of the Original-instruction runs that evaluated the base."""
+    return [r["zero_shot"] for k, runs in groups.items() if k[2] == ORIGINAL for r in runs if r["zero_shot"]]
+
+
 def _seeds(runs):
     return ",".join(str(r["seed"]) for r in sorted(runs, key=lambda r: r["seed"]))
 
 
 def study_main_table(groups, tasks, which):
     """The paper's main table for one metric ('if' or 'gk'): a row per method (Original instructions), the final row
-    of the matrix per task, MAA and BWT, each mean ± std over seeds. Zero-shot is the base before stage 1, which
-    every run evaluates (the same model, so std 0 unless something is not deterministic); n counts those runs."""
+    of the matrix per task, MAA and BWT, each mean ± std over seeds. Zero-shot is the base before stage 1, as the runs
+    that evaluate it (--zero_shot) score it (the same model, so std 0 unless something is not deterministic); n counts
+    those runs."""
     lines = ["| method | n | " + " | ".join(tasks) + " | MAA | BWT |", "|---" * (len(tasks) + 4) + "|"]
-    zs = [r["zero_shot"][which] for k, runs in groups.items() if k[2] == ORIGINAL for r in runs if r["zero_shot"]]
+    zs = [z[which] for z in _zero_shots(groups)]
     if zs:
         lines.append(f"| zero-shot | {len(zs)} | " + " | ".join(pm(z[i] for z in zs) for i in range(len(tasks)))
                      + " |  |  |")
@@ -783,7 +792,7 @@ def study_claims(groups):
                                  "**yes**, the GK drop is smaller"))
     else:
         lines.append("- **Claims 1-3**: no finished sequential LoRA runs (--experts=1, Original instructions).")
-    for key in sorted(k for k in groups if not k[0] and k[1] > 1 and k[2] == ORIGINAL) if lora else []:
+    for key in [k for k in _sequential(groups) if k[1] > 1] if lora else []:
         parts = []
         for metric, higher in (("MAA", "**higher**"), ("BWT", "**higher**: forgets less")):
             d, se = _difference([r["if"][metric] for r in groups[key]], [r["if"][metric] for r in lora])
@@ -791,7 +800,7 @@ def study_claims(groups):
             parts.append(f"{metric} {d:+.1f}" + ("" if se is None else f" ± {se:.1f}") + f" ({call})")
         lines.append(f"- **Claim 3**, {method_name(key)} minus LoRA, difference of means ± its standard error: "
                      + ", ".join(parts))
-    seq = sorted(k for k in groups if not k[0] and k[2] == ORIGINAL)
+    seq = _sequential(groups)
     if len(seq) > 2:
         means = {k: [mean_std(r["if"][m] for r in groups[k])[0] for m in ("MAA", "BWT")] for k in seq}
         rising = [all(means[b][i] > means[a][i] for a, b in zip(seq, seq[1:])) for i in (0, 1)]
@@ -821,9 +830,9 @@ def study_curves(path, tasks, groups):
     Instruction Following above, General Knowledge below; a line per sequential method (Original instructions), the
     base zero-shot as a dashed grey line, multi-task as a black diamond at the last stage."""
     font, small = ImageFont.load_default(size=13), ImageFont.load_default(size=11)
-    T, seq = len(tasks), sorted(k for k in groups if not k[0] and k[2] == ORIGINAL)
+    T, seq = len(tasks), _sequential(groups)
     multi = [k for k in groups if k[0] and k[2] == ORIGINAL]
-    zs = [r["zero_shot"] for k, runs in groups.items() if k[2] == ORIGINAL for r in runs if r["zero_shot"]]
+    zs = _zero_shots(groups)
     pw, ph, gap, left, row_h = 150, 120, 18, 40, 200  # panel size, gap between panels, left margin, height of a row
     W, H = left + T * (pw + gap), 20 + 2 * row_h + 50
     img = Image.new("RGB", (W, H), "white")
@@ -889,7 +898,7 @@ def write_study(root):
                          (f"; unfinished: {', '.join(unfinished)}" if unfinished else ""))
     tasks = next(iter(groups.values()))[0]["tasks"]  # the same in every run: --tasks is a shared setting
     n = sum(len(runs) for runs in groups.values())
-    seq = sorted(k for k in groups if not k[0] and k[2] == ORIGINAL)
+    seq = _sequential(groups)
     instr = sorted((k for k in groups if not k[0] and k[1] == 1), key=lambda k: list(data.INSTRUCTIONS).index(k[2]))
     md = [f"# CoIN-mini study: {n} finished runs in {root}", "",
           "Mean ± std over seeds (sample std, n - 1); n = runs. Shared settings: "

@@ -21,7 +21,7 @@ phase "1. CoIN-mini data"
 [ -f assets/tiny-llava/config.json ] || python coin.py --stage0 --base=assets/tiny-llava
 phase "2. tiny base"
 
-# --- 3. Sequential instruction tuning with plain LoRA (E = 1, r = 16): the baseline. ~5 min.
+# --- 3. Sequential instruction tuning with plain LoRA (E = 1, r = 16): the baseline. ~4 min.
 # Evaluates the base zero-shot first, then trains each task one epoch and evaluates every task seen so far.
 # Adapter dropout off in both runs (official: 0.05): on a CPU, drawing a mask per expert costs MoELoRA E=8 more
 # than its whole adapter (README sections 7 and 8).
@@ -42,10 +42,10 @@ phase "5. comparison"
 # 7 runs x 3 seeds into out/study/<method>-s<seed>: multi-task, sequential LoRA (E = 1), MoELoRA E = 2, 4, 8 at the same
 # total rank (r = 16), and LoRA with the Diverse and 10Type instruction sets (LoRA Original is shared). Zero-shot is
 # the base, which the LoRA runs score before their first stage (results.json: zero_shot; the others skip it: same base).
-# Two runs at a time, one thread each: ~21/2 times one run, roughly 30-50 min on 2 cores at 1500 records per task
-# (estimated from single runs, not yet timed whole). Interrupted? Run the same command again: every run resumes into its
-# folder (a finished one is read back in ~10 s). Sizes are settings of the runs: to change STUDY_MAX_TRAIN use another
-# STUDY_OUT. Each run logs to <out>/<run>/log.txt; then eval.py writes out/study/study.md and study_curves.png.
+# Two runs at a time, one thread each: 38 min on 2 idle cores at 1500 records per task (measured, README section 10).
+# Interrupted? Run the same command again: every run resumes into its folder (a finished one is read back in ~10 s).
+# Sizes are settings of the runs: to change STUDY_MAX_TRAIN use another STUDY_OUT. Each run logs to
+# <out>/<run>/log.txt; then eval.py writes out/study/study.md and study_curves.png.
 if [ "${STUDY:-0}" = 1 ] || [ "${1:-}" = study ]; then
   STUDY_OUT=${STUDY_OUT:-out/study}                # one folder per run under it
   STUDY_SEEDS=${STUDY_SEEDS:-"0 1 2"}
