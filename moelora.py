@@ -60,14 +60,19 @@ class MoELoRALinear(nn.Module):
         else:
             # the router's E rows ride along with A's r rows: one pass over x (a memory-bound read at these shapes)
             # instead of two, forward and backward; the (r + E, d_in) copy is small next to x
-            zl = h @ torch.cat([self.lora_A, self.router.weight]).t()  # (..., r + E)
-            z, logits = zl[..., :self.r].unflatten(-1, (E, re)), zl[..., self.r:]  # (..., E, r/E), (..., E)
+            z, logits = (h @ torch.cat([self.lora_A, self.router.weight]).t()).split([self.r, E], dim=-1)
+            z = z.unflatten(-1, (E, re))  # (..., E, r/E), and logits (..., E)
         if logits is None:
             z = z * self.scaling
         else:
             g = F.softmax(logits, dim=-1)  # (..., E): dense gates, one per expert and token
             z = z * (g * self.scaling).unsqueeze(-1)  # (..., E, r/E): = * repeat_interleave(g, r/E), no copy
-        return y + (z.flatten(-2) @ self.lora_B.t()).to(y.dtype)  # (..., d_out)
+        z = z.flatten(-2)  # (..., r)
+        if y.dtype != z.dtype:  # a bf16 base: the adapter computes in fp32, its output is cast back
+            return y + (z @ self.lora_B.t()).to(y.dtype)  # (..., d_out)
+        # y += z B^T inside the matmul: no second pass over the (..., d_out) output (y is the base's fresh output,
+        # which its backward does not need, so autograd allows the in-place add)
+        return y.view(-1, y.shape[-1]).addmm_(z.reshape(-1, self.r), self.lora_B.t()).view(y.shape)
 
     def export_experts(self):
         """The per-expert view as plain tensors, to check the module against the written-out formula:

@@ -4,7 +4,7 @@ side in one run: the frozen base linear alone, plain LoRA r = 128 (moelora.py wi
 same rank (if peft is installed), MoELoRA E = 8 r = 128 (moelora.py), and a per-expert loop MoELoRA written here
 with the official code's structure (E LoRA pairs, E dropouts, a Python loop summing the gated outputs).
 
-    python bench/moelora.py                   # about a minute on a 2-core CPU; prints one table per shape
+    python bench/moelora.py                   # about 70 s on a 2-core CPU; prints one table per shape
     python bench/moelora.py --dropout=0.05    # the training default: E dropout masks per step instead of one
     pip install --no-deps -r bench/requirements.txt   # optional: adds the PEFT row, leaves torch alone
 
@@ -144,7 +144,7 @@ def main():
     parser.add_argument("--alpha", type=float, default=256.0, help="LoRA alpha")
     parser.add_argument("--experts", type=int, default=8, help="experts of the MoELoRA rows")
     parser.add_argument("--dropout", type=float, default=0.0, help="adapter dropout (training default: 0.05)")
-    parser.add_argument("--rounds", type=int, default=7, help="timed rounds; each runs every variant once")
+    parser.add_argument("--rounds", type=int, default=11, help="timed rounds; each runs every variant once")
     parser.add_argument("--warmup", type=int, default=1, help="untimed rounds first")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)

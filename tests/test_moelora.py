@@ -53,7 +53,7 @@ def assert_same_output_and_grads(layer, x, y, x_ref, ref, w):
 
 
 @pytest.mark.parametrize("E", [1, 2, 4, 8])
-@pytest.mark.parametrize("shape", [(5, D_IN), (3, 4, D_IN)])
+@pytest.mark.parametrize("shape", [(D_IN,), (5, D_IN), (3, 4, D_IN)])
 def test_matches_written_out_loop(E, shape):
     layer = make_layer(E)
     x = torch.randn(*shape, requires_grad=True)

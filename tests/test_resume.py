@@ -263,8 +263,8 @@ def test_answer_that_tokenises_to_nothing(data_copy, tiny_base, tmp_path):
     with open(path, "w") as f:
         json.dump(recs, f)
     out = str(tmp_path / "run")
-    with pytest.raises(ValueError, match=rf"GQA/train.json: 1 bad record\(s\); the first: record {re.escape(repr(recs[5]['id']))}: the answer ' ' "
-                                         "tokenises to nothing"):
+    with pytest.raises(ValueError, match=r"GQA/train.json: 1 bad record\(s\); the first: record 5 "
+                                         rf"\(id {re.escape(repr(recs[5]['id']))}\): the answer ' ' tokenises to nothing"):
         coin.main(args(data_copy, tiny_base, out))
     assert not os.path.exists(out)
 
