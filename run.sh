@@ -17,7 +17,7 @@ phase "1. CoIN-mini data"
 # --- 2. The tiny base: a 1.9M-parameter LlavaForConditionalGeneration (CLIP tower, projector, Llama LM) with its
 # own BPE tokenizer, pretrained on the stage-0 captions only, so it knows the content of the images but none of
 # the tasks' answer formats -- like the pretrain-only LLaVA-1.5 base of the paper. It ships in assets/tiny-llava;
-# to rebuild it (~30 min on 2 idle cores): python coin.py --stage0 --base=assets/tiny-llava
+# to rebuild it (~40 min on 2 idle cores): python coin.py --stage0 --base=assets/tiny-llava
 [ -f assets/tiny-llava/config.json ] || python coin.py --stage0 --base=assets/tiny-llava
 phase "2. tiny base"
 
