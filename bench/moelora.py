@@ -123,17 +123,20 @@ def report(d_in, d_out, times, args):
     print(f"  {'variant':40s} {'median ms':>10s} {'spread':>7s} {'best ms':>9s} {'adapter cost':>13s}")
     for key, ts in times.items():
         print(f"  {labels[key]:40s} {med[key] * 1e3:10.1f} {spread[key]:7.1%} {min(ts) * 1e3:9.1f} {cost[key]:13.1%}")
-    checks = [("MoE / LoRA time", ratio("moe", "lora"), "<=", 1.15),
-              ("MoE adapter cost / its FLOP share", cost["moe"] / share, "<=", 1.5),
-              ("loop / MoE adapter cost", cost["loop"] / max(cost["moe"], 1e-9), ">=", 3.0)]
+    # each check: (what, value, op, target, its miss as a fraction of the base's time, to compare with the noise)
+    checks = [("MoE / LoRA time", ratio("moe", "lora"), "<=", 1.15, lambda v, t: abs(v / t - 1)),
+              ("MoE adapter cost / its FLOP share", cost["moe"] / share, "<=", 1.5, lambda v, t: abs(v - t) * share),
+              ("loop / MoE adapter cost", cost["loop"] / max(cost["moe"], 1e-9), ">=", 3.0,
+               lambda v, t: abs(cost["loop"] / t - cost["moe"]))]
     if "peft" in med:
-        checks.append(("LoRA / PEFT time", ratio("lora", "peft"), "<=", 1.0))
+        checks.append(("LoRA / PEFT time", ratio("lora", "peft"), "<=", 1.0, lambda v, t: abs(v / t - 1)))
     print(f"  {'LoRA adapter cost / its FLOP share':36s} {cost['lora'] / share:6.2f}  (for reference)")
     all_met = True
-    for what, value, op, target in checks:
+    for what, value, op, target, time_miss in checks:
         met = value <= target if op == "<=" else value >= target
-        miss = abs(value / target - 1)
-        verdict = "met" if met else f"NOT met (by {miss:.1%}{', within the timing spread' if miss < noise else ''})"
+        # a miss smaller than one timing's typical deviation is not resolved by this run: say so
+        within = ", within the timing spread" if time_miss(value, target) < noise else ""
+        verdict = "met" if met else f"NOT met (by {abs(value / target - 1):.1%}{within})"
         print(f"  {what:36s} {value:6.2f}  target {op} {target:<5} {verdict}")
         all_met &= met
     return all_met
