@@ -128,6 +128,8 @@ class Config:
     experts: int = 8                      # E; 1 = plain LoRA, the baseline (official: 8)
     lora_dropout: float = 0.05            # official: 0.05
     train_projector: bool = True          # the projector trains along with the adapter, as in CoIN
+    projector_lr_scale: float = 0.1       # the projector's lr = lr x this. 0.1: the official scripts' 2e-5 at lr
+                                          # 2e-4 (their DeepSpeed config overrides it: 1.0 is what they run in effect)
     # --- optim
     lr: float = 1e-3                      # official 2e-4 at 7B; tiny model: 1e-3 (2e-3 scrambled its image features)
     micro_batch: int = 8                  # per rank, per forward (CoIN-mini: 375 steps per task learn more than 188 of 16)
@@ -301,7 +303,12 @@ def train_one_task(model, dataset, params, cfg, rank, world, device, seed, desc,
     With `midstage` (a file; `info` is run_info) the stage can stop and go on: the state is saved there every
     cfg.save_every steps and on Ctrl-C, and a run that finds the file continues the stage from it, exactly."""
     pad_id = dataset.tok.pad_token_id
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    # two groups, the projector's with an lr of its own: lr_scale multiplies the schedule's lr for the group (stage 0
+    # trains the whole model at one lr)
+    proj = set() if cfg.stage0 else {id(p) for p in projector(model).parameters()}
+    groups = [{"params": [p for p in params if id(p) not in proj], "lr_scale": 1.0},
+              {"params": [p for p in params if id(p) in proj], "lr_scale": cfg.projector_lr_scale}]
+    opt = torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, weight_decay=cfg.weight_decay)
     global_batch = cfg.micro_batch * world * cfg.grad_accum
     steps = list(global_batches(len(dataset), global_batch, seed, cfg.epochs))
     # the dropout masks depend on (seed, stage) only: a resumed run that skips finished stages draws the same ones
@@ -348,7 +355,7 @@ def train_one_task(model, dataset, params, cfg, rank, world, device, seed, desc,
                                          f"without saving, the last good checkpoint stays ({kept}); try a lower --lr")
             torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
             for group in opt.param_groups:
-                group["lr"] = lr_at(step, len(steps), cfg)
+                group["lr"] = lr_at(step, len(steps), cfg) * group["lr_scale"]
             opt.step()
             opt.zero_grad(set_to_none=True)
             losses.append(loss)
@@ -381,6 +388,8 @@ MIDSTAGE = "midstage.pt"
 
 # settings that may change when a run is continued: where output goes and how the same global batch is split
 MAY_DIFFER = ("out", "resume", "save_every", "threads", "micro_batch", "grad_accum", "eval_batch", "grad_ckpt")
+# settings added later, with the value that runs written before them had in effect (when it is not the default)
+BEFORE_ADDED = {"projector_lr_scale": 1.0}
 
 
 def stage_dir(cfg, j, task):
@@ -425,8 +434,9 @@ def check_same_run(saved, info, path):
     old, new = saved.get("config", {}), info["config"]
     for key in new:
         # a setting added since that run was written had its default there
-        if key not in MAY_DIFFER and old.get(key, getattr(Config, key)) != new[key]:
-            raise SystemExit(f"{path}: written by a run with --{key}={old.get(key)!r}, this one has "
+        was = old.get(key, BEFORE_ADDED.get(key, getattr(Config, key)))
+        if key not in MAY_DIFFER and was != new[key]:
+            raise SystemExit(f"{path}: written by a run with --{key}={was!r}, this one has "
                              f"--{key}={new[key]!r}; continue it with the same settings, or write to another --out")
     if saved.get("global_batch") != info["global_batch"]:
         raise SystemExit(f"{path}: written with a global batch of {saved.get('global_batch')}, this run has "

@@ -1,4 +1,5 @@
 """coin.py: config parsing, the training loop's arithmetic, the tiny base, and a whole (tiny) run end to end."""
+import dataclasses
 import json
 import os
 
@@ -101,6 +102,30 @@ def test_training_moves_only_adapter_and_projector(mini_data, tiny_base, tmp_pat
         key = name.replace(".base.", ".")
         if key in lm:
             assert torch.equal(p, lm[key]), name
+
+
+def test_projector_lr_scales_only_the_projectors_steps(mini_data, tiny_base, tmp_path):
+    """--projector_lr_scale gives the projector its own lr: at 1e-6 x lr it stays put (AdamW moves a weight by about
+    lr per step) while the adapter learns as usual; at 1 it moves at lr."""
+    base = LlavaForConditionalGeneration.from_pretrained(tiny_base).model.multi_modal_projector.state_dict()
+    moved = {}
+    for name, extra in (("same", ["--projector_lr_scale=1"]), ("slow", ["--projector_lr_scale=1e-6"])):
+        out = str(tmp_path / name)
+        run(mini_data, tiny_base, out, "--tasks=VQAv2", "--experts=2", "--zero_shot=false", "--max_test=4", *extra)
+        sd = load_file(os.path.join(out, "checkpoints", "stage1-VQAv2", "adapter.safetensors"))
+        moved[name] = max((sd[f"projector.{k}"] - v).abs().max().item() for k, v in base.items())
+        assert max(v.abs().max().item() for k, v in sd.items() if "lora_B" in k) > 1e-4, name  # the adapter learned
+    assert moved["same"] > 1e-3 and moved["slow"] < 1e-6, moved
+
+
+def test_continuing_checks_settings_added_since():
+    """A run written before --projector_lr_scale existed trained the projector at lr: continuing it at the new
+    default would change its results, so it is refused; the value it had passes."""
+    cfg = dataclasses.asdict(coin.Config())
+    saved = {"config": {k: v for k, v in cfg.items() if k != "projector_lr_scale"}, "global_batch": 8, "inputs": "x"}
+    with pytest.raises(SystemExit, match="--projector_lr_scale=1.0, this one has --projector_lr_scale=0.1"):
+        coin.check_same_run(saved, {"config": cfg, "global_batch": 8, "inputs": "x"}, "meta.json")
+    coin.check_same_run(saved, {"config": dict(cfg, projector_lr_scale=1.0), "global_batch": 8, "inputs": "x"}, "p")
 
 
 def test_two_gloo_ranks_equal_one_process_and_grad_accum(mini_data, tiny_base, tmp_path):

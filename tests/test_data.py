@@ -38,7 +38,7 @@ def test_generator_is_deterministic_and_official_format(mini_data, tmp_path):
             assert a == b, (task, split)
         train = json.load(open(data.task_file(mini_data, task, "train")))
         test = json.load(open(data.task_file(mini_data, task, "test")))
-        assert len(train) == 48 and len(test) == 12
+        assert len(train) == 48 * data.TRAIN_SCALE.get(task, 1) and len(test) == 12
         for rec in train:
             human, gpt = rec["conversations"]
             assert human["from"] == "human" and gpt["from"] == "gpt"
@@ -57,6 +57,36 @@ def test_generator_is_deterministic_and_official_format(mini_data, tmp_path):
     other = str(tmp_path / "other")
     data.generate_mini(other, n_train=4, n_test=4, n_stage0=4, seed=1, progress=False)
     assert json.load(open(data.task_file(other, "GQA", "test"))) != json.load(open(data.task_file(mini_data, "GQA", "test")))[:4]
+
+
+def test_scaled_tasks_extend_the_same_stream(mini_data, tmp_path):
+    """ScienceQA and Grounding get TRAIN_SCALE x n_train records whose first ones do not depend on n_train, so a
+    --max_train run sees the same records as before the scale existed."""
+    assert data.TRAIN_SCALE == {"ScienceQA": 2, "Grounding": 3}
+    half = str(tmp_path / "half")
+    data.generate_mini(half, n_train=24, n_test=12, n_stage0=4, seed=0, progress=False)
+    for task in ("ScienceQA", "Grounding", "GQA"):
+        a = json.load(open(data.task_file(half, task, "train")))
+        b = json.load(open(data.task_file(mini_data, task, "train")))
+        assert len(a) == 24 * data.TRAIN_SCALE.get(task, 1) and a == b[:len(a)], task
+
+
+def test_mini_is_regenerated_only_when_stale(tmp_path, capsys, monkeypatch):
+    out = str(tmp_path / "mini")
+    args = ["mini", f"--out={out}", "--n_train=4", "--n_test=4", "--n_stage0=4"]
+    assert not data.mini_is_current(out, n_train=4, n_test=4, n_stage0=4)
+    data.main(args)
+    meta = os.path.join(out, "coin_mini.json")
+    stamp = os.stat(meta).st_mtime_ns
+    assert data.mini_is_current(out, n_train=4, n_test=4, n_stage0=4)
+    assert not data.mini_is_current(out, n_train=5, n_test=4, n_stage0=4)
+    data.main(args)  # same generator, same settings: kept as it is
+    assert "is current" in capsys.readouterr().out and os.stat(meta).st_mtime_ns == stamp
+    monkeypatch.setattr(data, "MINI_VERSION", data.MINI_VERSION + 1)  # a newer generator: regenerated
+    data.main(args)
+    assert "wrote CoIN-mini" in capsys.readouterr().out and json.load(open(meta))["version"] == data.MINI_VERSION
+    os.remove(meta)  # an interrupted generation (the meta file is written last) is never current
+    assert not data.mini_is_current(out, n_train=4, n_test=4, n_stage0=4)
 
 
 def test_scienceqa_has_text_only_items_and_letters(mini_data):
