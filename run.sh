@@ -56,7 +56,7 @@ phase "4. comparison"
 if [ "${STUDY:-0}" = 1 ] || [ "${1:-}" = study ]; then
   STUDY_OUT=${STUDY_OUT:-out/study}                # one folder per run under it
   STUDY_SEEDS=${STUDY_SEEDS:-"0 1 2"}
-  STUDY_MAX_TRAIN=${STUDY_MAX_TRAIN:-1500}         # train records per task (of 3000; 0 = all): the study's size
+  STUDY_MAX_TRAIN=${STUDY_MAX_TRAIN:-1500}         # the first N train records of each task (0 = all): the study's size
   STUDY_JOBS=${STUDY_JOBS:-2}                      # runs at a time, --threads=1 each
   STUDY_ARGS=${STUDY_ARGS:-}                       # more coin.py settings for every run, e.g. "--max_test=100"
   study_runs=()
