@@ -433,7 +433,7 @@ def check_same_run(saved, info, path):
     """Refuse to continue from a file another run wrote: settings that change results, data and base must match."""
     old, new = saved.get("config", {}), info["config"]
     for key in new:
-        # a setting added since that run was written had its default there
+        # a setting added since that run was written had its default there (or what BEFORE_ADDED says it was)
         was = old.get(key, BEFORE_ADDED.get(key, getattr(Config, key)))
         if key not in MAY_DIFFER and was != new[key]:
             raise SystemExit(f"{path}: written by a run with --{key}={was!r}, this one has "

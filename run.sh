@@ -10,7 +10,7 @@ T0=$(date +%s); TSTART=$T0; PHASES=""
 phase() { PHASES+="$(printf '%-34s %5d s' "$1" $(( $(date +%s) - T0 )))\n"; T0=$(date +%s); }  # wall time per section
 
 # --- 1. CoIN-mini: eight synthetic tasks in the official CoIN layout, plus the stage-0 caption corpus.
-# Seeded and deterministic (pillow only). ~35 s, ~250 MB in data/coin-mini. Kept if the folder already holds this
+# Seeded and deterministic (pillow only). ~35 s, ~360 MB in data/coin-mini. Kept if the folder already holds this
 # generator's CoIN-mini with these settings (its coin_mini.json says so), regenerated otherwise.
 python data.py mini --out=data/coin-mini
 phase "1. CoIN-mini data"
