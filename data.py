@@ -771,7 +771,7 @@ def mini_settings(n_train, n_test, n_stage0, size, seed):
             "n_stage0": n_stage0, "train_records": {task: n_train * TRAIN_SCALE.get(task, 1) for task in TASKS}}
 
 
-def mini_is_current(out, n_train=3000, n_test=200, n_stage0=46000, size=48, seed=0):
+def mini_is_current(out, n_train, n_test, n_stage0, size, seed):
     """True if `out` holds a finished CoIN-mini written by this generator with these settings (coin_mini.json is
     written last, so an interrupted generation is never current)."""
     try:
@@ -779,8 +779,8 @@ def mini_is_current(out, n_train=3000, n_test=200, n_stage0=46000, size=48, seed
             meta = json.load(f)
     except (OSError, ValueError):
         return False
-    return {k: meta.get(k) for k in ("version", "seed", "size", "n_train", "n_test", "n_stage0", "train_records")} \
-        == mini_settings(n_train, n_test, n_stage0, size, seed)
+    want = mini_settings(n_train, n_test, n_stage0, size, seed)
+    return {k: meta.get(k) for k in want} == want
 
 
 def generate_mini(out, n_train=3000, n_test=200, n_stage0=46000, size=48, seed=0, progress=True):

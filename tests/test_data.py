@@ -74,19 +74,20 @@ def test_scaled_tasks_extend_the_same_stream(mini_data, tmp_path):
 def test_mini_is_regenerated_only_when_stale(tmp_path, capsys, monkeypatch):
     out = str(tmp_path / "mini")
     args = ["mini", f"--out={out}", "--n_train=4", "--n_test=4", "--n_stage0=4"]
-    assert not data.mini_is_current(out, n_train=4, n_test=4, n_stage0=4)
+    small = {"n_train": 4, "n_test": 4, "n_stage0": 4, "size": 48, "seed": 0}  # what args asks for
+    assert not data.mini_is_current(out, **small)
     data.main(args)
     meta = os.path.join(out, "coin_mini.json")
     stamp = os.stat(meta).st_mtime_ns
-    assert data.mini_is_current(out, n_train=4, n_test=4, n_stage0=4)
-    assert not data.mini_is_current(out, n_train=5, n_test=4, n_stage0=4)
+    assert data.mini_is_current(out, **small)
+    assert not data.mini_is_current(out, **dict(small, n_train=5))
     data.main(args)  # same generator, same settings: kept as it is
     assert "is current" in capsys.readouterr().out and os.stat(meta).st_mtime_ns == stamp
     monkeypatch.setattr(data, "MINI_VERSION", data.MINI_VERSION + 1)  # a newer generator: regenerated
     data.main(args)
     assert "wrote CoIN-mini" in capsys.readouterr().out and json.load(open(meta))["version"] == data.MINI_VERSION
     os.remove(meta)  # an interrupted generation (the meta file is written last) is never current
-    assert not data.mini_is_current(out, n_train=4, n_test=4, n_stage0=4)
+    assert not data.mini_is_current(out, **small)
 
 
 def test_scienceqa_has_text_only_items_and_letters(mini_data):
