@@ -37,6 +37,7 @@ python coin.py --tasks=all --experts=1 --lora_dropout=0 --threads=1 --out=out/lo
 echo "LoRA done; waiting for MoELoRA (out/moelora/log.txt)"
 wait "$MOE" || { echo "MoELoRA failed: see out/moelora/log.txt" >&2; exit 1; }
 trap - EXIT
+echo; echo "## MoELoRA E=8"; cat out/moelora/results.md  # its matrices, MAA and BWT, as LoRA's printed above
 phase "3. LoRA and MoELoRA, 8 stages each"
 
 # --- 4. The comparison: final accuracies, MAA and BWT for Instruction Following and General Knowledge. Instant.
