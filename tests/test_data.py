@@ -99,15 +99,21 @@ def test_scienceqa_has_text_only_items_and_letters(mini_data):
 
 def test_items_are_answerable_from_their_content():
     """Each generated answer is consistent with the drawn content (checked on the scene description)."""
-    rng = random.Random(0)
+    rng, sides = random.Random(0), 0
     for _ in range(200):
         it = data.make_item("Grounding", rng, 48)
         x1, y1, x2, y2 = json.loads(it["answer"])
         assert 0 <= x1 < x2 <= 1 and 0 <= y1 < y2 <= 1
+        side = it["expression"].split(" ", 3)[3:]  # "the <colour> <shape>[ <side>]"
+        where = {"on the left": x2 < 0.34, "on the right": x1 > 0.66, "at the top": y2 < 0.34,
+                 "at the bottom": y1 > 0.66, "in the middle": 0.33 < x1 < x2 < 0.67 and 0.33 < y1 < y2 < 0.67}
+        assert not side or where[side[0]], (it["expression"], it["answer"])
+        sides += bool(side)
         it = data.make_item("VizWiz", rng, 48)
         assert it["answer"] in list(data.COLORS) + data.SHAPES + ["unanswerable"]
         it = data.make_item("OCR-VQA", rng, 48)
         assert it["answer"] in data.TITLES + data.AUTHORS + list(data.GENRES)
+    assert 70 <= sides <= 130  # GROUNDING_WHERE = 0.5 of the expressions say a side
 
 
 def test_instruction_sets(mini_data):
