@@ -50,7 +50,7 @@ phase "4. comparison"
 # 7 runs x 3 seeds into out/study/<method>-s<seed>: multi-task, sequential LoRA (E = 1), MoELoRA E = 2, 4, 8 at the same
 # total rank (r = 16), and LoRA with the Diverse and 10Type instruction sets (LoRA Original is shared). Zero-shot is
 # the base, which the LoRA runs score before their first stage (results.json: zero_shot; the others skip it: same base).
-# Two runs at a time, one thread each: 38 min on 2 idle cores at 1500 records per task (measured, README section 10).
+# Two runs at a time, one thread each: 35-38 min on 2 idle cores at 1500 records per task (measured, README section 10).
 # Interrupted? Run the same command again: every run resumes into its folder (a finished one is read back in ~10 s).
 # Sizes are settings of the runs: to change STUDY_MAX_TRAIN use another STUDY_OUT. Each run logs to
 # <out>/<run>/log.txt; then eval.py writes out/study/study.md and study_curves.png.
