@@ -651,6 +651,7 @@ def make_item(task, rng, size):
     if task == "Grounding":
         objs = make_scene(rng, size, rng.randint(2, 3))
         o = rng.choice(objs)
+        # the expression draws from rng before render_scene does: moving it after would change every file of v3
         box, expression = _box_str(o["box"], size), _expression(rng, o)
         return dict(image=render_scene(rng, size, objs), question=None, expression=expression,
                     answer=box, accept=[POSITIONS[o["pos"]]], chance=1 / 9, answer_bbox=box, size=[size, size])

@@ -26,7 +26,7 @@ phase "2. tiny base"
 # (E = 8 experts of rank 2, total r = 16, a dense softmax router per linear). ~9 min for both.
 # Each evaluates the base zero-shot first, then trains each task one epoch and evaluates every task seen so far.
 # One thread each on the 2 cores: a tiny model's step is mostly Python and small kernels, so one thread is only
-# ~12% slower than two (measured: the pair took 524 s, LoRA alone at two threads 303 s). LoRA's progress shows
+# ~12% slower than two (measured at 560c972: the pair took 524 s, LoRA alone at two threads 303 s). LoRA's progress shows
 # here; MoELoRA writes its own to out/moelora/log.txt. Adapter dropout off in both runs (official: 0.05): on a CPU,
 # drawing a mask per expert costs MoELoRA E=8 more than its whole adapter (README sections 7 and 8).
 mkdir -p out/moelora
