@@ -446,7 +446,8 @@ def record_scores(cfg, tasks, row, scores, if_matrix, gk_matrix, extra):
 
 
 def load_last_finished_stage(model, cfg, stages, done):
-    """--resume: go on from the adapter and projector of the last stage an earlier run finished (none: the base's)."""
+    """--resume: load the adapter and projector of the last stage an earlier run finished (none finished: nothing to
+    load, the adapter starts fresh)."""
     if done:
         load_checkpoint(model, os.path.join(stage_dir(cfg, done - 1, stages[done - 1][0]), "adapter.safetensors"))
         print0(f"{cfg.out}: an earlier run finished {done} of {len(stages)} stages; continuing after stage {done}")
