@@ -8,7 +8,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import data  # noqa: E402
-from coin import build_tiny_base, corpus_texts  # noqa: E402
+from base_model import build_tiny_base, corpus_texts  # noqa: E402
 
 
 @pytest.fixture(scope="session")
