@@ -10,6 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
+import coin_mini
 import data
 import eval as E
 
@@ -177,10 +178,10 @@ def test_judge_prompt_layout():
                            "[End of ground truth answer]\n\n[Assistant]\nIt is red.\n\n[End of Assistant]\n\n[System]\n"
                            "We would like to request your feedback")
     assert "single word" not in user and user.endswith("indicating the scores for the Assistant.\n\n")
-    g = {"question_id": 2, "text": f"{data.BOX} the red bar", "answer": "[0.1, 0.2, 0.3, 0.4]",
+    g = {"question_id": 2, "text": f"{coin_mini.BOX} the red bar", "answer": "[0.1, 0.2, 0.3, 0.4]",
          "answer_bbox": "[0.1, 0.2, 0.3, 0.4]"}
     _, user = E.judge_prompt("Grounding", g, "[0.1, 0.2, 0.3, 0.4]")
-    assert f"[Question]\n{data.BOX} the red bar\n\n" in user and "[Ground truth answer]\n[0.1, 0.2, 0.3, 0.4]\n" in user
+    assert f"[Question]\n{coin_mini.BOX} the red bar\n\n" in user and "[Ground truth answer]\n[0.1, 0.2, 0.3, 0.4]\n" in user
     assert ("response to the user question displayed above. The user asks the question on observing an image. For your"
             in user and "bottom right x, and bottom right y. \nPlease rate the accuracy of its responses" in user)
 
@@ -194,7 +195,7 @@ def test_judge_score_parsing():
 
 def _sqa_rec():
     options = "A. blue\nB. red\nC. green\nD. white\nE. pink"
-    return {"question_id": "s", "text": f"What is the color of the object?\n{options}\n{data.LETTER}", "answer": "B",
+    return {"question_id": "s", "text": f"What is the color of the object?\n{options}\n{coin_mini.LETTER}", "answer": "B",
             "accept": ["B", "red"]}
 
 
@@ -204,7 +205,7 @@ def test_exact_judge_rubric():
     for answer, want in {"B": 10, "red": 10, "B. red": 10, "The answer is B.": 10, "A red circle.": 10, "(B)": 10,
                          "B is right": 10, "C": 0, "B or C": 0, "blue": 0, "red or blue": 0, "": 0, "A": 0}.items():
         assert j.judge_one("ScienceQA", sqa, answer)[1] == want, answer
-    g = {"question_id": "g", "text": f"{data.BOX} the red bar", "answer": "[0.02, 0.02, 0.31, 0.31]",
+    g = {"question_id": "g", "text": f"{coin_mini.BOX} the red bar", "answer": "[0.02, 0.02, 0.31, 0.31]",
          "answer_bbox": "[0.02, 0.02, 0.31, 0.31]", "accept": ["top left"], "size": [48, 48]}
     for answer, want in {"top left": 10, "It is at the top left.": 10, "top": 0, "left": 0, "top left or top right": 0,
                          "[0.03, 0.02, 0.30, 0.32]": 10, "The box is [0.02, 0.02, 0.31, 0.31].": 10,
