@@ -4,6 +4,8 @@ import itertools
 import json
 import os
 import random
+import subprocess
+import sys
 import time
 
 import pytest
@@ -343,6 +345,50 @@ def test_standalone_coin_and_official_layouts(mini_data, tmp_path, capsys):
         E.main(["--scorin=fixed"])
     with pytest.raises(SystemExit, match="--scoring='strict'"):
         E.main(["--scoring=strict"])
+
+
+# eval.py run as `python eval.py ARGS` with torch and transformers unimportable (None in sys.modules makes every
+# import of them raise ImportError), as on a machine that has neither installed
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+WITHOUT_TORCH = ("import runpy, sys; sys.modules['torch'] = sys.modules['transformers'] = None; "
+                 "sys.argv = ['eval.py'] + sys.argv[1:]; runpy.run_path('eval.py', run_name='__main__')")
+
+
+def eval_without_torch(*args):
+    proc = subprocess.run([sys.executable, "-c", WITHOUT_TORCH, *args], cwd=REPO, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout
+
+
+def test_scoring_compare_study_and_help_without_torch(mini_data, tmp_path):
+    """Prediction files, --compare, --study and --help work on a machine without torch and transformers, and score
+    exactly as in a process that has them."""
+    tasks = ["GQA", "ScienceQA"]
+    recs = {t: data.test_examples(mini_data, t) for t in tasks}
+    for j, stage in enumerate(tasks):
+        for task in tasks[:j + 1]:
+            preds = _perfect(recs[task])
+            if task != stage:
+                preds[0]["text"] = "wrong"  # one forgotten item after the second stage
+            E.write_jsonl(str(tmp_path / "run" / "predictions" / f"stage{j + 1}-{stage}" / f"{task}.jsonl"), preds)
+    assert "--predictions=" in eval_without_torch("--help")
+    printed = eval_without_torch(f"--predictions={tmp_path / 'run'}", f"--data_dir={mini_data}",
+                                 f"--out={tmp_path / 'scored'}")
+    res = json.load(open(tmp_path / "scored" / "results.json"))
+    forgot = 100 * (len(recs["GQA"]) - 1) / len(recs["GQA"])
+    assert res["matrix"] == [[100.0, None], [forgot, 100.0]] and res["general_knowledge"]["matrix"] == res["matrix"]
+    assert f"GQA.jsonl: GQA {forgot:.2f}, general knowledge {forgot:.2f}" in printed
+    E.main([f"--predictions={tmp_path / 'run'}", f"--data_dir={mini_data}", f"--out={tmp_path / 'with-torch'}"])
+    assert json.load(open(tmp_path / "with-torch" / "results.json")) == res
+    assert f"scored | {res['MAA']:.2f} | {res['BWT']:.2f} |" in eval_without_torch(f"--compare={tmp_path / 'scored'}")
+    for seed in (0, 1):  # two seeds of one sequential LoRA run: a study of one method
+        res["config"] = {"seed": seed, "experts": 1, "instructions": "Original", "tasks": ",".join(tasks)}
+        data.write_json(str(tmp_path / "study" / f"lora-s{seed}" / "results.json"), res)
+    printed = eval_without_torch(f"--study={tmp_path / 'study'}")
+    row = f"| LoRA | 2 | {forgot:.1f} ± 0.0 | 100.0 ± 0.0 | {res['MAA']:.1f} ± 0.0 | {res['BWT']:.1f} ± 0.0 |"
+    assert row in printed
+    assert open(tmp_path / "study" / "study.md").read() in printed
+    assert os.path.isfile(tmp_path / "study" / "study_curves.png")
 
 
 def test_scoring_50k_predictions_is_fast():
