@@ -41,6 +41,7 @@ import sys
 from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
+import coin_mini
 import data
 import study
 
@@ -421,7 +422,7 @@ def _says(phrase, text):
     return re.search(r"(?<!\w)" + re.escape(phrase) + r"(?!\w)", text) is not None
 
 
-_POSITION = re.compile(r"(?<!\w)(" + "|".join(sorted(data.POSITIONS, key=len, reverse=True)) + r")(?!\w)")
+_POSITION = re.compile(r"(?<!\w)(" + "|".join(sorted(coin_mini.POSITIONS, key=len, reverse=True)) + r")(?!\w)")
 _OPTION_LETTER = re.compile(r"(?<!\w)([B-E]|A(?!\s+[a-z]))(?!\w)")  # "B", "B.", "(B)"; not the article "A red.."
 
 
