@@ -3,102 +3,31 @@ coin: continual instruction tuning of a multimodal LLM (CoIN, arXiv 2403.08350),
 
 Reads top to bottom: config -> DDP setup -> load the base -> inject MoELoRA -> for each task: train one epoch, save,
 evaluate on every task seen so far -> results. `python coin.py --help` lists the settings. Running the same command
-into the same --out again continues where it stopped (killed, Ctrl-C, a lost rank), to the same weights and scores.
+into the same --out again continues where it stopped (killed, Ctrl-C, a lost rank), to the same weights and scores:
+checkpoint.py holds what a stage writes and how a run continues; base_model.py builds the bases (stage 0, assemble).
 """
 import contextlib
 import dataclasses
-import functools
-import hashlib
-import json
 import math
 import os
-import pickle
 import random
 import signal
-import subprocess
 import sys
 import time
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-import transformers
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from tqdm import tqdm
-from transformers import (AutoModelForImageTextToText, AutoProcessor, AutoTokenizer, CLIPImageProcessor,
-                          CLIPVisionConfig, CLIPVisionModel, LlamaConfig, LlamaForCausalLM, LlavaConfig,
-                          LlavaForConditionalGeneration, LlavaProcessor, PreTrainedTokenizerFast)
+from transformers import AutoModelForImageTextToText, AutoProcessor
 
 import data
 import eval as evaluate
+from base_model import assemble_main, pretrain_base, projector
+from checkpoint import (MIDSTAGE, finished_stages, inputs_hash, load_checkpoint, load_midstage, load_results, run_info,
+                        save_checkpoint, save_midstage, setting_defaults, stage_dir)
 from data import collate
-from moelora import add_moelora, load_moelora_state_dict, mark_only_moelora_trainable, moelora_state_dict
-
-# -----------------------------------------------------------------------------
-# The embedded default's base: a tiny LLaVA of the real Hugging Face class, saved as an ordinary model directory
-# (CLIP vision tower, 2-layer GELU projector, Llama LM, byte-level BPE tokenizer trained offline, CLIP image
-# processor). It loads with from_pretrained exactly like llava-hf/llava-1.5-7b-hf; `--stage0` pretrains it.
-
-SPECIALS = ["<unk>", "<s>", "</s>", "<pad>", data.IMAGE_TOKEN]
-
-
-def train_tokenizer(texts, vocab_size):
-    """Byte-level BPE (as Llama-3/GPT-2 use), trained on the corpus; <s> prepended like Llama's tokenizer."""
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIALS, show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(texts, trainer)
-    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
-                                   pad_token="<pad>", extra_special_tokens={"image_token": data.IMAGE_TOKEN})
-    # The system prompt opens every sequence; one token for it saves ~30 positions per example on a CPU.
-    fast.add_tokens([data.SYSTEM])
-    return fast
-
-
-def build_tiny_base(out_dir, texts, image_size=48, patch_size=8, vision_dim=128, vision_layers=4, text_dim=128,
-                    text_layers=4, heads=4, vocab_size=1000, seed=0):
-    """Write a random-initialised tiny LLaVA (model + processor) to out_dir; returns (model, processor)."""
-    torch.manual_seed(seed)
-    tokenizer = train_tokenizer(texts, vocab_size)
-    image_processor = CLIPImageProcessor(size={"shortest_edge": image_size},
-                                         crop_size={"height": image_size, "width": image_size})
-    processor = LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=patch_size,
-                               vision_feature_select_strategy="default", num_additional_image_tokens=1)
-    config = LlavaConfig(
-        vision_config=CLIPVisionConfig(hidden_size=vision_dim, intermediate_size=4 * vision_dim,
-                                       num_hidden_layers=vision_layers, num_attention_heads=heads,
-                                       image_size=image_size, patch_size=patch_size),
-        text_config=LlamaConfig(hidden_size=text_dim, intermediate_size=3 * text_dim, num_hidden_layers=text_layers,
-                                num_attention_heads=heads, num_key_value_heads=heads, vocab_size=len(tokenizer),
-                                max_position_embeddings=512, bos_token_id=tokenizer.bos_token_id,
-                                eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id),
-        image_token_index=tokenizer.convert_tokens_to_ids(data.IMAGE_TOKEN),
-        image_seq_length=(image_size // patch_size) ** 2,
-        vision_feature_layer=-2, vision_feature_select_strategy="default", projector_hidden_act="gelu")
-    model = LlavaForConditionalGeneration(config)
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
-    os.makedirs(out_dir, exist_ok=True)
-    model.save_pretrained(out_dir)
-    processor.save_pretrained(out_dir)
-    return model, processor
-
-
-def corpus_texts(data_dir):
-    """Every prompt and answer of CoIN-mini's train sets (all instruction sets) and its stage-0 corpus."""
-    texts = []
-    for iset in data.INSTRUCTIONS:
-        for task in data.TASKS + ["Stage0"]:
-            for ex in data.train_examples(data_dir, task, iset):
-                texts.append(data.build_prompt(ex["question"], ex["image"] is not None))
-                texts.append(" " + ex["answer"])
-    return texts
-
+from moelora import add_moelora, mark_only_moelora_trainable
 
 # -----------------------------------------------------------------------------
 # Config: one setting a line; override any with --key=value or --key value (unknown keys and wrong types are errors)
@@ -131,8 +60,8 @@ class Config:
     projector_lr_scale: float = 0.1       # the projector's lr = lr x this. 0.1: the official scripts' 2e-5 at lr
                                           # 2e-4 (their DeepSpeed config overrides it: 1.0 is what they run in effect)
     # --- optim
-    lr: float = 1e-3                      # official 2e-4 at 7B; tiny model: 1e-3 (2e-3 scrambled its image features)
-    micro_batch: int = 8                  # per rank, per forward (CoIN-mini: 375 steps per task learn more than 188 of 16)
+    lr: float = 1e-3                      # official 2e-4 at 7B; the tiny model's image features scramble at 2e-3
+    micro_batch: int = 8                  # per rank, per forward (CoIN-mini: 375 steps of 8 learn more than 188 of 16)
     grad_accum: int = 1                   # global_batch = micro_batch * world_size * grad_accum
     global_batch: str = ""                # "" = as above; N, or "official" (the per-task table): sets grad_accum
     epochs: int = 1                       # CoIN trains one epoch per task
@@ -222,6 +151,14 @@ def grad_accum_for(cfg, stage, world):
         raise SystemExit(f"stage {stage}: global batch {want} is not a multiple of micro_batch x ranks = "
                          f"{cfg.micro_batch} x {world}; choose a --micro_batch that divides {want // world}")
     return want // per_step
+
+
+def plan_batches(cfg, stages, world):
+    """grad_accum of each stage (fails now on a global batch that micro_batch x ranks cannot make), and the global
+    batch the run records: one number if every stage has it (the usual case), else the table {stage: batch}."""
+    accum = {name: grad_accum_for(cfg, name, world) for name, *_ in stages}
+    batches = {name: cfg.micro_batch * world * steps for name, steps in accum.items()}
+    return accum, batches[stages[0][0]] if len(set(batches.values())) == 1 else batches
 
 
 # -----------------------------------------------------------------------------
@@ -315,7 +252,7 @@ def train_one_task(model, dataset, params, cfg, rank, world, device, seed, desc,
     torch.manual_seed(seed)
     start, losses = 0, []
     if midstage and os.path.exists(midstage):
-        start, losses = load_midstage(midstage, model, opt, info, rank, world, device)
+        start, losses = load_midstage(midstage, model, opt, info, setting_defaults(cfg), rank, world, device)
         print0(f"{desc}: continuing after step {start} of {len(steps)} ({midstage})")
     model.train()
     bar = tqdm(range(start, len(steps)), desc=desc, disable=rank != 0, leave=False, mininterval=2,
@@ -378,197 +315,7 @@ def sigint_flag():
 
 
 # -----------------------------------------------------------------------------
-# Checkpoints: adapter + projector as safetensors with a readable meta.json, written atomically
-
-# A stage's folder, checkpoints/stage<j>-<Task>/, holds adapter.safetensors, then meta.json: the stage is finished
-# once its meta.json exists. Until then midstage.pt holds the state to continue it. Every file is written to .tmp and
-# renamed, so a kill at any moment leaves the previous version or the new one, never half a file. --out must be one
-# folder that every rank sees (shared storage on several nodes): rank 0 writes, all ranks read.
-MIDSTAGE = "midstage.pt"
-
-# settings that may change when a run is continued: where output goes and how the same global batch is split
-MAY_DIFFER = ("out", "resume", "save_every", "threads", "micro_batch", "grad_accum", "eval_batch", "grad_ckpt")
-# settings added later, with the value that runs written before them had in effect (when it is not the default)
-BEFORE_ADDED = {"projector_lr_scale": 1.0}
-
-
-def stage_dir(cfg, j, task):
-    return os.path.join(cfg.out, "checkpoints", f"stage{j + 1}-{task}")
-
-
-@functools.cache
-def git_commit():
-    """The code's commit, plus '-dirty-' and a hash of `git diff HEAD` when files differ from it; None outside git."""
-    def git(*args):
-        out = subprocess.run(["git", *args], capture_output=True, timeout=10,
-                             cwd=os.path.dirname(os.path.abspath(__file__)))
-        return out.stdout if out.returncode == 0 else None
-    try:
-        commit, diff = git("rev-parse", "HEAD"), git("diff", "HEAD")
-    except (OSError, subprocess.SubprocessError):
-        return None
-    if commit is None:
-        return None
-    return commit.decode().strip() + (f"-dirty-{hashlib.sha1(diff).hexdigest()[:12]}" if diff else "")
-
-
-def inputs_hash(train_sets, test_sets, model):
-    """A hash of what a run reads besides its settings: the records it uses and a sample of every base weight. A
-    resumed run checks it, so a regenerated data set or a rebuilt base never mixes into an earlier run's stages."""
-    h = hashlib.sha1(json.dumps([train_sets, test_sets], sort_keys=True).encode())
-    for name, p in model.named_parameters():
-        h.update(name.encode())
-        h.update(p.detach().flatten()[:256].float().cpu().numpy().tobytes())
-    return h.hexdigest()
-
-
-def run_info(cfg, world, inputs, global_batch):
-    """What every checkpoint and results.json record about the run that wrote them."""
-    return {"config": dataclasses.asdict(cfg), "seed": cfg.seed, "world_size": world,
-            "global_batch": global_batch, "inputs": inputs, "git": git_commit(),
-            "torch": str(torch.__version__), "transformers": transformers.__version__}
-
-
-def check_same_run(saved, info, path):
-    """Refuse to continue from a file another run wrote: settings that change results, data and base must match."""
-    old, new = saved.get("config", {}), info["config"]
-    for key in new:
-        # a setting added since that run was written had its default there (or what BEFORE_ADDED says it was)
-        was = old.get(key, BEFORE_ADDED.get(key, getattr(Config, key)))
-        if key not in MAY_DIFFER and was != new[key]:
-            raise SystemExit(f"{path}: written by a run with --{key}={was!r}, this one has "
-                             f"--{key}={new[key]!r}; continue it with the same settings, or write to another --out")
-    if saved.get("global_batch") != info["global_batch"]:
-        raise SystemExit(f"{path}: written with a global batch of {saved.get('global_batch')}, this run has "
-                         f"{info['global_batch']} (micro_batch x ranks x grad_accum); keep it to continue that run")
-    if saved.get("inputs") != info["inputs"]:
-        raise SystemExit(f"{path}: written by a run that read other data or another base (regenerated data or a "
-                         "rebuilt base?); write to another --out")
-
-
-def read_json_file(path):
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
-        raise SystemExit(f"{path}: unreadable ({e}); delete it to redo what it recorded") from None
-
-
-def trainable_state_dict(model):
-    sd = moelora_state_dict(model)
-    sd.update({f"projector.{k}": v for k, v in projector(model).state_dict().items()})
-    return {k: v.detach().cpu().contiguous() for k, v in sd.items()}
-
-
-def finite_or_raise(sd, path, step):
-    bad = [k for k, v in sd.items() if not torch.isfinite(v).all()]
-    if bad:
-        raise FloatingPointError(f"{path}: not written: {len(bad)} weights (e.g. {bad[0]}) are not finite after step "
-                                 f"{step}; the last good checkpoint stays (try a lower --lr)")
-
-
-def save_checkpoint(model, stage_dir, meta):
-    """The end of a stage: adapter.safetensors, then meta.json (the stage is finished), then the mid-stage file goes."""
-    os.makedirs(stage_dir, exist_ok=True)
-    path = os.path.join(stage_dir, "adapter.safetensors")
-    sd = trainable_state_dict(model)
-    finite_or_raise(sd, path, meta["step"])
-    save_file(sd, path + ".tmp")
-    os.replace(path + ".tmp", path)
-    data.write_json(os.path.join(stage_dir, "meta.json"), meta)
-    if os.path.exists(os.path.join(stage_dir, MIDSTAGE)):
-        os.remove(os.path.join(stage_dir, MIDSTAGE))
-
-
-def load_trainable(model, sd, path):
-    """Strict: `sd` (read from `path`) must hold exactly this model's adapter and projector weights, same shapes."""
-    proj = {k.removeprefix("projector."): v for k, v in sd.items() if k.startswith("projector.")}
-    try:
-        load_moelora_state_dict(model, {k: v for k, v in sd.items() if not k.startswith("projector.")})
-        projector(model).load_state_dict(proj, strict=True)
-    except (KeyError, ValueError, RuntimeError) as e:
-        raise ValueError(f"{path}: not a checkpoint of this model (another --base, --lora_r or --experts?): "
-                         f"{e.args[0]}") from None
-
-
-def load_checkpoint(model, path):
-    try:
-        sd = load_file(path)
-    except (OSError, SafetensorError) as e:
-        raise ValueError(f"{path}: unreadable checkpoint ({e})") from None
-    load_trainable(model, sd, path)
-
-
-def save_midstage(path, model, opt, step, losses, info, rank, world, device):
-    """All it takes to continue a stage after `step` steps exactly: the trainable weights, AdamW's state, the step
-    (the data order and the lr are functions of it) and every rank's RNG state (the dropout masks)."""
-    rng = [torch.get_rng_state()] + ([torch.cuda.get_rng_state(device)] if device.type == "cuda" else [])
-    rngs = [rng]
-    if world > 1:
-        rngs = [None] * world if rank == 0 else None
-        dist.gather_object(rng, rngs, dst=0)
-    if rank == 0:
-        sd = trainable_state_dict(model)
-        finite_or_raise(sd, path, step)
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        torch.save({**info, "step": step, "losses": losses, "weights": sd, "optimizer": opt.state_dict(),
-                    "rng": rngs}, path + ".tmp")
-        os.replace(path + ".tmp", path)
-    if world > 1:
-        dist.barrier()  # no rank stops (Ctrl-C) before the file is complete
-
-
-def load_midstage(path, model, opt, info, rank, world, device):
-    """Restore what save_midstage wrote into `model`, `opt` and this rank's RNG; returns (steps done, their losses)."""
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as e:
-        raise SystemExit(f"{path}: unreadable mid-stage checkpoint ({e}); delete it to restart the stage") from None
-    check_same_run(state, info, path)
-    if state["world_size"] != world:
-        raise SystemExit(f"{path}: written by {state['world_size']} ranks, this run has {world}: a stage continues "
-                         "exactly only on as many ranks (one RNG state each); use that many, or delete it to restart "
-                         "the stage")
-    load_trainable(model, state["weights"], path)
-    opt.load_state_dict(state["optimizer"])
-    torch.set_rng_state(state["rng"][rank][0])
-    if device.type == "cuda":
-        torch.cuda.set_rng_state(state["rng"][rank][1], device)
-    return state["step"], state["losses"]
-
-
-# -----------------------------------------------------------------------------
-# The model
-
-# the module that maps vision features into the language model's space, per family (it trains with the adapter)
-PROJECTORS = ("multi_modal_projector",  # LLaVA: Linear, GELU, Linear
-              "visual.merger")          # Qwen2-VL: the patch merger at the end of its vision tower
-
-
-def projector(model):
-    for name in PROJECTORS:
-        try:
-            return model.model.get_submodule(name)
-        except AttributeError:
-            pass
-    raise ValueError(f"{type(model).__name__}: no projector found (looked for model.{', model.'.join(PROJECTORS)}); "
-                     "add its module name to coin.PROJECTORS")
-
-
-def train_in_fp32(module):
-    """Keep a trainable module of a bf16 model in fp32 (master weights, as DeepSpeed's bf16 mode keeps them: a 2e-4
-    AdamW step is below bf16's resolution for most weights, so bf16 weights would mostly not move). Its inputs are
-    cast to fp32 on the way in, its output back to the model's dtype on the way out."""
-    out_dtype = next(module.parameters()).dtype
-    if out_dtype == torch.float32:
-        return
-    module.float()
-    module.register_forward_pre_hook(lambda m, args, kwargs: (
-        tuple(a.float() if torch.is_tensor(a) and a.is_floating_point() else a for a in args),
-        {k: v.float() if torch.is_tensor(v) and v.is_floating_point() else v for k, v in kwargs.items()}),
-        with_kwargs=True)
-    module.register_forward_hook(lambda m, args, out: out.to(out_dtype) if torch.is_tensor(out) else out)
-
+# The model: the base (any Hugging Face image-text-to-text directory), MoELoRA on its language model, its projector
 
 def load_processor(cfg):
     if not os.path.isdir(cfg.base):
@@ -589,6 +336,36 @@ def load_base(cfg, device):
     return model, processor
 
 
+def add_adapter(model, cfg, device):
+    """Freeze the base, wrap its language model's linears with MoELoRA (whose init draws from the global RNG) and let
+    the projector train along (--train_projector); returns (trainable parameters, number of wrapped linears)."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    wrapped = add_moelora(model, None, cfg.lora_r, cfg.lora_alpha, cfg.experts, cfg.lora_dropout)
+    mark_only_moelora_trainable(model)
+    for p in projector(model).parameters():
+        p.requires_grad_(cfg.train_projector)
+    if cfg.train_projector:
+        train_in_fp32(projector(model))  # the adapters are fp32 already (moelora.py)
+    model.to(device)
+    return [p for p in model.parameters() if p.requires_grad], len(wrapped)
+
+
+def train_in_fp32(module):
+    """Keep a trainable module of a bf16 model in fp32 (master weights, as DeepSpeed's bf16 mode keeps them: a 2e-4
+    AdamW step is below bf16's resolution for most weights, so bf16 weights would mostly not move). Its inputs are
+    cast to fp32 on the way in, its output back to the model's dtype on the way out."""
+    out_dtype = next(module.parameters()).dtype
+    if out_dtype == torch.float32:
+        return
+    module.float()
+    module.register_forward_pre_hook(lambda m, args, kwargs: (
+        tuple(a.float() if torch.is_tensor(a) and a.is_floating_point() else a for a in args),
+        {k: v.float() if torch.is_tensor(v) and v.is_floating_point() else v for k, v in kwargs.items()}),
+        with_kwargs=True)
+    module.register_forward_hook(lambda m, args, out: out.to(out_dtype) if torch.is_tensor(out) else out)
+
+
 def evaluate_stage(model, processor, judge, cfg, test_sets, rank, world, stage_name):
     """Generate and score every task of `test_sets` ({task: test records}); returns {task: (instruction following,
     general knowledge)}."""
@@ -601,117 +378,17 @@ def evaluate_stage(model, processor, judge, cfg, test_sets, rank, world, stage_n
         if rank == 0:
             pred_dir = os.path.join(cfg.out, "predictions", stage_name)
             evaluate.write_jsonl(os.path.join(pred_dir, f"{task}.jsonl"), preds)
-            ann = os.path.join(cfg.data_dir, "annotations")  # official ground-truth files, where present
-            s_if = evaluate.score_task(task, preds, records, scoring=cfg.scoring,
-                                       annotations=ann if os.path.isdir(ann) else None)
-            s_gk = judge.score(task, preds, records)
-            evaluate.write_jsonl(os.path.join(pred_dir, f"{task}.judge.jsonl"), s_gk["rows"])
-            scores[task] = (s_if["score"], s_gk["score"])
+            annotations = os.path.join(cfg.data_dir, "annotations")  # official ground-truth files, where present
+            following = evaluate.score_task(task, preds, records, scoring=cfg.scoring,
+                                            annotations=annotations if os.path.isdir(annotations) else None)
+            knowledge = judge.score(task, preds, records)
+            evaluate.write_jsonl(os.path.join(pred_dir, f"{task}.judge.jsonl"), knowledge["rows"])
+            scores[task] = (following["score"], knowledge["score"])
     return scores
 
 
 # -----------------------------------------------------------------------------
-# The CoIN base at 7B: the pretrain-only LLaVA-1.5, assembled from its three public parts into one Hugging Face
-# LlavaForConditionalGeneration directory (`python coin.py assemble ...`; README section 9 lists the downloads)
-
-PROJECTOR_KEYS = {"model.mm_projector.0.weight": "model.multi_modal_projector.linear_1.weight",  # (d_text, d_vision)
-                  "model.mm_projector.0.bias": "model.multi_modal_projector.linear_1.bias",      # (d_text,)
-                  "model.mm_projector.2.weight": "model.multi_modal_projector.linear_2.weight",  # (d_text, d_text)
-                  "model.mm_projector.2.bias": "model.multi_modal_projector.linear_2.bias"}      # (d_text,)
-
-
-def assemble_llava15(vicuna_dir, clip_dir, projector_bin, out_dir):
-    """Vicuna-7B-v1.5 (LlamaForCausalLM) + CLIP ViT-L/14-336 (its vision model) + the stage-1 mlp2x_gelu projector
-    (mm_projector.bin) -> out_dir, a LlavaForConditionalGeneration with its LlavaProcessor, as LLaVA-1.5's
-    pretraining left it: features from layer -2, the CLS token dropped ("default"), Linear-GELU-Linear. <image> is
-    added to the tokenizer (one new embedding row, the mean of the others: image features replace it anyway). No chat
-    template is saved: coin prompts this base with Vicuna v1, as the official code does. Every tensor name and shape
-    is checked against the LLaVA class; anything missing, left over or misshapen is an error naming it."""
-    proj = torch.load(projector_bin, map_location="cpu", weights_only=True)
-    if set(proj) != set(PROJECTOR_KEYS):
-        raise ValueError(f"{projector_bin}: expected exactly the keys {sorted(PROJECTOR_KEYS)} (LLaVA-1.5's stage-1 "
-                         f"mlp2x_gelu projector), found {sorted(proj)}")
-    # from_pretrained fills weights a directory lacks with random ones, with a warning: here that is an error
-    lm, info = LlamaForCausalLM.from_pretrained(vicuna_dir, dtype="auto", output_loading_info=True)
-    clip, info_clip = CLIPVisionModel.from_pretrained(clip_dir, dtype=lm.dtype, output_loading_info=True)
-    for part, loaded in ((vicuna_dir, info), (clip_dir, info_clip)):
-        if loaded["missing_keys"] or loaded["mismatched_keys"]:
-            raise ValueError(f"{part}: not the expected model ({len(loaded['missing_keys'])} weights missing, e.g. "
-                             f"{sorted(loaded['missing_keys'])[:3]}; mismatched {list(loaded['mismatched_keys'])[:3]}); "
-                             "--vicuna takes a Llama directory, --clip a CLIP (vision) directory")
-    tok = AutoTokenizer.from_pretrained(vicuna_dir)
-    if data.IMAGE_TOKEN in tok.get_vocab():
-        raise ValueError(f"{vicuna_dir}: the tokenizer has {data.IMAGE_TOKEN} already; give the plain Vicuna directory")
-    tok.add_special_tokens({"extra_special_tokens": [data.IMAGE_TOKEN]})  # one token, never split
-    if tok.pad_token is None:
-        tok.pad_token = tok.unk_token  # LLaVA-1.5 (Vicuna v1) pads with <unk>
-    vc, tc = clip.config, lm.config
-    tc.vocab_size = len(tok)
-    config = LlavaConfig(vision_config=vc, text_config=tc, image_token_index=tok.convert_tokens_to_ids(data.IMAGE_TOKEN),
-                         image_seq_length=(vc.image_size // vc.patch_size) ** 2, vision_feature_layer=-2,
-                         vision_feature_select_strategy="default", projector_hidden_act="gelu")
-    with torch.device("meta"):  # the LLaVA's names and shapes, no memory
-        llava = LlavaForConditionalGeneration(config)
-    sd = {f"model.language_model.{k}": v for k, v in lm.model.state_dict().items()}
-    sd["lm_head.weight"] = lm.lm_head.weight.detach()
-    sd.update({f"model.vision_tower.{k}": v for k, v in clip.state_dict().items()})
-    sd.update({PROJECTOR_KEYS[k]: v.to(lm.dtype) for k, v in proj.items()})
-    for key in ("model.language_model.embed_tokens.weight", "lm_head.weight"):  # (vocab, d) -> (vocab + 1, d)
-        w = sd[key]
-        sd[key] = torch.cat([w, w.mean(0, keepdim=True)])
-    want = llava.state_dict()
-    missing, unexpected = sorted(want.keys() - sd.keys()), sorted(sd.keys() - want.keys())
-    if missing or unexpected:
-        raise ValueError(f"assembling {out_dir}: {len(missing)} LLaVA weights missing {missing[:5]}, {len(unexpected)} "
-                         f"unexpected {unexpected[:5]} (first 5 shown; is {vicuna_dir} a Llama and {clip_dir} a CLIP?)")
-    wrong = [f"{k}: {tuple(sd[k].shape)} != {tuple(v.shape)}" for k, v in want.items() if sd[k].shape != v.shape]
-    if wrong:
-        raise ValueError(f"assembling {out_dir}: {len(wrong)} shapes differ from the LLaVA's (part != LLaVA), e.g. "
-                         f"{wrong[0]} (a projector of another vision tower or language model?)")
-    llava.load_state_dict(sd, strict=True, assign=True)
-    llava.generation_config.pad_token_id, llava.generation_config.eos_token_id = tok.pad_token_id, tok.eos_token_id
-    processor = LlavaProcessor(image_processor=CLIPImageProcessor.from_pretrained(clip_dir), tokenizer=tok,
-                               patch_size=vc.patch_size, vision_feature_select_strategy="default",
-                               num_additional_image_tokens=1)
-    llava.save_pretrained(out_dir)
-    processor.save_pretrained(out_dir)
-    return llava, processor
-
-
-def assemble_main(argv):
-    opts = data.parse_options(argv, {"vicuna": "", "clip": "", "projector": "", "out": ""})
-    if not all(opts.values()):
-        raise SystemExit("usage: python coin.py assemble --vicuna=DIR --clip=DIR --projector=mm_projector.bin --out=DIR")
-    llava, _ = assemble_llava15(opts["vicuna"], opts["clip"], opts["projector"], opts["out"])
-    print(f"wrote the pretrain-only LLaVA-1.5 base ({sum(p.numel() for p in llava.parameters()):,} parameters) to "
-          f"{opts['out']}; train on it with --base={opts['out']}")
-
-
-# -----------------------------------------------------------------------------
-# Stage 0: pretrain the tiny base on captions (full fine-tuning, the same loop), as LLaVA's base saw captions only
-
-def pretrain_base(cfg, rank, world, device):
-    texts = corpus_texts(cfg.data_dir)
-    if rank == 0:
-        build_tiny_base(cfg.base, texts, seed=cfg.seed)
-    if world > 1:
-        dist.barrier()
-    model, processor = load_base(cfg, device)
-    examples = data.train_examples(cfg.data_dir, "Stage0", cfg.instructions)
-    ds = data.InstructionDataset(examples, processor, data.image_root(cfg.data_dir, cfg.image_dir))
-    params = [p for p in model.parameters()]
-    t0 = time.time()
-    losses = train_one_task(model, ds, params, cfg, rank, world, device, cfg.seed, "stage-0 captions")
-    print0(f"stage 0: {len(losses)} steps in {time.time() - t0:.0f}s, loss {losses[0]:.2f} -> "
-           f"{sum(losses[-20:]) / 20:.2f}")
-    if rank == 0:
-        model.save_pretrained(cfg.base)
-        processor.save_pretrained(cfg.base)
-        print0(f"wrote the pretrained tiny base to {cfg.base}")
-
-
-# -----------------------------------------------------------------------------
-# Before any work: check the inputs, and find where an earlier run into --out stopped
+# Before any work: check the inputs and plan the stages
 
 def read_inputs(cfg, tasks, processor):
     """Every task's train and test records, read and checked before any work (data.check_tasks, the code path of
@@ -754,43 +431,26 @@ def plan_stages(cfg, tasks):
     return [(task, [task], tasks[:j + 1], j) for j, task in enumerate(tasks)]
 
 
-def finished_stages(cfg, stages, info):
-    """How many stages, from the first, an earlier run into --out finished; 0 for a new --out."""
-    if not cfg.resume:
-        if os.path.exists(os.path.join(cfg.out, "results.json")) or os.path.isdir(os.path.join(cfg.out, "checkpoints")):
-            raise SystemExit(f"--out={cfg.out} holds a run already: --resume=true (the default) continues it; to start "
-                             "over, delete that folder or choose another --out")
-        return 0
-    done, meta = 0, None
-    for j, (name, *_) in enumerate(stages):
-        path = os.path.join(stage_dir(cfg, j, name), "meta.json")
-        if not os.path.exists(path):
-            break
-        meta = read_json_file(path)
-        check_same_run(meta, info, path)
-        done = j + 1
-    if meta and meta.get("git") != info["git"]:  # allowed (a fix elsewhere should not cost finished stages), but said
-        print0(f"note: stage {done} was trained by code {meta.get('git')}, this is {info['git']}; stages 1-{done} "
-               "are kept")
-    return done
+# -----------------------------------------------------------------------------
+# After each stage: its scores into the matrices; on resume, the last finished stage's weights back into the model
+
+def record_scores(cfg, tasks, row, scores, if_matrix, gk_matrix, extra):
+    """Rank 0: a stage's {task: (instruction following, general knowledge)} into its `row` of both matrices, then
+    results.json rewritten; returns the table it prints."""
+    for task, (following, knowledge) in scores.items():
+        if_matrix[row][tasks.index(task)], gk_matrix[row][tasks.index(task)] = following, knowledge
+    if cfg.multitask:  # no sequence, so no MAA or BWT: the mean over tasks is the number
+        extra["multitask_average"] = {"if": sum(s[0] for s in scores.values()) / len(scores),
+                                      "gk": sum(s[1] for s in scores.values()) / len(scores)}
+    return evaluate.write_results(cfg.out, tasks, if_matrix, gk_matrix, extra)
 
 
-def load_results(cfg, tasks, rows, info):
-    """The matrices and results.json extras this run extends: empty ones for a new --out, else the earlier run's
-    `rows` (of its finished stages), its zero-shot row and its timings (results.json is only ever extended)."""
-    T = len(tasks)
-    if_matrix, gk_matrix = [[None] * T for _ in range(T)], [[None] * T for _ in range(T)]
-    extra = {**info, "timing": {}}
-    path = os.path.join(cfg.out, "results.json")
-    if cfg.resume and os.path.exists(path):
-        old = read_json_file(path)
-        check_same_run(old, info, path)
-        for r in rows:
-            if_matrix[r], gk_matrix[r] = old["matrix"][r], old["general_knowledge"]["matrix"][r]
-        extra["timing"] = old["timing"]
-        if "zero_shot" in old:
-            extra["zero_shot"] = old["zero_shot"]
-    return if_matrix, gk_matrix, extra
+def load_last_finished_stage(model, cfg, stages, done):
+    """--resume: load the adapter and projector of the last stage an earlier run finished (none finished: nothing to
+    load, the adapter starts fresh)."""
+    if done:
+        load_checkpoint(model, os.path.join(stage_dir(cfg, done - 1, stages[done - 1][0]), "adapter.safetensors"))
+        print0(f"{cfg.out}: an earlier run finished {done} of {len(stages)} stages; continuing after stage {done}")
 
 
 # -----------------------------------------------------------------------------
@@ -803,76 +463,56 @@ def main(argv):
     if not os.path.isdir(cfg.data_dir):
         raise SystemExit(f"--data_dir={cfg.data_dir}: no such folder (the one holding Instructions_*/; "
                          f"`python data.py mini --out={cfg.data_dir}` writes CoIN-mini there)")
-    if cfg.stage0:
-        cfg.epochs, cfg.lr, cfg.schedule = cfg.stage0_epochs, cfg.stage0_lr, "cosine"
+    if cfg.stage0:  # build and pretrain the tiny base instead (base_model.py)
         return pretrain_base(cfg, rank, world, device)
     tasks = data.parse_tasks(cfg.tasks)
     stages = plan_stages(cfg, tasks)
-    image_dir = data.image_root(cfg.data_dir, cfg.image_dir)
     # read and check every file first (processor only: a 7B model takes minutes to load): a problem fails now
     train_sets, test_sets, dropped = read_inputs(cfg, tasks, load_processor(cfg))
     model, processor = load_base(cfg, device)
-    # grad_accum of each stage (fails now on a global batch that micro_batch x ranks cannot make)
-    accum = {name: grad_accum_for(cfg, name, world) for name, *_ in stages}
-    batches = {name: cfg.micro_batch * world * a for name, a in accum.items()}
-    # one number if every stage has it (the usual case), else the table
-    info = run_info(cfg, world, inputs_hash(train_sets, test_sets, model),
-                    batches[stages[0][0]] if len(set(batches.values())) == 1 else batches)
-    done = finished_stages(cfg, stages, info)
-    for p in model.parameters():
-        p.requires_grad_(False)
-    wrapped = add_moelora(model, None, cfg.lora_r, cfg.lora_alpha, cfg.experts, cfg.lora_dropout)
-    mark_only_moelora_trainable(model)
-    for p in projector(model).parameters():
-        p.requires_grad_(cfg.train_projector)
-    if cfg.train_projector:
-        train_in_fp32(projector(model))  # the adapters are fp32 already (moelora.py)
-    model.to(device)
-    params = [p for p in model.parameters() if p.requires_grad]
-    print0(f"MoELoRA E={cfg.experts} r={cfg.lora_r} on {len(wrapped)} linears; trainable "
+    accum, global_batch = plan_batches(cfg, stages, world)
+    info = run_info(cfg, world, inputs_hash(train_sets, test_sets, model), global_batch)
+    done = finished_stages(cfg, stages, info, rank)  # stages an earlier run into --out finished (checkpoint.py)
+    params, n_wrapped = add_adapter(model, cfg, device)
+    print0(f"MoELoRA E={cfg.experts} r={cfg.lora_r} on {n_wrapped} linears; trainable "
            f"{sum(p.numel() for p in params):,} of {sum(p.numel() for p in model.parameters()):,} parameters; "
-           f"global batch {info['global_batch']} on {world} rank(s)")
+           f"global batch {global_batch} on {world} rank(s)")
     # the General Knowledge judge, built once, on rank 0 (which does all the scoring)
     judge = None if rank else evaluate.ExactJudge() if cfg.judge == "exact" else evaluate.LMJudge(cfg.judge)
     if_matrix, gk_matrix, extra = load_results(cfg, tasks, [row for *_, row in stages[:done]], info)
     if dropped:
         extra["dropped_records"] = dropped  # --skip_bad: what was left out, per task file
-    if cfg.zero_shot and "zero_shot" not in extra:
+    if cfg.zero_shot and "zero_shot" not in extra:  # the base on every task: the row before the first stage
         t0 = time.time()
-        zs = evaluate_stage(model, processor, judge, cfg, test_sets, rank, world, "stage0-zeroshot")
-        extra["zero_shot"] = {t: {"if": s[0], "gk": s[1]} for t, s in zs.items()}
+        base_scores = evaluate_stage(model, processor, judge, cfg, test_sets, rank, world, "stage0-zeroshot")
+        extra["zero_shot"] = {task: {"if": s[0], "gk": s[1]} for task, s in base_scores.items()}
         extra["timing"]["zero_shot_eval"] = time.time() - t0
     if rank == 0:
         table = evaluate.write_results(cfg.out, tasks, if_matrix, gk_matrix, extra)
-    if done:  # --resume: go on from the last finished stage's adapter and projector
-        load_checkpoint(model, os.path.join(stage_dir(cfg, done - 1, stages[done - 1][0]), "adapter.safetensors"))
-        print0(f"{cfg.out}: an earlier run finished {done} of {len(stages)} stages; continuing after stage {done}")
+    load_last_finished_stage(model, cfg, stages, done)
+    image_dir = data.image_root(cfg.data_dir, cfg.image_dir)
     for j, (name, train_tasks, eval_tasks, row) in enumerate(stages):
         stage_name = f"stage{j + 1}-{name}"
         if j < done and if_matrix[row][tasks.index(eval_tasks[-1])] is not None:
             continue  # trained and scored by an earlier run
         t0 = time.time()
-        if j >= done:  # train (from the stage's mid-stage checkpoint, if an earlier run left one)
-            ds = data.InstructionDataset([ex for t in train_tasks for ex in train_sets[t]], processor, image_dir)
-            losses = train_one_task(model, ds, params, dataclasses.replace(cfg, grad_accum=accum[name]), rank, world,
-                                    device, cfg.seed + j, f"stage {j + 1}/{len(stages)} train {name}",
+        if j >= done:  # train (from the stage's mid-stage checkpoint, if an earlier run left one), then save
+            dataset = data.InstructionDataset([ex for t in train_tasks for ex in train_sets[t]], processor, image_dir)
+            losses = train_one_task(model, dataset, params, dataclasses.replace(cfg, grad_accum=accum[name]), rank,
+                                    world, device, cfg.seed + j, f"stage {j + 1}/{len(stages)} train {name}",
                                     os.path.join(stage_dir(cfg, j, name), MIDSTAGE), info)
             if rank == 0:
                 save_checkpoint(model, stage_dir(cfg, j, name), {"stage": j + 1, "task": name, "step": len(losses),
                                                                  "final_loss": losses[-1], **info})
             print0(f"stage {j + 1} {name}: {len(losses)} steps, loss {losses[-1]:.3f}, {time.time() - t0:.0f}s")
         t_train, t0 = time.time() - t0, time.time()
+        # evaluate every task seen so far
         scores = evaluate_stage(model, processor, judge, cfg, {t: test_sets[t] for t in eval_tasks}, rank, world,
                                 stage_name)
         extra["timing"][stage_name] = {"train": t_train, "eval": time.time() - t0}
         if rank == 0:
-            for t in eval_tasks:
-                if_matrix[row][tasks.index(t)], gk_matrix[row][tasks.index(t)] = scores[t]
-            if cfg.multitask:  # no sequence, so no MAA or BWT: the mean over tasks is the number
-                extra["multitask_average"] = {"if": sum(s[0] for s in scores.values()) / len(scores),
-                                              "gk": sum(s[1] for s in scores.values()) / len(scores)}
             print0(f"stage {j + 1} {name} scores: " + ", ".join(f"{t} {s[0]:.1f}" for t, s in scores.items()))
-            table = evaluate.write_results(cfg.out, tasks, if_matrix, gk_matrix, extra)
+            table = record_scores(cfg, tasks, row, scores, if_matrix, gk_matrix, extra)
     if rank == 0:
         print0(table)
         print0(f"results: {os.path.join(cfg.out, 'results.json')}")
@@ -881,7 +521,7 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    if sys.argv[1:2] == ["assemble"]:
+    if sys.argv[1:2] == ["assemble"]:  # assemble the LLaVA-1.5 base from its parts (base_model.py)
         assemble_main(sys.argv[2:])
     else:
         main(sys.argv[1:])

@@ -1,12 +1,13 @@
 """
 Evaluation for coin: batched greedy generation, the eight official Instruction Following scorers, the General
-Knowledge judge, MAA/BWT, markdown tables and heatmaps. Scoring needs no model, no GPU and no torch.distributed:
+Knowledge judge, MAA/BWT, markdown tables and heatmaps. Scoring prediction files needs no model, no GPU and no
+torch: only generate() and the LM judge import torch and transformers, when they run.
 
     python eval.py --predictions=out/run               # coin's files: predictions/<stage>/<Task>.jsonl
     python eval.py --predictions=results/CoIN          # the official code's <Task>/<Stage>/merge.jsonl
     python eval.py --predictions=merge.jsonl --task=GQA [--test_file=PATH]
     python eval.py --compare=out/lora,out/moelora      # final numbers of several runs side by side
-    python eval.py --study=out/study                   # runs x seeds: the paper's tables, mean +- std (run.sh 6.)
+    python eval.py --study=out/study                   # runs x seeds: the paper's tables, mean +- std (study.py)
 
 `python eval.py --help` lists the settings (--key=value; unknown keys are errors).
 
@@ -32,18 +33,20 @@ Deliberate differences from the official scripts, in both modes:
 """
 import functools
 import hashlib
-import itertools
 import json
 import os
 import re
 import sys
 
-import torch
-import torch.distributed as dist
 from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
+import coin_mini
 import data
+import study
+
+# torch and transformers are imported inside generate() and LMJudge only, so that scoring prediction files, --compare
+# and --study run on a machine without them
 
 SCORINGS = ("official", "fixed")
 
@@ -107,6 +110,8 @@ def generate(model, processor, records, image_dir, batch_size=64, max_new_tokens
     """Greedy answers to `records` (data.test_examples), striped over ranks (record i goes to rank i % world_size)
     and gathered on rank 0 in record order as merge.jsonl rows; other ranks get None. The prompt is the training
     template; `prompt` in the row is the user turn, as the official files store it."""
+    import torch
+    import torch.distributed as dist
     distributed = world_size > 1
     assert not distributed or (dist.is_available() and dist.is_initialized()), \
         f"world_size={world_size} needs torch.distributed initialised"
@@ -417,7 +422,7 @@ def _says(phrase, text):
     return re.search(r"(?<!\w)" + re.escape(phrase) + r"(?!\w)", text) is not None
 
 
-_POSITION = re.compile(r"(?<!\w)(" + "|".join(sorted(data.POSITIONS, key=len, reverse=True)) + r")(?!\w)")
+_POSITION = re.compile(r"(?<!\w)(" + "|".join(sorted(coin_mini.POSITIONS, key=len, reverse=True)) + r")(?!\w)")
 _OPTION_LETTER = re.compile(r"(?<!\w)([B-E]|A(?!\s+[a-z]))(?!\w)")  # "B", "B.", "(B)"; not the article "A red.."
 
 
@@ -469,6 +474,7 @@ class LMJudge(Judge):
     default (NOTE(fidelity): the official script samples at temperature 0.2), batched with left padding."""
 
     def __init__(self, model_dir, batch_size=16, max_new_tokens=16, device=None):
+        import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
         if not os.path.isdir(model_dir):
             raise FileNotFoundError(f"judge {model_dir!r}: no such folder (give 'exact' or a Hugging Face causal LM)")
@@ -488,6 +494,7 @@ class LMJudge(Judge):
                                             tokenize=False, add_generation_prompt=True)
 
     def judge(self, task, items):
+        import torch
         prompts = [self.chat(*judge_prompt(task, rec, answer)) for rec, answer in items]
         replies = []
         with torch.no_grad():
@@ -609,14 +616,15 @@ def write_results(out_dir, tasks, if_matrix, gk_matrix, extra=None):
     gk_matrix may be None (no judge). Works on a partly filled matrix: stages still to come are None rows."""
     os.makedirs(out_dir, exist_ok=True)
     extra = dict(extra or {})
-    zs = extra.get("zero_shot") or {}
+    zero_shot = extra.get("zero_shot") or {}
     res = {"tasks": list(tasks), "matrix": if_matrix, **aggregates(if_matrix)}
-    md = markdown_table(tasks, if_matrix, "Instruction Following (accuracy %)", {t: s["if"] for t, s in zs.items()})
+    md = markdown_table(tasks, if_matrix, "Instruction Following (accuracy %)",
+                        {t: s["if"] for t, s in zero_shot.items()})
     heatmap(os.path.join(out_dir, "heatmap_if.png"), tasks, if_matrix, "Instruction Following: accuracy (%)")
     if gk_matrix is not None:
         res["general_knowledge"] = {"tasks": list(tasks), "matrix": gk_matrix, **aggregates(gk_matrix)}
         md += "\n" + markdown_table(tasks, gk_matrix, "General Knowledge (judge score %)",
-                                    {t: s["gk"] for t, s in zs.items() if s.get("gk") is not None})
+                                    {t: s["gk"] for t, s in zero_shot.items() if s.get("gk") is not None})
         heatmap(os.path.join(out_dir, "heatmap_gk.png"), tasks, gk_matrix, "General Knowledge: judge score (%)")
     clash = res.keys() & extra.keys()
     assert not clash, f"extra repeats results keys {sorted(clash)}"
@@ -625,301 +633,6 @@ def write_results(out_dir, tasks, if_matrix, gk_matrix, extra=None):
     with open(os.path.join(out_dir, "results.md"), "w") as f:
         f.write(md)
     return md
-
-
-# -----------------------------------------------------------------------------
-# The study: one run per method and seed, each in its own folder -> the paper's main table as mean +- std over
-# seeds, the expert and instruction-set ablations, one plot, and the paper's claims checked (--study=out/study)
-
-STUDY_FACTORS = ("multitask", "experts", "instructions")  # the settings that tell the methods apart
-# settings that cannot change the scores; the seed is what the spread is over. Every other setting must be the same
-# in all runs of a study (a study changes one thing at a time).
-STUDY_FREE = ("out", "seed", "threads", "resume", "save_every", "eval_batch", "grad_ckpt", "zero_shot")
-STUDY_SHOWN = ("tasks", "max_train", "max_test", "data_fraction", "lora_r", "lora_alpha", "lora_dropout", "lr",
-               "base", "scoring", "judge")  # the shared settings study.md states
-# LLaVA-1.5 in the paper's main table, Instruction Following; third-party readings of the paper, unverified
-PAPER = {"LoRA": {"MAA": 32.97, "BWT": -32.62}, "MoELoRA E=8": {"MAA": 42.76, "BWT": -25.91}}
-ORIGINAL = "Original"
-LORA = (False, 1, ORIGINAL)  # (multitask, experts, instructions): sequential LoRA, the baseline
-
-
-def mean_std(values):
-    """(mean, sample standard deviation (divides by n - 1), n) of the values that are not None; the std is None
-    below two values, the mean below one."""
-    xs = [v for v in values if v is not None]
-    if not xs:
-        return None, None, 0
-    m = sum(xs) / len(xs)
-    return m, (sum((x - m) ** 2 for x in xs) / (len(xs) - 1)) ** 0.5 if len(xs) > 1 else None, len(xs)
-
-
-def pm(values):
-    """'mean ± std' of the values, one decimal ('' without values, the mean alone for one)."""
-    m, s, _ = mean_std(values)
-    return "" if m is None else f"{m:.1f}" if s is None else f"{m:.1f} ± {s:.1f}"
-
-
-def method_name(key):
-    multitask, experts, instructions = key
-    name = "LoRA" if experts == 1 else f"MoELoRA E={experts}"
-    name = f"multi-task ({name})" if multitask else name
-    return name if instructions == ORIGINAL else f"{name}, {instructions}"
-
-
-def summarise_run(res):
-    """The numbers of one results.json the study uses: per metric (if, gk) the final row, MAA, BWT, final average
-    and the matrix; the zero-shot row (None without one)."""
-    tasks, zs = res["tasks"], res.get("zero_shot")
-    out = {"seed": res["config"]["seed"], "tasks": tasks, "zero_shot": None}
-    for which, r in (("if", res), ("gk", res.get("general_knowledge") or {})):
-        matrix = r.get("matrix") or [[None] * len(tasks) for _ in tasks]
-        out[which] = {"final": matrix[-1], "matrix": matrix, **{k: r.get(k) for k in ("MAA", "BWT", "final_average")}}
-    if zs:
-        out["zero_shot"] = {w: [zs[t][w] if t in zs else None for t in tasks] for w in ("if", "gk")}
-    return out
-
-
-def read_study(root):
-    """Every finished run under root (<run>/results.json) grouped by its config -- (multitask, experts, instructions),
-    never by folder name -- as ({key: [run summary, one per seed]}, the shared settings, [unfinished runs]). Runs
-    that differ in any other setting but the seed (STUDY_FREE), or repeat a seed, are an error naming them."""
-    groups, shared, first, unfinished = {}, None, None, []
-    for name in sorted(os.listdir(root)):
-        path = os.path.join(root, name, "results.json")
-        if not os.path.isfile(path):
-            continue
-        res = data.read_json(path)
-        cfg, T = res["config"], len(res["tasks"])
-        # the key: (multitask, experts, instructions); runs older than --multitask were sequential
-        key = (cfg.get("multitask", False), cfg["experts"], cfg["instructions"])
-        finished = all(v is not None for v in res["matrix"][-1]) if key[0] else res["stages"] == T
-        if not finished:
-            unfinished.append(name if key[0] else f"{name} ({res['stages']}/{T} stages)")
-            continue
-        rest = {k: v for k, v in cfg.items() if k not in STUDY_FACTORS + STUDY_FREE}
-        if shared is None:
-            shared, first = rest, name
-        for k in shared.keys() | rest.keys():
-            if shared.get(k) != rest.get(k):
-                raise ValueError(f"{path}: --{k}={rest.get(k)!r}, but {first} has --{k}={shared.get(k)!r}; a study "
-                                 "compares runs that differ only in --multitask, --experts, --instructions and --seed "
-                                 "(move that run out of the folder, or give it a study of its own)")
-        run = {"name": name, **summarise_run(res)}
-        twin = [r["name"] for r in groups.get(key, []) if r["seed"] == run["seed"]]
-        if twin:
-            raise ValueError(f"{path}: {method_name(key)} with --seed={run['seed']} again (as {twin[0]}): a seed "
-                             "counts once; delete one of the two")
-        groups.setdefault(key, []).append(run)
-    return groups, shared, unfinished
-
-
-def _sequential(groups):
-    """The sequential methods with Original instructions (LoRA and MoELoRA E=2, 4, 8), by number of experts."""
-    return sorted(k for k in groups if not k[0] and k[2] == ORIGINAL)
-
-
-def _zero_shots(groups):
-    """The zero-shot rows ({'if': [...], 'gk': [...]}) of the Original-instruction runs that evaluated the base."""
-    return [r["zero_shot"] for k, runs in groups.items() if k[2] == ORIGINAL for r in runs if r["zero_shot"]]
-
-
-def _seeds(runs):
-    return ",".join(str(r["seed"]) for r in sorted(runs, key=lambda r: r["seed"]))
-
-
-def study_main_table(groups, tasks, which):
-    """The paper's main table for one metric ('if' or 'gk'): a row per method (Original instructions), the final row
-    of the matrix per task, MAA and BWT, each mean ± std over seeds. Zero-shot is the base before stage 1, as the runs
-    that evaluate it (--zero_shot) score it (the same model, so std 0 unless something is not deterministic); n counts
-    those runs."""
-    lines = ["| method | n | " + " | ".join(tasks) + " | MAA | BWT |", "|---" * (len(tasks) + 4) + "|"]
-    zs = [z[which] for z in _zero_shots(groups)]
-    if zs:
-        lines.append(f"| zero-shot | {len(zs)} | " + " | ".join(pm(z[i] for z in zs) for i in range(len(tasks)))
-                     + " |  |  |")
-    for key in sorted((k for k in groups if k[2] == ORIGINAL), key=lambda k: (not k[0], k[1])):
-        rs = [r[which] for r in groups[key]]
-        cells = [pm(r["final"][i] for r in rs) for i in range(len(tasks))]
-        cells += [pm(r[k] for r in rs) for k in ("MAA", "BWT")]
-        lines.append(f"| {method_name(key)} | {len(rs)} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
-def study_ablation(groups, keys, label, first_column, zero_shot=False):
-    """One row per group in `keys`: MAA, BWT and final average for Instruction Following and General Knowledge
-    (and, with zero_shot, the base's mean over the tasks before stage 1: it depends on the instructions)."""
-    cols = [(w, k) for w in ("if", "gk") for k in ("MAA", "BWT", "final_average")]
-    head = f"| {label} | n | seeds |" + (" zero-shot avg |" if zero_shot else "")
-    lines = [head + " MAA | BWT | final avg | GK MAA | GK BWT | GK final avg |", "|---" * (9 + zero_shot) + "|"]
-    for key in keys:
-        runs = groups[key]
-        zs = [mean_std(r["zero_shot"]["if"])[0] for r in runs if r["zero_shot"]]
-        lines.append(f"| {first_column(key)} | {len(runs)} | {_seeds(runs)} | " + (f"{pm(zs)} | " if zero_shot else "")
-                     + " | ".join(pm(r[w][k] for r in runs) for w, k in cols) + " |")
-    return "\n".join(lines)
-
-
-def _call(d, spread, below, above):
-    """`below` / `above` when d lies more than 2 x spread below / above 0, else not resolved (or no spread)."""
-    if d is None or spread is None:
-        return "**cannot tell** (one seed: no spread)"
-    return below if d < -2 * spread else above if d > 2 * spread else "**not resolved**, within 2 spreads of 0"
-
-
-def _difference(a, b):
-    """(mean(a) - mean(b), its standard error sqrt(sa^2 / na + sb^2 / nb)); None where either has no spread."""
-    (ma, sa, na), (mb, sb, nb) = mean_std(a), mean_std(b)
-    if ma is None or mb is None:
-        return None, None
-    return ma - mb, None if sa is None or sb is None else (sa ** 2 / na + sb ** 2 / nb) ** 0.5
-
-
-def study_claims(groups):
-    """The paper's findings, each checked on the sequential runs with Original instructions and stated with its numbers,
-    whichever way it goes. Spread: the std over seeds (claims 1, 2: per run), the standard error of a difference of
-    two means (claim 3)."""
-    lines, lora = [], groups.get(LORA, [])
-    if lora:
-        m, s, n = mean_std(r["if"]["BWT"] for r in lora)
-        lines.append(f"- **Claim 1**, sequential LoRA forgets: BWT {pm(r['if']['BWT'] for r in lora)} (n={n}): "
-                     + _call(m, s, "**yes**, negative beyond 2 std", "**no**, positive beyond 2 std"))
-        diff = [r["gk"]["BWT"] - r["if"]["BWT"] for r in lora if r["gk"]["BWT"] is not None]  # paired, run by run
-        if diff:
-            lines.append(f"- **Claim 2**, the forgetting is more of format than of knowledge: LoRA BWT, General "
-                         f"Knowledge {pm(r['gk']['BWT'] for r in lora)} vs Instruction Following "
-                         f"{pm(r['if']['BWT'] for r in lora)}; GK minus IF, run by run, {pm(diff)}: "
-                         + _call(*mean_std(diff)[:2], "**no**, the GK drop is larger",
-                                 "**yes**, the GK drop is smaller"))
-    else:
-        lines.append("- **Claims 1-3**: no finished sequential LoRA runs (--experts=1, Original instructions).")
-    for key in [k for k in _sequential(groups) if k[1] > 1] if lora else []:
-        parts = []
-        for metric, higher in (("MAA", "**higher**"), ("BWT", "**higher**: forgets less")):
-            d, se = _difference([r["if"][metric] for r in groups[key]], [r["if"][metric] for r in lora])
-            call = _call(d, se, "**lower**" + ("" if metric == "MAA" else ": forgets more"), higher)
-            parts.append(f"{metric} {d:+.1f}" + ("" if se is None else f" ± {se:.1f}") + f" ({call})")
-        lines.append(f"- **Claim 3**, {method_name(key)} minus LoRA, difference of means ± its standard error: "
-                     + ", ".join(parts))
-    seq = _sequential(groups)
-    if len(seq) > 2:
-        means = {k: [mean_std(r["if"][m] for r in groups[k])[0] for m in ("MAA", "BWT")] for k in seq}
-        rising = [all(means[b][i] > means[a][i] for a, b in zip(seq, seq[1:])) for i in (0, 1)]
-        yes = ["**yes**" if r else "**no**" for r in rising]
-        lines.append("- **Claim 4**, more experts, less forgetting: means by E "
-                     + ", ".join(f"{k[1]}: MAA {means[k][0]:.1f} BWT {means[k][1]:.1f}" for k in seq)
-                     + f"; MAA rises with every step: {yes[0]}, BWT: {yes[1]} (means only)")
-    paper = "; ".join(f"{m} MAA {p['MAA']}, BWT {p['BWT']}" for m, p in PAPER.items())
-    lines += ["", f"Paper, LLaVA-1.5, Instruction Following (third-party readings of its table, unverified): {paper}."]
-    return lines
-
-
-_LINES = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75)]
-
-
-def _dashed(d, x0, x1, y, fill, dash=5):
-    for x in range(int(x0), int(x1), 2 * dash):
-        d.line([(x, y), (min(x + dash, x1), y)], fill=fill, width=1)
-
-
-def _diamond(d, x, y, r, fill):
-    d.polygon([(x, y - r), (x + r, y), (x, y + r), (x - r, y)], fill=fill)
-
-
-def study_curves(path, tasks, groups):
-    """Draw with pillow the score on each task after every stage, mean over seeds with ± std bars: a panel per task,
-    Instruction Following above, General Knowledge below; a line per sequential method (Original instructions), the
-    base zero-shot as a dashed grey line, multi-task as a black diamond at the last stage."""
-    font, small = ImageFont.load_default(size=13), ImageFont.load_default(size=11)
-    T, seq = len(tasks), _sequential(groups)
-    multi = [k for k in groups if k[0] and k[2] == ORIGINAL]
-    zs = _zero_shots(groups)
-    pw, ph, gap, left, row_h = 150, 120, 18, 40, 200  # panel size, gap between panels, left margin, height of a row
-    W, H = left + T * (pw + gap), 20 + 2 * row_h + 50
-    img = Image.new("RGB", (W, H), "white")
-    d = ImageDraw.Draw(img)
-    rows = (("if", "Instruction Following: accuracy (%)"), ("gk", "General Knowledge: judge score (%)"))
-    for row, (which, title) in enumerate(rows):
-        top = 20 + row * row_h
-        d.text((10, top), f"{title}, after each stage; mean ± std over seeds", font=font, fill="black")
-        for i, task in enumerate(tasks):
-            x0, y0 = left + i * (pw + gap), top + 40
-
-            def at(j, v):  # stage index j (0-based), score v -> pixel
-                return x0 + 8 + j * (pw - 16) / max(1, T - 1), y0 + ph - v / 100 * ph
-
-            d.text((x0 + pw / 2, y0 - 4), task, font=font, fill="black", anchor="mb")
-            for v in (0, 50, 100):
-                d.line([(x0, at(0, v)[1]), (x0 + pw, at(0, v)[1])], fill=(225, 225, 225))
-                if i == 0:
-                    d.text((x0 - 4, at(0, v)[1]), str(v), font=small, fill="black", anchor="rm")
-            for j in range(T):
-                d.text((at(j, 0)[0], y0 + ph + 3), str(j + 1), font=small, fill=(90, 90, 90), anchor="mt")
-            d.rectangle([x0, y0, x0 + pw, y0 + ph], outline=(160, 160, 160))
-            zm = mean_std(z[which][i] for z in zs)[0]
-            if zm is not None:
-                _dashed(d, x0, x0 + pw, at(0, zm)[1], (120, 120, 120))
-            for c, key in zip(itertools.cycle(_LINES), seq):
-                points = []
-                for j in range(i, T):  # task i is scored from the stage that trains it on
-                    m, s, _ = mean_std(r[which]["matrix"][j][i] for r in groups[key])
-                    if m is not None:
-                        points.append(at(j, m))
-                        if s:
-                            d.line([at(j, m - s), at(j, m + s)], fill=c)
-                if len(points) > 1:
-                    d.line(points, fill=c, width=2)
-                for x, y in points:
-                    d.ellipse([x - 2, y - 2, x + 2, y + 2], fill=c)
-            for key in multi:
-                m = mean_std(r[which]["final"][i] for r in groups[key])[0]
-                if m is not None:
-                    _diamond(d, *at(T - 1, m), 5, "black")
-        d.text((left, top + 40 + ph + 16), "stage (1 = after the first task)", font=small, fill=(90, 90, 90))
-    x, y = 10, H - 26
-    for c, key in zip(itertools.cycle(_LINES), seq):
-        d.line([(x, y), (x + 24, y)], fill=c, width=2)
-        d.text((x + 30, y), method_name(key), font=font, fill="black", anchor="lm")
-        x += 50 + font.getlength(method_name(key))
-    _dashed(d, x, x + 24, y, (120, 120, 120))
-    d.text((x + 30, y), "zero-shot", font=font, fill="black", anchor="lm")
-    x += 50 + font.getlength("zero-shot")
-    _diamond(d, x + 12, y, 5, "black")
-    d.text((x + 30, y), "multi-task", font=font, fill="black", anchor="lm")
-    img.save(path)
-
-
-def write_study(root):
-    """Read every run under root, write root/study.md and root/study_curves.png; return the markdown."""
-    if not os.path.isdir(root):
-        raise SystemExit(f"--study={root}: no such folder (`STUDY=1 bash run.sh` writes the runs to out/study)")
-    groups, shared, unfinished = read_study(root)
-    if not groups:
-        raise SystemExit(f"--study={root}: no finished run (<run>/results.json with every stage scored)" +
-                         (f"; unfinished: {', '.join(unfinished)}" if unfinished else ""))
-    tasks = next(iter(groups.values()))[0]["tasks"]  # the same in every run: --tasks is a shared setting
-    n = sum(len(runs) for runs in groups.values())
-    seq = _sequential(groups)
-    instr = sorted((k for k in groups if not k[0] and k[1] == 1), key=lambda k: list(data.INSTRUCTIONS).index(k[2]))
-    md = [f"# CoIN-mini study: {n} finished runs in {root}", "",
-          "Mean ± std over seeds (sample std, n - 1); n = runs. Shared settings: "
-          + ", ".join(f"--{k}={shared.get(k)}" for k in STUDY_SHOWN) + "."]
-    if unfinished:
-        md.append(f"Left out, not finished: {', '.join(unfinished)}.")
-    for which, title in (("if", "Instruction Following (accuracy %)"), ("gk", "General Knowledge (judge score %)")):
-        md += ["", f"## {title}: the final row of the matrix, MAA and BWT (/T)", "",
-               study_main_table(groups, tasks, which)]
-    md += ["", "## MoELoRA experts (sequential, Original instructions; E = 1 is LoRA), same total rank", "",
-           study_ablation(groups, seq, "E", lambda k: k[1]), "", "## Instruction sets (sequential LoRA)", "",
-           study_ablation(groups, instr, "instructions", lambda k: k[2], zero_shot=True),
-           "", "## The paper's findings", ""] + study_claims(groups)
-    md += ["", "## Runs", "", "| method | seeds | folders |", "|---|---|---|"]
-    md += [f"| {method_name(k)} | {_seeds(runs)} | {' '.join(r['name'] for r in runs)} |"
-           for k, runs in sorted(groups.items())]
-    study_curves(os.path.join(root, "study_curves.png"), tasks, groups)
-    md += ["", "![accuracy per task across stages](study_curves.png)", ""]
-    with open(os.path.join(root, "study.md"), "w") as f:
-        f.write("\n".join(md))
-    return "\n".join(md)
 
 
 # -----------------------------------------------------------------------------
@@ -1026,45 +739,47 @@ def main(argv):
         print(compare([r for r in opts["compare"].split(",") if r]))
         return
     if opts["study"]:
-        print(write_study(opts["study"]))
+        print(study.write_study(opts["study"]))
         print(f"wrote {os.path.join(opts['study'], 'study.md')} and study_curves.png")
         return
     if not os.path.exists(opts["predictions"]):
         raise SystemExit(f"--predictions={opts['predictions']!r}: no such folder or file (give a run folder, the "
                          "official results folder, or one file with --task; or --compare=RUN1,RUN2; see --help)")
-    ann = opts["annotations"] or os.path.join(opts["data_dir"], "annotations")
-    if opts["annotations"] and not os.path.exists(ann):
-        raise SystemExit(f"--annotations={ann}: no such file or folder")
-    ann = ann if os.path.exists(ann) else None
+    annotations = opts["annotations"] or os.path.join(opts["data_dir"], "annotations")
+    if opts["annotations"] and not os.path.exists(annotations):
+        raise SystemExit(f"--annotations={annotations}: no such file or folder")
+    annotations = annotations if os.path.exists(annotations) else None
     judge = (None if opts["judge"] == "none" else ExactJudge() if opts["judge"] == "exact"
              else LMJudge(opts["judge"], opts["judge_batch"]))
     records = {}
 
-    def score(task, path, test_file=""):
+    def score(task, path, test_file=""):  # -> (Instruction Following result, the judge's result or None)
         if task not in records:
             recs = data.read_json(test_file) if test_file else data.test_examples(opts["data_dir"], task,
                                                                                   opts["instructions"])
             records[task] = recs[:opts["max_test"]] if opts["max_test"] else recs
         preds = read_predictions(path)
-        s = score_task(task, preds, records[task], opts["scoring"], ann)
-        g = judge.score(task, preds, records[task]) if judge else None
-        missing = f" ({s['missing']} of {s['n']} records without a prediction, counted wrong)" if s["missing"] else ""
-        print(f"{path}: {task} {s['score']:.2f}" + (f", general knowledge {g['score']:.2f}" if g else "") + missing)
-        return s, g
+        scored = score_task(task, preds, records[task], opts["scoring"], annotations)
+        judged = judge.score(task, preds, records[task]) if judge else None
+        missing = (f" ({scored['missing']} of {scored['n']} records without a prediction, counted wrong)"
+                   if scored["missing"] else "")
+        print(f"{path}: {task} {scored['score']:.2f}"
+              + (f", general knowledge {judged['score']:.2f}" if judged else "") + missing)
+        return scored, judged
 
     if os.path.isfile(opts["predictions"]):  # one file
         task = canonical_task(opts["task"])
         if not task:
             raise SystemExit(f"--task={opts['task']!r}: one prediction file needs its task: {', '.join(data.TASKS)}")
-        s, g = score(task, opts["predictions"], opts["test_file"])
-        if g:
-            s["general_knowledge"] = {k: v for k, v in g.items() if k != "rows"}
-        print(json.dumps(s, indent=1))
+        scored, judged = score(task, opts["predictions"], opts["test_file"])
+        if judged:
+            scored["general_knowledge"] = {k: v for k, v in judged.items() if k != "rows"}
+        print(json.dumps(scored, indent=1))
         return
     files = find_prediction_files(opts["predictions"])
     tasks = task_order(files, opts["tasks"])
     T = len(tasks)
-    if_m, gk_m, zero_shot = [[None] * T for _ in range(T)], [[None] * T for _ in range(T)], {}
+    if_matrix, gk_matrix, zero_shot = [[None] * T for _ in range(T)], [[None] * T for _ in range(T)], {}
     for _, stage, task, path in files:
         if task not in tasks or stage not in tasks + ["zero-shot"]:
             print(f"skipping {path}: {task} after {stage} is outside --tasks={','.join(tasks)}")
@@ -1072,20 +787,20 @@ def main(argv):
         if stage != "zero-shot" and tasks.index(task) > tasks.index(stage):
             print(f"skipping {path}: {task} is evaluated before it is trained (after {stage})")
             continue
-        s, g = score(task, path)
-        if g:
+        scored, judged = score(task, path)
+        if judged:
             name = "stage0-zeroshot" if stage == "zero-shot" else f"stage{tasks.index(stage) + 1}-{stage}"
-            write_jsonl(os.path.join(opts["out"], "judge", name, f"{task}.judge.jsonl"), g["rows"])
+            write_jsonl(os.path.join(opts["out"], "judge", name, f"{task}.judge.jsonl"), judged["rows"])
         if stage == "zero-shot":
-            zero_shot[task] = {"if": s["score"], "gk": g and g["score"]}
+            zero_shot[task] = {"if": scored["score"], "gk": judged and judged["score"]}
         else:
             j, i = tasks.index(stage), tasks.index(task)
-            if if_m[j][i] is not None:
+            if if_matrix[j][i] is not None:
                 raise SystemExit(f"{path}: a second prediction file for {task} after {stage}")
-            if_m[j][i], gk_m[j][i] = s["score"], g and g["score"]
+            if_matrix[j][i], gk_matrix[j][i] = scored["score"], judged and judged["score"]
     extra = {"source": opts["predictions"], "scoring": opts["scoring"], "judge": opts["judge"],
-             "annotations": ann, "zero_shot": zero_shot}
-    print(write_results(opts["out"], tasks, if_m, gk_m if judge else None, extra))
+             "annotations": annotations, "zero_shot": zero_shot}
+    print(write_results(opts["out"], tasks, if_matrix, gk_matrix if judge else None, extra))
     print(f"wrote {os.path.join(opts['out'], 'results.json')}")
 
 

@@ -26,9 +26,9 @@ phase "2. tiny base"
 # (E = 8 experts of rank 2, total r = 16, a dense softmax router per linear). ~9 min for both.
 # Each evaluates the base zero-shot first, then trains each task one epoch and evaluates every task seen so far.
 # One thread each on the 2 cores: a tiny model's step is mostly Python and small kernels, so one thread is only
-# ~12% slower than two (measured at 560c972: the pair took 524 s, LoRA alone at two threads 303 s). LoRA's progress shows
-# here; MoELoRA writes its own to out/moelora/log.txt. Adapter dropout off in both runs (official: 0.05): on a CPU,
-# drawing a mask per expert costs MoELoRA E=8 more than its whole adapter (README sections 7 and 8).
+# ~12% slower than two (measured side by side: the pair took 524 s, LoRA alone at two threads 303 s). LoRA's
+# progress shows here; MoELoRA writes its own to out/moelora/log.txt. Adapter dropout off in both runs (official:
+# 0.05): on a CPU, drawing a mask per expert costs MoELoRA E=8 more than its whole adapter (README sections 7 and 8).
 mkdir -p out/moelora
 python coin.py --tasks=all --experts=8 --lora_dropout=0 --threads=1 --out=out/moelora > out/moelora/log.txt 2>&1 &
 MOE=$!
@@ -45,15 +45,14 @@ python eval.py --compare=out/lora,out/moelora
 
 phase "4. comparison"
 
-# --- 5. The study (issue 6): the paper's findings with error bars; runs only with `STUDY=1 bash run.sh` or
-# `bash run.sh study`.
+# --- 5. The study: the paper's findings with error bars; runs only with `STUDY=1 bash run.sh` or `bash run.sh study`.
 # 7 runs x 3 seeds into out/study/<method>-s<seed>: multi-task, sequential LoRA (E = 1), MoELoRA E = 2, 4, 8 at the same
 # total rank (r = 16), and LoRA with the Diverse and 10Type instruction sets (LoRA Original is shared). Zero-shot is
 # the base, which the LoRA runs score before their first stage (results.json: zero_shot; the others skip it: same base).
 # Two runs at a time, one thread each: 35-38 min on 2 idle cores at 1500 records per task (measured, README section 10).
 # Interrupted? Run the same command again: every run resumes into its folder (a finished one is read back in ~10 s).
 # Sizes are settings of the runs: to change STUDY_MAX_TRAIN use another STUDY_OUT. Each run logs to
-# <out>/<run>/log.txt; then eval.py writes out/study/study.md and study_curves.png.
+# <out>/<run>/log.txt; then eval.py --study (study.py) writes out/study/study.md and study_curves.png.
 if [ "${STUDY:-0}" = 1 ] || [ "${1:-}" = study ]; then
   STUDY_OUT=${STUDY_OUT:-out/study}                # one folder per run under it
   STUDY_SEEDS=${STUDY_SEEDS:-"0 1 2"}

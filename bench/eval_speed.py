@@ -15,6 +15,7 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import coin_mini  # noqa: E402
 import data  # noqa: E402
 import eval as evaluate  # noqa: E402
 
@@ -25,24 +26,24 @@ def record(task, i, rng):
     """A test record shaped like CoIN-mini's, with a plausible answer."""
     qid = f"{task}_test_{i}"
     if task == "ScienceQA":
-        opts = rng.sample(list(data.COLORS), 5)
+        opts = rng.sample(list(coin_mini.COLORS), 5)
         k = rng.randrange(5)
         lines = "\n".join(f"{l}. {c}" for l, c in zip("ABCDE", opts))
-        return {"question_id": qid, "text": f"What is the color of the object?\n{lines}\n{data.LETTER}",
+        return {"question_id": qid, "text": f"What is the color of the object?\n{lines}\n{coin_mini.LETTER}",
                 "answer": "ABCDE"[k], "accept": ["ABCDE"[k], opts[k]]}
     if task == "Grounding":
         x, y = rng.randint(0, 5) / 10, rng.randint(0, 5) / 10
         box = f"[{x:.2f}, {y:.2f}, {x + 0.3:.2f}, {y + 0.3:.2f}]"
-        return {"question_id": qid, "text": f"{data.BOX} the red bar", "answer": box, "answer_bbox": box,
-                "size": [48, 48], "accept": [rng.choice(data.POSITIONS)]}
-    word = rng.choice(list(data.COLORS) + data.SHAPES + data.WORDS)
-    return {"question_id": qid, "text": f"What is it?\n{data.SHORT}", "answer": word, "accept": [word]}
+        return {"question_id": qid, "text": f"{coin_mini.BOX} the red bar", "answer": box, "answer_bbox": box,
+                "size": [48, 48], "accept": [rng.choice(coin_mini.POSITIONS)]}
+    word = rng.choice(list(coin_mini.COLORS) + coin_mini.SHAPES + coin_mini.WORDS)
+    return {"question_id": qid, "text": f"What is it?\n{coin_mini.SHORT}", "answer": word, "accept": [word]}
 
 
 def prediction(rec, rng):
     """Right, right in another format, or wrong, about a third each."""
     u = rng.random()
-    text = rec["answer"] if u < 0.4 else f"It is {rec['accept'][-1]}." if u < 0.7 else rng.choice(data.WORDS)
+    text = rec["answer"] if u < 0.4 else f"It is {rec['accept'][-1]}." if u < 0.7 else rng.choice(coin_mini.WORDS)
     return {"question_id": rec["question_id"], "prompt": rec["text"], "text": text, "answer_id": "x",
             "model_id": "bench"}
 

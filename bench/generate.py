@@ -7,7 +7,7 @@ agree (left padding changes float rounding, so a few greedy answers may differ).
     python bench/generate.py [--base=assets/tiny-llava] [--data=data/coin-mini] [--n=96] [--batch=64] [--rounds=3]
                              [--threads=2] [--max_new_tokens=24]
 
-Target (issue 7): batched at least 5x the one-at-a-time rate. Needs CoIN-mini (`python data.py mini`).
+Target: batched at least 5x the one-at-a-time rate. Needs CoIN-mini (`python data.py mini`).
 """
 import os
 import statistics

@@ -7,15 +7,15 @@ import pytest
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-import data  # noqa: E402
-from coin import build_tiny_base, corpus_texts  # noqa: E402
+import coin_mini  # noqa: E402
+from base_model import build_tiny_base, corpus_texts  # noqa: E402
 
 
 @pytest.fixture(scope="session")
 def mini_data(tmp_path_factory):
     """CoIN-mini with 48 train / 12 test items per task and 64 stage-0 captions."""
     out = str(tmp_path_factory.mktemp("coin-mini"))
-    data.generate_mini(out, n_train=48, n_test=12, n_stage0=64, seed=0, progress=False)
+    coin_mini.generate_mini(out, n_train=48, n_test=12, n_stage0=64, seed=0, progress=False)
     return out
 
 

@@ -8,6 +8,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoProcessor, LlavaForConditionalGeneration
 
+import checkpoint
 import coin
 import data
 
@@ -93,7 +94,7 @@ def test_training_moves_only_adapter_and_projector(mini_data, tiny_base, tmp_pat
     base = LlavaForConditionalGeneration.from_pretrained(tiny_base)
     model = LlavaForConditionalGeneration.from_pretrained(tiny_base)
     coin.add_moelora(model, None, 8, 32.0, 2, 0.05)
-    coin.load_checkpoint(model, os.path.join(out, "checkpoints", "stage1-VQAv2", "adapter.safetensors"))
+    checkpoint.load_checkpoint(model, os.path.join(out, "checkpoints", "stage1-VQAv2", "adapter.safetensors"))
     sd = load_file(os.path.join(out, "checkpoints", "stage1-VQAv2", "adapter.safetensors"))
     base_proj = base.model.multi_modal_projector.state_dict()
     assert any(not torch.equal(sd[f"projector.{k}"], v) for k, v in base_proj.items()), "projector did not train"
@@ -122,10 +123,12 @@ def test_continuing_checks_settings_added_since():
     """A run written before --projector_lr_scale existed trained the projector at lr: continuing it at the new
     default would change its results, so it is refused; the value it had passes."""
     cfg = dataclasses.asdict(coin.Config())
+    defaults = checkpoint.setting_defaults(coin.Config())
     saved = {"config": {k: v for k, v in cfg.items() if k != "projector_lr_scale"}, "global_batch": 8, "inputs": "x"}
     with pytest.raises(SystemExit, match="--projector_lr_scale=1.0, this one has --projector_lr_scale=0.1"):
-        coin.check_same_run(saved, {"config": cfg, "global_batch": 8, "inputs": "x"}, "meta.json")
-    coin.check_same_run(saved, {"config": dict(cfg, projector_lr_scale=1.0), "global_batch": 8, "inputs": "x"}, "p")
+        checkpoint.check_same_run(saved, {"config": cfg, "global_batch": 8, "inputs": "x"}, "meta.json", defaults)
+    checkpoint.check_same_run(saved, {"config": dict(cfg, projector_lr_scale=1.0), "global_batch": 8, "inputs": "x"},
+                              "p", defaults)
 
 
 def test_two_gloo_ranks_equal_one_process_and_grad_accum(mini_data, tiny_base, tmp_path):

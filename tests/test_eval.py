@@ -4,12 +4,15 @@ import itertools
 import json
 import os
 import random
+import subprocess
+import sys
 import time
 
 import pytest
 import torch
 from PIL import Image
 
+import coin_mini
 import data
 import eval as E
 
@@ -177,10 +180,10 @@ def test_judge_prompt_layout():
                            "[End of ground truth answer]\n\n[Assistant]\nIt is red.\n\n[End of Assistant]\n\n[System]\n"
                            "We would like to request your feedback")
     assert "single word" not in user and user.endswith("indicating the scores for the Assistant.\n\n")
-    g = {"question_id": 2, "text": f"{data.BOX} the red bar", "answer": "[0.1, 0.2, 0.3, 0.4]",
+    g = {"question_id": 2, "text": f"{coin_mini.BOX} the red bar", "answer": "[0.1, 0.2, 0.3, 0.4]",
          "answer_bbox": "[0.1, 0.2, 0.3, 0.4]"}
     _, user = E.judge_prompt("Grounding", g, "[0.1, 0.2, 0.3, 0.4]")
-    assert f"[Question]\n{data.BOX} the red bar\n\n" in user and "[Ground truth answer]\n[0.1, 0.2, 0.3, 0.4]\n" in user
+    assert f"[Question]\n{coin_mini.BOX} the red bar\n\n" in user and "[Ground truth answer]\n[0.1, 0.2, 0.3, 0.4]\n" in user
     assert ("response to the user question displayed above. The user asks the question on observing an image. For your"
             in user and "bottom right x, and bottom right y. \nPlease rate the accuracy of its responses" in user)
 
@@ -194,7 +197,7 @@ def test_judge_score_parsing():
 
 def _sqa_rec():
     options = "A. blue\nB. red\nC. green\nD. white\nE. pink"
-    return {"question_id": "s", "text": f"What is the color of the object?\n{options}\n{data.LETTER}", "answer": "B",
+    return {"question_id": "s", "text": f"What is the color of the object?\n{options}\n{coin_mini.LETTER}", "answer": "B",
             "accept": ["B", "red"]}
 
 
@@ -204,7 +207,7 @@ def test_exact_judge_rubric():
     for answer, want in {"B": 10, "red": 10, "B. red": 10, "The answer is B.": 10, "A red circle.": 10, "(B)": 10,
                          "B is right": 10, "C": 0, "B or C": 0, "blue": 0, "red or blue": 0, "": 0, "A": 0}.items():
         assert j.judge_one("ScienceQA", sqa, answer)[1] == want, answer
-    g = {"question_id": "g", "text": f"{data.BOX} the red bar", "answer": "[0.02, 0.02, 0.31, 0.31]",
+    g = {"question_id": "g", "text": f"{coin_mini.BOX} the red bar", "answer": "[0.02, 0.02, 0.31, 0.31]",
          "answer_bbox": "[0.02, 0.02, 0.31, 0.31]", "accept": ["top left"], "size": [48, 48]}
     for answer, want in {"top left": 10, "It is at the top left.": 10, "top": 0, "left": 0, "top left or top right": 0,
                          "[0.03, 0.02, 0.30, 0.32]": 10, "The box is [0.02, 0.02, 0.31, 0.31].": 10,
@@ -342,6 +345,50 @@ def test_standalone_coin_and_official_layouts(mini_data, tmp_path, capsys):
         E.main(["--scorin=fixed"])
     with pytest.raises(SystemExit, match="--scoring='strict'"):
         E.main(["--scoring=strict"])
+
+
+# eval.py run as `python eval.py ARGS` with torch and transformers unimportable (None in sys.modules makes every
+# import of them raise ImportError), as on a machine that has neither installed
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+WITHOUT_TORCH = ("import runpy, sys; sys.modules['torch'] = sys.modules['transformers'] = None; "
+                 "sys.argv = ['eval.py'] + sys.argv[1:]; runpy.run_path('eval.py', run_name='__main__')")
+
+
+def eval_without_torch(*args):
+    proc = subprocess.run([sys.executable, "-c", WITHOUT_TORCH, *args], cwd=REPO, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout
+
+
+def test_scoring_compare_study_and_help_without_torch(mini_data, tmp_path):
+    """Prediction files, --compare, --study and --help work on a machine without torch and transformers, and score
+    exactly as in a process that has them."""
+    tasks = ["GQA", "ScienceQA"]
+    recs = {t: data.test_examples(mini_data, t) for t in tasks}
+    for j, stage in enumerate(tasks):
+        for task in tasks[:j + 1]:
+            preds = _perfect(recs[task])
+            if task != stage:
+                preds[0]["text"] = "wrong"  # one forgotten item after the second stage
+            E.write_jsonl(str(tmp_path / "run" / "predictions" / f"stage{j + 1}-{stage}" / f"{task}.jsonl"), preds)
+    assert "--predictions=" in eval_without_torch("--help")
+    printed = eval_without_torch(f"--predictions={tmp_path / 'run'}", f"--data_dir={mini_data}",
+                                 f"--out={tmp_path / 'scored'}")
+    res = json.load(open(tmp_path / "scored" / "results.json"))
+    forgot = 100 * (len(recs["GQA"]) - 1) / len(recs["GQA"])
+    assert res["matrix"] == [[100.0, None], [forgot, 100.0]] and res["general_knowledge"]["matrix"] == res["matrix"]
+    assert f"GQA.jsonl: GQA {forgot:.2f}, general knowledge {forgot:.2f}" in printed
+    E.main([f"--predictions={tmp_path / 'run'}", f"--data_dir={mini_data}", f"--out={tmp_path / 'with-torch'}"])
+    assert json.load(open(tmp_path / "with-torch" / "results.json")) == res
+    assert f"scored | {res['MAA']:.2f} | {res['BWT']:.2f} |" in eval_without_torch(f"--compare={tmp_path / 'scored'}")
+    for seed in (0, 1):  # two seeds of one sequential LoRA run: a study of one method
+        res["config"] = {"seed": seed, "experts": 1, "instructions": "Original", "tasks": ",".join(tasks)}
+        data.write_json(str(tmp_path / "study" / f"lora-s{seed}" / "results.json"), res)
+    printed = eval_without_torch(f"--study={tmp_path / 'study'}")
+    row = f"| LoRA | 2 | {forgot:.1f} ± 0.0 | 100.0 ± 0.0 | {res['MAA']:.1f} ± 0.0 | {res['BWT']:.1f} ± 0.0 |"
+    assert row in printed
+    assert open(tmp_path / "study" / "study.md").read() in printed
+    assert os.path.isfile(tmp_path / "study" / "study_curves.png")
 
 
 def test_scoring_50k_predictions_is_fast():

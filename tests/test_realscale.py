@@ -10,8 +10,10 @@ import sys
 import pytest
 import torch
 import transformers
+from safetensors.torch import load_file
 from transformers import AutoProcessor
 
+import base_model
 import coin
 import data
 
@@ -288,12 +290,12 @@ def test_assembly_checks_every_name_and_shape(llava15_parts, tmp_path):
     bad = str(tmp_path / "bad.bin")
     torch.save({**proj, "model.mm_projector.0.weight": torch.randn(32, 16)}, bad)  # a projector for another tower
     with pytest.raises(ValueError, match=r"1 shapes differ .*linear_1.weight: \(32, 16\) != \(32, 24\)"):
-        coin.assemble_llava15(vicuna, clip, bad, str(tmp_path / "out"))
+        base_model.assemble_llava15(vicuna, clip, bad, str(tmp_path / "out"))
     torch.save({k.replace("model.", ""): v for k, v in proj.items()}, bad)
     with pytest.raises(ValueError, match=r"bad.bin: expected exactly the keys .*found \['mm_projector.0.bias'"):
-        coin.assemble_llava15(vicuna, clip, bad, str(tmp_path / "out"))
+        base_model.assemble_llava15(vicuna, clip, bad, str(tmp_path / "out"))
     with pytest.raises(ValueError, match=r"vicuna: not the expected model \(\d+ weights missing, e.g. \['embeddings"):
-        coin.assemble_llava15(vicuna, vicuna, bin_path, str(tmp_path / "out"))  # a Llama where CLIP belongs
+        base_model.assemble_llava15(vicuna, vicuna, bin_path, str(tmp_path / "out"))  # a Llama where CLIP belongs
     assert not os.path.exists(tmp_path / "out")
 
 
@@ -337,7 +339,7 @@ def tiny_qwen2vl(mini_data, tmp_path_factory):
     from transformers import (PreTrainedTokenizerFast, Qwen2VLConfig, Qwen2VLForConditionalGeneration,
                               Qwen2VLImageProcessor)
     torch.manual_seed(0)
-    tok = PreTrainedTokenizerFast(tokenizer_object=byte_bpe(coin.corpus_texts(mini_data), QWEN_SPECIALS, 500),
+    tok = PreTrainedTokenizerFast(tokenizer_object=byte_bpe(base_model.corpus_texts(mini_data), QWEN_SPECIALS, 500),
                                   eos_token="<|im_end|>", pad_token="<|endoftext|>")
     cls = qwen2vl_processor_class()
     parts = {"video_processor": transformers.Qwen2VLVideoProcessor()} if "video_processor" in cls.get_attributes() \
@@ -374,7 +376,7 @@ def test_qwen2vl_trains_one_task_and_evaluates(tiny_qwen2vl, mini_data, tmp_path
                "--lora_r=4", "--experts=2", "--threads=1", "--grad_ckpt"])
     res = json.load(open(out / "results.json"))
     assert res["matrix"][0][0] is not None and set(res["zero_shot"]) == {"ScienceQA"}
-    sd = coin.load_file(str(out / "checkpoints" / "stage1-ScienceQA" / "adapter.safetensors"))
+    sd = load_file(str(out / "checkpoints" / "stage1-ScienceQA" / "adapter.safetensors"))
     base = AutoModelForImageTextToText.from_pretrained(tiny_qwen2vl)
     linears = {f"model.language_model.layers.{i}.{m}" for i in range(2) for m in (
         "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj",

@@ -16,6 +16,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import LlavaForConditionalGeneration
 
+import checkpoint
 import coin
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -69,7 +70,7 @@ def stage(out, j, tasks=TASKS):
 def assert_killed_mid_stage(out, j, tasks=TASKS):
     """The kill landed where the test meant it to: stage j not finished, its mid-stage checkpoint part-way."""
     assert not os.path.exists(os.path.join(stage(out, j, tasks), "meta.json")), "stage finished before the kill"
-    step = torch.load(os.path.join(stage(out, j, tasks), coin.MIDSTAGE), weights_only=True)["step"]
+    step = torch.load(os.path.join(stage(out, j, tasks), checkpoint.MIDSTAGE), weights_only=True)["step"]
     assert 0 < step < 12, step
     return step
 
@@ -83,7 +84,7 @@ def assert_same_run(out, ref, tasks=TASKS):
             assert torch.equal(got[k], want[k]), f"stage {j + 1}: {k} differs"
         meta_got, meta_want = (json.load(open(os.path.join(stage(d, j, tasks), "meta.json"))) for d in (out, ref))
         assert meta_got["final_loss"] == meta_want["final_loss"] and meta_got["step"] == meta_want["step"] == 12
-        assert not os.path.exists(os.path.join(stage(out, j, tasks), coin.MIDSTAGE))
+        assert not os.path.exists(os.path.join(stage(out, j, tasks), checkpoint.MIDSTAGE))
     for stage_name in os.listdir(os.path.join(ref, "predictions")):
         for f in os.listdir(os.path.join(ref, "predictions", stage_name)):
             got, want = (open(os.path.join(d, "predictions", stage_name, f)).read() for d in (out, ref))
@@ -105,7 +106,7 @@ def test_sigkill_mid_stage_then_resume(mini_data, tiny_base, reference, tmp_path
     """SIGKILL during stage 2: the rerun keeps stage 1 (checkpoint, scores) and goes on from stage 2's checkpoint."""
     out, log = str(tmp_path / "run"), str(tmp_path / "log")
     proc = start(args(mini_data, tiny_base, out), log)
-    wait_for(os.path.join(stage(out, 1), coin.MIDSTAGE), proc, log)
+    wait_for(os.path.join(stage(out, 1), checkpoint.MIDSTAGE), proc, log)
     proc.kill()
     proc.wait()
     step = assert_killed_mid_stage(out, 1)
@@ -124,7 +125,7 @@ def test_sigkill_mid_save_keeps_the_last_good_checkpoint(mini_data, tiny_base, r
     (the pipe is full), so the kill lands mid-save every time. The bytes written by then go into a plain file: what
     any kill mid-save leaves. The rerun must never read it, keep stage 1 and redo stage 2 from its start."""
     out, log = str(tmp_path / "run"), str(tmp_path / "log")
-    tmp = os.path.join(stage(out, 1), coin.MIDSTAGE + ".tmp")
+    tmp = os.path.join(stage(out, 1), checkpoint.MIDSTAGE + ".tmp")
     os.makedirs(stage(out, 1))
     os.mkfifo(tmp)
     reader = os.open(tmp, os.O_RDONLY | os.O_NONBLOCK)
@@ -147,7 +148,7 @@ def test_sigkill_mid_save_keeps_the_last_good_checkpoint(mini_data, tiny_base, r
         f.write(written)
     assert 4096 <= len(written) < 200_000
     assert os.path.exists(os.path.join(stage(out, 0), "meta.json"))
-    assert not os.path.exists(os.path.join(stage(out, 1), coin.MIDSTAGE))
+    assert not os.path.exists(os.path.join(stage(out, 1), checkpoint.MIDSTAGE))
     coin.main(args(mini_data, tiny_base, out))
     assert_same_run(out, reference)
 
@@ -157,7 +158,7 @@ def test_ctrl_c_saves_and_resume_continues(mini_data, tiny_base, reference, tmp_
     message saying how to continue; the rerun matches the uninterrupted run."""
     out, log = str(tmp_path / "run"), str(tmp_path / "log")
     proc = start(args(mini_data, tiny_base, out), log)
-    wait_for(os.path.join(stage(out, 0), coin.MIDSTAGE), proc, log)
+    wait_for(os.path.join(stage(out, 0), checkpoint.MIDSTAGE), proc, log)
     proc.send_signal(signal.SIGINT)
     assert finish(proc, log, 60) == 130, open(log).read()[-3000:]
     assert "Run the same command again to continue" in open(log).read()
@@ -181,7 +182,7 @@ def test_torchrun_elastic_restart_after_a_rank_is_killed(mini_data, tiny_base, t
     assert finish(proc, str(tmp_path / "ref.log")) == 0, open(tmp_path / "ref.log").read()[-3000:]
     log = str(tmp_path / "run.log")
     proc = torchrun(out, log)
-    wait_for(os.path.join(stage(out, 0, ["GQA"]), coin.MIDSTAGE), proc, log)
+    wait_for(os.path.join(stage(out, 0, ["GQA"]), checkpoint.MIDSTAGE), proc, log)
     workers = {worker_env(pid)["RANK"]: pid for pid in os.listdir("/proc") if pid.isdigit() and parent(pid) == proc.pid}
     assert sorted(workers) == ["0", "1"], workers
     os.kill(int(workers["1"]), signal.SIGKILL)
@@ -275,16 +276,16 @@ def test_checkpoint_of_another_model(reference, tiny_base, tmp_path):
     coin.add_moelora(model, None, 16, 32.0, 2, 0.05)  # rank 16; the checkpoint's is 8
     with pytest.raises(ValueError, match=re.escape(path) + r": not a checkpoint of this model .*lora_A: checkpoint "
                                                            r"shape \(8, 128\) != model shape \(16, 128\)"):
-        coin.load_checkpoint(model, path)
+        checkpoint.load_checkpoint(model, path)
     model = LlavaForConditionalGeneration.from_pretrained(tiny_base)
     coin.add_moelora(model, ["q_proj"], 8, 32.0, 2, 0.05)  # adapters on q_proj only
     with pytest.raises(ValueError, match=r"not a checkpoint of this model .*0 missing \[\], 36 unexpected"):
-        coin.load_checkpoint(model, path)
+        checkpoint.load_checkpoint(model, path)
     truncated = str(tmp_path / "adapter.safetensors")
     with open(truncated, "wb") as f:
         f.write(open(path, "rb").read()[:1000])
     with pytest.raises(ValueError, match=re.escape(truncated) + ": unreadable checkpoint"):
-        coin.load_checkpoint(model, truncated)
+        checkpoint.load_checkpoint(model, truncated)
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(mini_data, tiny_base, tmp_path):
@@ -293,7 +294,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(mini_data, tin
     out = str(tmp_path / "run")
     run = lambda: coin.main(args(mini_data, tiny_base, out, "--zero_shot=false", "--lr=1e30", "--save_every=1",
                                  tasks=["GQA"]))
-    midstage = os.path.join(stage(out, 0, ["GQA"]), coin.MIDSTAGE)
+    midstage = os.path.join(stage(out, 0, ["GQA"]), checkpoint.MIDSTAGE)
     with pytest.raises(FloatingPointError, match=r"train GQA: the loss is nan at step 2 of 12; stopped without saving, "
                                                  r"the last good checkpoint stays \(" + re.escape(midstage)):
         run()

@@ -1,0 +1,233 @@
+"""
+Checkpoints and resume: what a stage writes, and how a run continues where it stopped.
+
+A finished stage leaves the adapter and the projector as safetensors with a readable meta.json; a stage stopped
+part-way (Ctrl-C, --save_every, a killed rank) leaves a mid-stage file holding all it takes to go on exactly. Running
+the same command into the same --out again finds both, checks that the settings, data and base are the same, and
+continues: the resumed run ends with the same weights and scores.
+"""
+import dataclasses
+import functools
+import hashlib
+import json
+import os
+import pickle
+import subprocess
+
+import torch
+import torch.distributed as dist
+import transformers
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+import data
+from base_model import projector
+from moelora import load_moelora_state_dict, moelora_state_dict
+
+# -----------------------------------------------------------------------------
+# Checkpoints: adapter + projector as safetensors with a readable meta.json, written atomically
+
+# A stage's folder, checkpoints/stage<j>-<Task>/, holds adapter.safetensors, then meta.json: the stage is finished
+# once its meta.json exists. Until then midstage.pt holds the state to continue it. Every file is written to .tmp and
+# renamed, so a kill at any moment leaves the previous version or the new one, never half a file. --out must be one
+# folder that every rank sees (shared storage on several nodes): rank 0 writes, all ranks read.
+MIDSTAGE = "midstage.pt"
+
+# settings that may change when a run is continued: where output goes and how the same global batch is split
+MAY_DIFFER = ("out", "resume", "save_every", "threads", "micro_batch", "grad_accum", "eval_batch", "grad_ckpt")
+# settings added later, with the value that runs written before them had in effect (when it is not the default)
+BEFORE_ADDED = {"projector_lr_scale": 1.0}
+
+
+def stage_dir(cfg, j, task):
+    return os.path.join(cfg.out, "checkpoints", f"stage{j + 1}-{task}")
+
+
+@functools.cache
+def git_commit():
+    """The code's commit, plus '-dirty-' and a hash of `git diff HEAD` when files differ from it; None outside git."""
+    def git(*args):
+        out = subprocess.run(["git", *args], capture_output=True, timeout=10,
+                             cwd=os.path.dirname(os.path.abspath(__file__)))
+        return out.stdout if out.returncode == 0 else None
+    try:
+        commit, diff = git("rev-parse", "HEAD"), git("diff", "HEAD")
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if commit is None:
+        return None
+    return commit.decode().strip() + (f"-dirty-{hashlib.sha1(diff).hexdigest()[:12]}" if diff else "")
+
+
+def inputs_hash(train_sets, test_sets, model):
+    """A hash of what a run reads besides its settings: the records it uses and a sample of every base weight. A
+    resumed run checks it, so a regenerated data set or a rebuilt base never mixes into an earlier run's stages."""
+    h = hashlib.sha1(json.dumps([train_sets, test_sets], sort_keys=True).encode())
+    for name, p in model.named_parameters():
+        h.update(name.encode())
+        h.update(p.detach().flatten()[:256].float().cpu().numpy().tobytes())
+    return h.hexdigest()
+
+
+def run_info(cfg, world, inputs, global_batch):
+    """What every checkpoint and results.json record about the run that wrote them."""
+    return {"config": dataclasses.asdict(cfg), "seed": cfg.seed, "world_size": world,
+            "global_batch": global_batch, "inputs": inputs, "git": git_commit(),
+            "torch": str(torch.__version__), "transformers": transformers.__version__}
+
+
+def setting_defaults(cfg):
+    """{setting: the value a run written before that setting existed had in effect}: its default in cfg's dataclass,
+    or what BEFORE_ADDED says."""
+    return {f.name: BEFORE_ADDED.get(f.name, f.default) for f in dataclasses.fields(cfg)}
+
+
+def check_same_run(saved, info, path, defaults):
+    """Refuse to continue from a file another run wrote: settings that change results, data and base must match.
+    `defaults` (setting_defaults) stands in for a setting that `saved` predates."""
+    old, new = saved.get("config", {}), info["config"]
+    for key in new:
+        was = old.get(key, defaults[key])
+        if key not in MAY_DIFFER and was != new[key]:
+            raise SystemExit(f"{path}: written by a run with --{key}={was!r}, this one has "
+                             f"--{key}={new[key]!r}; continue it with the same settings, or write to another --out")
+    if saved.get("global_batch") != info["global_batch"]:
+        raise SystemExit(f"{path}: written with a global batch of {saved.get('global_batch')}, this run has "
+                         f"{info['global_batch']} (micro_batch x ranks x grad_accum); keep it to continue that run")
+    if saved.get("inputs") != info["inputs"]:
+        raise SystemExit(f"{path}: written by a run that read other data or another base (regenerated data or a "
+                         "rebuilt base?); write to another --out")
+
+
+def read_json_file(path):
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise SystemExit(f"{path}: unreadable ({e}); delete it to redo what it recorded") from None
+
+
+def trainable_state_dict(model):
+    sd = moelora_state_dict(model)
+    sd.update({f"projector.{k}": v for k, v in projector(model).state_dict().items()})
+    return {k: v.detach().cpu().contiguous() for k, v in sd.items()}
+
+
+def finite_or_raise(sd, path, step):
+    bad = [k for k, v in sd.items() if not torch.isfinite(v).all()]
+    if bad:
+        raise FloatingPointError(f"{path}: not written: {len(bad)} weights (e.g. {bad[0]}) are not finite after step "
+                                 f"{step}; the last good checkpoint stays (try a lower --lr)")
+
+
+def save_checkpoint(model, stage_dir, meta):
+    """The end of a stage: adapter.safetensors, then meta.json (the stage is finished), then the mid-stage file goes."""
+    os.makedirs(stage_dir, exist_ok=True)
+    path = os.path.join(stage_dir, "adapter.safetensors")
+    sd = trainable_state_dict(model)
+    finite_or_raise(sd, path, meta["step"])
+    save_file(sd, path + ".tmp")
+    os.replace(path + ".tmp", path)
+    data.write_json(os.path.join(stage_dir, "meta.json"), meta)
+    if os.path.exists(os.path.join(stage_dir, MIDSTAGE)):
+        os.remove(os.path.join(stage_dir, MIDSTAGE))
+
+
+def load_trainable(model, sd, path):
+    """Strict: `sd` (read from `path`) must hold exactly this model's adapter and projector weights, same shapes."""
+    proj = {k.removeprefix("projector."): v for k, v in sd.items() if k.startswith("projector.")}
+    try:
+        load_moelora_state_dict(model, {k: v for k, v in sd.items() if not k.startswith("projector.")})
+        projector(model).load_state_dict(proj, strict=True)
+    except (KeyError, ValueError, RuntimeError) as e:
+        raise ValueError(f"{path}: not a checkpoint of this model (another --base, --lora_r or --experts?): "
+                         f"{e.args[0]}") from None
+
+
+def load_checkpoint(model, path):
+    try:
+        sd = load_file(path)
+    except (OSError, SafetensorError) as e:
+        raise ValueError(f"{path}: unreadable checkpoint ({e})") from None
+    load_trainable(model, sd, path)
+
+
+def save_midstage(path, model, opt, step, losses, info, rank, world, device):
+    """All it takes to continue a stage after `step` steps exactly: the trainable weights, AdamW's state, the step
+    (the data order and the lr are functions of it) and every rank's RNG state (the dropout masks)."""
+    rng = [torch.get_rng_state()] + ([torch.cuda.get_rng_state(device)] if device.type == "cuda" else [])
+    rngs = [rng]
+    if world > 1:
+        rngs = [None] * world if rank == 0 else None
+        dist.gather_object(rng, rngs, dst=0)
+    if rank == 0:
+        sd = trainable_state_dict(model)
+        finite_or_raise(sd, path, step)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        torch.save({**info, "step": step, "losses": losses, "weights": sd, "optimizer": opt.state_dict(),
+                    "rng": rngs}, path + ".tmp")
+        os.replace(path + ".tmp", path)
+    if world > 1:
+        dist.barrier()  # no rank stops (Ctrl-C) before the file is complete
+
+
+def load_midstage(path, model, opt, info, defaults, rank, world, device):
+    """Restore what save_midstage wrote into `model`, `opt` and this rank's RNG; returns (steps done, their losses)."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as e:
+        raise SystemExit(f"{path}: unreadable mid-stage checkpoint ({e}); delete it to restart the stage") from None
+    check_same_run(state, info, path, defaults)
+    if state["world_size"] != world:
+        raise SystemExit(f"{path}: written by {state['world_size']} ranks, this run has {world}: a stage continues "
+                         "exactly only on as many ranks (one RNG state each); use that many, or delete it to restart "
+                         "the stage")
+    load_trainable(model, state["weights"], path)
+    opt.load_state_dict(state["optimizer"])
+    torch.set_rng_state(state["rng"][rank][0])
+    if device.type == "cuda":
+        torch.cuda.set_rng_state(state["rng"][rank][1], device)
+    return state["step"], state["losses"]
+
+
+# -----------------------------------------------------------------------------
+# Resume: where an earlier run into --out stopped
+
+def finished_stages(cfg, stages, info, rank):
+    """How many stages, from the first, an earlier run into --out finished; 0 for a new --out."""
+    if not cfg.resume:
+        if os.path.exists(os.path.join(cfg.out, "results.json")) or os.path.isdir(os.path.join(cfg.out, "checkpoints")):
+            raise SystemExit(f"--out={cfg.out} holds a run already: --resume=true (the default) continues it; to start "
+                             "over, delete that folder or choose another --out")
+        return 0
+    done, meta = 0, None
+    for j, (name, *_) in enumerate(stages):
+        path = os.path.join(stage_dir(cfg, j, name), "meta.json")
+        if not os.path.exists(path):
+            break
+        meta = read_json_file(path)
+        check_same_run(meta, info, path, setting_defaults(cfg))
+        done = j + 1
+    # other code is allowed (a fix elsewhere should not cost finished stages), but said
+    if meta and meta.get("git") != info["git"] and rank == 0:
+        print(f"note: stage {done} was trained by code {meta.get('git')}, this is {info['git']}; stages 1-{done} "
+              "are kept", flush=True)
+    return done
+
+
+def load_results(cfg, tasks, rows, info):
+    """The matrices and results.json extras this run extends: empty ones for a new --out, else the earlier run's
+    `rows` (of its finished stages), its zero-shot row and its timings (results.json is only ever extended)."""
+    T = len(tasks)
+    if_matrix, gk_matrix = [[None] * T for _ in range(T)], [[None] * T for _ in range(T)]
+    extra = {**info, "timing": {}}
+    path = os.path.join(cfg.out, "results.json")
+    if cfg.resume and os.path.exists(path):
+        old = read_json_file(path)
+        check_same_run(old, info, path, setting_defaults(cfg))
+        for r in rows:
+            if_matrix[r], gk_matrix[r] = old["matrix"][r], old["general_knowledge"]["matrix"][r]
+        extra["timing"] = old["timing"]
+        if "zero_shot" in old:
+            extra["zero_shot"] = old["zero_shot"]
+    return if_matrix, gk_matrix, extra

@@ -1,0 +1,106 @@
+"""coin_mini.py: CoIN-mini is deterministic, in the official format, and answerable from what it draws."""
+import json
+import os
+import random
+
+import coin_mini
+import data
+
+
+def test_generator_is_deterministic_and_official_format(mini_data, tmp_path):
+    again = str(tmp_path / "again")
+    coin_mini.generate_mini(again, n_train=48, n_test=12, n_stage0=64, seed=0, progress=False)
+    for task in data.TASKS:
+        for split in ("train", "test"):
+            a = json.load(open(data.task_file(mini_data, task, split)))
+            b = json.load(open(data.task_file(again, task, split)))
+            assert a == b, (task, split)
+        train = json.load(open(data.task_file(mini_data, task, "train")))
+        test = json.load(open(data.task_file(mini_data, task, "test")))
+        assert len(train) == 48 * coin_mini.TRAIN_SCALE.get(task, 1) and len(test) == 12
+        for rec in train:
+            human, gpt = rec["conversations"]
+            assert human["from"] == "human" and gpt["from"] == "gpt"
+            assert human["value"].startswith("<image>\n") == ("image" in rec)
+        for rec in test:
+            assert {"question_id", "text", "answer"} <= set(rec)
+            assert "<image>" not in rec["text"]
+            instr = data.split_question(rec["text"])[1] if task != "Grounding" else rec["text"]
+            wordings = coin_mini.FORMAT_INSTRUCTIONS["Original"][task]
+            assert any(instr.startswith(w) for w in wordings), (task, rec["text"])
+            if "image" in rec:
+                assert os.path.isfile(os.path.join(mini_data, "images", rec["image"]))
+    # the same images, byte for byte
+    rel = json.load(open(data.task_file(mini_data, "GQA", "test")))[3]["image"]
+    assert open(os.path.join(mini_data, "images", rel), "rb").read() == open(os.path.join(again, "images", rel), "rb").read()
+    # a different seed gives different data
+    other = str(tmp_path / "other")
+    coin_mini.generate_mini(other, n_train=4, n_test=4, n_stage0=4, seed=1, progress=False)
+    assert json.load(open(data.task_file(other, "GQA", "test"))) != json.load(open(data.task_file(mini_data, "GQA", "test")))[:4]
+
+
+def test_scaled_tasks_extend_the_same_stream(mini_data, tmp_path):
+    """ScienceQA and Grounding get TRAIN_SCALE x n_train records whose first ones do not depend on n_train, so a
+    --max_train run sees the same records as before the scale existed."""
+    assert coin_mini.TRAIN_SCALE == {"ScienceQA": 2, "Grounding": 3}
+    half = str(tmp_path / "half")
+    coin_mini.generate_mini(half, n_train=24, n_test=12, n_stage0=4, seed=0, progress=False)
+    for task in ("ScienceQA", "Grounding", "GQA"):
+        a = json.load(open(data.task_file(half, task, "train")))
+        b = json.load(open(data.task_file(mini_data, task, "train")))
+        assert len(a) == 24 * coin_mini.TRAIN_SCALE.get(task, 1) and a == b[:len(a)], task
+
+
+def test_mini_is_regenerated_only_when_stale(tmp_path, capsys, monkeypatch):
+    out = str(tmp_path / "mini")
+    args = ["mini", f"--out={out}", "--n_train=4", "--n_test=4", "--n_stage0=4"]
+    small = {"n_train": 4, "n_test": 4, "n_stage0": 4, "size": 48, "seed": 0}  # what args asks for
+    assert not coin_mini.mini_is_current(out, **small)
+    data.main(args)
+    meta = os.path.join(out, "coin_mini.json")
+    stamp = os.stat(meta).st_mtime_ns
+    assert coin_mini.mini_is_current(out, **small)
+    assert not coin_mini.mini_is_current(out, **dict(small, n_train=5))
+    data.main(args)  # same generator, same settings: kept as it is
+    assert "is current" in capsys.readouterr().out and os.stat(meta).st_mtime_ns == stamp
+    monkeypatch.setattr(coin_mini, "MINI_VERSION", coin_mini.MINI_VERSION + 1)  # a newer generator: regenerated
+    data.main(args)
+    assert "wrote CoIN-mini" in capsys.readouterr().out and json.load(open(meta))["version"] == coin_mini.MINI_VERSION
+    os.remove(meta)  # an interrupted generation (the meta file is written last) is never current
+    assert not coin_mini.mini_is_current(out, **small)
+
+
+def test_scienceqa_has_text_only_items_and_letters(mini_data):
+    recs = json.load(open(data.task_file(mini_data, "ScienceQA", "test")))
+    assert any("image" not in r for r in recs) and any("image" in r for r in recs)
+    for r in recs:
+        assert r["answer"] in "ABCDE" and f"\n{r['answer']}. " in "\n" + r["text"]
+
+
+def test_items_are_answerable_from_their_content():
+    """Each generated answer is consistent with the drawn content (checked on the scene description)."""
+    rng, sides = random.Random(0), 0
+    for _ in range(200):
+        it = coin_mini.make_item("Grounding", rng, 48)
+        x1, y1, x2, y2 = json.loads(it["answer"])
+        assert 0 <= x1 < x2 <= 1 and 0 <= y1 < y2 <= 1
+        side = it["expression"].split(" ", 3)[3:]  # "the <colour> <shape>[ <side>]"
+        where = {"on the left": x2 < 0.34, "on the right": x1 > 0.66, "at the top": y2 < 0.34,
+                 "at the bottom": y1 > 0.66, "in the middle": 0.33 < x1 < x2 < 0.67 and 0.33 < y1 < y2 < 0.67}
+        assert not side or where[side[0]], (it["expression"], it["answer"])
+        sides += bool(side)
+        it = coin_mini.make_item("VizWiz", rng, 48)
+        assert it["answer"] in list(coin_mini.COLORS) + coin_mini.SHAPES + ["unanswerable"]
+        it = coin_mini.make_item("OCR-VQA", rng, 48)
+        assert it["answer"] in coin_mini.TITLES + coin_mini.AUTHORS + list(coin_mini.GENRES)
+    assert 70 <= sides <= 130  # GROUNDING_WHERE = 0.5 of the expressions say a side
+
+
+def test_instruction_sets(mini_data):
+    for iset in ("Diverse", "10Type"):
+        recs = json.load(open(data.task_file(mini_data, "VQAv2", "test", iset)))
+        base = json.load(open(data.task_file(mini_data, "VQAv2", "test")))
+        assert [r["answer"] for r in recs] == [r["answer"] for r in base]
+        assert all(r["text"] != b["text"] for r, b in zip(recs, base)) or iset == "10Type"
+    ten = json.load(open(data.task_file(mini_data, "VQAv2", "train", "10Type")))
+    assert len({data.split_question(r["conversations"][0]["value"])[1] for r in ten}) > 3
