@@ -22,6 +22,7 @@ from safetensors.torch import load_file, save_file
 
 import data
 from base_model import projector
+from methods import load_olora_state_dict, olora_layers, olora_state_dict
 from moelora import load_moelora_state_dict, moelora_state_dict
 
 # -----------------------------------------------------------------------------
@@ -32,6 +33,8 @@ from moelora import load_moelora_state_dict, moelora_state_dict
 # renamed, so a kill at any moment leaves the previous version or the new one, never half a file. --out must be one
 # folder that every rank sees (shared storage on several nodes): rank 0 writes, all ranks read.
 MIDSTAGE = "midstage.pt"
+# EWC (--method=ewc): the Fisher summed over the tasks so far, saved with the stage that adds its task's (not the last)
+FISHER = "fisher.safetensors"
 
 # settings that may change when a run is continued: where output goes and how the same global batch is split
 MAY_DIFFER = ("out", "resume", "save_every", "threads", "micro_batch", "grad_accum", "eval_batch", "grad_ckpt")
@@ -108,7 +111,7 @@ def read_json_file(path):
 
 
 def trainable_state_dict(model):
-    sd = moelora_state_dict(model)
+    sd = olora_state_dict(model) if olora_layers(model) else moelora_state_dict(model)  # O-LoRA: every subspace
     sd.update({f"projector.{k}": v for k, v in projector(model).state_dict().items()})
     return {k: v.detach().cpu().contiguous() for k, v in sd.items()}
 
@@ -120,14 +123,17 @@ def finite_or_raise(sd, path, step):
                                  f"{step}; the last good checkpoint stays (try a lower --lr)")
 
 
-def save_checkpoint(model, stage_dir, meta):
-    """The end of a stage: adapter.safetensors, then meta.json (the stage is finished), then the mid-stage file goes."""
+def save_checkpoint(model, stage_dir, meta, tensors=None):
+    """The end of a stage: adapter.safetensors and a method's state for the stages after it (`tensors`: {file name:
+    {name: tensor}}, EWC's Fisher), then meta.json (the stage is finished), then the mid-stage file goes."""
     os.makedirs(stage_dir, exist_ok=True)
     path = os.path.join(stage_dir, "adapter.safetensors")
     sd = trainable_state_dict(model)
     finite_or_raise(sd, path, meta["step"])
-    save_file(sd, path + ".tmp")
-    os.replace(path + ".tmp", path)
+    for file, state in {"adapter.safetensors": sd, **(tensors or {})}.items():
+        path = os.path.join(stage_dir, file)
+        save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, path + ".tmp")
+        os.replace(path + ".tmp", path)
     data.write_json(os.path.join(stage_dir, "meta.json"), meta)
     if os.path.exists(os.path.join(stage_dir, MIDSTAGE)):
         os.remove(os.path.join(stage_dir, MIDSTAGE))
@@ -136,20 +142,32 @@ def save_checkpoint(model, stage_dir, meta):
 def load_trainable(model, sd, path):
     """Strict: `sd` (read from `path`) must hold exactly this model's adapter and projector weights, same shapes."""
     proj = {k.removeprefix("projector."): v for k, v in sd.items() if k.startswith("projector.")}
+    load_adapter = load_olora_state_dict if olora_layers(model) else load_moelora_state_dict
     try:
-        load_moelora_state_dict(model, {k: v for k, v in sd.items() if not k.startswith("projector.")})
+        load_adapter(model, {k: v for k, v in sd.items() if not k.startswith("projector.")})
         projector(model).load_state_dict(proj, strict=True)
     except (KeyError, ValueError, RuntimeError) as e:
-        raise ValueError(f"{path}: not a checkpoint of this model (another --base, --lora_r or --experts?): "
+        raise ValueError(f"{path}: not a checkpoint of this model (another --base, --lora_r, --experts or --method?): "
                          f"{e.args[0]}") from None
 
 
-def load_checkpoint(model, path):
+def read_tensors(path):
     try:
-        sd = load_file(path)
+        return load_file(path)
     except (OSError, SafetensorError) as e:
         raise ValueError(f"{path}: unreadable checkpoint ({e})") from None
-    load_trainable(model, sd, path)
+
+
+def load_checkpoint(model, path):
+    load_trainable(model, read_tensors(path), path)
+
+
+def load_fisher(cfg, stages, done, device):
+    """EWC: the Fisher the last finished stage saved (none before the first stage, and none after the last)."""
+    if not done or done == len(stages):
+        return None
+    fisher = read_tensors(os.path.join(stage_dir(cfg, done - 1, stages[done - 1][0]), FISHER))
+    return {name: f.to(device) for name, f in fisher.items()}
 
 
 def save_midstage(path, model, opt, step, losses, info, rank, world, device):

@@ -8,6 +8,7 @@ checkpoint.py holds what a stage writes and how a run continues; base_model.py b
 """
 import contextlib
 import dataclasses
+import functools
 import math
 import os
 import random
@@ -24,10 +25,12 @@ from transformers import AutoModelForImageTextToText, AutoProcessor
 import data
 import eval as evaluate
 from base_model import assemble_main, pretrain_base, projector
-from checkpoint import (MIDSTAGE, finished_stages, inputs_hash, load_checkpoint, load_midstage, load_results, run_info,
-                        save_checkpoint, save_midstage, setting_defaults, stage_dir)
+from checkpoint import (FISHER, MIDSTAGE, finished_stages, inputs_hash, load_checkpoint, load_fisher, load_midstage,
+                        load_results, run_info, save_checkpoint, save_midstage, setting_defaults, stage_dir)
 from data import collate
-from moelora import add_moelora, mark_only_moelora_trainable
+from methods import (METHODS, add_olora, add_olora_subspace, ewc_accumulate, ewc_fisher, ewc_penalty, ewc_sample,
+                     lwf_distillation, olora_penalty, replay_records, teacher_logits)
+from moelora import add_moelora, language_model_linears, mark_only_moelora_trainable
 
 # -----------------------------------------------------------------------------
 # Config: one setting a line; override any with --key=value or --key value (unknown keys and wrong types are errors)
@@ -69,6 +72,15 @@ class Config:
     warmup_ratio: float = 0.03
     schedule: str = "constant"            # constant (what the official DeepSpeed config runs) | cosine
     max_grad_norm: float = 1.0
+    # --- continual-learning method (methods.py; the paper's LoRA and MoELoRA rows are `sequential`)
+    method: str = "sequential"            # sequential | replay | ewc | lwf | olora (O-LoRA takes --experts=1)
+    replay_ratio: float = 0.1             # replay: earlier tasks' records added to each task, x its size (TRACE: 0.1)
+    ewc_lambda: float = 0.1               # ewc: penalty weight (CoIN's 0.1 by a third-party reading; peers 0.5-1e4)
+    ewc_samples: int = 1000               # ewc: records of each task its Fisher is estimated on (capped by its size)
+    lwf_alpha: float = 0.1                # lwf: loss = CE + lwf_alpha * KD (CoIN's 0.1 by a third-party reading)
+    lwf_temperature: float = 2.0          # lwf: distillation temperature T
+    olora_lambda1: float = 0.5            # olora: weight of the orthogonality term (TRACE, PRISM: 0.5)
+    olora_lambda2: float = 0.0            # olora: weight of the L2 term on the newest subspace
     # --- eval
     eval_batch: int = 64
     max_new_tokens: int = 24
@@ -122,9 +134,15 @@ def parse_config(argv):
     data.parse_tasks(cfg.tasks)  # fail now on an unknown task name
     for key, allowed in (("instructions", data.INSTRUCTIONS), ("schedule", ("constant", "cosine")),
                          ("scoring", ("official", "fixed")), ("dtype", ("float32", "bfloat16")),
-                         ("attn", ("sdpa", "eager"))):
+                         ("attn", ("sdpa", "eager")), ("method", METHODS)):
         if getattr(cfg, key) not in allowed:
             raise SystemExit(f"--{key}={getattr(cfg, key)!r}: choose from {', '.join(allowed)}")
+    if cfg.method == "olora" and cfg.experts != 1:
+        raise SystemExit(f"--method=olora takes --experts=1, not --experts={cfg.experts} (O-LoRA trains one plain LoRA "
+                         "per task; MoELoRA has no such subspace per task)")
+    if cfg.multitask and cfg.method != "sequential":
+        raise SystemExit(f"--multitask trains one stage, so --method={cfg.method} has no earlier task to work on; "
+                         "use --method=sequential with it")
     if not 0 < cfg.data_fraction <= 1:
         raise SystemExit(f"--data_fraction={cfg.data_fraction}: a fraction in (0, 1]")
     if cfg.global_batch not in ("", "official") and not cfg.global_batch.isdigit():
@@ -232,13 +250,31 @@ def lr_at(step, total, cfg):
     return cfg.lr
 
 
-def train_one_task(model, dataset, params, cfg, rank, world, device, seed, desc, midstage=None, info=None):
+def model_inputs(batch, model, device):
+    """A collated batch's model inputs on `device`: input_ids, attention_mask and the image tensors (pixel_values;
+    image_grid_thw for Qwen2-VL), the pixels in the model's dtype."""
+    inputs = {k: v.to(device) for k, v in batch.items() if k != "labels" and v is not None}
+    if "pixel_values" in inputs:
+        inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
+    return inputs
+
+
+def answer_ce(logits, labels):
+    """The sum of the answer tokens' cross-entropies; shifted: position t predicts token t+1 (labels -100 elsewhere)."""
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), reduction="sum")
+
+
+def train_one_task(model, dataset, params, cfg, rank, world, device, seed, desc, midstage=None, info=None,
+                   teacher=None, penalty=None):
     """One pass (cfg.epochs) over `dataset`, updating `params` with AdamW; returns the list of step losses.
     Loss = sum of answer-token cross-entropies / answer tokens in the whole global batch, so that 1 x N ranks,
     2 x N/2 and gradient accumulation give the same step. NOTE(fidelity): the official trainer averages per
     micro-batch instead (mean over that micro-batch's tokens, then mean over micro-batches and ranks).
     With `midstage` (a file; `info` is run_info) the stage can stop and go on: the state is saved there every
-    cfg.save_every steps and on Ctrl-C, and a run that finds the file continues the stage from it, exactly."""
+    cfg.save_every steps and on Ctrl-C, and a run that finds the file continues the stage from it, exactly.
+    The methods (methods.py): with `teacher` (LwF: the previous stage's trainable weights by name) the loss adds
+    lwf_alpha * KD, normalised as the cross-entropy; `penalty` (EWC, O-LoRA: a function returning a scalar) is added
+    once per optimizer step, on every rank after the gradients are summed. The step losses are the cross-entropy's."""
     pad_id = dataset.tok.pad_token_id
     # two groups, the projector's with an lr of its own: lr_scale multiplies the schedule's lr for the group (stage 0
     # trains the whole model at one lr)
@@ -271,35 +307,65 @@ def train_one_task(model, dataset, params, cfg, rank, world, device, seed, desc,
                 print0(f"{desc}: interrupted before step {step + 1} of {len(steps)}; saved {midstage}. Run the same "
                        "command again to continue from there.")
                 raise SystemExit(130)
-            loss_sum = torch.zeros(1)
+            loss_sum, term = torch.zeros(2), 0.0  # (cross-entropy, LwF's alpha * KD) sums; a penalty's value
             for m in micro:
-                # input_ids, attention_mask and the image tensors (pixel_values; image_grid_thw for Qwen2-VL)
-                inputs = {k: v.to(device) for k, v in m.items() if k != "labels" and v is not None}
-                if "pixel_values" in inputs:
-                    inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
+                inputs = model_inputs(m, model, device)
+                if teacher is not None:  # LwF: the previous stage's model on the same inputs (eval mode, no grad)
+                    old_logits = teacher_logits(model, teacher, inputs)  # (B, T, vocab)
                 logits = model(**inputs).logits  # (B, T, vocab)
                 labels = m["labels"].to(device)
-                # shift: position t predicts token t+1
-                ce = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), reduction="sum")
-                (ce / n_tokens).backward()
-                loss_sum += ce.detach().cpu()
+                ce = answer_ce(logits, labels)
+                objective = ce
+                if teacher is not None:
+                    kd = cfg.lwf_alpha * lwf_distillation(logits, old_logits, labels, cfg.lwf_temperature)
+                    objective = ce + kd
+                    loss_sum[1] += kd.detach().cpu()
+                (objective / n_tokens).backward()
+                loss_sum[0] += ce.detach().cpu()
             if world > 1:
                 all_reduce_grads(params)  # a sum: each rank already divided by the global batch's token count
-            loss = all_reduce_(loss_sum)[0].item() / n_tokens.item()
-            if not math.isfinite(loss):  # raise before the step: no weight and no checkpoint sees it
+            if penalty is not None:  # every rank adds the same gradient to the same summed one: once per step
+                value = penalty()
+                value.backward()
+                term = value.item()
+            sums = all_reduce_(loss_sum)
+            loss, term = sums[0].item() / n_tokens.item(), term + sums[1].item() / n_tokens.item()
+            if not math.isfinite(loss + term):  # raise before the step: no weight and no checkpoint sees it
                 kept = midstage if midstage and os.path.exists(midstage) else "the previous stage's"
-                raise FloatingPointError(f"{desc}: the loss is {loss} at step {step + 1} of {len(steps)}; stopped "
-                                         f"without saving, the last good checkpoint stays ({kept}); try a lower --lr")
+                raise FloatingPointError(f"{desc}: the loss is {loss + term} at step {step + 1} of {len(steps)}; "
+                                         f"stopped without saving, the last good checkpoint stays ({kept}); try a "
+                                         "lower --lr")
             torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
             for group in opt.param_groups:
                 group["lr"] = lr_at(step, len(steps), cfg) * group["lr_scale"]
             opt.step()
             opt.zero_grad(set_to_none=True)
             losses.append(loss)
-            bar.set_postfix(loss=f"{sum(losses[-20:]) / len(losses[-20:]):.3f}")
+            bar.set_postfix(loss=f"{sum(losses[-20:]) / len(losses[-20:]):.3f}",
+                            **({"method_term": f"{term:.3g}"} if teacher is not None or penalty is not None else {}))
             if midstage and cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < len(steps):
                 save_midstage(midstage, model, opt, step + 1, losses, info, rank, world, device)
     return losses
+
+
+def task_fisher(model, dataset, cfg, rank, world, device, stage):
+    """EWC: the diagonal empirical Fisher of the trainable weights on --ewc_samples of the task's training records
+    (methods.ewc_fisher), each record's loss its answer tokens' mean cross-entropy, striped over the ranks. In eval
+    mode: the Fisher of the trained model itself, and no random numbers drawn. Costs one forward and backward per
+    record at batch 1 (1,000 records: about 125 training steps of 8)."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    pad_id = dataset.tok.pad_token_id
+
+    def record_loss(i):
+        batch = collate([dataset[i]], pad_id)
+        labels = batch["labels"].to(device)
+        return answer_ce(model(**model_inputs(batch, model, device)).logits, labels) / (labels[:, 1:] != -100).sum()
+    was_training = model.training
+    model.eval()
+    try:
+        return ewc_fisher(named, record_loss, ewc_sample(len(dataset), cfg.ewc_samples, cfg.seed, stage), rank, world)
+    finally:
+        model.train(was_training)
 
 
 @contextlib.contextmanager
@@ -337,12 +403,16 @@ def load_base(cfg, device):
 
 
 def add_adapter(model, cfg, device):
-    """Freeze the base, wrap its language model's linears with MoELoRA (whose init draws from the global RNG) and let
-    the projector train along (--train_projector); returns (trainable parameters, number of wrapped linears)."""
+    """Freeze the base, wrap its language model's linears with MoELoRA (whose init draws from the global RNG), or with
+    O-LoRA (--method=olora: no subspace yet, each stage adds its own), and let the projector train along
+    (--train_projector); returns (trainable parameters, number of wrapped linears)."""
     for p in model.parameters():
         p.requires_grad_(False)
-    wrapped = add_moelora(model, None, cfg.lora_r, cfg.lora_alpha, cfg.experts, cfg.lora_dropout)
-    mark_only_moelora_trainable(model)
+    if cfg.method == "olora":
+        wrapped = add_olora(model, language_model_linears(model), cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout)
+    else:
+        wrapped = add_moelora(model, None, cfg.lora_r, cfg.lora_alpha, cfg.experts, cfg.lora_dropout)
+        mark_only_moelora_trainable(model)
     for p in projector(model).parameters():
         p.requires_grad_(cfg.train_projector)
     if cfg.train_projector:
@@ -474,7 +544,8 @@ def main(argv):
     info = run_info(cfg, world, inputs_hash(train_sets, test_sets, model), global_batch)
     done = finished_stages(cfg, stages, info, rank)  # stages an earlier run into --out finished (checkpoint.py)
     params, n_wrapped = add_adapter(model, cfg, device)
-    print0(f"MoELoRA E={cfg.experts} r={cfg.lora_r} on {n_wrapped} linears; trainable "
+    adapter = f"O-LoRA r={cfg.lora_r} per task" if cfg.method == "olora" else f"MoELoRA E={cfg.experts} r={cfg.lora_r}"
+    print0(f"{adapter}, method {cfg.method}, on {n_wrapped} linears; trainable "
            f"{sum(p.numel() for p in params):,} of {sum(p.numel() for p in model.parameters()):,} parameters; "
            f"global batch {global_batch} on {world} rank(s)")
     # the General Knowledge judge, built once, on rank 0 (which does all the scoring)
@@ -489,7 +560,12 @@ def main(argv):
         extra["timing"]["zero_shot_eval"] = time.time() - t0
     if rank == 0:
         table = evaluate.write_results(cfg.out, tasks, if_matrix, gk_matrix, extra)
+    if cfg.method == "olora":  # the last finished stage's checkpoint holds `done` subspaces: rebuild them to load it
+        for j in range(done):
+            add_olora_subspace(model, cfg.seed, j)
     load_last_finished_stage(model, cfg, stages, done)
+    # EWC's Fisher, summed over the finished stages (methods.ewc_accumulate); the last one saved it with its adapter
+    fisher = load_fisher(cfg, stages, done, device) if cfg.method == "ewc" else None
     image_dir = data.image_root(cfg.data_dir, cfg.image_dir)
     for j, (name, train_tasks, eval_tasks, row) in enumerate(stages):
         stage_name = f"stage{j + 1}-{name}"
@@ -497,14 +573,45 @@ def main(argv):
             continue  # trained and scored by an earlier run
         t0 = time.time()
         if j >= done:  # train (from the stage's mid-stage checkpoint, if an earlier run left one), then save
-            dataset = data.InstructionDataset([ex for t in train_tasks for ex in train_sets[t]], processor, image_dir)
+            records = [ex for t in train_tasks for ex in train_sets[t]]
+            teacher, penalty, notes = None, None, {}
+            # the methods (methods.py): what each needs at the stage's start is on disk already (a resumed run
+            # rebuilds it): the replay sample is a function of (seed, stage), the previous stage's weights are its
+            # adapter.safetensors, EWC's Fisher so far is in its folder
+            if cfg.method == "replay":
+                replayed = replay_records(train_sets, tasks[:j], len(records), cfg.replay_ratio, cfg.seed, j)
+                records, notes["replayed"] = records + replayed, len(replayed)
+            if cfg.method == "olora":  # this task's subspace; the earlier ones are frozen now
+                add_olora_subspace(model, cfg.seed, j)
+                params = [p for p in model.parameters() if p.requires_grad]
+                if j > 0 or cfg.olora_lambda2:
+                    penalty = lambda: olora_penalty(model, cfg.olora_lambda1, cfg.olora_lambda2)[0]
+            if cfg.method in ("lwf", "ewc") and j > 0:  # the previous stage's weights: LwF's teacher, EWC's anchor
+                previous = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+                if cfg.method == "lwf":
+                    teacher = previous
+                else:
+                    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+                    penalty = functools.partial(ewc_penalty, named, fisher, previous, cfg.ewc_lambda)
+            dataset = data.InstructionDataset(records, processor, image_dir)
             losses = train_one_task(model, dataset, params, dataclasses.replace(cfg, grad_accum=accum[name]), rank,
                                     world, device, cfg.seed + j, f"stage {j + 1}/{len(stages)} train {name}",
-                                    os.path.join(stage_dir(cfg, j, name), MIDSTAGE), info)
+                                    os.path.join(stage_dir(cfg, j, name), MIDSTAGE), info, teacher, penalty)
+            if penalty is not None:  # the method's penalty at the stage's final weights, to see its scale
+                with torch.no_grad():
+                    notes["final_penalty"] = penalty().item()
+            if cfg.method == "olora":
+                with torch.no_grad():
+                    notes["orthogonality"] = olora_penalty(model, 1.0, 0.0)[1]  # sum |A_t A_i^T|, before lambda1
+            tensors = {}
+            if cfg.method == "ewc" and j + 1 < len(stages):  # this task's Fisher, for the stages after it
+                fisher = ewc_accumulate(fisher, task_fisher(model, dataset, cfg, rank, world, device, j))
+                tensors[FISHER] = fisher
             if rank == 0:
                 save_checkpoint(model, stage_dir(cfg, j, name), {"stage": j + 1, "task": name, "step": len(losses),
-                                                                 "final_loss": losses[-1], **info})
-            print0(f"stage {j + 1} {name}: {len(losses)} steps, loss {losses[-1]:.3f}, {time.time() - t0:.0f}s")
+                                                                 "final_loss": losses[-1], **notes, **info}, tensors)
+            print0(f"stage {j + 1} {name}: {len(losses)} steps, loss {losses[-1]:.3f}, {time.time() - t0:.0f}s"
+                   + "".join(f", {k} {v:.4g}" for k, v in notes.items()))
         t_train, t0 = time.time() - t0, time.time()
         # evaluate every task seen so far
         scores = evaluate_stage(model, processor, judge, cfg, {t: test_sets[t] for t in eval_tasks}, rank, world,
