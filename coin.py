@@ -4,7 +4,8 @@ coin: continual instruction tuning of a multimodal LLM (CoIN, arXiv 2403.08350),
 Reads top to bottom: config -> DDP setup -> load the base -> inject MoELoRA -> for each task: train one epoch, save,
 evaluate on every task seen so far -> results. `python coin.py --help` lists the settings. Running the same command
 into the same --out again continues where it stopped (killed, Ctrl-C, a lost rank), to the same weights and scores:
-checkpoint.py holds what a stage writes and how a run continues; base_model.py builds the bases (stage 0, assemble).
+checkpoint.py holds what a stage writes and how a run continues; base_model.py builds the bases (stage 0, assemble);
+methods.py the continual-learning baselines besides plain sequential fine-tuning (--method: replay, ewc, lwf, olora).
 """
 import contextlib
 import dataclasses
@@ -29,7 +30,7 @@ from checkpoint import (FISHER, MIDSTAGE, finished_stages, inputs_hash, load_che
                         load_results, run_info, save_checkpoint, save_midstage, setting_defaults, stage_dir)
 from data import collate
 from methods import (METHODS, add_olora, add_olora_subspace, ewc_accumulate, ewc_fisher, ewc_penalty, ewc_sample,
-                     lwf_distillation, olora_penalty, replay_records, teacher_logits)
+                     lwf_distillation, olora_orthogonality, olora_penalty, replay_records, teacher_logits)
 from moelora import add_moelora, language_model_linears, mark_only_moelora_trainable
 
 # -----------------------------------------------------------------------------
@@ -523,6 +524,29 @@ def load_last_finished_stage(model, cfg, stages, done):
         print0(f"{cfg.out}: an earlier run finished {done} of {len(stages)} stages; continuing after stage {done}")
 
 
+def start_method_stage(cfg, model, j, tasks, train_sets, records, fisher):
+    """The continual-learning method's part of stage j (methods.py), before it trains on `records`. What each needs
+    at a stage's start is on disk already, so a resumed run rebuilds it: the replay sample is a function of (seed,
+    stage), the previous stage's weights are its adapter.safetensors, EWC's Fisher so far (`fisher`) is in its folder.
+    Returns (the records to train on, LwF's teacher weights, the penalty added once per step, notes for meta.json)."""
+    teacher, penalty, notes = None, None, {}
+    if cfg.method == "replay":
+        replayed = replay_records(train_sets, tasks[:j], len(records), cfg.replay_ratio, cfg.seed, j)
+        records, notes["replayed"] = records + replayed, len(replayed)
+    if cfg.method == "olora":  # this task's subspace; the earlier ones are frozen from now on
+        add_olora_subspace(model, cfg.seed, j)
+        if j > 0 or cfg.olora_lambda2:
+            penalty = functools.partial(olora_penalty, model, cfg.olora_lambda1, cfg.olora_lambda2)
+    if cfg.method in ("lwf", "ewc") and j > 0:  # the previous stage's weights: LwF's teacher, EWC's anchor
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        previous = {n: p.detach().clone() for n, p in named}
+        if cfg.method == "lwf":
+            teacher = previous
+        else:
+            penalty = functools.partial(ewc_penalty, named, fisher, previous, cfg.ewc_lambda)
+    return records, teacher, penalty, notes
+
+
 # -----------------------------------------------------------------------------
 # The task loop
 
@@ -574,35 +598,17 @@ def main(argv):
         t0 = time.time()
         if j >= done:  # train (from the stage's mid-stage checkpoint, if an earlier run left one), then save
             records = [ex for t in train_tasks for ex in train_sets[t]]
-            teacher, penalty, notes = None, None, {}
-            # the methods (methods.py): what each needs at the stage's start is on disk already (a resumed run
-            # rebuilds it): the replay sample is a function of (seed, stage), the previous stage's weights are its
-            # adapter.safetensors, EWC's Fisher so far is in its folder
-            if cfg.method == "replay":
-                replayed = replay_records(train_sets, tasks[:j], len(records), cfg.replay_ratio, cfg.seed, j)
-                records, notes["replayed"] = records + replayed, len(replayed)
-            if cfg.method == "olora":  # this task's subspace; the earlier ones are frozen now
-                add_olora_subspace(model, cfg.seed, j)
-                params = [p for p in model.parameters() if p.requires_grad]
-                if j > 0 or cfg.olora_lambda2:
-                    penalty = lambda: olora_penalty(model, cfg.olora_lambda1, cfg.olora_lambda2)[0]
-            if cfg.method in ("lwf", "ewc") and j > 0:  # the previous stage's weights: LwF's teacher, EWC's anchor
-                previous = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-                if cfg.method == "lwf":
-                    teacher = previous
-                else:
-                    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-                    penalty = functools.partial(ewc_penalty, named, fisher, previous, cfg.ewc_lambda)
+            records, teacher, penalty, notes = start_method_stage(cfg, model, j, tasks, train_sets, records, fisher)
+            params = [p for p in model.parameters() if p.requires_grad]  # O-LoRA: this stage's subspace
             dataset = data.InstructionDataset(records, processor, image_dir)
             losses = train_one_task(model, dataset, params, dataclasses.replace(cfg, grad_accum=accum[name]), rank,
                                     world, device, cfg.seed + j, f"stage {j + 1}/{len(stages)} train {name}",
                                     os.path.join(stage_dir(cfg, j, name), MIDSTAGE), info, teacher, penalty)
-            if penalty is not None:  # the method's penalty at the stage's final weights, to see its scale
-                with torch.no_grad():
+            with torch.no_grad():  # the method's penalty at the stage's final weights, to see its scale
+                if penalty is not None:
                     notes["final_penalty"] = penalty().item()
-            if cfg.method == "olora":
-                with torch.no_grad():
-                    notes["orthogonality"] = olora_penalty(model, 1.0, 0.0)[1]  # sum |A_t A_i^T|, before lambda1
+                if cfg.method == "olora":
+                    notes["orthogonality"] = olora_orthogonality(model).item()  # sum |A_t A_i^T|, before lambda1
             tensors = {}
             if cfg.method == "ewc" and j + 1 < len(stages):  # this task's Fisher, for the stages after it
                 fisher = ewc_accumulate(fisher, task_fisher(model, dataset, cfg, rank, world, device, j))

@@ -226,22 +226,23 @@ def load_olora_state_dict(model, sd):
             p.copy_(sd[name])
 
 
+def olora_orthogonality(model):
+    """sum over adapted layers, over earlier tasks i < t, of sum_{j,k} |(A_t A_i^T)_{jk}|: A_t A_i^T is (r, r), zero
+    when the rows of A_t (the directions task t reads) are orthogonal to task i's. A scalar tensor (0 at task 1)."""
+    terms = [(m.lora_A[-1] @ A_i.t()).abs().sum() for m in olora_layers(model) for A_i in list(m.lora_A)[:-1]]
+    return sum(terms) if terms else torch.zeros(())
+
+
 def olora_penalty(model, lambda1, lambda2):
-    """O-LoRA's regulariser of task t's subspace, over every adapted layer:
+    """O-LoRA's regulariser of task t's subspace:
 
-        lambda1 * sum_layers sum_{i<t} sum_{j,k} |(A_t A_i^T)_{jk}|  +  lambda2 * sum_layers (||A_t||^2 + ||B_t||^2)
+        lambda1 * olora_orthogonality(model)  +  lambda2 * sum_layers (||A_t||^2 + ||B_t||^2)
 
-    A_t A_i^T is (r, r): zero when the rows of A_t (the directions task t reads) are orthogonal to task i's. The
-    element-wise absolute sum is how TRACE and PRISM implement the paper's orthogonality loss; lambda1 = 0.5,
-    lambda2 = 0 are their defaults. Only A_t, B_t get a gradient (the earlier subspaces are frozen). Added once per
-    optimizer step. Returns (total, orthogonality sum before lambda1) so the term's scale can be reported."""
-    orth, l2 = 0.0, 0.0
-    for m in olora_layers(model):
-        if not len(m.lora_A):
-            continue
-        A_t = m.lora_A[-1]
-        for A_i in list(m.lora_A)[:-1]:
-            orth = orth + (A_t @ A_i.t()).abs().sum()  # (r, r)
-        if lambda2:
-            l2 = l2 + A_t.pow(2).sum() + m.lora_B[-1].pow(2).sum()
-    return lambda1 * orth + lambda2 * l2, float(orth.detach() if torch.is_tensor(orth) else orth)
+    The element-wise absolute sum is how TRACE and PRISM implement the paper's orthogonality loss; lambda1 = 0.5,
+    lambda2 = 0 are their defaults. Only A_t, B_t get a gradient (the earlier subspaces are frozen). coin adds it once
+    per optimizer step to the per-answer-token cross-entropy, from task 2 on (from task 1 with lambda2 > 0)."""
+    total = lambda1 * olora_orthogonality(model)
+    if lambda2:
+        newest = [p for m in olora_layers(model) for p in (m.lora_A[-1], m.lora_B[-1])]
+        total = total + lambda2 * sum(p.pow(2).sum() for p in newest)
+    return total

@@ -72,7 +72,7 @@ def step(method, model, opt, b, state):
     if method == "ewc":
         methods.ewc_penalty(state["named"], state["fisher"], state["anchor"], 0.1).backward()
     if method == "olora":
-        methods.olora_penalty(model, 0.5, 0.0)[0].backward()
+        methods.olora_penalty(model, 0.5, 0.0).backward()
     torch.nn.utils.clip_grad_norm_(params, 1.0)
     opt.step()
     opt.zero_grad(set_to_none=True)
@@ -130,8 +130,9 @@ def main(argv):
         note = {"replay": " (and x (1 + replay_ratio) steps)",
                 "olora": f" (at task {opts['tasks_before'] + 1}, with the orthogonality term)"}.get(name, "")
         print(f"| {name} | {ratio:.2f}{note} |")
-    print(f"EWC's Fisher, once per task: {opts['fisher_records']} records (batch 1) take {t_fisher / seq:.1f} "
-          f"sequential steps of {len(b['input_ids'])} records (--ewc_samples=1000: x {1000 / opts['fisher_records']:.0f})")
+    n = opts["fisher_records"]
+    print(f"EWC's Fisher, once per task: {n} records (batch 1) take {t_fisher / seq:.1f} sequential steps of "
+          f"{len(b['input_ids'])} records (--ewc_samples=1000: x {1000 / n:.0f})")
 
 
 if __name__ == "__main__":

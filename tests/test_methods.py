@@ -212,13 +212,13 @@ def test_olora_subspaces_are_seeded_by_stage_and_round_trip():
 
 def test_olora_penalty_against_written_out_sums():
     net = olora_net(r=3)
-    assert methods.olora_penalty(olora_net(), 0.5, 0.0)[1] == 0  # nothing to be orthogonal to yet
+    assert methods.olora_orthogonality(olora_net()).item() == 0  # nothing to be orthogonal to yet
     for stage in range(3):
         methods.add_olora_subspace(net, seed=0, stage=stage)
     with torch.no_grad():
         for m in methods.olora_layers(net):
             m.lora_B[-1].normal_()
-    total, orth = methods.olora_penalty(net, 0.5, 0.25)
+    total, orth = methods.olora_penalty(net, 0.5, 0.25), methods.olora_orthogonality(net).item()
     want_orth = want_l2 = 0.0
     for m in (net[0], net[2]):
         A = [a.detach() for a in m.lora_A]

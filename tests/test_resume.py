@@ -234,7 +234,7 @@ def test_method_resumes_exactly_and_two_ranks_equal_one(method, mini_data, tiny_
     wait_for(os.path.join(stage(out, 2, METHOD_TASKS), checkpoint.MIDSTAGE), proc, log)
     proc.kill()
     proc.wait()
-    assert not os.path.exists(os.path.join(stage(out, 2, METHOD_TASKS), "meta.json")), "stage 3 finished before the kill"
+    assert not os.path.exists(os.path.join(stage(out, 2, METHOD_TASKS), "meta.json")), "stage 3 ended before the kill"
     coin.main(method_args(mini_data, tiny_base, out, method))
     assert_same_run(out, ref, METHOD_TASKS, steps=None)
     files = ["adapter.safetensors"] + ([checkpoint.FISHER] if method == "ewc" else [])
