@@ -13,7 +13,8 @@ side in one run: the methods run interleaved in a shuffled order each round; eac
 - lwf: + the teacher's forward (the same model with the previous stage's adapter and projector swapped in, no
   grad, eval mode) and the distillation term;
 - olora: the O-LoRA adapter with --tasks_before frozen subspaces plus the trained one, + the orthogonality term
-  (its step also differs from sequential's by the frozen subspaces' forward and input gradient).
+  (its step also differs from sequential's by the frozen subspaces' forward and input gradient); with --experts=1
+  only, as coin.py allows it.
 """
 import os
 import random
@@ -99,7 +100,8 @@ def main(argv):
                                      "dropout": 0.05})
     torch.set_num_threads(opts["threads"])
     runs = {name: prepare("tiny", opts["experts"], opts["dropout"]) for name in ("sequential", "replay", "ewc", "lwf")}
-    runs["olora"] = prepare_olora(opts["tasks_before"], opts["dropout"])
+    if opts["experts"] == 1:  # O-LoRA is a LoRA per task: compared with sequential LoRA only
+        runs["olora"] = prepare_olora(opts["tasks_before"], opts["dropout"])
     b = batch_for(runs["sequential"][0], "tiny")
     named = [(n, p) for n, p in runs["ewc"][0].named_parameters() if p.requires_grad]
     states = {"ewc": {"named": named, "fisher": {n: torch.rand_like(p) for n, p in named},
