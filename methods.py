@@ -116,7 +116,10 @@ def teacher_logits(model, teacher_weights, inputs):
     """The previous stage's model on `inputs`: the same module with the teacher's trainable weights
     ({name: tensor}, the adapter and projector at the end of the previous stage) swapped in for this forward only
     (torch.func.functional_call; the frozen base is shared, not copied), in eval mode (no dropout, so no random
-    numbers drawn: the student's dropout masks are those of a run without LwF). Returns the logits (B, T, vocab)."""
+    numbers drawn: the student's dropout masks are those of a run without LwF). Returns the logits (B, T, vocab).
+    NOTE(fidelity): the CoIN authors' LwF is reported to cache the old model's outputs on 100 random new-task records
+    before training; here the teacher runs on every record of the new task, on the fly: exact, at the cost of one
+    extra forward (no backward) per micro-batch (bench/methods.py measures it), and nothing to store or resume."""
     was_training = model.training
     model.eval()
     try:
