@@ -8,6 +8,8 @@ torch: only generate() and the LM judge import torch and transformers, when they
     python eval.py --predictions=merge.jsonl --task=GQA [--test_file=PATH]
     python eval.py --compare=out/lora,out/moelora      # final numbers of several runs side by side
     python eval.py --study=out/study                   # runs x seeds: the paper's tables, mean +- std (study.py)
+    python eval.py --readme=README.md,docs/study.md    # refill their generated blocks from out/ (--check: exit 1
+                                                       # if that would change them)
 
 `python eval.py --help` lists the settings (--key=value; unknown keys are errors).
 
@@ -653,6 +655,8 @@ OPTIONS = {
     "out": "out/eval",             # where results.json, results.md, heatmaps and judge files go
     "compare": "",                 # run folders holding results.json, comma-separated: their numbers side by side
     "study": "",                   # a folder of runs (out/study): tables over seeds -> study.md, study_curves.png
+    "readme": "",                  # markdown files, comma-separated: refill their generated blocks (study.py)
+    "check": False,                # with --readme: change nothing, exit 1 if a block would change
 }
 
 
@@ -663,8 +667,13 @@ def parse_options(argv):
             print(__doc__ + "\nSettings:\n" + "\n".join(f"  --{k}={v!r}" for k, v in OPTIONS.items()))
             sys.exit(0)
         key, eq, val = arg.removeprefix("--").partition("=")
-        if not arg.startswith("--") or key not in OPTIONS or not eq:
+        if not arg.startswith("--") or key not in OPTIONS or not (eq or isinstance(OPTIONS[key], bool)):
             raise SystemExit(f"unknown or incomplete setting {arg!r}; known: {', '.join('--' + k for k in OPTIONS)}")
+        if isinstance(OPTIONS[key], bool):  # --check alone means true
+            if val.lower() not in ("", "1", "true", "0", "false"):
+                raise SystemExit(f"--{key} takes true/false, not {val!r}")
+            opts[key] = val.lower() in ("", "1", "true")
+            continue
         try:
             opts[key] = type(OPTIONS[key])(val)
         except ValueError:
@@ -738,6 +747,8 @@ def main(argv):
     if opts["compare"]:
         print(compare([r for r in opts["compare"].split(",") if r]))
         return
+    if opts["readme"]:
+        return study.refill_figures(opts["readme"], opts["check"])
     if opts["study"]:
         print(study.write_study(opts["study"]))
         print(f"wrote {os.path.join(opts['study'], 'study.md')} and study_curves.png")

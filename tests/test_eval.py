@@ -385,7 +385,8 @@ def test_scoring_compare_study_and_help_without_torch(mini_data, tmp_path):
         res["config"] = {"seed": seed, "experts": 1, "instructions": "Original", "tasks": ",".join(tasks)}
         data.write_json(str(tmp_path / "study" / f"lora-s{seed}" / "results.json"), res)
     printed = eval_without_torch(f"--study={tmp_path / 'study'}")
-    row = f"| LoRA | 2 | {forgot:.1f} ± 0.0 | 100.0 ± 0.0 | {res['MAA']:.1f} ± 0.0 | {res['BWT']:.1f} ± 0.0 |"
+    row = (f"| LoRA | 2 | {forgot:.1f} ± 0.0 | 100.0 ± 0.0 | 100.0 ± 0.0 | {(forgot + 100) / 2:.1f} ± 0.0 | "
+           f"{res['MAA']:.1f} ± 0.0 | {res['BWT']:.1f} ± 0.0 |")  # ... MFT, MFN, MAA, BWT
     assert row in printed
     assert open(tmp_path / "study" / "study.md").read() in printed
     assert os.path.isfile(tmp_path / "study" / "study_curves.png")
