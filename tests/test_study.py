@@ -216,10 +216,8 @@ def test_robustness_row_is_bwt_over_learned_tasks(flagged_study):
     chance, _ = S.chance_levels(shared, TASKS)
     bwt = {r["name"]: S.bwt_learned(r, TASKS, chance) for runs in groups.values() for r in runs}
     assert bwt == {"lora-s0": 0.0, "lora-s1": -20.0, "lora-s2": -40.0, "moe-s0": -5.0, "moe-s1": -10.0}
-    for runs in groups.values():  # every task learned: BWT itself
-        for r in runs:
-            assert not S.not_learned(r, TASKS, chance) and bwt[r["name"]] == r["if"]["BWT"] or \
-                S.not_learned(r, TASKS, chance)
+    learned_all = [r for runs in groups.values() for r in runs if not S.not_learned(r, TASKS, chance)]
+    assert len(learned_all) == 3 and all(bwt[r["name"]] == r["if"]["BWT"] for r in learned_all)  # = BWT then
     claims = S.study_claims(groups, TASKS, chance)
     # LoRA 0, -20, -40: -20 ± 20; E=2 -5, -10: -7.5 ± 3.5; +12.5, se sqrt(3.54^2 / 2 + 20^2 / 3) = 11.8
     assert ("- **Robustness**, claim 3 on BWT over the tasks each run learned (diagonal >= 3 x chance): LoRA -20.0 ± "
@@ -337,8 +335,8 @@ def test_readme_blocks_refill_and_check(study, tmp_path, capsys):
     assert f"<!-- figures: compare {lora} {moe} -->\n{E.compare([lora, moe])}\n<!-- /figures -->\n\n" in text
     groups = S.read_study(study)[0]
     assert S.study_main_table(groups, TASKS, "if") in text and "| the paper's claim | CoIN-mini |" in text
-    assert "| 1. sequential instruction tuning forgets (LoRA BWT below 0 by more than 2 std) | **yes**: -18.3 ± 2.9 |" \
-        in text and text.endswith("<!-- /figures -->\nthe end\n")
+    claim_1 = "| 1. sequential instruction tuning forgets (LoRA BWT below 0 by more than 2 std) | **yes**: -18.3 ± 2.9 |"
+    assert claim_1 in text and text.endswith("<!-- /figures -->\nthe end\n")
     full = docs.read_text()
     study_md = open(os.path.join(study, "study.md")).read()
     assert study_md.split("\n", 2)[2].split("\n![accuracy")[0].strip("\n") in full  # after the title, no plot
