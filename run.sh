@@ -56,9 +56,10 @@ phase "4. comparison"
 # Cost, estimated from section 3 (not measured for the study): the pair there, one thread each side by side, takes
 # ~510 s, so one full-size run takes ~500 s of one core; 11 runs per seed at STUDY_JOBS=2 take ~46 min per seed, and
 # the 4 seeds ~3.1 h (44 runs), plus what LwF (a teacher forward), EWC (a Fisher per task), Replay (10% more records)
-# and O-LoRA (a subspace per task) add per step. 4 seeds: with the spreads of a 3-seed study (BWT sd LoRA 3.9,
-# MoELoRA E=8 2.0), a BWT gain as large as the paper's (+6.7) is resolved beyond 2 standard errors with 80%
-# probability (study.md: "Seeds the MoELoRA claim needs"; 2 seeds give an even chance).
+# and O-LoRA (a subspace per task) add per step. 4 seeds: with the spreads of the 3-seed study at 1,500 records per
+# task (BWT sd LoRA 3.9, MoELoRA E=8 2.0), a BWT gain as large as the paper's (+6.7) is resolved beyond 2 standard
+# errors with 80% probability (2 seeds: an even chance; E=2 and E=4 spread more and need 6 and 12). study.md
+# recomputes this from the spreads it measures ("Seeds the MoELoRA claim needs").
 # Interrupted? Run the same command again: every run resumes into its folder (a finished one is read back in ~10 s).
 # Sizes are settings of the runs: to change STUDY_MAX_TRAIN use another STUDY_OUT. Each run logs to
 # <out>/<run>/log.txt; then eval.py --study (study.py) writes out/study/study.md and study_curves.png.
