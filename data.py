@@ -87,15 +87,15 @@ def chat_template(processor):
 
 
 def vicuna_prompts(processor):
-    """Whether `processor` takes LLaVA-1.5's prompts (Vicuna v1, tokenizer_image_token): a LlavaProcessor whose
-    tokenizer is a Llama tokenizer (Vicuna's, whatever chat template the directory carries: llava-hf's LLaVA-1.5 has
-    one without the system prompt the official code uses) or that has no chat template (the assembled base, the tiny
-    base with its byte-level BPE). Any other processor takes its chat template. None (text only) takes Vicuna v1."""
+    """Whether `processor` takes LLaVA-1.5's prompts (Vicuna v1, tokenizer_image_token): a LlavaProcessor without a
+    chat template, as the assembled pretrain-only LLaVA-1.5 and the tiny base are saved. A processor with a chat template
+    takes that template (Qwen2-VL; also llava-hf's instruction-tuned LLaVA-1.5 port, whose template lacks the official
+    system prompt). Not the tokenizer's class: transformers 5 loads the tokenizer of every `llava` directory as the
+    generic TokenizersBackend, Vicuna's included. None (text only) takes Vicuna v1."""
     if processor is None:
         return True
-    from transformers import LlamaTokenizer, LlavaProcessor  # a processor exists, so transformers is there
-    return isinstance(processor, LlavaProcessor) and (isinstance(processor.tokenizer, LlamaTokenizer)
-                                                      or not chat_template(processor))
+    from transformers import LlavaProcessor  # a processor exists, so transformers is there
+    return isinstance(processor, LlavaProcessor) and not chat_template(processor)
 
 
 def build_prompt(question, has_image, processor=None):

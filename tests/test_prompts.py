@@ -148,16 +148,14 @@ def test_tiny_base_prompts_keep_their_ids(tiny_base, mini_data):
                 assert image.size[0] == image.size[1] and torch.equal(item["pixel_values"], enc["pixel_values"])
 
 
-def test_other_families_need_a_chat_template(tiny_base):
-    """Only a LLaVA takes the Vicuna v1 prompt; another processor without a chat template is an error naming it."""
-    processor = AutoProcessor.from_pretrained(tiny_base)
+def test_chat_templates_for_other_families(tiny_base):
+    """A LLaVA without a chat template takes the Vicuna v1 prompt, a processor with one takes its template; any other
+    processor without one is an error naming it."""
     tok = llama_style_tokenizer(False)
-    assert data.vicuna_prompts(processor) and data.vicuna_prompts(None)
-    templated = llava_processor(tok)
+    assert data.vicuna_prompts(AutoProcessor.from_pretrained(tiny_base)) and data.vicuna_prompts(None)
+    templated = llava_processor(tok)  # a LLaVA directory that carries a chat template is prompted with it
     templated.chat_template = "chat: {{ messages[0]['content'][-1]['text'] }}"
-    assert data.vicuna_prompts(templated), "a Llama tokenizer keeps LLaVA-1.5's prompts despite a chat template"
-    processor.chat_template = templated.chat_template  # a LLaVA on another tokenizer with a template: the template
-    assert not data.vicuna_prompts(processor) and data.build_prompt("What?", False, processor) == "chat: What?"
+    assert not data.vicuna_prompts(templated) and data.build_prompt("What?", False, templated) == "chat: What?"
     with pytest.raises(ValueError, match=r"CLIPImageProcessor\w* has no chat template, and only a LLaVA takes"):
         data.build_prompt("What?", False, CLIPImageProcessor())
 
