@@ -71,10 +71,11 @@ class Config:
     max_grad_norm: float = 1.0
     # --- eval
     eval_batch: int = 64
-    max_new_tokens: int = 24              # generation stops at eos or here; 0 = each task's official length (1024 or
-                                          # 128, data.OFFICIAL_EVAL); 24 fits every CoIN-mini answer
-    eval_images: str = "official"         # official: per task as the official evaluation (ScienceQA, ImageNet, Grounding,
-                                          # VQAv2 cropped by the processor, the others padded) | pad: all padded, as trained
+    max_new_tokens: int = 24              # generation stops at eos or here; 0 = each task's official length (1024
+                                          # or 128, data.OFFICIAL_EVAL); 24 fits every CoIN-mini answer
+    eval_images: str = "official"         # official: per task, as the official evaluation (ScienceQA, ImageNet,
+                                          # Grounding, VQAv2 cropped by the processor, the others padded to a square)
+                                          # | pad: every task padded, as training pads
     scoring: str = "official"             # official | fixed (see README: the official scorers' quirks)
     judge: str = "exact"                  # General Knowledge judge: exact (CoIN-mini) | path to a HF causal LM
     zero_shot: bool = True                # evaluate the base on every task before the first stage
@@ -130,7 +131,8 @@ def parse_config(argv):
         if getattr(cfg, key) not in allowed:
             raise SystemExit(f"--{key}={getattr(cfg, key)!r}: choose from {', '.join(allowed)}")
     if cfg.max_new_tokens < 0:
-        raise SystemExit(f"--max_new_tokens={cfg.max_new_tokens}: a number of tokens, or 0 for each task's official one")
+        raise SystemExit(f"--max_new_tokens={cfg.max_new_tokens}: a number of tokens, or 0 for each task's official "
+                         "length")
     if not 0 < cfg.data_fraction <= 1:
         raise SystemExit(f"--data_fraction={cfg.data_fraction}: a fraction in (0, 1]")
     if cfg.global_batch not in ("", "official") and not cfg.global_batch.isdigit():

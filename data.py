@@ -35,10 +35,10 @@ ORDERS = {
 INSTRUCTIONS = ("Original", "Diverse", "10Type")
 
 # How the official evaluation runs each task (scripts/LLaVA/Eval/<n>_eval_<task>.sh -> ETrain/Eval/LLaVA/CoIN/
-# model_*.py), all greedy, stopping at the end of sequence. model_vqa.py and model_vqa_science.py give the image straight
-# to the CLIP processor (shortest side resized, centre crop: a wide image loses its sides) and allow 1024 new tokens;
-# model_vqa_science.py also strips the question. The other four pad the image to a square with the mean colour first,
-# as training does (process_images with image_aspect_ratio=pad, llava/mm_utils.py), and allow 128.
+# model_*.py), all greedy, stopping at the end of sequence. model_vqa.py and model_vqa_science.py give the image
+# straight to the CLIP processor (shortest side resized, centre crop: a wide image loses its sides) and allow 1024 new
+# tokens; model_vqa_science.py also strips the question. The other four pad the image to a square with the mean colour
+# first, as training does (process_images with image_aspect_ratio=pad, llava/mm_utils.py), and allow 128.
 OfficialEval = collections.namedtuple("OfficialEval", "script pad max_new_tokens strip")
 OFFICIAL_EVAL = {"ScienceQA": OfficialEval("model_vqa_science.py", False, 1024, True),
                  "TextVQA": OfficialEval("model_text_vqa.py", True, 128, False),
@@ -88,10 +88,10 @@ def chat_template(processor):
 
 def vicuna_prompts(processor):
     """Whether `processor` takes LLaVA-1.5's prompts (Vicuna v1, tokenizer_image_token): a LlavaProcessor without a
-    chat template, as the assembled pretrain-only LLaVA-1.5 and the tiny base are saved. A processor with a chat template
-    takes that template (Qwen2-VL; also llava-hf's instruction-tuned LLaVA-1.5 port, whose template lacks the official
-    system prompt). Not the tokenizer's class: transformers 5 loads the tokenizer of every `llava` directory as the
-    generic TokenizersBackend, Vicuna's included. None (text only) takes Vicuna v1."""
+    chat template, as the assembled pretrain-only LLaVA-1.5 and the tiny base are saved. A processor with a chat
+    template takes that template (Qwen2-VL; also llava-hf's instruction-tuned LLaVA-1.5 port, whose template lacks the
+    official system prompt). Not the tokenizer's class: transformers 5 loads the tokenizer of every `llava` directory
+    as the generic TokenizersBackend, Vicuna's included. None (text only) takes Vicuna v1."""
     if processor is None:
         return True
     from transformers import LlavaProcessor  # a processor exists, so transformers is there
@@ -149,14 +149,15 @@ def encode(processor, question, image=None, answer=None):
             enc = processor(text=IMAGE_TOKEN, images=image, add_special_tokens=False, return_tensors="pt")
             image_ids = enc.pop("input_ids")[0].tolist()
             images = {k: v for k, v in enc.items() if k not in ("attention_mask", *PER_TOKEN)}  # (1, 3, H, W)
-        item = {"input_ids": torch.tensor(tokenizer_image_token(tok, prompt, image_ids)), **images}
-        if answer is not None:
+        if answer is None:
+            item = {"input_ids": torch.tensor(tokenizer_image_token(tok, prompt, image_ids)), **images}
+        else:
             # preprocess_v1 (llava/train/train.py): the whole conversation tokenised at once, "</s>" last; the loss
             # skips the tokens of the prompt with the space that follows it, less that space's own token
             ids = tokenizer_image_token(tok, prompt + answer_text(answer, processor), image_ids) + [tok.eos_token_id]
             n_prompt = len(tokenizer_image_token(tok, prompt + " ", image_ids)) - 1
-            item["input_ids"] = torch.tensor(ids)
-            item["labels"] = torch.tensor([-100] * n_prompt + ids[n_prompt:])
+            item = {"input_ids": torch.tensor(ids), "labels": torch.tensor([-100] * n_prompt + ids[n_prompt:]),
+                    **images}
     else:
         enc = processor(text=prompt, images=image, return_tensors="pt") if image is not None else \
             processor(text=prompt, return_tensors="pt")

@@ -137,7 +137,8 @@ def generate(model, processor, records, image_dir, batch_size=64, max_new_tokens
                     if image is not None and pad_images:
                         image = data.expand2square(image, mean)
                     items.append(data.encode(processor, r["text"].strip() if strip_question else r["text"], image))
-                enc = {k: v.to(model.device) for k, v in data.collate(items, pad_id, left=True).items() if v is not None}
+                enc = data.collate(items, pad_id, left=True)
+                enc = {k: v.to(model.device) for k, v in enc.items() if v is not None}
                 if "pixel_values" in enc:
                     enc["pixel_values"] = enc["pixel_values"].to(model.dtype)
                 out = model.generate(**enc, do_sample=False, max_new_tokens=max_new_tokens, pad_token_id=pad_id,

@@ -21,9 +21,11 @@ def llama_style_tokenizer(legacy):
     with byte fallback after a Metaspace pre-tokenizer, "▁" before the first piece of text with legacy=False, before
     every piece between special tokens with legacy=True), BOS added. Ids as Llama's: 0-2 <unk> <s> </s>, 3-258 the
     bytes <0x00>-<0xFF> (a newline is <0x0A> = 13), then pieces learned from a few prompts, "▁" alone among them; no
-    piece holds a newline or a "▁" after its start, as in sentencepiece's vocabulary. <image> added as `assemble` adds it."""
+    piece holds a newline or a "▁" after its start, as in sentencepiece's vocabulary. <image> added as `assemble` adds
+    it."""
     texts = [data.SYSTEM, "USER: What colour is the square? Answer the question using a single word or phrase.",
-             "ASSISTANT: red", "Options: A. red B. blue Answer with the option's letter from the given choices directly.",
+             "ASSISTANT: red", "Options: A. red B. blue",
+             "Answer with the option's letter from the given choices directly.",
              "[0.12, 0.34, 0.56, 0.78]"] * 3
     learner = Tokenizer(models.BPE())
     learner.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=True)

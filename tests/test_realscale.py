@@ -312,7 +312,8 @@ def vicuna_as_downloaded(folder, tokenizer_model, vocab_size):
     open(os.path.join(folder, "tokenizer.model"), "wb").write(tokenizer_model)
     json.dump({"tokenizer_class": "LlamaTokenizer", "legacy": False, "add_bos_token": True, "add_eos_token": False,
                "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "pad_token": None,
-               "model_max_length": 4096, "padding_side": "right"}, open(os.path.join(folder, "tokenizer_config.json"), "w"))
+               "model_max_length": 4096, "padding_side": "right"},
+              open(os.path.join(folder, "tokenizer_config.json"), "w"))
     return folder
 
 
@@ -323,7 +324,8 @@ def test_assembly_names_the_packages_a_sentencepiece_tokenizer_needs(tmp_path, m
     vicuna = vicuna_as_downloaded(str(tmp_path / "vicuna"), b"not read", 300)
     hide = "import sys; sys.modules['sentencepiece'] = sys.modules['google.protobuf'] = None; "
     r = subprocess.run([sys.executable, "-c", hide + "import runpy; runpy.run_path('coin.py', run_name='__main__')",
-                        "assemble", f"--vicuna={vicuna}", "--clip=clip", "--projector=p.bin", f"--out={tmp_path / 'out'}"],
+                        "assemble", f"--vicuna={vicuna}", "--clip=clip", "--projector=p.bin",
+                        f"--out={tmp_path / 'out'}"],
                        cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 1 and r.stderr.splitlines()[-1] == (
         f"{vicuna}: its tokenizer is a sentencepiece tokenizer.model, and reading it needs sentencepiece and protobuf: "
