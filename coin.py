@@ -71,7 +71,11 @@ class Config:
     max_grad_norm: float = 1.0
     # --- eval
     eval_batch: int = 64
-    max_new_tokens: int = 24
+    max_new_tokens: int = 24              # generation stops at eos or here; 0 = each task's official length (1024
+                                          # or 128, data.OFFICIAL_EVAL); 24 fits every CoIN-mini answer
+    eval_images: str = "official"         # official: per task, as the official evaluation (ScienceQA, ImageNet,
+                                          # Grounding, VQAv2 cropped by the processor, the others padded to a square)
+                                          # | pad: every task padded, as training pads
     scoring: str = "official"             # official | fixed (see README: the official scorers' quirks)
     judge: str = "exact"                  # General Knowledge judge: exact (CoIN-mini) | path to a HF causal LM
     zero_shot: bool = True                # evaluate the base on every task before the first stage
@@ -122,9 +126,13 @@ def parse_config(argv):
     data.parse_tasks(cfg.tasks)  # fail now on an unknown task name
     for key, allowed in (("instructions", data.INSTRUCTIONS), ("schedule", ("constant", "cosine")),
                          ("scoring", ("official", "fixed")), ("dtype", ("float32", "bfloat16")),
+                         ("eval_images", data.EVAL_IMAGES),
                          ("attn", ("sdpa", "eager"))):
         if getattr(cfg, key) not in allowed:
             raise SystemExit(f"--{key}={getattr(cfg, key)!r}: choose from {', '.join(allowed)}")
+    if cfg.max_new_tokens < 0:
+        raise SystemExit(f"--max_new_tokens={cfg.max_new_tokens}: a number of tokens, or 0 for each task's official "
+                         "length")
     if not 0 < cfg.data_fraction <= 1:
         raise SystemExit(f"--data_fraction={cfg.data_fraction}: a fraction in (0, 1]")
     if cfg.global_batch not in ("", "official") and not cfg.global_batch.isdigit():
@@ -321,7 +329,9 @@ def load_processor(cfg):
     if not os.path.isdir(cfg.base):
         raise SystemExit(f"--base={cfg.base}: no such model directory (the embedded default is made by "
                          "`python coin.py --stage0`; see run.sh)")
-    return AutoProcessor.from_pretrained(cfg.base)
+    # the PIL image backend: the official code's CLIPImageProcessor resizes with PIL; with torchvision installed,
+    # transformers would otherwise pick its torchvision backend, whose resize gives other pixels
+    return AutoProcessor.from_pretrained(cfg.base, backend="pil")
 
 
 def load_base(cfg, device):
@@ -366,15 +376,23 @@ def train_in_fp32(module):
     module.register_forward_hook(lambda m, args, out: out.to(out_dtype) if torch.is_tensor(out) else out)
 
 
+def evaluation_of(cfg, task):
+    """(pad the images to a square, max new tokens, strip the question) of `task`'s evaluation under --eval_images and
+    --max_new_tokens (data.OFFICIAL_EVAL: what the official evaluation does)."""
+    official = data.OFFICIAL_EVAL[task]
+    return (official.pad or cfg.eval_images == "pad", cfg.max_new_tokens or official.max_new_tokens, official.strip)
+
+
 def evaluate_stage(model, processor, judge, cfg, test_sets, rank, world, stage_name):
     """Generate and score every task of `test_sets` ({task: test records}); returns {task: (instruction following,
     general knowledge)}."""
     image_dir = data.image_root(cfg.data_dir, cfg.image_dir)
     scores = {}
     for task, records in test_sets.items():
+        pad, max_new_tokens, strip = evaluation_of(cfg, task)
         preds = evaluate.generate(model, processor, records, image_dir, batch_size=cfg.eval_batch,
-                                  max_new_tokens=cfg.max_new_tokens, rank=rank, world_size=world,
-                                  desc=f"eval {stage_name} {task}")
+                                  max_new_tokens=max_new_tokens, rank=rank, world_size=world,
+                                  desc=f"eval {stage_name} {task}", pad_images=pad, strip_question=strip)
         if rank == 0:
             pred_dir = os.path.join(cfg.out, "predictions", stage_name)
             evaluate.write_jsonl(os.path.join(pred_dir, f"{task}.jsonl"), preds)
@@ -482,6 +500,10 @@ def main(argv):
     if_matrix, gk_matrix, extra = load_results(cfg, tasks, [row for *_, row in stages[:done]], info)
     if dropped:
         extra["dropped_records"] = dropped  # --skip_bad: what was left out, per task file
+    extra["evaluation"] = {}  # how each task is evaluated under --eval_images and --max_new_tokens
+    for task in tasks:
+        pad, max_new_tokens, _ = evaluation_of(cfg, task)
+        extra["evaluation"][task] = {"images": "pad" if pad else "crop", "max_new_tokens": max_new_tokens}
     if cfg.zero_shot and "zero_shot" not in extra:  # the base on every task: the row before the first stage
         t0 = time.time()
         base_scores = evaluate_stage(model, processor, judge, cfg, test_sets, rank, world, "stage0-zeroshot")

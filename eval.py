@@ -108,10 +108,13 @@ def index_predictions(preds, records, where="predictions"):
 
 
 def generate(model, processor, records, image_dir, batch_size=64, max_new_tokens=32, rank=0, world_size=1,
-             desc=None):
+             desc=None, pad_images=True, strip_question=False):
     """Greedy answers to `records` (data.test_examples), striped over ranks (record i goes to rank i % world_size)
     and gathered on rank 0 in record order as merge.jsonl rows; other ranks get None. The prompt is the training
-    template; `prompt` in the row is the user turn, as the official files store it."""
+    template (data.encode); `prompt` in the row is the user turn, as the official files store it. Images are padded to
+    a square first with `pad_images` (else the processor alone crops them), the question stripped with
+    `strip_question` (data.OFFICIAL_EVAL says what the official evaluation does per task). A row ends at the end of
+    sequence or after max_new_tokens."""
     import torch
     import torch.distributed as dist
     distributed = world_size > 1
@@ -122,21 +125,22 @@ def generate(model, processor, records, image_dir, batch_size=64, max_new_tokens
     model_id = os.path.basename(os.path.normpath(getattr(model, "name_or_path", "") or "model"))
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     mine = list(range(rank, len(records), world_size))
-    was_training, side = model.training, tok.padding_side
+    was_training = model.training
     model.eval()
-    tok.padding_side = "left"  # new tokens are appended on the right, so prompts must end in the same column
     rows = []
     try:
         with torch.no_grad():
             for s in tqdm(range(0, len(mine), batch_size), desc=desc, disable=desc is None or rank != 0, leave=False):
                 idx = mine[s:s + batch_size]
                 batch = [records[i] for i in idx]
-                prompts = [data.build_prompt(r["text"], bool(r.get("image")), processor) for r in batch]
-                # text-only records (some ScienceQA items) carry no image; the others' images fill the
-                # <image> tokens in order
-                images = [data.expand2square(data.load_image(image_dir, r["image"]), mean)
-                          for r in batch if r.get("image")]
-                enc = processor(text=prompts, images=images or None, padding=True, return_tensors="pt").to(model.device)
+                items = []
+                for r in batch:  # text-only records (some ScienceQA items) carry no image
+                    image = data.load_image(image_dir, r["image"]) if r.get("image") else None
+                    if image is not None and pad_images:
+                        image = data.expand2square(image, mean)
+                    items.append(data.encode(processor, r["text"].strip() if strip_question else r["text"], image))
+                enc = data.collate(items, pad_id, left=True)
+                enc = {k: v.to(model.device) for k, v in enc.items() if v is not None}
                 if "pixel_values" in enc:
                     enc["pixel_values"] = enc["pixel_values"].to(model.dtype)
                 out = model.generate(**enc, do_sample=False, max_new_tokens=max_new_tokens, pad_token_id=pad_id,
@@ -150,7 +154,6 @@ def generate(model, processor, records, image_dir, batch_size=64, max_new_tokens
                                      "answer_id": answer_id, "model_id": model_id, "metadata": {}}))
     finally:
         model.train(was_training)
-        tok.padding_side = side
     if distributed:
         parts = [None] * world_size if rank == 0 else None
         dist.gather_object(rows, parts, dst=0)
@@ -732,13 +735,20 @@ def task_order(files, spec):
 
 
 def compare(runs):
+    """The final numbers of several runs side by side, then the settings in which their configs differ (a difference
+    in any of them, --eval_images as much as --experts, can explain a difference in the numbers)."""
     head = "| run | MAA | BWT (/T) | BWT (/(T-1)) | final avg | GK MAA | GK BWT (/T) | stages |"
-    lines = [head, "|---" * 8 + "|"]
+    lines, configs = [head, "|---" * 8 + "|"], []
     for run in runs:
         res = data.read_json(os.path.join(run, "results.json"))
+        configs.append(res.get("config") or {})
         gk = res.get("general_knowledge", {})
         vals = [res.get(k) for k in ("MAA", "BWT", "BWT_classic", "final_average")] + [gk.get("MAA"), gk.get("BWT")]
         lines.append(f"| {run} | " + " | ".join(map(_fmt, vals)) + f" | {res.get('stages')}/{len(res['tasks'])} |")
+    differ = sorted(k for k in set().union(*configs) - {"out"} if len({repr(c.get(k)) for c in configs}) > 1)
+    if differ:
+        lines += ["", "settings that differ: " + "; ".join(
+            f"--{k}: " + ", ".join(repr(c.get(k)) for c in configs) for k in differ)]
     return "\n".join(lines)
 
 

@@ -49,7 +49,7 @@ STUDY_FACTORS = ("multitask", "experts", "instructions", "method")  # the settin
 # in all runs of a study (a study changes one thing at a time).
 STUDY_FREE = ("out", "seed", "threads", "resume", "save_every", "eval_batch", "grad_ckpt", "zero_shot")
 STUDY_SHOWN = ("tasks", "max_train", "max_test", "data_fraction", "lora_r", "lora_alpha", "lora_dropout", "lr",
-               "base", "scoring", "judge")  # the shared settings study.md states
+               "base", "scoring", "judge", "eval_images", "max_new_tokens")  # the shared settings study.md states
 # LLaVA-1.5 in the paper's main table, Instruction Following; third-party readings of the paper, unverified
 PAPER = {"LoRA": {"MAA": 32.97, "BWT": -32.62}, "MoELoRA E=8": {"MAA": 42.76, "BWT": -25.91}}
 PAPER_BWT_GAIN = PAPER["MoELoRA E=8"]["BWT"] - PAPER["LoRA"]["BWT"]  # +6.71: the effect the seeds are sized for

@@ -124,6 +124,17 @@ def test_refuses_mixed_settings_and_repeated_seeds(tmp_path):
         S.read_study(root)
 
 
+def test_evaluation_settings_tell_runs_apart(tmp_path):
+    """--eval_images changes scores as any setting does: a study refuses runs that differ in it, --compare names it."""
+    root = str(tmp_path / "mixed")
+    write_run(root, "a", False, 1, "Original", 0, *RUNS[0][5:], eval_images="official")
+    write_run(root, "b", False, 2, "Original", 0, *RUNS[3][5:], eval_images="pad")
+    with pytest.raises(ValueError, match="--eval_images='pad', but a has --eval_images='official'"):
+        S.read_study(root)
+    printed = E.compare([os.path.join(root, "a"), os.path.join(root, "b")])
+    assert printed.endswith("settings that differ: --eval_images: 'official', 'pad'; --experts: 1, 2")
+
+
 def test_writes_study_md_and_a_png(study):
     E.main([f"--study={study}"])
     md = open(os.path.join(study, "study.md")).read()
