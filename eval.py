@@ -69,7 +69,8 @@ def write_jsonl(path, rows):
 def read_predictions(path, repeats=False):
     """Rows of a predictions JSONL (coin's or the official merge.jsonl): each line an object with at least
     `question_id` (text or a number) and `text`. Blank lines are skipped; anything else malformed is an error naming
-    file and line, and so is a repeated question_id unless `repeats` (official scoring counts them as its scorers do)."""
+    file and line, and so is a repeated question_id unless `repeats` (official scoring counts them as its scorers
+    do)."""
     rows, seen = [], {}
     with open(path) as f:
         for i, line in enumerate(f, 1):
@@ -788,13 +789,15 @@ def find_prediction_files(root):
     the model's folder)."""
     if os.path.isdir(os.path.join(root, "predictions")):
         root = os.path.join(root, "predictions")
-    models = [m for m in sorted(os.listdir(root)) if not canonical_task(m) and not re.fullmatch(r"stage\d+-.+", m)
-              and any(canonical_task(t) for t in os.listdir(os.path.join(root, m)) if os.path.isdir(os.path.join(root, m, t)))]
-    if models and not any(canonical_task(n) or re.fullmatch(r"stage\d+-.+", n) for n in os.listdir(root)):
+    def holds_results(folder):  # a task folder (the official layout) or a stage folder (coin's)
+        return any(canonical_task(n) or re.fullmatch(r"stage\d+-.+", n) for n in os.listdir(folder))
+    if not holds_results(root):  # results/CoIN: a folder per model (LLaVA, Qwen, ...) above the task folders
+        models = sorted(m for m in os.listdir(root) if os.path.isdir(os.path.join(root, m))
+                        and holds_results(os.path.join(root, m)))
         if len(models) > 1:
             raise SystemExit(f"--predictions={root}: results of several models ({', '.join(models)}): give one, e.g. "
                              f"--predictions={os.path.join(root, models[0])}")
-        root = os.path.join(root, models[0])
+        root = os.path.join(root, models[0]) if models else root
     found = []
     for name in sorted(os.listdir(root)):
         folder = os.path.join(root, name)

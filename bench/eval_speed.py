@@ -55,7 +55,8 @@ def main(root):
     for t in tasks:
         data.write_json(data.task_file(root, t, "eval"), recs[t])
     # the official ground truth of ScienceQA, TextVQA and GQA, under the image root (root/images)
-    sqa = {r["question_id"]: {"answer": "ABCDE".index(r["answer"]), "choices": list("12345")} for r in recs["ScienceQA"]}
+    sqa = {r["question_id"]: {"answer": "ABCDE".index(r["answer"]), "choices": list("12345")}
+           for r in recs["ScienceQA"]}
     textvqa = [{"question_id": r["question_id"], "answers": [r["answer"]] * 8 + ["other"] * 2} for r in recs["TextVQA"]]
     gqa = {r["question_id"]: {"answer": r["answer"], "isBalanced": True} for r in recs["GQA"]}
     for (task, rel), obj in zip([(t, rel) for t in ("ScienceQA", "TextVQA", "GQA") for rel in data.GROUND_TRUTH[t]],

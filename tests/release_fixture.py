@@ -36,13 +36,17 @@ def item(task, i):
         return 34602 + i, f"TextVQA/train_images/{i:016x}.jpg", f"what is written on the sign?\n{SHORT}", \
             ["stop", "exit", "open", "sale"][i % 4], {}
     if task == "ImageNet":
-        return 100 + i, f"ImageNet_withlabel/train/n0144353{i % 4}/n0144353{i % 4}_{i}.JPEG", \
-            f"What is the object in the image?\n{SHORT}", ["goldfish", "tabby cat", "tench", "great white shark"][i % 4], {}
+        synset = f"n0144353{i % 4}"
+        return 100 + i, f"ImageNet_withlabel/train/{synset}/{synset}_{i}.JPEG", \
+            f"What is the object in the image?\n{SHORT}", \
+            ["goldfish", "tabby cat", "tench", "great white shark"][i % 4], {}
     if task == "GQA":  # ids are text
-        return f"2013072{i:02d}", f"GQA/images/n16131{i}.jpg", f"Is the sky blue?\n{SHORT}", ["yes", "no", "left", "red"][i % 4], {}
+        return f"2013072{i:02d}", f"GQA/images/n16131{i}.jpg", f"Is the sky blue?\n{SHORT}", \
+            ["yes", "no", "left", "red"][i % 4], {}
     if task == "VizWiz":
-        return f"VizWiz_val_{i:08d}.jpg", f"VizWiz/{'train' if i < 4 else 'val'}/VizWiz_{'train' if i < 4 else 'val'}_{i:08d}.jpg", \
-            f"What is this?\n{UNANS}", ["unanswerable", "soup", "blue", "coffee"][i % 4], {}
+        split = "train" if i < 4 else "val"
+        return f"VizWiz_{split}_{i:08d}.jpg", f"VizWiz/{split}/VizWiz_{split}_{i:08d}.jpg", f"What is this?\n{UNANS}", \
+            ["unanswerable", "soup", "blue", "coffee"][i % 4], {}
     if task == "Grounding":  # a box in the string form of the release, normalised to the image padded to a square
         box = ["[0.12, 0.30, 0.45, 0.88]", "[0.05, 0.10, 0.50, 0.60]", "[0.40, 0.20, 0.95, 0.70]",
                "[0.25, 0.25, 0.75, 0.75]"][i % 4]
@@ -77,7 +81,8 @@ def write_release(root):
                 Image.new("RGB", SIZES[i % 4], (40 * i, 200 - 20 * i, 90)).save(os.path.join(image_dir, image))
             if i < 4:
                 human = f"{data.IMAGE_TOKEN}\n{text}" if image else text
-                rec = {"id": qid, "conversations": [{"from": "human", "value": human}, {"from": "gpt", "value": answer}]}
+                rec = {"id": qid, "conversations": [{"from": "human", "value": human},
+                                                    {"from": "gpt", "value": answer}]}
             else:
                 rec = {"question_id": qid, "text": text, "answer": answer, **extra}
                 if task == "Grounding" and i >= 6:
