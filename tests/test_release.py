@@ -184,3 +184,16 @@ def test_train_all_eight_tasks_then_score(release, tiny_base, tmp_path):
     again = json.load(open(tmp_path / "again" / "results.json"))
     assert again["matrix"] == res["matrix"] and again["general_knowledge"]["matrix"] == \
         res["general_knowledge"]["matrix"]
+
+
+def test_training_stops_up_front_without_ground_truth(release, tiny_base, tmp_path):
+    """A missing ground-truth file fails before any training, not after the stage that needs it."""
+    root, image_dir, _ = release
+    images = shutil.copytree(image_dir, tmp_path / "images")
+    os.remove(images / "TextVQA" / "TextVQA_0.5.1_val.json")
+    out = str(tmp_path / "run")
+    with pytest.raises(FileNotFoundError, match=r"TextVQA/TextVQA_0.5.1_val.json: no such file; TextVQA is scored "
+                                                r"against it.*--answers_from_test=true"):
+        coin.main([f"--data_dir={root}", f"--image_dir={images}", f"--base={tiny_base}", f"--out={out}",
+                   "--tasks=ScienceQA,TextVQA"])
+    assert not os.path.exists(out)
