@@ -380,8 +380,9 @@ def score_official(task, preds, records, gt, path):
       - GQA (eval_gqa.py): the predictions, the last line of a repeated id, over the question ids of
         testdev_balanced_questions.json; only questions marked isBalanced count (missing ones do not). mean*100.
       - TextVQA, ImageNet, VizWiz, Grounding, VQAv2, OCR-VQA (eval_*.py): every prediction line counts, repeated ones
-        too; test records without a line do not. A line whose id the scorer cannot find is an error (the official
-        script fails with KeyError; ImageNet pairs line i with record i and fails past the last record)."""
+        too; test records without a line do not. TextVQA finds the ids in its annotation file, the others in the test
+        file; a line whose id the scorer cannot find is an error (the official script fails with KeyError; ImageNet
+        pairs line i with record i and fails past the last record)."""
     if task == "ScienceQA":
         return score_official_scienceqa(preds, records, gt, path)
     if task == "GQA":
@@ -392,14 +393,16 @@ def score_official(task, preds, records, gt, path):
                              "eval_ImagetNet.py pairs line i with record i and fails past the last record")
         truths = [data.record_answer(r) for r in records[:len(preds)]]
     else:
-        key = (lambda qid: str(qid)) if task in PAIRED_BY_TEXT else (lambda qid: qid)
-        by_key = {key(r["question_id"]): r for r in records}
-        unknown = [p["question_id"] for p in preds if key(p["question_id"]) not in by_key]
+        key = str if task in PAIRED_BY_TEXT else (lambda qid: qid)
+        # eval_textvqa.py looks the ids up in its annotation file only, the others in the test file
+        from_file = task == "TextVQA" and gt is not None
+        known = gt if from_file else {key(r["question_id"]): r for r in records}
+        unknown = [p["question_id"] for p in preds if key(p["question_id"]) not in known]
         if unknown:
-            raise ValueError(f"{task} predictions: {len(unknown)} lines with a question_id not in the test file (e.g. "
-                             f"{unknown[:3]}; the official scorer fails on them with KeyError): wrong task, test file "
-                             "or --max_test?")
-        truths = [truth_of(task, by_key[key(p["question_id"])], gt, path) for p in preds]
+            raise ValueError(f"{task} predictions: {len(unknown)} lines with a question_id not in "
+                             f"{path if from_file else 'the test file'} (e.g. {unknown[:3]}; the official scorer fails "
+                             "on them with KeyError): wrong task, test file or --max_test?")
+        truths = [truth_of(task, p if from_file else known[key(p["question_id"])], gt, path) for p in preds]
     scores = [SCORERS[task](p["text"], truth, "official") for p, truth in zip(preds, truths)]
     n = len(preds)
     seen = {str(p["question_id"]) for p in preds}

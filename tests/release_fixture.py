@@ -106,7 +106,9 @@ def write_release(root):
     write_json(os.path.join(image_dir, "TextVQA", "TextVQA_0.5.1_val.json"), {
         "dataset_type": "val", "dataset_name": "textvqa", "dataset_version": "0.5.1",
         "data": [{"question_id": r["question_id"], "question": "what is written on the sign?", "image_id": str(i),
-                  "answers": humans[r["answer"]]} for i, r in enumerate(tests["TextVQA"])]})
+                  "answers": humans[r["answer"]]} for i, r in enumerate(tests["TextVQA"])]
+        # a question of the annotation file that is not in val.json (eval_textvqa.py scores a prediction for it)
+        + [{"question_id": 99, "question": "what brand is it?", "image_id": "99", "answers": ["acme"] * 10}]})
     questions = {}
     for n, r in enumerate(tests["GQA"]):
         questions[r["question_id"]] = {
