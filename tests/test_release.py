@@ -113,6 +113,10 @@ def test_official_line_counting_tasks(release):
     res = E.score_task("TextVQA", preds((tv[1]["question_id"], "EXIT"), (tv[1]["question_id"], "way out")), tv,
                        "official", image_dir)
     assert res["score"] == 100.0 * ((0.6 + 1.0) / 2) and res["n"] == 2  # m4c: 2 of 10 -> 0.6; 8 of 10 -> 1
+    # eval_textvqa.py finds ids in its annotation file only: question 99 is there, not in val.json
+    assert E.score_task("TextVQA", preds((99, "Acme.")), tv, "official", image_dir)["score"] == 100
+    with pytest.raises(ValueError, match="question_id not in the test file"):
+        E.score_task("TextVQA", preds((99, "Acme.")), tv, "official")  # --answers_from_test: the test file's ids
 
 
 def test_official_grounding_parser_keeps_spaces():
