@@ -792,6 +792,7 @@ def find_prediction_files(root):
     the model's folder)."""
     if os.path.isdir(os.path.join(root, "predictions")):
         root = os.path.join(root, "predictions")
+
     def holds_results(folder):  # a task folder (the official layout) or a stage folder (coin's)
         return any(canonical_task(n) or re.fullmatch(r"stage\d+-.+", n) for n in os.listdir(folder))
     if not holds_results(root):  # results/CoIN: a folder per model (LLaVA, Qwen, ...) above the task folders
