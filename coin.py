@@ -77,6 +77,9 @@ class Config:
                                           # Grounding, VQAv2 cropped by the processor, the others padded to a square)
                                           # | pad: every task padded, as training pads
     scoring: str = "official"             # official | fixed (see README: the official scorers' quirks)
+    ground_truth: str = ""                # folder of ScienceQA's, TextVQA's and GQA's official ground-truth files,
+                                          # laid out as the image root (where they are by default: TextVQA/...json)
+    answers_from_test: bool = False       # score those three against the test file's one answer instead
     judge: str = "exact"                  # General Knowledge judge: exact (CoIN-mini) | path to a HF causal LM
     zero_shot: bool = True                # evaluate the base on every task before the first stage
     # --- run
@@ -383,6 +386,12 @@ def evaluation_of(cfg, task):
     return (official.pad or cfg.eval_images == "pad", cfg.max_new_tokens or official.max_new_tokens, official.strip)
 
 
+def ground_truth_root(cfg):
+    """Where ScienceQA's, TextVQA's and GQA's official ground truth is (eval.score_task): --ground_truth, else the
+    image root, as the official scripts keep it; None with --answers_from_test."""
+    return None if cfg.answers_from_test else cfg.ground_truth or data.image_root(cfg.data_dir, cfg.image_dir)
+
+
 def evaluate_stage(model, processor, judge, cfg, test_sets, rank, world, stage_name):
     """Generate and score every task of `test_sets` ({task: test records}); returns {task: (instruction following,
     general knowledge)}."""
@@ -396,9 +405,8 @@ def evaluate_stage(model, processor, judge, cfg, test_sets, rank, world, stage_n
         if rank == 0:
             pred_dir = os.path.join(cfg.out, "predictions", stage_name)
             evaluate.write_jsonl(os.path.join(pred_dir, f"{task}.jsonl"), preds)
-            annotations = os.path.join(cfg.data_dir, "annotations")  # official ground-truth files, where present
             following = evaluate.score_task(task, preds, records, scoring=cfg.scoring,
-                                            annotations=annotations if os.path.isdir(annotations) else None)
+                                            ground_truth=ground_truth_root(cfg))
             knowledge = judge.score(task, preds, records)
             evaluate.write_jsonl(os.path.join(pred_dir, f"{task}.judge.jsonl"), knowledge["rows"])
             scores[task] = (following["score"], knowledge["score"])
@@ -428,6 +436,9 @@ def read_inputs(cfg, tasks, processor):
     if bad:
         print0("--skip_bad: dropping bad records\n" + data.check_table(bad))
     dropped = {f"{task}/{split}": len(c[2]) for (task, split), c in bad.items()}
+    if ground_truth_root(cfg):  # a missing ground-truth file fails now, not after hours of training
+        for task in tasks:
+            data.ground_truth_files(task, ground_truth_root(cfg))
     train_sets, test_sets = {}, {}
     for task in tasks:
         train = checked[task, "train"][1]
@@ -436,7 +447,7 @@ def read_inputs(cfg, tasks, processor):
                                                               max(1, round(cfg.data_fraction * len(train))))
             train = [train[i] for i in sorted(keep)]
         train_sets[task] = train[:cfg.max_train or None]
-        test_sets[task] = checked[task, "test"][1][:cfg.max_test or None]
+        test_sets[task] = checked[task, data.eval_split(task)][1][:cfg.max_test or None]
     return train_sets, test_sets, dropped
 
 

@@ -19,11 +19,15 @@ import sys
 from PIL import Image
 
 # -----------------------------------------------------------------------------
-# The task sequence, in the paper's main order (arXiv 2403.08350), named as the paper names the tasks; the folders
-# under Instructions_*/ carry these names. The official release names one folder otherwise, OCRVQA (its
-# scripts/LLaVA/Train/*.sh read Instructions_Original/OCRVQA/train.json): reading it needs that folder as OCR-VQA.
+# The task sequence, in the paper's main order (arXiv 2403.08350), named as the paper names the tasks (tables,
+# --tasks). The release names one folder otherwise: OCR-VQA's instructions are in Instructions_*/OCRVQA/ (the official
+# scripts/LLaVA/Train/8_OCRVQA.sh reads Instructions_Original/OCRVQA/train.json); --tasks takes either name.
 
 TASKS = ["ScienceQA", "TextVQA", "ImageNet", "GQA", "VizWiz", "Grounding", "VQAv2", "OCR-VQA"]
+TASK_FOLDERS = {"OCR-VQA": "OCRVQA"}
+# The split each task is evaluated on, as the official scripts/LLaVA/Eval/*.sh read it: val.json for TextVQA, VizWiz
+# and VQAv2 (their test sets have no public answers), test.json for the other five.
+EVAL_SPLITS = {"TextVQA": "val", "VizWiz": "val", "VQAv2": "val"}
 ORDERS = {
     "paper": TASKS,
     # alphabetical: taken to be the second order of the paper's order ablation (arXiv 2403.08350), not checked
@@ -59,7 +63,7 @@ def parse_tasks(spec):
     if spec in ORDERS:
         return list(ORDERS[spec])
     names = [s.strip() for s in spec.split(",") if s.strip()]
-    lower = {t.lower(): t for t in TASKS}
+    lower = {t.lower(): t for t in TASKS} | {folder.lower(): t for t, folder in TASK_FOLDERS.items()}
     out = []
     for n in names:
         if n.lower() not in lower:
@@ -189,8 +193,20 @@ def split_question(text):
 # -----------------------------------------------------------------------------
 # Reading the official format
 
+def task_folder(task):
+    """The task's folder under Instructions_*/ (and its results folder in the official results tree)."""
+    return TASK_FOLDERS.get(task, task)
+
+
+def eval_split(task):
+    """'val' or 'test': the file the task is evaluated on (EVAL_SPLITS)."""
+    return EVAL_SPLITS.get(task, "test")
+
+
 def task_file(data_dir, task, split, instructions="Original"):
-    return os.path.join(data_dir, f"Instructions_{instructions}", task, f"{split}.json")
+    """Instructions_<set>/<task folder>/<split>.json; split 'eval' is the task's evaluation split (val or test)."""
+    split = eval_split(task) if split == "eval" else split
+    return os.path.join(data_dir, f"Instructions_{instructions}", task_folder(task), f"{split}.json")
 
 
 def read_json(path):
@@ -219,11 +235,19 @@ def parse_train_record(rec):
 
 
 def parse_test_record(rec):
-    """An official test record, as stored ({question_id, image, text, answer, ...}); ValueError if a field lacks."""
-    missing = [k for k in ("question_id", "text", "answer") if not isinstance(rec, dict) or k not in rec]
+    """An official test record, as stored ({question_id, image, text, answer, ...}); ValueError if a field lacks.
+    A Grounding record may have no `answer`: its box is `answer_bbox` (with `size`), what eval_grounding.py reads."""
+    missing = [k for k in ("question_id", "text") if not isinstance(rec, dict) or k not in rec]
+    if not missing and "answer" not in rec and "answer_bbox" not in rec:
+        missing = ["answer"]
     if missing:
         raise ValueError(f"lacks {', '.join(missing)}")
     return rec
+
+
+def record_answer(rec):
+    """A test record's answer: `answer`, else `answer_bbox` (a Grounding box), as the official CoIN_dataset.py reads."""
+    return rec["answer"] if "answer" in rec else rec["answer_bbox"]
 
 
 def read_records(data_dir, task, split, instructions="Original"):
@@ -255,9 +279,37 @@ def train_examples(data_dir, task, instructions="Original"):
     return read_or_raise(data_dir, task, "train", instructions)
 
 
-def test_examples(data_dir, task, instructions="Original", split="test"):
-    """Test records as stored: {question_id, image, text, answer, ...}; a bad record raises."""
+def test_examples(data_dir, task, instructions="Original", split="eval"):
+    """The records a task is evaluated on (its val.json or test.json, EVAL_SPLITS), as stored: {question_id, image,
+    text, answer, ...}; a bad record raises."""
     return read_or_raise(data_dir, task, split, instructions)
+
+
+# -----------------------------------------------------------------------------
+# Official ground truth: three tasks are scored against their source datasets' own files, which the official scripts
+# keep under the image root (./cl_dataset): scripts/LLaVA/Eval/1_eval_sqa.sh passes --base-dir ./cl_dataset/ScienceQA,
+# 2_eval_textqa.sh --annotation-file ./cl_dataset/TextVQA/TextVQA_0.5.1_val.json, and eval_gqa.py opens
+# ./cl_dataset/GQA/testdev_balanced_questions.json. The other five are scored against their instruction file.
+
+GROUND_TRUTH = {"ScienceQA": ("ScienceQA/problems.json", "ScienceQA/pid_splits.json"),
+                "TextVQA": ("TextVQA/TextVQA_0.5.1_val.json",),
+                "GQA": ("GQA/testdev_balanced_questions.json",)}
+GROUND_TRUTH_SOURCE = {"ScienceQA": "ScienceQA's data release (problems.json, pid_splits.json)",
+                       "TextVQA": "TextVQA 0.5.1's val annotations", "GQA": "GQA 1.2's questions"}
+
+
+def ground_truth_files(task, root):
+    """Paths of the official ground-truth files of `task` under `root` (the image root, or --ground_truth); [] for a
+    task scored against its instruction file. A missing file raises, naming it and the fixes."""
+    paths = [os.path.join(root, rel) for rel in GROUND_TRUTH.get(task, ())]
+    for path in paths:
+        if not os.path.isfile(path):
+            raise FileNotFoundError(
+                f"{path}: no such file; {task} is scored against it (from {GROUND_TRUTH_SOURCE[task]}), as the "
+                f"official scorer is: put it there, point --ground_truth at a folder holding "
+                f"{GROUND_TRUTH[task][0]}, or score against the instruction file's one answer per question with "
+                f"--answers_from_test=true (other numbers than the paper's)")
+    return paths
 
 
 # -----------------------------------------------------------------------------
@@ -298,14 +350,17 @@ def check_split(data_dir, task, split, instructions, image_dir, open_images=True
     return path, good, problems
 
 
-def check_tasks(data_dir, tasks, instructions, image_dir, splits=("train", "test"), open_images=True,
+def check_tasks(data_dir, tasks, instructions, image_dir, splits=("train", "eval"), open_images=True,
                 processor=None):
-    """check_split over tasks x splits: {(task, split): (path, good, problems)}. A split in `splits` that is
-    optional (val) is skipped when its file is absent."""
+    """check_split over tasks x splits: {(task, split): (path, good, problems)}. Split 'eval' is the task's evaluation
+    split (val or test, EVAL_SPLITS); a test or val split that is not the task's evaluation split is optional,
+    skipped when its file is absent."""
     out = {}
     for task in tasks:
         for split in splits:
-            if split == "val" and not os.path.isfile(task_file(data_dir, task, split, instructions)):
+            split = eval_split(task) if split == "eval" else split
+            optional = split in ("test", "val") and split != eval_split(task)
+            if (task, split) in out or optional and not os.path.isfile(task_file(data_dir, task, split, instructions)):
                 continue
             out[task, split] = check_split(data_dir, task, split, instructions, image_dir, open_images, processor)
     return out
@@ -324,17 +379,22 @@ def check_table(checked):
 
 def check_main(argv):
     """`python data.py check --data=ROOT`: records per task and split, and every bad record; exit 1 on any."""
-    opts = parse_options(argv, {"data": "data/coin-mini", "instructions": "Original", "image_dir": "", "tasks": "all"})
+    opts = parse_options(argv, {"data": "data/coin-mini", "instructions": "Original", "image_dir": "", "tasks": "all",
+                                "ground_truth": ""})
     image_dir = image_root(opts["data"], opts["image_dir"])
-    checked, unreadable = {}, []
+    checked, unreadable, notes = {}, [], []
     for task in parse_tasks(opts["tasks"]):
         try:
             checked.update(check_tasks(opts["data"], [task], opts["instructions"], image_dir, ("train", "test", "val")))
         except (OSError, ValueError) as e:  # a file that is missing or not JSON at all
             unreadable.append(str(e))
+        try:  # needed to score, not to train: a note, not a problem
+            ground_truth_files(task, opts["ground_truth"] or image_dir)
+        except FileNotFoundError as e:
+            notes.append(f"note: {e}")
     print(check_table(checked))
     problems = [f"{path}: {msg}" for path, _, found in checked.values() for _, msg in found]
-    for line in unreadable + problems:
+    for line in unreadable + problems + notes:
         print(line)
     n = len(unreadable) + len(problems)
     print(f"{n} problem(s)" if n else "no problems", f"in {opts['data']} (--instructions={opts['instructions']}, "
@@ -457,7 +517,7 @@ def main(argv):
         sys.exit("usage: python data.py mini [--out=data/coin-mini] [--n_train=3000] [--n_test=200] "
                  "[--n_stage0=46000] [--size=48] [--seed=0]\n"
                  "       python data.py check [--data=ROOT] [--instructions=Original] [--image_dir=ROOT/images] "
-                 "[--tasks=all]")
+                 "[--tasks=all] [--ground_truth=IMAGE_DIR]")
     import coin_mini  # it imports this file for the layout it writes: imported here, when `mini` asks for it
     coin_mini.main(argv[1:])
 

@@ -35,6 +35,8 @@ def release(mini_data, tmp_path):
                     shutil.copy(os.path.join(mini_data, "images", r["image"]), image_dir / r["image"])
             os.makedirs(root / "Instructions_Original" / task, exist_ok=True)
             json.dump(recs, open(data.task_file(str(root), task, split), "w"))
+        for rel in data.GROUND_TRUTH.get(task, ()):  # ScienceQA's and GQA's ground truth, under the image root
+            shutil.copy(os.path.join(mini_data, "images", rel), image_dir / rel)
     return str(root), str(image_dir)
 
 
