@@ -4,6 +4,7 @@ and pretrained here (stage 0, `python coin.py --stage0`); the pretrain-only LLaV
 public parts (`python coin.py assemble ...`).
 """
 import dataclasses
+import importlib.util
 import os
 import time
 
@@ -134,6 +135,27 @@ PROJECTOR_KEYS = {"model.mm_projector.0.weight": "model.multi_modal_projector.li
                   "model.mm_projector.2.bias": "model.multi_modal_projector.linear_2.bias"}      # (d_text,)
 
 
+def installed(module):
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:  # its parent package (google, for google.protobuf) is missing
+        return False
+
+
+def check_tokenizer_packages(vicuna_dir):
+    """Vicuna-7B-v1.5 as downloaded holds its tokenizer as a sentencepiece tokenizer.model and no tokenizer.json;
+    transformers reads that with the packages sentencepiece and protobuf (requirements-realscale.txt; the CPU path and
+    the assembled base, which carries a tokenizer.json, need neither). A missing one stops here, named."""
+    if os.path.isfile(os.path.join(vicuna_dir, "tokenizer.json")) or \
+            not os.path.isfile(os.path.join(vicuna_dir, "tokenizer.model")):
+        return
+    missing = [package for package, module in (("sentencepiece", "sentencepiece"), ("protobuf", "google.protobuf"))
+               if not installed(module)]
+    if missing:
+        raise SystemExit(f"{vicuna_dir}: its tokenizer is a sentencepiece tokenizer.model, and reading it needs "
+                         f"{' and '.join(missing)}: pip install -r requirements-realscale.txt")
+
+
 def assemble_llava15(vicuna_dir, clip_dir, projector_bin, out_dir):
     """Vicuna-7B-v1.5 (LlamaForCausalLM) + CLIP ViT-L/14-336 (its vision model) + the stage-1 mlp2x_gelu projector
     (mm_projector.bin) -> out_dir, a LlavaForConditionalGeneration with its LlavaProcessor, as LLaVA-1.5's
@@ -141,6 +163,7 @@ def assemble_llava15(vicuna_dir, clip_dir, projector_bin, out_dir):
     added to the tokenizer (one new embedding row, the mean of the others: image features replace it anyway). No chat
     template is saved: coin prompts this base with Vicuna v1, as the official code does. Every tensor name and shape
     is checked against the LLaVA class; anything missing, left over or misshapen is an error naming it."""
+    check_tokenizer_packages(vicuna_dir)  # before minutes of loading weights
     proj = torch.load(projector_bin, map_location="cpu", weights_only=True)
     if set(proj) != set(PROJECTOR_KEYS):
         raise ValueError(f"{projector_bin}: expected exactly the keys {sorted(PROJECTOR_KEYS)} (LLaVA-1.5's stage-1 "

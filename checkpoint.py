@@ -39,7 +39,7 @@ FISHER = "fisher.safetensors"
 # settings that may change when a run is continued: where output goes and how the same global batch is split
 MAY_DIFFER = ("out", "resume", "save_every", "threads", "micro_batch", "grad_accum", "eval_batch", "grad_ckpt")
 # settings added later, with the value that runs written before them had in effect (when it is not the default)
-BEFORE_ADDED = {"projector_lr_scale": 1.0}
+BEFORE_ADDED = {"projector_lr_scale": 1.0, "eval_images": "pad"}
 
 
 def stage_dir(cfg, j, task):

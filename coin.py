@@ -84,8 +84,15 @@ class Config:
     olora_lambda2: float = 0.0            # olora: weight of the L2 term on the newest subspace
     # --- eval
     eval_batch: int = 64
-    max_new_tokens: int = 24
+    max_new_tokens: int = 24              # generation stops at eos or here; 0 = each task's official length (1024
+                                          # or 128, data.OFFICIAL_EVAL); 24 fits every CoIN-mini answer
+    eval_images: str = "official"         # official: per task, as the official evaluation (ScienceQA, ImageNet,
+                                          # Grounding, VQAv2 cropped by the processor, the others padded to a square)
+                                          # | pad: every task padded, as training pads
     scoring: str = "official"             # official | fixed (see README: the official scorers' quirks)
+    ground_truth: str = ""                # folder of ScienceQA's, TextVQA's and GQA's official ground-truth files,
+                                          # laid out as the image root (where they are by default: TextVQA/...json)
+    answers_from_test: bool = False       # score those three against the test file's one answer instead
     judge: str = "exact"                  # General Knowledge judge: exact (CoIN-mini) | path to a HF causal LM
     zero_shot: bool = True                # evaluate the base on every task before the first stage
     # --- run
@@ -135,9 +142,13 @@ def parse_config(argv):
     data.parse_tasks(cfg.tasks)  # fail now on an unknown task name
     for key, allowed in (("instructions", data.INSTRUCTIONS), ("schedule", ("constant", "cosine")),
                          ("scoring", ("official", "fixed")), ("dtype", ("float32", "bfloat16")),
+                         ("eval_images", data.EVAL_IMAGES),
                          ("attn", ("sdpa", "eager")), ("method", METHODS)):
         if getattr(cfg, key) not in allowed:
             raise SystemExit(f"--{key}={getattr(cfg, key)!r}: choose from {', '.join(allowed)}")
+    if cfg.max_new_tokens < 0:
+        raise SystemExit(f"--max_new_tokens={cfg.max_new_tokens}: a number of tokens, or 0 for each task's official "
+                         "length")
     if cfg.method == "olora" and cfg.experts != 1:
         raise SystemExit(f"--method=olora takes --experts=1, not --experts={cfg.experts} (O-LoRA trains one plain LoRA "
                          "per task; MoELoRA has no such subspace per task)")
@@ -388,7 +399,9 @@ def load_processor(cfg):
     if not os.path.isdir(cfg.base):
         raise SystemExit(f"--base={cfg.base}: no such model directory (the embedded default is made by "
                          "`python coin.py --stage0`; see run.sh)")
-    return AutoProcessor.from_pretrained(cfg.base)
+    # the PIL image backend: the official code's CLIPImageProcessor resizes with PIL; with torchvision installed,
+    # transformers would otherwise pick its torchvision backend, whose resize gives other pixels
+    return AutoProcessor.from_pretrained(cfg.base, backend="pil")
 
 
 def load_base(cfg, device):
@@ -437,21 +450,34 @@ def train_in_fp32(module):
     module.register_forward_hook(lambda m, args, out: out.to(out_dtype) if torch.is_tensor(out) else out)
 
 
+def evaluation_of(cfg, task):
+    """(pad the images to a square, max new tokens, strip the question) of `task`'s evaluation under --eval_images and
+    --max_new_tokens (data.OFFICIAL_EVAL: what the official evaluation does)."""
+    official = data.OFFICIAL_EVAL[task]
+    return (official.pad or cfg.eval_images == "pad", cfg.max_new_tokens or official.max_new_tokens, official.strip)
+
+
+def ground_truth_root(cfg):
+    """Where ScienceQA's, TextVQA's and GQA's official ground truth is (eval.score_task): --ground_truth, else the
+    image root, as the official scripts keep it; None with --answers_from_test."""
+    return None if cfg.answers_from_test else cfg.ground_truth or data.image_root(cfg.data_dir, cfg.image_dir)
+
+
 def evaluate_stage(model, processor, judge, cfg, test_sets, rank, world, stage_name):
     """Generate and score every task of `test_sets` ({task: test records}); returns {task: (instruction following,
     general knowledge)}."""
     image_dir = data.image_root(cfg.data_dir, cfg.image_dir)
     scores = {}
     for task, records in test_sets.items():
+        pad, max_new_tokens, strip = evaluation_of(cfg, task)
         preds = evaluate.generate(model, processor, records, image_dir, batch_size=cfg.eval_batch,
-                                  max_new_tokens=cfg.max_new_tokens, rank=rank, world_size=world,
-                                  desc=f"eval {stage_name} {task}")
+                                  max_new_tokens=max_new_tokens, rank=rank, world_size=world,
+                                  desc=f"eval {stage_name} {task}", pad_images=pad, strip_question=strip)
         if rank == 0:
             pred_dir = os.path.join(cfg.out, "predictions", stage_name)
             evaluate.write_jsonl(os.path.join(pred_dir, f"{task}.jsonl"), preds)
-            annotations = os.path.join(cfg.data_dir, "annotations")  # official ground-truth files, where present
             following = evaluate.score_task(task, preds, records, scoring=cfg.scoring,
-                                            annotations=annotations if os.path.isdir(annotations) else None)
+                                            ground_truth=ground_truth_root(cfg))
             knowledge = judge.score(task, preds, records)
             evaluate.write_jsonl(os.path.join(pred_dir, f"{task}.judge.jsonl"), knowledge["rows"])
             scores[task] = (following["score"], knowledge["score"])
@@ -481,6 +507,9 @@ def read_inputs(cfg, tasks, processor):
     if bad:
         print0("--skip_bad: dropping bad records\n" + data.check_table(bad))
     dropped = {f"{task}/{split}": len(c[2]) for (task, split), c in bad.items()}
+    if ground_truth_root(cfg):  # a missing ground-truth file fails now, not after hours of training
+        for task in tasks:
+            data.ground_truth_files(task, ground_truth_root(cfg))
     train_sets, test_sets = {}, {}
     for task in tasks:
         train = checked[task, "train"][1]
@@ -489,7 +518,7 @@ def read_inputs(cfg, tasks, processor):
                                                               max(1, round(cfg.data_fraction * len(train))))
             train = [train[i] for i in sorted(keep)]
         train_sets[task] = train[:cfg.max_train or None]
-        test_sets[task] = checked[task, "test"][1][:cfg.max_test or None]
+        test_sets[task] = checked[task, data.eval_split(task)][1][:cfg.max_test or None]
     return train_sets, test_sets, dropped
 
 
@@ -577,6 +606,10 @@ def main(argv):
     if_matrix, gk_matrix, extra = load_results(cfg, tasks, [row for *_, row in stages[:done]], info)
     if dropped:
         extra["dropped_records"] = dropped  # --skip_bad: what was left out, per task file
+    extra["evaluation"] = {}  # how each task is evaluated under --eval_images and --max_new_tokens
+    for task in tasks:
+        pad, max_new_tokens, _ = evaluation_of(cfg, task)
+        extra["evaluation"][task] = {"images": "pad" if pad else "crop", "max_new_tokens": max_new_tokens}
     if cfg.zero_shot and "zero_shot" not in extra:  # the base on every task: the row before the first stage
         t0 = time.time()
         base_scores = evaluate_stage(model, processor, judge, cfg, test_sets, rank, world, "stage0-zeroshot")

@@ -3,8 +3,9 @@ CoIN-mini: a synthetic CoIN in the official on-disk layout, drawn with pillow.
 
 Eight seeded tasks that mirror CoIN's eight (arXiv 2403.08350) one for one, small enough for a 1M-parameter LLaVA
 on a CPU: coloured shapes on a 3 x 3 grid, signs and book covers. They are written exactly as the official release
-lays out its files (Instructions_{Original,Diverse,10Type}/<Task>/{train,test}.json, images under one root), so
-everything that reads the real CoIN reads CoIN-mini unchanged. A "stage-0" caption corpus pretrains the tiny base.
+lays out its files (Instructions_{Original,Diverse,10Type}/<task folder>/{train,test|val}.json, images and the
+official ground truth of ScienceQA, TextVQA and GQA under one root), so everything that reads the real CoIN reads
+CoIN-mini unchanged. A "stage-0" caption corpus pretrains the tiny base.
 
 Run `python coin_mini.py --out=DIR` (or `python data.py mini --out=DIR`).
 """
@@ -12,6 +13,7 @@ import json
 import math
 import os
 import random
+import re
 import sys
 
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
@@ -519,7 +521,7 @@ def stage0_item(rng, size):
 TRAIN_SCALE = {"ScienceQA": 2, "Grounding": 3}
 # The generator's version: a new one whenever the generator writes different files for the same settings, so that
 # `python data.py mini` regenerates a folder written by another version and leaves a current one alone.
-MINI_VERSION = 3
+MINI_VERSION = 4
 
 
 def mini_settings(n_train, n_test, n_stage0, size, seed):
@@ -540,14 +542,34 @@ def mini_is_current(out, n_train, n_test, n_stage0, size, seed):
     return {k: meta.get(k) for k in want} == want
 
 
+def add_ground_truth(task, qid, item, image, problems, gqa_questions):
+    """A test item into the official ground truth of ScienceQA (problems.json: the options and the right one's index)
+    or GQA (testdev_balanced_questions.json: the answer, isBalanced and the fields eval_gqa.py reads); no random
+    draws, so the records stay the same."""
+    if task == "ScienceQA":
+        choices = re.findall(r"^[A-E]\. (.+)$", item["question"], re.M)
+        problems[qid] = {"question": item["question"].split("\n")[0], "choices": choices,
+                         "answer": "ABCDE".index(item["answer"]), "hint": "", "image": image and "image.png",
+                         "split": "test"}
+    elif task == "GQA":
+        kind = "verify" if item["answer"] in ("yes", "no") else "query"
+        gqa_questions[qid] = {"question": item["question"], "answer": item["answer"], "isBalanced": True,
+                              "imageId": qid, "types": {"structural": kind, "semantic": "rel", "detailed": kind},
+                              "groups": {"global": None if kind == "verify" else item["answer"], "local": None},
+                              "semantic": []}
+
+
 def generate_mini(out, n_train=3000, n_test=200, n_stage0=46000, size=48, seed=0, progress=True):
-    """Write CoIN-mini under `out` in the official layout:
-    out/Instructions_{Original,Diverse,10Type}/<Task>/{train,test}.json, out/images/<Task>/<split>/N.png,
-    out/Stage0/train.json (caption corpus), out/annotations/TextVQA_0.5.1_val.json, out/coin_mini.json (meta)."""
+    """Write CoIN-mini under `out` in the official layout: out/Instructions_{Original,Diverse,10Type}/<task folder>/
+    {train,<eval split>}.json (OCR-VQA in OCRVQA/; val.json for TextVQA, VizWiz, VQAv2: data.task_file),
+    out/images/<Task>/<split>/N.png, the official ground truth under the image root (out/images/ScienceQA/
+    {problems,pid_splits}.json, out/images/TextVQA/TextVQA_0.5.1_val.json, out/images/GQA/
+    testdev_balanced_questions.json: data.GROUND_TRUTH), out/Instructions_*/Stage0/train.json (caption corpus) and
+    out/coin_mini.json (meta)."""
     from tqdm import tqdm
     meta = dict(mini_settings(n_train, n_test, n_stage0, size, seed), chance={})
     img_dir = os.path.join(out, "images")
-    textvqa_ann = []
+    textvqa_ann, problems, gqa_questions = [], {}, {}
     for task in TASKS:
         for split, n in (("train", meta["train_records"][task]), ("test", n_test)):
             rng = random.Random(f"{seed}-{task}-{split}")
@@ -579,15 +601,22 @@ def generate_mini(out, n_train=3000, n_test=200, n_stage0=46000, size=48, seed=0
                     if rel:
                         rec["image"] = rel
                     sets[iset].append(rec)
+                if split == "test":
+                    add_ground_truth(task, f"{task}_{split}_{i}", item, rel, problems, gqa_questions)
                 if split == "test" and task == "TextVQA":
                     # ten "human" answers: mostly the word, sometimes a slip (TextVQA's annotator noise)
                     answers = [item["answer"] if rng.random() < 0.9 else rng.choice(WORDS) for _ in range(10)]
                     textvqa_ann.append({"question_id": f"{task}_{split}_{i}", "answers": answers})
             for iset, recs in sets.items():
-                data.write_json(data.task_file(out, task, split, iset), recs)
+                data.write_json(data.task_file(out, task, "eval" if split == "test" else split, iset), recs)
             if split == "test":
                 meta["chance"][task] = 100 * chance / n
-    data.write_json(os.path.join(out, "annotations", "TextVQA_0.5.1_val.json"), {"data": textvqa_ann})
+    (problems_file, splits_file), (textvqa_file,), (gqa_file,) = (
+        [os.path.join(img_dir, rel) for rel in data.GROUND_TRUTH[task]] for task in ("ScienceQA", "TextVQA", "GQA"))
+    data.write_json(problems_file, problems)
+    data.write_json(splits_file, {"train": [], "val": [], "test": list(problems)})
+    data.write_json(textvqa_file, {"data": textvqa_ann})
+    data.write_json(gqa_file, gqa_questions)
     rng = random.Random(f"{seed}-stage0")
     os.makedirs(os.path.join(img_dir, "Stage0"), exist_ok=True)
     recs = []

@@ -8,28 +8,34 @@ torch: only generate() and the LM judge import torch and transformers, when they
     python eval.py --predictions=merge.jsonl --task=GQA [--test_file=PATH]
     python eval.py --compare=out/lora,out/moelora      # final numbers of several runs side by side
     python eval.py --study=out/study                   # runs x seeds: the paper's tables, mean +- std (study.py)
+    python eval.py --readme=README.md,docs/study.md    # refill their generated blocks from out/ (--check: exit 1
+                                                       # if that would change them)
 
 `python eval.py --help` lists the settings (--key=value; unknown keys are errors).
 
-Scoring modes. The official scorers have two quirks; --scoring=official (the default, what the paper's numbers
-come from) reproduces them bit for bit, --scoring=fixed corrects them:
+Scoring modes. --scoring=official (the default, what the paper's numbers come from) applies every rule of the
+official scorers (ETrain/Eval/LLaVA/CoIN/eval_*.py), quirks included, with their pairing and denominators, to the
+last digit; --scoring=fixed corrects the quirks:
   1. Grounding: the official parser removes the brackets, then cuts one more character from each end of the
-     string ("0.12, 0.34, 0.56, 0.78" -> ".12, 0.34, 0.56, 0.7"): y2 loses its last digit (0.78 reads 0.7) and an
-     x1 written "1.00" reads ".00". fixed parses the four numbers as written.
+     string ("0.12, 0.34, 0.56, 0.78" -> ".12, 0.34, 0.56, 0.7"): y2 loses its last digit and an x1 written "1.00"
+     reads ".00"; it strips no space, so after a leading space it cuts the space instead of x1's first digit.
+     fixed parses the four numbers as written.
   2. ImageNet: correct iff the ground truth is a substring of the answer or the answer a substring of the ground
-     truth; "" is a substring of every string, so an empty answer counts correct. fixed counts an empty (or
-     blank) answer wrong. Other short substrings ("cat" for "tabby cat") count in both modes, as intended.
-Deliberate differences from the official scripts, in both modes:
-  - NOTE(fidelity): every task divides by the number of test records and a missing prediction counts wrong (the
-    official ScienceQA scorer does this; the others divide by the number of prediction lines, so a truncated
-    merge.jsonl scores higher there). The count of missing predictions is reported.
-  - NOTE(fidelity): a malformed line, a repeated question_id or a prediction for a question_id not in the test
-    file is an error naming the file (the official scripts crash, keep the last, or mis-pair).
-  - NOTE(fidelity): ImageNet pairs predictions with test records by question_id; the official script pairs them
-    by line position, which is the same for its in-order merge.jsonl.
-  - TextVQA without its annotation file (TextVQA_0.5.1_val.json, 10 human answers) uses the test record's one
-    `answer` repeated ten times, so each question scores 0 or 1; ScienceQA and GQA read problems.json +
-    pid_splits.json and testdev_balanced_questions.json when given, else the test record's `answer`.
+     truth; "" is a substring of every string, so an empty answer counts correct. fixed counts an empty (or blank)
+     answer wrong. Other short substrings ("cat" for "tabby cat") count in both modes, as intended.
+  3. GQA: the answer is lower-cased and stripped of trailing '.' but not of spaces (" yes" is wrong); fixed strips
+     surrounding white space.
+  4. Denominators and pairing (score_official): ScienceQA counts every question of its split, a missing prediction
+     as wrong; GQA counts the predicted questions marked isBalanced; the other six count prediction lines (a
+     truncated merge.jsonl scores higher, a repeated line counts twice); ImageNet pairs line i with test record i;
+     ScienceQA, VizWiz, Grounding and OCR-VQA match question_id as stored (7 is not "7"). fixed pairs by
+     question_id, counts every test record once (a missing prediction wrong) and refuses repeated or unknown ids.
+Ground truth: ScienceQA, TextVQA and GQA are scored against their source datasets' files (data.GROUND_TRUTH), found
+under the image root as the official scripts keep them (or under --ground_truth); a missing one is an error, unless
+--answers_from_test=true scores against the test file's one answer (TextVQA then scores each question 0 or 1, not
+the VQA accuracy over ten human answers).
+In both modes a malformed line is an error naming the file and line, and so is a line the official scorer would
+fail on (an unknown question_id: KeyError).
 """
 import functools
 import hashlib
@@ -62,9 +68,11 @@ def write_jsonl(path, rows):
     os.replace(path + ".tmp", path)
 
 
-def read_predictions(path):
+def read_predictions(path, repeats=False):
     """Rows of a predictions JSONL (coin's or the official merge.jsonl): each line an object with at least
-    `question_id` and `text`. Blank lines are skipped; anything else malformed is an error naming file and line."""
+    `question_id` (text or a number) and `text`. Blank lines are skipped; anything else malformed is an error naming
+    file and line, and so is a repeated question_id unless `repeats` (official scoring counts them as its scorers
+    do)."""
     rows, seen = [], {}
     with open(path) as f:
         for i, line in enumerate(f, 1):
@@ -75,13 +83,14 @@ def read_predictions(path):
             except json.JSONDecodeError as e:
                 raise ValueError(f"{path}:{i}: not valid JSON ({e.msg}); a crashed run can leave a cut last line: "
                                  "delete it and regenerate that record") from None
-            if not isinstance(row, dict) or "question_id" not in row or not isinstance(row.get("text"), str):
+            if (not isinstance(row, dict) or not isinstance(row.get("question_id"), (str, int, float))
+                    or not isinstance(row.get("text"), str)):
                 raise ValueError(f"{path}:{i}: expected an object with question_id and text (a string), "
                                  f"got {line.strip()[:80]!r}")
             qid = str(row["question_id"])
-            if qid in seen:
+            if qid in seen and not repeats:
                 raise ValueError(f"{path}:{i}: question_id {row['question_id']!r} already on line {seen[qid]}")
-            seen[qid] = i
+            seen.setdefault(qid, i)
             rows.append(row)
     return rows
 
@@ -106,10 +115,13 @@ def index_predictions(preds, records, where="predictions"):
 
 
 def generate(model, processor, records, image_dir, batch_size=64, max_new_tokens=32, rank=0, world_size=1,
-             desc=None):
+             desc=None, pad_images=True, strip_question=False):
     """Greedy answers to `records` (data.test_examples), striped over ranks (record i goes to rank i % world_size)
     and gathered on rank 0 in record order as merge.jsonl rows; other ranks get None. The prompt is the training
-    template; `prompt` in the row is the user turn, as the official files store it."""
+    template (data.encode); `prompt` in the row is the user turn, as the official files store it. Images are padded to
+    a square first with `pad_images` (else the processor alone crops them), the question stripped with
+    `strip_question` (data.OFFICIAL_EVAL says what the official evaluation does per task). A row ends at the end of
+    sequence or after max_new_tokens."""
     import torch
     import torch.distributed as dist
     distributed = world_size > 1
@@ -120,21 +132,22 @@ def generate(model, processor, records, image_dir, batch_size=64, max_new_tokens
     model_id = os.path.basename(os.path.normpath(getattr(model, "name_or_path", "") or "model"))
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     mine = list(range(rank, len(records), world_size))
-    was_training, side = model.training, tok.padding_side
+    was_training = model.training
     model.eval()
-    tok.padding_side = "left"  # new tokens are appended on the right, so prompts must end in the same column
     rows = []
     try:
         with torch.no_grad():
             for s in tqdm(range(0, len(mine), batch_size), desc=desc, disable=desc is None or rank != 0, leave=False):
                 idx = mine[s:s + batch_size]
                 batch = [records[i] for i in idx]
-                prompts = [data.build_prompt(r["text"], bool(r.get("image")), processor) for r in batch]
-                # text-only records (some ScienceQA items) carry no image; the others' images fill the
-                # <image> tokens in order
-                images = [data.expand2square(data.load_image(image_dir, r["image"]), mean)
-                          for r in batch if r.get("image")]
-                enc = processor(text=prompts, images=images or None, padding=True, return_tensors="pt").to(model.device)
+                items = []
+                for r in batch:  # text-only records (some ScienceQA items) carry no image
+                    image = data.load_image(image_dir, r["image"]) if r.get("image") else None
+                    if image is not None and pad_images:
+                        image = data.expand2square(image, mean)
+                    items.append(data.encode(processor, r["text"].strip() if strip_question else r["text"], image))
+                enc = data.collate(items, pad_id, left=True)
+                enc = {k: v.to(model.device) for k, v in enc.items() if v is not None}
                 if "pixel_values" in enc:
                     enc["pixel_values"] = enc["pixel_values"].to(model.dtype)
                 out = model.generate(**enc, do_sample=False, max_new_tokens=max_new_tokens, pad_token_id=pad_id,
@@ -148,7 +161,6 @@ def generate(model, processor, records, image_dir, batch_size=64, max_new_tokens
                                      "answer_id": answer_id, "model_id": model_id, "metadata": {}}))
     finally:
         model.train(was_training)
-        tok.padding_side = side
     if distributed:
         parts = [None] * world_size if rank == 0 else None
         dist.gather_object(rows, parts, dst=0)
@@ -229,11 +241,10 @@ def score_textvqa(text, answers, scoring="official"):
 
 
 def score_gqa(text, truth, scoring="official"):
-    """GQA (convert_gqa_for_eval.py + eval_gqa.py): trailing '.' stripped, lower-cased, one leading space dropped;
-    exact match with the answer."""
-    pred = text.rstrip(".").lower()
-    pred = pred[1:] if pred[:1] == " " else pred
-    return float(pred == truth)
+    """GQA (convert_gqa_for_eval.py + eval_gqa.py): every trailing '.' stripped, lower-cased; exact match with the
+    answer. Quirk: official strips no space (" yes" is wrong); fixed strips surrounding white space first."""
+    text = text.strip() if scoring == "fixed" else text
+    return float(text.rstrip(".").lower() == truth)
 
 
 def score_exact_upper(text, truth, scoring="official"):
@@ -255,10 +266,10 @@ def score_imagenet(text, truth, scoring="official"):
 
 
 def parse_box(text, scoring="official"):
-    """Grounding's box parser (eval_grounding.py): one leading space dropped, brackets removed, split on ','.
-    Quirk: official then cuts one character from each end, so y2 loses its last digit; fixed does not."""
-    s = text[1:] if text[:1] == " " else text
-    s = s.replace("[", "").replace("]", "")
+    """Grounding's box parser (eval_grounding.py): brackets removed, split on ',', four floats. Quirk: official first
+    cuts one character from each end of the bracket-free string (it strips no space), so y2 loses its last digit,
+    or, after a leading space, x1 keeps its first; fixed does not cut."""
+    s = text.replace("[", "").replace("]", "")
     if scoring == "official":
         s = s[1:-1]
     try:
@@ -290,65 +301,159 @@ def score_grounding(text, truth, scoring="official"):
 SCORERS = {"ScienceQA": score_scienceqa, "TextVQA": score_textvqa, "ImageNet": score_imagenet, "GQA": score_gqa,
            "VizWiz": score_exact_upper, "Grounding": score_grounding, "VQAv2": score_exact_upper,
            "OCR-VQA": score_ocrvqa}
-ANNOTATION_FILES = {"ScienceQA": "problems.json", "TextVQA": "TextVQA_0.5.1_val.json",
-                    "GQA": "testdev_balanced_questions.json"}
 
 
 @functools.lru_cache(maxsize=16)
-def load_annotations(task, path):
-    """The official ground truth of ScienceQA, TextVQA or GQA as {str(question_id): truth}; `path` is the file or a
-    folder holding it. None for the other tasks or when the folder lacks the file."""
-    if task not in ANNOTATION_FILES:
-        return None
-    if os.path.isdir(path):
-        path = os.path.join(path, ANNOTATION_FILES[task])
-        if not os.path.isfile(path):
-            return None
-    ann = data.read_json(path)
-    if task == "ScienceQA":  # problems.json + pid_splits.json beside it; the answer is an option index
-        split = data.read_json(os.path.join(os.path.dirname(path), "pid_splits.json"))["test"]
-        return {str(pid): LETTERS[ann[pid]["answer"]] for pid in split}
+def load_ground_truth(task, root):
+    """The official ground truth of ScienceQA, TextVQA or GQA from its files under `root` (data.GROUND_TRUTH):
+    ScienceQA {pid: option letter} over pid_splits.json's test split, in its order; TextVQA {question_id as text:
+    the ten human answers}; GQA {questionId: (answer, isBalanced)}. A missing file raises (data.ground_truth_files)."""
+    paths = data.ground_truth_files(task, root)
+    if task == "ScienceQA":  # the answer is an option index
+        problems, splits = (data.read_json(p) for p in paths)
+        return {pid: LETTERS[problems[pid]["answer"]] for pid in splits["test"]}
+    ann = data.read_json(paths[0])
     if task == "TextVQA":
-        out = {str(a["question_id"]): a["answers"] for a in ann["data"]}
-        bad = [q for q, a in out.items() if len(a) != 10]
-        if bad:
-            raise ValueError(f"{path}: question {bad[0]} has {len(out[bad[0]])} answers; the VQA accuracy needs 10")
-        return out
-    return {str(q): v["answer"] for q, v in ann.items()}
+        return {str(a["question_id"]): a["answers"] for a in ann["data"]}
+    return {qid: (q["answer"], q["isBalanced"]) for qid, q in ann.items()}
 
 
-def ground_truth(task, rec, ann):
-    qid = str(rec["question_id"])
-    if ann is not None:
-        if qid not in ann:
-            raise ValueError(f"question_id {qid!r} of the {task} test file is not in its annotation file")
-        return ann[qid]
-    if task == "TextVQA":
-        return [rec["answer"]] * 10  # no annotation file: the one stored answer stands for all ten
+def test_file_truth(task, rec):
+    """The ground truth stored in a test record: Grounding (answer_bbox, size); TextVQA its one answer as all ten."""
     if task == "Grounding":
-        return rec.get("answer_bbox", rec["answer"]), rec["size"]
-    return rec["answer"]
+        return rec.get("answer_bbox", rec.get("answer")), rec["size"]
+    return [rec["answer"]] * 10 if task == "TextVQA" else data.record_answer(rec)
 
 
-def score_task(task, preds, records, scoring="official", annotations=None):
-    """Instruction Following score (0-100) of `preds` (dicts with question_id and text) on `records`, the task's
-    test records. `annotations`: the official ground-truth file or a folder holding it (see load_annotations)."""
+def truth_of(task, rec, gt, path):
+    """A test record's ground truth: from the official file's `gt` ({id: truth}, load_ground_truth) when given."""
+    if gt is None:
+        return test_file_truth(task, rec)
+    qid = str(rec["question_id"])  # the files' ids are JSON keys (text), or made text (TextVQA)
+    if qid not in gt:
+        raise ValueError(f"question_id {qid!r} of the {task} test file is not in {path}")
+    if task == "TextVQA" and len(gt[qid]) != 10:
+        raise ValueError(f"{path}: question {qid} has {len(gt[qid])} answers; the VQA accuracy needs 10")
+    return gt[qid][0] if task == "GQA" else gt[qid]
+
+
+def score_task(task, preds, records, scoring="official", ground_truth=None):
+    """Instruction Following score (0-100) of `preds` (prediction rows, in file order) on `records` (the task's test
+    records). `ground_truth`: the folder holding the official ground-truth files (the image root's layout,
+    data.GROUND_TRUTH), or None to score ScienceQA, TextVQA and GQA against the test records' answers.
+    Returns {task, score, n (the denominator), correct, missing, ...}; official and fixed differ in pairing and
+    denominators (score_official, score_fixed)."""
     if scoring not in SCORINGS:
         raise ValueError(f"scoring={scoring!r}: choose from {', '.join(SCORINGS)}")
     if task == "Grounding" and any("size" not in r for r in records):
         raise ValueError("Grounding test records need 'size' ([w, h]) to scale the boxes")
-    ann = load_annotations(task, annotations) if annotations else None
+    gt = load_ground_truth(task, ground_truth) if ground_truth and task in data.GROUND_TRUTH else None
+    path = ground_truth and os.path.join(ground_truth, data.GROUND_TRUTH.get(task, ("",))[0])
+    result = (score_official if scoring == "official" else score_fixed)(task, preds, records, gt, path)
+    return {"task": task, **result, "records": len(records), "scoring": scoring,
+            "ground_truth": path if gt is not None else "test file"}
+
+
+def score_fixed(task, preds, records, gt, path):
+    """coin's corrected rules: predictions paired with test records by question_id (as text); every test record
+    counts once, a missing prediction as wrong; a repeated or unknown question_id is an error. GQA counts the
+    questions its ground truth marks balanced (all of them without it)."""
     by_qid = index_predictions(preds, records, f"{task} predictions")
-    scorer, total, missing = SCORERS[task], 0.0, 0
+    if gt is not None and task == "GQA":
+        records = [r for r in records if gt.get(str(r["question_id"]), (None, True))[1]]
+    correct, missing = 0.0, 0
     for rec in records:
         pred = by_qid.get(str(rec["question_id"]))
         if pred is None:
             missing += 1
             continue
-        total += scorer(pred["text"], ground_truth(task, rec, ann), scoring)
+        correct += SCORERS[task](pred["text"], truth_of(task, rec, gt, path), "fixed")
     n = len(records)
-    return {"task": task, "score": 100 * total / n if n else 0.0, "n": n, "missing": missing, "scoring": scoring,
-            "ground_truth": annotations if ann is not None else "test file"}
+    return {"score": 100 * correct / n if n else 0.0, "n": n, "correct": correct, "missing": missing}
+
+
+# How each official scorer pairs a prediction line with its ground truth: by position (ImageNet), by question_id as
+# text (TextVQA, VQAv2), or by question_id as stored (VizWiz, Grounding, OCR-VQA: a number does not find a text id)
+PAIRED_BY_TEXT = ("TextVQA", "VQAv2")
+
+
+def score_official(task, preds, records, gt, path):
+    """The official scorers' own pairing and denominators, bit for bit (arithmetic in their order):
+      - ScienceQA (eval_science_qa.py): every pid of the split (pid_splits.json's test, among `records`; without the
+        file, every test record) counts; the last line of a repeated question_id counts; a question_id must equal the
+        pid as stored (the number 7 is not the pid "7": missing); lines for other ids are left out. correct/n*100.
+      - GQA (eval_gqa.py): the predictions, the last line of a repeated id, over the question ids of
+        testdev_balanced_questions.json; only questions marked isBalanced count (missing ones do not). mean*100.
+      - TextVQA, ImageNet, VizWiz, Grounding, VQAv2, OCR-VQA (eval_*.py): every prediction line counts, repeated ones
+        too; test records without a line do not. TextVQA finds the ids in its annotation file, the others in the test
+        file; a line whose id the scorer cannot find is an error (the official script fails with KeyError; ImageNet
+        pairs line i with record i and fails past the last record)."""
+    if task == "ScienceQA":
+        return score_official_scienceqa(preds, records, gt, path)
+    if task == "GQA":
+        return score_official_gqa(preds, records, gt, path)
+    if task == "ImageNet":
+        if len(preds) > len(records):
+            raise ValueError(f"ImageNet predictions: {len(preds)} lines for {len(records)} test records; the official "
+                             "eval_ImagetNet.py pairs line i with record i and fails past the last record")
+        truths = [data.record_answer(r) for r in records[:len(preds)]]
+    else:
+        key = str if task in PAIRED_BY_TEXT else (lambda qid: qid)
+        # eval_textvqa.py looks the ids up in its annotation file only, the others in the test file
+        from_file = task == "TextVQA" and gt is not None
+        known = gt if from_file else {key(r["question_id"]): r for r in records}
+        unknown = [p["question_id"] for p in preds if key(p["question_id"]) not in known]
+        if unknown:
+            raise ValueError(f"{task} predictions: {len(unknown)} lines with a question_id not in "
+                             f"{path if from_file else 'the test file'} (e.g. {unknown[:3]}; the official scorer fails "
+                             "on them with KeyError): wrong task, test file or --max_test?")
+        truths = [truth_of(task, p if from_file else known[key(p["question_id"])], gt, path) for p in preds]
+    scores = [SCORERS[task](p["text"], truth, "official") for p, truth in zip(preds, truths)]
+    n = len(preds)
+    seen = {str(p["question_id"]) for p in preds}
+    missing = len(records) - len(preds) if task == "ImageNet" else sum(str(r["question_id"]) not in seen
+                                                                         for r in records)
+    if task == "TextVQA":  # m4c_evaluator.py: 100 * (mean of the soft scores)
+        score = 100.0 * (sum(scores) / n) if n else 0.0
+    else:  # 100 * right / total
+        score = 100.0 * int(sum(scores)) / n if n else 0.0
+    return {"score": score, "n": n, "correct": sum(scores), "missing": missing,
+            "repeated": n - len(seen) if task != "ImageNet" else 0}
+
+
+def score_official_scienceqa(preds, records, gt, path):
+    """eval_science_qa.py's loop: see score_official."""
+    if gt is None:
+        gt = {r["question_id"]: r["answer"] for r in records}
+    else:
+        outside = [r["question_id"] for r in records if str(r["question_id"]) not in gt]
+        if outside:
+            raise ValueError(f"question_id {outside[0]!r} of the ScienceQA test file is not in the test split of "
+                             f"{os.path.join(os.path.dirname(path), 'pid_splits.json')}")
+        scored = {str(r["question_id"]) for r in records}
+        gt = {pid: letter for pid, letter in gt.items() if pid in scored}
+    latest = {p["question_id"]: p["text"] for p in preds}  # a repeated id: the last line
+    correct = sum(score_scienceqa(latest[pid], letter) for pid, letter in gt.items() if pid in latest)
+    n = len(gt)
+    return {"score": correct / n * 100 if n else 0.0, "n": n, "correct": correct,
+            "missing": sum(pid not in latest for pid in gt), "left_out": sum(qid not in gt for qid in latest)}
+
+
+def score_official_gqa(preds, records, gt, path):
+    """convert_gqa_for_eval.py + eval_gqa.py's loop: see score_official."""
+    if gt is None:
+        gt = {r["question_id"]: (r["answer"], True) for r in records}
+    latest = {p["question_id"]: p["text"] for p in preds}  # a repeated id: the last line
+    unknown = [qid for qid in latest if qid not in gt]
+    if unknown:
+        raise ValueError(f"GQA predictions: {len(unknown)} question_ids not in {path or 'the test file'} (e.g. "
+                         f"{unknown[:3]}; the official eval_gqa.py fails on them with KeyError)")
+    scores = [score_gqa(text, gt[qid][0], "official") for qid, text in latest.items() if gt[qid][1]]
+    n = len(scores)
+    answered = {str(qid) for qid in latest}
+    balanced = [str(r["question_id"]) for r in records if gt.get(str(r["question_id"]), (None, True))[1]]
+    return {"score": float(sum(scores)) / n * 100 if n else 0.0, "n": n, "correct": sum(scores),
+            "missing": sum(qid not in answered for qid in balanced), "unbalanced": len(latest) - n}
 
 
 # -----------------------------------------------------------------------------
@@ -373,7 +478,7 @@ def judge_prompt(task, rec, answer):
     (instruction) line, the ground truth, the answer. Grounding (rule "CoIN_Grounding") keeps the whole one-line
     question, whose expression follows the instruction, and shows the box."""
     if task == "Grounding":
-        question, truth, rule = rec["text"], rec.get("answer_bbox", rec["answer"]), JUDGE_RULE_GROUNDING
+        question, truth, rule = rec["text"], rec.get("answer_bbox", rec.get("answer")), JUDGE_RULE_GROUNDING
     else:
         question, truth, rule = data.split_question(rec["text"])[0], rec["answer"], JUDGE_RULE
     user = (f"[Context]\n[Question]\n{question}\n\n[Ground truth answer]\n{truth}\n\n[End of ground truth answer]\n\n"
@@ -443,7 +548,7 @@ class ExactJudge(Judge):
 
     def judge_one(self, task, rec, answer):
         low = answer.lower()
-        accept = [a.lower() for a in rec.get("accept") or [rec["answer"]]]
+        accept = [a.lower() for a in rec.get("accept") or [data.record_answer(rec)]]
         if task == "ScienceQA":
             options = dict(re.findall(r"^([A-E])\. (.+)$", rec["text"], re.M))
             right = rec["answer"]
@@ -454,7 +559,7 @@ class ExactJudge(Judge):
         if task == "Grounding":
             bracketed = re.search(r"\[[^\]]*\]", answer)  # the first "[...]" in the answer, or all of it
             box = parse_box(bracketed.group() if bracketed else answer, "fixed")
-            gt = parse_box(rec.get("answer_bbox", rec["answer"]), "fixed")
+            gt = parse_box(rec.get("answer_bbox", rec.get("answer")), "fixed")
             if box is not None and gt is not None and iou(box, gt) > 0.5:
                 return f"10: box IoU {iou(box, gt):.2f}", 10
             named = set(_POSITION.findall(low))
@@ -644,7 +749,9 @@ OPTIONS = {
     "test_file": "",               # with one file: its test JSON (default: the task's, under --data_dir)
     "data_dir": "data/coin-mini",  # folder holding Instructions_*/
     "instructions": "Original",    # Original | Diverse | 10Type
-    "annotations": "",             # official ground-truth files (a folder or a file); default <data_dir>/annotations
+    "image_dir": "",               # image root (default <data_dir>/images): the official ground-truth files are there
+    "ground_truth": "",            # a folder holding them instead, laid out as the image root (ScienceQA/problems.json)
+    "answers_from_test": False,    # score ScienceQA, TextVQA, GQA against the test file's one answer (not the paper's)
     "tasks": "",                   # task order (matrix columns); default: coin's stage numbers, else the paper's order
     "scoring": "official",         # official | fixed (see the top of this file)
     "judge": "exact",              # General Knowledge judge: exact | none | a Hugging Face causal LM folder
@@ -653,6 +760,8 @@ OPTIONS = {
     "out": "out/eval",             # where results.json, results.md, heatmaps and judge files go
     "compare": "",                 # run folders holding results.json, comma-separated: their numbers side by side
     "study": "",                   # a folder of runs (out/study): tables over seeds -> study.md, study_curves.png
+    "readme": "",                  # markdown files, comma-separated: refill their generated blocks (study.py)
+    "check": False,                # with --readme: change nothing, exit 1 if a block would change
 }
 
 
@@ -663,10 +772,17 @@ def parse_options(argv):
             print(__doc__ + "\nSettings:\n" + "\n".join(f"  --{k}={v!r}" for k, v in OPTIONS.items()))
             sys.exit(0)
         key, eq, val = arg.removeprefix("--").partition("=")
-        if not arg.startswith("--") or key not in OPTIONS or not eq:
+        if not arg.startswith("--") or key not in OPTIONS or not (eq or isinstance(OPTIONS[key], bool)):
             raise SystemExit(f"unknown or incomplete setting {arg!r}; known: {', '.join('--' + k for k in OPTIONS)}")
+        if isinstance(OPTIONS[key], bool):  # --check alone means true
+            if val.lower() not in ("", "1", "true", "0", "false"):
+                raise SystemExit(f"--{key} takes true/false, not {val!r}")
+            opts[key] = val.lower() in ("", "1", "true")
+            continue
         try:
-            opts[key] = type(OPTIONS[key])(val)
+            if type(OPTIONS[key]) is bool and val.lower() not in ("true", "false", "1", "0"):
+                raise ValueError
+            opts[key] = val.lower() in ("true", "1") if type(OPTIONS[key]) is bool else type(OPTIONS[key])(val)
         except ValueError:
             raise SystemExit(f"--{key} takes a {type(OPTIONS[key]).__name__}, not {val!r}") from None
     if opts["scoring"] not in SCORINGS:
@@ -683,9 +799,21 @@ def canonical_task(name):
 def find_prediction_files(root):
     """[(stage number or None, stage, task, path)] under `root`. coin's layout: <stage>/<Task>.jsonl with stage
     folders 'stageN-<Task>' (N = 1, 2, ...) and 'stage0-zeroshot'. The official layout: <Task>/<Stage>/merge.jsonl
-    with Stage 'Finetune' (right after training Task), a task name (after training that task) or 'Zero_shot'."""
+    with Stage 'Finetune' (right after training Task), a task name (after training that task) or 'Zero_shot'
+    (scripts/LLaVA/Eval/*.sh write results/CoIN/LLaVA/<Task>/<Stage>/merge.jsonl: `root` may be results/CoIN, above
+    the model's folder)."""
     if os.path.isdir(os.path.join(root, "predictions")):
         root = os.path.join(root, "predictions")
+
+    def holds_results(folder):  # a task folder (the official layout) or a stage folder (coin's)
+        return any(canonical_task(n) or re.fullmatch(r"stage\d+-.+", n) for n in os.listdir(folder))
+    if not holds_results(root):  # results/CoIN: a folder per model (LLaVA, Qwen, ...) above the task folders
+        models = sorted(m for m in os.listdir(root) if os.path.isdir(os.path.join(root, m))
+                        and holds_results(os.path.join(root, m)))
+        if len(models) > 1:
+            raise SystemExit(f"--predictions={root}: results of several models ({', '.join(models)}): give one, e.g. "
+                             f"--predictions={os.path.join(root, models[0])}")
+        root = os.path.join(root, models[0]) if models else root
     found = []
     for name in sorted(os.listdir(root)):
         folder = os.path.join(root, name)
@@ -711,25 +839,55 @@ def find_prediction_files(root):
     return found
 
 
+def counts_note(scored):
+    """What a score left out, in words: test records without a prediction, repeated or unmatched lines."""
+    official = scored["scoring"] == "official" and scored["task"] != "ScienceQA"
+    parts = [f"{scored['n']} in the denominator",
+             f"{scored['missing']} of {scored['records']} records without a prediction, "
+             + ("not in the denominator, as in the official scorer" if official else "counted wrong")
+             if scored["missing"] else "",
+             f"{scored['repeated']} repeated lines (each counted, as in the official scorer)" if scored.get("repeated")
+             else "", f"{scored['left_out']} lines for question_ids outside the split (left out)"
+             if scored.get("left_out") else "", f"{scored['unbalanced']} questions not marked isBalanced (left out)"
+             if scored.get("unbalanced") else ""]
+    parts = [p for p in parts if p]
+    return f" ({'; '.join(parts)})" if parts else ""
+
+
 def task_order(files, spec):
-    """Matrix columns: --tasks if given, else the order of coin's numbered stages, else the paper's order."""
+    """Matrix columns: --tasks if given, else the order of coin's numbered stages, else the order the official tree
+    shows: a task evaluated after the stages S was trained before each of them (the official stage folders are named
+    by the task just trained), so the more stages a task has, the earlier it came; ties in the paper's order."""
     if spec:
         return data.parse_tasks(spec)
     numbered = sorted({(n, s) for n, s, _, _ in files if n})
     if numbered:
         return [s for _, s in numbered]
-    present = {s for _, s, _, _ in files} | {t for _, _, t, _ in files}
-    return [t for t in data.TASKS if t in present]
+    present = {s for _, s, _, _ in files if s != "zero-shot"} | {t for _, _, t, _ in files}
+    later = {t: {s for _, s, task, _ in files if task == t and s not in (t, "zero-shot")} for t in present}
+    order = sorted(present, key=lambda t: (-len(later[t]), data.TASKS.index(t)))
+    for i, t in enumerate(order):
+        if not later[t] <= set(order[i + 1:]):
+            raise SystemExit(f"the stage folders do not fit one training order ({t} is evaluated after "
+                             f"{', '.join(sorted(later[t] - set(order[i + 1:])))}, trained before it): give --tasks")
+    return order
 
 
 def compare(runs):
+    """The final numbers of several runs side by side, then the settings in which their configs differ (a difference
+    in any of them, --eval_images as much as --experts, can explain a difference in the numbers)."""
     head = "| run | MAA | BWT (/T) | BWT (/(T-1)) | final avg | GK MAA | GK BWT (/T) | stages |"
-    lines = [head, "|---" * 8 + "|"]
+    lines, configs = [head, "|---" * 8 + "|"], []
     for run in runs:
         res = data.read_json(os.path.join(run, "results.json"))
+        configs.append(res.get("config") or {})
         gk = res.get("general_knowledge", {})
         vals = [res.get(k) for k in ("MAA", "BWT", "BWT_classic", "final_average")] + [gk.get("MAA"), gk.get("BWT")]
         lines.append(f"| {run} | " + " | ".join(map(_fmt, vals)) + f" | {res.get('stages')}/{len(res['tasks'])} |")
+    differ = sorted(k for k in set().union(*configs) - {"out"} if len({repr(c.get(k)) for c in configs}) > 1)
+    if differ:
+        lines += ["", "settings that differ: " + "; ".join(
+            f"--{k}: " + ", ".join(repr(c.get(k)) for c in configs) for k in differ)]
     return "\n".join(lines)
 
 
@@ -738,6 +896,8 @@ def main(argv):
     if opts["compare"]:
         print(compare([r for r in opts["compare"].split(",") if r]))
         return
+    if opts["readme"]:
+        return study.refill_figures(opts["readme"], opts["check"])
     if opts["study"]:
         print(study.write_study(opts["study"]))
         print(f"wrote {os.path.join(opts['study'], 'study.md')} and study_curves.png")
@@ -745,10 +905,11 @@ def main(argv):
     if not os.path.exists(opts["predictions"]):
         raise SystemExit(f"--predictions={opts['predictions']!r}: no such folder or file (give a run folder, the "
                          "official results folder, or one file with --task; or --compare=RUN1,RUN2; see --help)")
-    annotations = opts["annotations"] or os.path.join(opts["data_dir"], "annotations")
-    if opts["annotations"] and not os.path.exists(annotations):
-        raise SystemExit(f"--annotations={annotations}: no such file or folder")
-    annotations = annotations if os.path.exists(annotations) else None
+    if opts["ground_truth"] and not os.path.isdir(opts["ground_truth"]):
+        raise SystemExit(f"--ground_truth={opts['ground_truth']}: no such folder (the one holding ScienceQA/, TextVQA/ "
+                         "and GQA/ with the official ground-truth files)")
+    ground_truth = None if opts["answers_from_test"] else (
+        opts["ground_truth"] or data.image_root(opts["data_dir"], opts["image_dir"]))
     judge = (None if opts["judge"] == "none" else ExactJudge() if opts["judge"] == "exact"
              else LMJudge(opts["judge"], opts["judge_batch"]))
     records = {}
@@ -758,13 +919,14 @@ def main(argv):
             recs = data.read_json(test_file) if test_file else data.test_examples(opts["data_dir"], task,
                                                                                   opts["instructions"])
             records[task] = recs[:opts["max_test"]] if opts["max_test"] else recs
-        preds = read_predictions(path)
-        scored = score_task(task, preds, records[task], opts["scoring"], annotations)
-        judged = judge.score(task, preds, records[task]) if judge else None
-        missing = (f" ({scored['missing']} of {scored['n']} records without a prediction, counted wrong)"
-                   if scored["missing"] else "")
-        print(f"{path}: {task} {scored['score']:.2f}"
-              + (f", general knowledge {judged['score']:.2f}" if judged else "") + missing)
+        preds = read_predictions(path, repeats=opts["scoring"] == "official")
+        scored = score_task(task, preds, records[task], opts["scoring"], ground_truth)
+        # the judge sees one answer per test record (official scoring lets repeated lines through): the last one
+        known = {str(r["question_id"]) for r in records[task]}
+        latest = {str(p["question_id"]): p for p in preds if str(p["question_id"]) in known}
+        judged = judge.score(task, list(latest.values()), records[task]) if judge else None
+        print(f"{path}: {task} {scored['score']:.2f}" + (f", general knowledge {judged['score']:.2f}" if judged else "")
+              + counts_note(scored))
         return scored, judged
 
     if os.path.isfile(opts["predictions"]):  # one file
@@ -799,7 +961,8 @@ def main(argv):
                 raise SystemExit(f"{path}: a second prediction file for {task} after {stage}")
             if_matrix[j][i], gk_matrix[j][i] = scored["score"], judged and judged["score"]
     extra = {"source": opts["predictions"], "scoring": opts["scoring"], "judge": opts["judge"],
-             "annotations": annotations, "zero_shot": zero_shot}
+             "ground_truth": ground_truth or "test file", "answers_from_test": opts["answers_from_test"],
+             "zero_shot": zero_shot}
     print(write_results(opts["out"], tasks, if_matrix, gk_matrix if judge else None, extra))
     print(f"wrote {os.path.join(opts['out'], 'results.json')}")
 

@@ -53,12 +53,15 @@ def main(root):
     tasks = data.TASKS
     recs = {t: [record(t, i, rng) for i in range(N_PER_TASK)] for t in tasks}
     for t in tasks:
-        path = data.task_file(root, t, "test")
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        json.dump(recs[t], open(path, "w"))
-    ann = [{"question_id": r["question_id"], "answers": [r["answer"]] * 8 + ["other"] * 2} for r in recs["TextVQA"]]
-    os.makedirs(os.path.join(root, "annotations"))
-    json.dump({"data": ann}, open(os.path.join(root, "annotations", "TextVQA_0.5.1_val.json"), "w"))
+        data.write_json(data.task_file(root, t, "eval"), recs[t])
+    # the official ground truth of ScienceQA, TextVQA and GQA, under the image root (root/images)
+    sqa = {r["question_id"]: {"answer": "ABCDE".index(r["answer"]), "choices": list("12345")}
+           for r in recs["ScienceQA"]}
+    textvqa = [{"question_id": r["question_id"], "answers": [r["answer"]] * 8 + ["other"] * 2} for r in recs["TextVQA"]]
+    gqa = {r["question_id"]: {"answer": r["answer"], "isBalanced": True} for r in recs["GQA"]}
+    for (task, rel), obj in zip([(t, rel) for t in ("ScienceQA", "TextVQA", "GQA") for rel in data.GROUND_TRUTH[t]],
+                                (sqa, {"test": list(sqa)}, {"data": textvqa}, gqa)):
+        data.write_json(os.path.join(root, "images", rel), obj)
     n = 0
     for j, stage in enumerate(tasks):
         for t in tasks[:j + 1]:

@@ -11,12 +11,12 @@ def test_generator_is_deterministic_and_official_format(mini_data, tmp_path):
     again = str(tmp_path / "again")
     coin_mini.generate_mini(again, n_train=48, n_test=12, n_stage0=64, seed=0, progress=False)
     for task in data.TASKS:
-        for split in ("train", "test"):
+        for split in ("train", "eval"):
             a = json.load(open(data.task_file(mini_data, task, split)))
             b = json.load(open(data.task_file(again, task, split)))
             assert a == b, (task, split)
         train = json.load(open(data.task_file(mini_data, task, "train")))
-        test = json.load(open(data.task_file(mini_data, task, "test")))
+        test = json.load(open(data.task_file(mini_data, task, "eval")))
         assert len(train) == 48 * coin_mini.TRAIN_SCALE.get(task, 1) and len(test) == 12
         for rec in train:
             human, gpt = rec["conversations"]
@@ -31,12 +31,12 @@ def test_generator_is_deterministic_and_official_format(mini_data, tmp_path):
             if "image" in rec:
                 assert os.path.isfile(os.path.join(mini_data, "images", rec["image"]))
     # the same images, byte for byte
-    rel = json.load(open(data.task_file(mini_data, "GQA", "test")))[3]["image"]
+    rel = json.load(open(data.task_file(mini_data, "GQA", "eval")))[3]["image"]
     assert open(os.path.join(mini_data, "images", rel), "rb").read() == open(os.path.join(again, "images", rel), "rb").read()
     # a different seed gives different data
     other = str(tmp_path / "other")
     coin_mini.generate_mini(other, n_train=4, n_test=4, n_stage0=4, seed=1, progress=False)
-    assert json.load(open(data.task_file(other, "GQA", "test"))) != json.load(open(data.task_file(mini_data, "GQA", "test")))[:4]
+    assert json.load(open(data.task_file(other, "GQA", "eval"))) != json.load(open(data.task_file(mini_data, "GQA", "eval")))[:4]
 
 
 def test_scaled_tasks_extend_the_same_stream(mini_data, tmp_path):
@@ -71,7 +71,7 @@ def test_mini_is_regenerated_only_when_stale(tmp_path, capsys, monkeypatch):
 
 
 def test_scienceqa_has_text_only_items_and_letters(mini_data):
-    recs = json.load(open(data.task_file(mini_data, "ScienceQA", "test")))
+    recs = json.load(open(data.task_file(mini_data, "ScienceQA", "eval")))
     assert any("image" not in r for r in recs) and any("image" in r for r in recs)
     for r in recs:
         assert r["answer"] in "ABCDE" and f"\n{r['answer']}. " in "\n" + r["text"]
@@ -98,8 +98,8 @@ def test_items_are_answerable_from_their_content():
 
 def test_instruction_sets(mini_data):
     for iset in ("Diverse", "10Type"):
-        recs = json.load(open(data.task_file(mini_data, "VQAv2", "test", iset)))
-        base = json.load(open(data.task_file(mini_data, "VQAv2", "test")))
+        recs = json.load(open(data.task_file(mini_data, "VQAv2", "eval", iset)))
+        base = json.load(open(data.task_file(mini_data, "VQAv2", "eval")))
         assert [r["answer"] for r in recs] == [r["answer"] for r in base]
         assert all(r["text"] != b["text"] for r, b in zip(recs, base)) or iset == "10Type"
     ten = json.load(open(data.task_file(mini_data, "VQAv2", "train", "10Type")))

@@ -35,6 +35,8 @@ def release(mini_data, tmp_path):
                     shutil.copy(os.path.join(mini_data, "images", r["image"]), image_dir / r["image"])
             os.makedirs(root / "Instructions_Original" / task, exist_ok=True)
             json.dump(recs, open(data.task_file(str(root), task, split), "w"))
+        for rel in data.GROUND_TRUTH.get(task, ()):  # ScienceQA's and GQA's ground truth, under the image root
+            shutil.copy(os.path.join(mini_data, "images", rel), image_dir / rel)
     return str(root), str(image_dir)
 
 
@@ -117,6 +119,8 @@ def test_multitask_and_data_fraction(release, tiny_base, tmp_path):
     fraction: a seeded subset of each train set (fewer steps, the same subset for the same seed)."""
     res = run(release, tiny_base, str(tmp_path / "mt"), "--tasks=GQA,ScienceQA", "--multitask")
     assert res["matrix"][0] == [None, None] and None not in res["matrix"][1]
+    assert res["evaluation"] == {"GQA": {"images": "pad", "max_new_tokens": 4},  # as model_gqa.py, model_vqa_science.py
+                                 "ScienceQA": {"images": "crop", "max_new_tokens": 4}}
     assert res["multitask_average"]["if"] == pytest.approx(sum(res["matrix"][1]) / 2)
     meta = json.load(open(tmp_path / "mt" / "checkpoints" / "stage1-MultiTask" / "meta.json"))
     assert meta["step"] == 4  # 32 records, global batch 8
@@ -297,6 +301,82 @@ def test_assembly_checks_every_name_and_shape(llava15_parts, tmp_path):
     with pytest.raises(ValueError, match=r"vicuna: not the expected model \(\d+ weights missing, e.g. \['embeddings"):
         base_model.assemble_llava15(vicuna, vicuna, bin_path, str(tmp_path / "out"))  # a Llama where CLIP belongs
     assert not os.path.exists(tmp_path / "out")
+
+
+def vicuna_as_downloaded(folder, tokenizer_model, vocab_size):
+    """A tiny 'lmsys/vicuna-7b-v1.5' laid out as downloaded: weights, a sentencepiece tokenizer.model and its
+    tokenizer_config.json (legacy false, BOS added), no tokenizer.json. Dimensions fit the llava15_parts projector."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                 num_key_value_heads=2, vocab_size=vocab_size, bos_token_id=1, eos_token_id=2,
+                                 max_position_embeddings=256)).save_pretrained(folder)
+    open(os.path.join(folder, "tokenizer.model"), "wb").write(tokenizer_model)
+    json.dump({"tokenizer_class": "LlamaTokenizer", "legacy": False, "add_bos_token": True, "add_eos_token": False,
+               "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "pad_token": None,
+               "model_max_length": 4096, "padding_side": "right"},
+              open(os.path.join(folder, "tokenizer_config.json"), "w"))
+    return folder
+
+
+def test_assembly_names_the_packages_a_sentencepiece_tokenizer_needs(tmp_path, monkeypatch):
+    """Vicuna's sentencepiece tokenizer.model needs sentencepiece and protobuf (not in requirements.txt): without them
+    assemble stops at once with one line naming the missing ones and the install command. Here they are hidden (CI
+    has neither anyway)."""
+    vicuna = vicuna_as_downloaded(str(tmp_path / "vicuna"), b"not read", 300)
+    hide = "import sys; sys.modules['sentencepiece'] = sys.modules['google.protobuf'] = None; "
+    r = subprocess.run([sys.executable, "-c", hide + "import runpy; runpy.run_path('coin.py', run_name='__main__')",
+                        "assemble", f"--vicuna={vicuna}", "--clip=clip", "--projector=p.bin",
+                        f"--out={tmp_path / 'out'}"],
+                       cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 1 and r.stderr.splitlines()[-1] == (
+        f"{vicuna}: its tokenizer is a sentencepiece tokenizer.model, and reading it needs sentencepiece and protobuf: "
+        "pip install -r requirements-realscale.txt"), r.stderr[-2000:]
+    monkeypatch.setitem(sys.modules, "google.protobuf", None)
+    if base_model.installed("sentencepiece"):
+        with pytest.raises(SystemExit, match=r"it needs protobuf: pip install -r requirements-realscale.txt"):
+            base_model.check_tokenizer_packages(vicuna)
+    os.remove(os.path.join(vicuna, "tokenizer.model"))  # a tokenizer.json (or nothing) needs neither
+    base_model.check_tokenizer_packages(vicuna)
+    assert not os.path.exists(tmp_path / "out")
+
+
+def test_assembly_reads_vicunas_sentencepiece_tokenizer(llava15_parts, tmp_path):
+    """With sentencepiece and protobuf (requirements-realscale.txt; skipped where they are not installed, as in CI):
+    assemble reads a sentencepiece Vicuna as downloaded, and the assembled base carries a tokenizer.json, so training
+    reads it without them. Its prompts are LLaVA-1.5's: each piece around <image> as sentencepiece itself encodes it,
+    the "▁" (Vicuna's 29871) and the newline's byte token (13) after the image."""
+    sentencepiece = pytest.importorskip("sentencepiece")
+    pytest.importorskip("google.protobuf")
+    import io
+    texts = [data.SYSTEM, "USER: What colour is it? Answer the question using a single word or phrase. ASSISTANT: red",
+             "Options: A. red B. blue 12 34"] * 20
+    model = io.BytesIO()
+    # Llama's trainer settings: BPE, byte fallback, digits split, whitespace kept as written, no normalisation
+    sentencepiece.SentencePieceTrainer.train(
+        sentence_iterator=iter(texts), model_writer=model, model_type="bpe", vocab_size=400, byte_fallback=True,
+        split_digits=True, add_dummy_prefix=True, remove_extra_whitespaces=False, normalization_rule_name="identity",
+        allow_whitespace_only_pieces=True, unk_id=0, bos_id=1, eos_id=2, pad_id=-1, character_coverage=1.0,
+        minloglevel=2)
+    sp = sentencepiece.SentencePieceProcessor(model_proto=model.getvalue())
+    _, clip, bin_path, _ = llava15_parts
+    vicuna = vicuna_as_downloaded(str(tmp_path / "vicuna-sp"), model.getvalue(), sp.get_piece_size())
+    out = str(tmp_path / "assembled")
+    base_model.assemble_llava15(vicuna, clip, bin_path, out)
+    assert os.path.isfile(os.path.join(out, "tokenizer.json"))
+    hide = "import sys; sys.modules['sentencepiece'] = sys.modules['google.protobuf'] = None; "
+    r = subprocess.run([sys.executable, "-c", hide + f"from transformers import AutoProcessor; "
+                        f"print(AutoProcessor.from_pretrained({out!r}).tokenizer('<image>')['input_ids'])"],
+                       cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0 and r.stdout.split("\n")[-2] == f"[1, {sp.get_piece_size()}]", r.stderr[-2000:]
+    processor = AutoProcessor.from_pretrained(out)
+    assert data.vicuna_prompts(processor)
+    question = "What colour is it?\nAnswer the question using a single word or phrase."
+    got = data.encode(processor, question, data.Image.new("RGB", (40, 30)))["input_ids"].tolist()
+    before, after = data.build_prompt(question, True).split(data.IMAGE_TOKEN)
+    image_id = processor.tokenizer.convert_tokens_to_ids(data.IMAGE_TOKEN)
+    assert got == [1] + sp.encode(before) + [image_id] * 4 + sp.encode(after)
+    assert sp.id_to_piece(got[got.index(image_id) + 4:got.index(image_id) + 6]) == ["▁", "<0x0A>"]
 
 
 # -----------------------------------------------------------------------------

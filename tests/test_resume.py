@@ -301,7 +301,7 @@ def test_missing_data_root(tiny_base, tmp_path):
         coin.main(args(str(tmp_path / "nowhere"), tiny_base, str(tmp_path / "run")))
 
 
-@pytest.mark.parametrize("split", ["train", "test"])
+@pytest.mark.parametrize("split", ["train", "val"])  # VQAv2 is evaluated on val.json
 def test_malformed_json(data_copy, tiny_base, tmp_path, split):
     """Both tasks' train and test files are read first: a broken test file of the last task fails before stage 1."""
     path = task_file(data_copy, "VQAv2", split)
@@ -315,10 +315,10 @@ def test_malformed_json(data_copy, tiny_base, tmp_path, split):
 
 
 def test_missing_image(data_copy, tiny_base, tmp_path):
-    rec = json.load(open(task_file(data_copy, "VQAv2", "test")))[3]  # the last of the 4 evaluated
+    rec = json.load(open(task_file(data_copy, "VQAv2", "val")))[3]  # the last of the 4 evaluated
     os.remove(os.path.join(data_copy, "images", rec["image"]))
     out = str(tmp_path / "run")
-    with pytest.raises(ValueError, match=r"VQAv2/test.json: 1 bad record\(s\); the first: record 3: image "
+    with pytest.raises(ValueError, match=r"VQAv2/val.json: 1 bad record\(s\); the first: record 3: image "
                                          + re.escape(repr(rec["image"])) + r" missing under \S+"):
         coin.main(args(data_copy, tiny_base, out))
     assert not os.path.exists(out)

@@ -50,8 +50,8 @@ def study(tmp_path):
 
 def test_groups_by_config_and_skips_unfinished(study):
     groups, shared, unfinished = S.read_study(study)
-    assert sorted(groups) == [(False, 1, "Diverse"), (False, 1, "Original"), (False, 2, "Original"),
-                              (True, 1, "Original")]
+    assert sorted(groups) == [(False, 1, "Diverse", "sequential"), (False, 1, "Original", "sequential"),
+                              (False, 2, "Original", "sequential"), (True, 1, "Original", "sequential")]
     assert [r["name"] for r in groups[S.LORA]] == ["a", "b", "c"] and [r["seed"] for r in groups[S.LORA]] == [0, 1, 2]
     assert unfinished == ["unfinished (1/2 stages)"] and shared["max_train"] == 1500
 
@@ -66,15 +66,18 @@ def test_means_and_stds_by_hand(study):
     assert S.mean_std([4.0]) == (4.0, None, 1) and S.mean_std([None]) == (None, None, 0)
     assert S.mean_pm_std([-20, -15, -20]) == "-18.3 ± 2.9" and S.mean_pm_std([7]) == "7.0" and S.mean_pm_std([]) == ""
     table = S.study_main_table(groups, TASKS, "if").splitlines()
-    assert table[0] == "| method | n | ScienceQA | TextVQA | MAA | BWT |"
-    assert table[2] == "| zero-shot | 7 | 20.0 ± 0.0 | 0.0 ± 0.0 |  |  |"  # every Original run evaluates the base
-    assert table[3] == "| multi-task (LoRA) | 2 | 85.0 ± 7.1 | 82.0 ± 2.8 |  |  |"
-    assert table[4] == "| LoRA | 3 | 43.3 ± 5.8 | 70.0 ± 10.0 | 68.3 ± 8.0 | -18.3 ± 2.9 |"
-    assert table[5] == "| MoELoRA E=2 | 2 | 65.0 ± 7.1 | 70.0 ± 0.0 | 73.8 ± 1.8 | -7.5 ± 3.5 |"
+    # MFT = mean of the diagonal, MFN = mean of the last row: LoRA MFT 70, 70, 85; MFN 50, 55, 65
+    assert table[0] == "| method | n | ScienceQA | TextVQA | MFT | MFN | MAA | BWT |"
+    # every Original run evaluates the base; its MFN is the mean of its row
+    assert table[2] == "| zero-shot | 7 | 20.0 ± 0.0 | 0.0 ± 0.0 |  | 10.0 ± 0.0 |  |  |"
+    assert table[3] == "| multi-task (LoRA) | 2 | 85.0 ± 7.1 | 82.0 ± 2.8 |  | 83.5 ± 4.9 |  |  |"  # no diagonal
+    assert table[4] == "| LoRA | 3 | 43.3 ± 5.8 | 70.0 ± 10.0 | 75.0 ± 8.7 | 56.7 ± 7.6 | 68.3 ± 8.0 | -18.3 ± 2.9 |"
+    assert table[5] == "| MoELoRA E=2 | 2 | 65.0 ± 7.1 | 70.0 ± 0.0 | 75.0 ± 0.0 | 67.5 ± 3.5 | 73.8 ± 1.8 | -7.5 ± 3.5 |"
     assert len(table) == 6  # the Diverse run is not in the main table
     gk = S.study_main_table(groups, TASKS, "gk").splitlines()
-    assert gk[2] == "| zero-shot | 7 | 30.0 ± 0.0 | 10.0 ± 0.0 |  |  |"
-    assert gk[4] == "| LoRA | 3 | 46.7 ± 7.6 | 55.0 ± 5.0 | 52.1 ± 5.9 | -3.3 ± 1.4 |"
+    assert gk[2] == "| zero-shot | 7 | 30.0 ± 0.0 | 10.0 ± 0.0 |  | 20.0 ± 0.0 |  |  |"
+    # GK LoRA: MFT 52.5, 50, 60; MFN 50, 45, 57.5
+    assert gk[4] == "| LoRA | 3 | 46.7 ± 7.6 | 55.0 ± 5.0 | 54.2 ± 5.2 | 50.8 ± 6.3 | 52.1 ± 5.9 | -3.3 ± 1.4 |"
 
 
 def test_ablations_and_claims(study):
@@ -121,6 +124,17 @@ def test_refuses_mixed_settings_and_repeated_seeds(tmp_path):
         S.read_study(root)
 
 
+def test_evaluation_settings_tell_runs_apart(tmp_path):
+    """--eval_images changes scores as any setting does: a study refuses runs that differ in it, --compare names it."""
+    root = str(tmp_path / "mixed")
+    write_run(root, "a", False, 1, "Original", 0, *RUNS[0][5:], eval_images="official")
+    write_run(root, "b", False, 2, "Original", 0, *RUNS[3][5:], eval_images="pad")
+    with pytest.raises(ValueError, match="--eval_images='pad', but a has --eval_images='official'"):
+        S.read_study(root)
+    printed = E.compare([os.path.join(root, "a"), os.path.join(root, "b")])
+    assert printed.endswith("settings that differ: --eval_images: 'official', 'pad'; --experts: 1, 2")
+
+
 def test_writes_study_md_and_a_png(study):
     E.main([f"--study={study}"])
     md = open(os.path.join(study, "study.md")).read()
@@ -141,3 +155,217 @@ def test_tiny_study_end_to_end(mini_data, tiny_base, tmp_path):
     md = S.write_study(str(root))
     assert "| LoRA | 2 |" in md and "| multi-task (LoRA) | 1 |" in md and "| zero-shot | 3 |" in md
     assert os.path.isfile(root / "study_curves.png")
+
+
+# --- the diagonal (MFT), the runs that did not learn a task, the robustness row, the seeds, the other methods
+
+CHANCE = {"ScienceQA": 20.0, "TextVQA": 10.0}  # 3 x chance: 60 and 30
+
+
+def data_dir_with_chance(tmp_path, chance=CHANCE):
+    """A --data_dir holding only what the study reads from it: CoIN-mini's coin_mini.json."""
+    path = tmp_path / "coin-mini"
+    path.mkdir()
+    (path / "coin_mini.json").write_text(json.dumps({"n_test": 200, "chance": chance}))
+    return str(path)
+
+
+# LoRA: seed 0 leaves ScienceQA under 60, seed 2 TextVQA under 30; MoELoRA E=2 learns both at both seeds
+FLAG_RUNS = [
+    ("lora-s0", False, 1, "Original", 0, [[50, None], [30, 60]]),  # BWT -10; learned TextVQA only: 0 / 1 = 0
+    ("lora-s1", False, 1, "Original", 1, [[80, None], [40, 70]]),  # BWT -20; learned both: -20, as BWT
+    ("lora-s2", False, 1, "Original", 2, [[90, None], [50, 20]]),  # BWT -20; learned ScienceQA only: -40 / 1
+    ("moe-s0", False, 2, "Original", 0, [[80, None], [70, 70]]),   # BWT -5
+    ("moe-s1", False, 2, "Original", 1, [[80, None], [60, 70]]),   # BWT -10
+]
+
+
+@pytest.fixture
+def flagged_study(tmp_path):
+    root, data_dir = str(tmp_path / "study"), data_dir_with_chance(tmp_path)
+    for name, multitask, experts, instructions, seed, m in FLAG_RUNS:
+        write_run(root, name, multitask, experts, instructions, seed, m, m, data_dir=data_dir)
+    return root
+
+
+def test_mft_is_the_diagonal_and_mfn_the_last_row():
+    res = {"tasks": TASKS, "matrix": [[80, None], [40, 60]], "config": {"seed": 0}}
+    run = S.summarise_run(res)["if"]
+    assert run["diagonal"] == [80, 60] and run["MFT"] == 70 and run["MFN"] == 50
+    multitask = S.summarise_run({"tasks": TASKS, "matrix": [[None, None], [90, 84]], "config": {"seed": 0}})["if"]
+    assert multitask["MFT"] is None and multitask["MFN"] == 87  # one stage: no diagonal
+    assert S.mean_of_all([1, 2, 3]) == 2 and S.mean_of_all([1, None]) is None and S.mean_of_all([]) is None
+
+
+def test_flags_runs_under_3x_chance(flagged_study):
+    groups, shared, _ = S.read_study(flagged_study)
+    chance, note = S.chance_levels(shared, TASKS)
+    assert chance == CHANCE and note.startswith("Chance levels from ")
+    lora = {r["name"]: r for r in groups[S.LORA]}
+    assert S.not_learned(lora["lora-s0"], TASKS, chance) == [("ScienceQA", 50, 60.0)]
+    assert S.not_learned(lora["lora-s1"], TASKS, chance) == []
+    assert S.not_learned(lora["lora-s2"], TASKS, chance) == [("TextVQA", 20, 30.0)]
+    diagonal = S.study_diagonal_table(groups, TASKS, "if", chance).splitlines()
+    assert diagonal[2] == "| 3 x chance |  | 60.0 | 30.0 |  |"
+    # ScienceQA 50, 80, 90 (one under 60); TextVQA 60, 70, 20 (one under 30); MFT 55, 75, 55
+    assert diagonal[3] == "| LoRA | 3 | 73.3 ± 20.8 †1 | 50.0 ± 26.5 †1 | 61.7 ± 11.5 |"
+    assert diagonal[4] == "| MoELoRA E=2 | 2 | 80.0 ± 0.0 | 70.0 ± 0.0 | 75.0 ± 0.0 |"
+    main = S.study_main_table(groups, TASKS, "if", chance)
+    assert "| LoRA | 3 | 40.0 ± 10.0 | 50.0 ± 26.5 | 61.7 ± 11.5 †2 |" in main  # two LoRA runs flagged
+    assert "| 75.0 ± 0.0 | 67.5 ± 3.5 |" in main and "† k: k of the method's runs" in main
+    md = S.write_study(flagged_study)
+    assert ("- **Not learned** (†), runs with a task under 3 x chance right after training it (score < 3 x chance): "
+            "lora-s0 (ScienceQA 50.0 < 60.0); lora-s2 (TextVQA 20.0 < 30.0)") in md
+    assert "| LoRA | 0,1,2 | lora-s0 † lora-s1 lora-s2 † |" in md and "| moe-s0 moe-s1 |" in md
+    # the General Knowledge tables carry no chance row and no flags: chance is the exact scorers'
+    gk = md[md.index("## General Knowledge"):md.index("## MoELoRA experts")]
+    assert "3 x chance |" not in gk and "†" not in gk
+
+
+def test_robustness_row_is_bwt_over_learned_tasks(flagged_study):
+    groups, shared, _ = S.read_study(flagged_study)
+    chance, _ = S.chance_levels(shared, TASKS)
+    bwt = {r["name"]: S.bwt_learned(r, TASKS, chance) for runs in groups.values() for r in runs}
+    assert bwt == {"lora-s0": 0.0, "lora-s1": -20.0, "lora-s2": -40.0, "moe-s0": -5.0, "moe-s1": -10.0}
+    learned_all = [r for runs in groups.values() for r in runs if not S.not_learned(r, TASKS, chance)]
+    assert len(learned_all) == 3 and all(bwt[r["name"]] == r["if"]["BWT"] for r in learned_all)  # = BWT then
+    claims = S.study_claims(groups, TASKS, chance)
+    # LoRA 0, -20, -40: -20 ± 20; E=2 -5, -10: -7.5 ± 3.5; +12.5, se sqrt(3.54^2 / 2 + 20^2 / 3) = 11.8
+    assert ("- **Robustness**, claim 3 on BWT over the tasks each run learned (diagonal >= 3 x chance): LoRA -20.0 ± "
+            "20.0, MoELoRA E=2 -7.5 ± 3.5; MoELoRA minus LoRA: +12.5 ± 11.8 (E=2) (**not resolved**, within 2 "
+            "spreads of 0)") in claims
+    assert "MoELoRA E=8 MAA 42.76, BWT -25.91" in claims[-1]  # the paper's numbers stay last
+
+
+def test_unknown_chance_is_said_not_guessed(tmp_path):
+    root = str(tmp_path / "study")
+    for name, multitask, experts, instructions, seed, m in FLAG_RUNS:
+        write_run(root, name, multitask, experts, instructions, seed, m, m, data_dir=str(tmp_path / "nowhere"))
+    md = S.write_study(root)
+    assert f"Chance levels unknown: no {tmp_path / 'nowhere' / 'coin_mini.json'}" in md
+    assert "- **Not learned**: Chance levels unknown" in md and "†" not in md and "3 x chance |" not in md
+
+
+def test_seeds_needed_formula():
+    # n >= (2 + z)^2 (sa^2 + sb^2) / d^2: LoRA sd 3.9, MoELoRA E=8 sd 2.0, the paper's +6.7
+    assert S.seeds_needed(3.9, 2.0, 6.7, power=0.5) == 2   # 4 x 19.21 / 44.89 = 1.71
+    assert S.seeds_needed(3.9, 2.0, 6.7, power=0.8) == 4   # 2.84^2 x 19.21 / 44.89 = 3.46
+    assert S.seeds_needed(3.9, 2.0, 6.7, power=0.9) == 5   # 3.28^2 x 0.428 = 4.61
+    assert S.seeds_needed(3.9, 6.9, 6.7, power=0.8) == 12  # E=4's sd 6.9: 8.07 x 62.82 / 44.89 = 11.3
+    assert S.seeds_needed(3.0, 4.0, 5.0, power=0.5) == 4   # exactly 4 x 25 / 25
+    assert S.seeds_needed(0.1, 0.1, 50.0) == 2             # a spread needs two seeds
+    for sa, sb, d in ((3.9, 2.0, 6.7), (4.1, 3.9, 6.7), (6.9, 3.9, 3.0)):
+        n = S.seeds_needed(sa, sb, d, power=0.5)  # the smallest n that puts d at 2 standard errors
+        assert d >= 2 * ((sa ** 2 + sb ** 2) / n) ** 0.5 and (n == 2 or d < 2 * ((sa ** 2 + sb ** 2) / (n - 1)) ** 0.5)
+    assert S.seeds_line("MoELoRA E=8", 2.0, "LoRA", 3.9, 6.71) == (
+        "- MoELoRA E=8 against LoRA: BWT sd 2.0 and 3.9, a true difference of +6.7: 2 seeds each for an even chance "
+        "of resolving it, 4 for 80%, 5 for 90%")
+
+
+def test_study_md_shows_the_seeds_needed(study):
+    md = S.write_study(study)
+    # measured: E=2 BWT -10, -5 (sd 3.54), LoRA -20, -15, -20 (sd 2.89)
+    assert "## Seeds the MoELoRA claim needs" in md
+    assert S.seeds_line("MoELoRA E=2", 50 ** 0.5 / 2, "LoRA", (25 / 3) ** 0.5, S.PAPER_BWT_GAIN) in md
+
+
+# BWT: LoRA -20, -15, -20; MoELoRA E=8 -5, -10; LwF -20, -30; EWC -15, -10; Replay -1, -2; O-LoRA -3, -4
+METHOD_RUNS = [(f"m{i}", e, method, seed, [[80, None], [80 + 2 * bwt, 70]])
+               for i, (e, method, seed, bwt) in enumerate([
+                   (8, "sequential", 0, -5), (8, "sequential", 1, -10), (1, "lwf", 0, -20), (1, "lwf", 1, -30),
+                   (1, "ewc", 0, -15), (1, "ewc", 1, -10), (1, "replay", 0, -1), (1, "replay", 1, -2),
+                   (1, "olora", 0, -3), (1, "olora", 1, -4)])]
+
+
+@pytest.fixture
+def method_study(tmp_path):
+    root = str(tmp_path / "study")
+    for run in RUNS[:2]:  # LoRA seeds 0 and 1: results.json without `method`, as before --method existed
+        write_run(root, *run)
+    write_run(root, *RUNS[2][:5], *RUNS[2][5:], method="sequential")  # seed 2 says it
+    for name, experts, method, seed, m in METHOD_RUNS:
+        write_run(root, name, False, experts, "Original", seed, m, m, method=method)
+    return root
+
+
+def test_groups_by_method_and_names_the_rows(method_study):
+    groups, _, _ = S.read_study(method_study)
+    assert [r["name"] for r in groups[S.LORA]] == ["a", "b", "c"]  # no `method` = sequential
+    table = S.study_main_table(groups, TASKS, "if").splitlines()
+    assert [line.split(" | ")[0] for line in table[3:]] == ["| LoRA", "| MoELoRA E=8", "| LwF (LoRA)", "| EWC (LoRA)",
+                                                            "| Replay (LoRA)", "| O-LoRA"]
+    assert table[5].endswith("| -25.0 ± 7.1 |") and table[8].endswith("| -3.5 ± 0.7 |")
+    assert S.method_name(S.Method(False, 8, "Original", "lwf")) == "LwF (MoELoRA E=8)"
+    claims = S.study_claims(groups)
+    # E=8 -7.5 ± 3.54 minus LwF -25 ± 7.07: +17.5, se sqrt(6.25 + 25) = 5.6, beyond 2 se; minus EWC -12.5 ± 3.54:
+    # +5.0, se 3.5, within
+    assert ("- **Claim 5**, MoELoRA E=8 forgets less than LwF and EWC: BWT minus LwF (LoRA) +17.5 ± 5.6 (**higher**: "
+            "forgets less), EWC (LoRA) +5.0 ± 3.5 (**not resolved**, within 2 spreads of 0)") in claims
+    # Replay -1.5 ± 0.71, O-LoRA -3.5 ± 0.71 above the best other, E=8 -7.5 ± 3.54: +6.0 and +4.0, se 2.5
+    assert ("- **Peers**, Replay and O-LoRA forget least: BWT means, highest first: Replay (LoRA) -1.5, O-LoRA -3.5, "
+            "MoELoRA E=8 -7.5, EWC (LoRA) -12.5, LoRA -18.3, LwF (LoRA) -25.0; Replay (LoRA) and O-LoRA above every "
+            "other: **yes**; minus the best other, MoELoRA E=8: Replay +6.0 ± 2.5 (**higher**: forgets less), O-LoRA "
+            "+4.0 ± 2.5 (**not resolved**, within 2 spreads of 0)") in claims
+    assert any(c.startswith("- **Claim 3**, MoELoRA E=8 minus LoRA") for c in claims)
+    compact = S.claims_table(groups, TASKS, None)
+    assert ("| 5. MoELoRA forgets less than LwF and EWC (MoELoRA E=8 minus each, BWT difference beyond 2 standard "
+            "errors) | +17.5 ± 5.6 (LwF) (**higher**), +5.0 ± 3.5 (EWC) (**not resolved**) |") in compact
+    assert "| **not resolved**: +10.8 ± 3.0 (E=8) |" not in compact and "| **yes**: -18.3 ± 2.9 |" in compact
+
+
+def test_claim_5_says_when_it_cannot_be_tested(study):
+    claims = S.study_claims(S.read_study(study)[0])
+    assert ("- **Claim 5**, MoELoRA forgets less than LwF and EWC: not tested, no finished LwF or EWC "
+            "(--method=lwf, --method=ewc) runs") in claims
+
+
+# --- README blocks
+
+
+def test_readme_blocks_refill_and_check(study, tmp_path, capsys):
+    data_dir = data_dir_with_chance(tmp_path)
+    lora, moe = str(tmp_path / "out" / "lora"), str(tmp_path / "out" / "moelora")
+    write_run(str(tmp_path / "out"), "lora", False, 1, "Original", 0, [[80, None], [40, 60]], [[80, None], [40, 60]],
+              data_dir=data_dir)
+    write_run(str(tmp_path / "out"), "moelora", False, 8, "Original", 0, [[80, None], [60, 70]],
+              [[80, None], [60, 70]], data_dir=data_dir)
+    S.write_study(study)
+    readme, docs = tmp_path / "README.md", tmp_path / "study.md"
+    readme.write_text(f"# title\n\n<!-- figures: diagonal {lora} {moe} -->\nstale\n<!-- /figures -->\ntext between\n"
+                      f"<!-- figures: compare {lora} {moe} -->\n<!-- /figures -->\n\n"
+                      f"<!-- figures: study {study} -->\n| old |\n<!-- /figures -->\nthe end\n")
+    docs.write_text(f"# study\n\n<!-- figures: study-full {study} -->\n<!-- /figures -->\n\n![plot](x.png)\n")
+    E.main([f"--readme={readme},{docs}"])
+    text = readme.read_text()
+    assert text.startswith(f"# title\n\n<!-- figures: diagonal {lora} {moe} -->\n"
+                           "| | ScienceQA | TextVQA | mean |\n|---|---|---|---|\n"
+                           "| 3 x chance | 60.0 | 30.0 |  |\n"
+                           "| base, zero-shot | 20.0 | 0.0 | 10.0 |\n"
+                           "| LoRA (E=1) | 80.0 | 60.0 | 70.0 |\n"
+                           "| MoELoRA (E=8) | 80.0 | 70.0 | 75.0 |\n<!-- /figures -->\ntext between\n")
+    assert f"<!-- figures: compare {lora} {moe} -->\n{E.compare([lora, moe])}\n<!-- /figures -->\n\n" in text
+    groups = S.read_study(study)[0]
+    assert S.study_main_table(groups, TASKS, "if") in text and "| the paper's claim | CoIN-mini |" in text
+    claim_1 = "| 1. sequential instruction tuning forgets (LoRA BWT below 0 by more than 2 std) | **yes**: -18.3 ± 2.9 |"
+    assert claim_1 in text and text.endswith("<!-- /figures -->\nthe end\n")
+    full = docs.read_text()
+    study_md = open(os.path.join(study, "study.md")).read()
+    assert study_md.split("\n", 2)[2].split("\n![accuracy")[0].strip("\n") in full  # after the title, no plot
+    assert "CoIN-mini study:" not in full and "study_curves.png" not in full and full.endswith("\n\n![plot](x.png)\n")
+    capsys.readouterr()
+    E.main([f"--readme={readme},{docs}", "--check"])  # up to date: no exit
+    assert "README.md: 3 generated blocks, up to date" in capsys.readouterr().out
+    readme.write_text(text.replace("| 80.0 | 70.0 | 75.0 |", "| 80.0 | 70.0 | 99.0 |"))
+    stale = readme.read_text()
+    with pytest.raises(SystemExit, match="--check: .*README.md would change"):
+        E.main([f"--readme={readme}", "--check=true"])
+    assert readme.read_text() == stale and f"would change: diagonal {lora} {moe}" in capsys.readouterr().out
+    readme.write_text(f"<!-- figures: compare {tmp_path / 'missing'} -->\n<!-- /figures -->\n")
+    with pytest.raises(SystemExit, match=r"block 'compare .*missing': no .*missing/results.json"):
+        E.main([f"--readme={readme}"])
+    readme.write_text(f"<!-- figures: diagonal {lora} -->\nnever closed\n")
+    with pytest.raises(SystemExit, match="close each with"):
+        E.main([f"--readme={readme}"])
+    readme.write_text(f"<!-- figures: heatmap {lora} -->\n<!-- /figures -->\n")
+    with pytest.raises(SystemExit, match="expected 'diagonal RUN...'"):
+        E.main([f"--readme={readme}"])
