@@ -215,18 +215,14 @@ def olora_state_dict(model):
 
 
 def load_olora_state_dict(model, sd):
-    """Strict: `sd` must hold exactly the model's subspaces (rebuild as many with add_olora_subspace first)."""
-    own = olora_state_dict(model)  # the parameters themselves
+    """Strict: `sd` must hold exactly the model's subspaces (rebuild as many with add_olora_subspace first), of the
+    same shapes (torch's load_state_dict checks them: a RuntimeError naming the weight)."""
+    own = olora_state_dict(model)
     missing, unexpected = sorted(own.keys() - sd.keys()), sorted(sd.keys() - own.keys())
     if missing or unexpected:
         raise KeyError(f"O-LoRA state dict does not match the model's subspaces: {len(missing)} missing "
                        f"{missing[:5]}, {len(unexpected)} unexpected {unexpected[:5]} (first 5 of each shown)")
-    for name, p in own.items():
-        if p.shape != sd[name].shape:
-            raise ValueError(f"O-LoRA weight {name}: checkpoint shape {tuple(sd[name].shape)} != model shape "
-                             f"{tuple(p.shape)} (another --lora_r or base model?)")
-        with torch.no_grad():
-            p.copy_(sd[name])
+    model.load_state_dict(sd, strict=False)  # strict=False: sd holds the subspaces only, not the base
 
 
 def olora_orthogonality(model):
