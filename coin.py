@@ -364,7 +364,8 @@ def task_fisher(model, dataset, cfg, rank, world, device, stage):
     """EWC: the diagonal empirical Fisher of the trainable weights on --ewc_samples of the task's training records
     (methods.ewc_fisher), each record's loss its answer tokens' mean cross-entropy, striped over the ranks. In eval
     mode: the Fisher of the trained model itself, and no random numbers drawn. Costs one forward and backward per
-    record at batch 1 (on the tiny model, 300 records took as long as ~45 training steps of 8)."""
+    record at batch 1, where a training step of 8 records costs one of each at batch 8 (bench/methods.py prints the
+    ratio)."""
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     pad_id = dataset.tok.pad_token_id
 
