@@ -8,6 +8,7 @@ everything that reads the real CoIN reads CoIN-mini unchanged. A "stage-0" capti
 
 Run `python coin_mini.py --out=DIR` (or `python data.py mini --out=DIR`).
 """
+import dataclasses
 import json
 import math
 import os
@@ -16,6 +17,7 @@ import sys
 
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
 
+import cli
 import data
 from data import IMAGE_TOKEN, TASKS
 
@@ -606,10 +608,24 @@ def generate_mini(out, n_train=3000, n_test=200, n_stage0=46000, size=48, seed=0
     return meta
 
 
+@dataclasses.dataclass
+class MiniSettings:
+    out: str = "data/coin-mini"           # the folder CoIN-mini is written to
+    n_train: int = 3000                   # train records per task
+    n_test: int = 200                     # test records per task
+    n_stage0: int = 46000                 # captions of the stage-0 pretraining corpus
+    size: int = 48                        # image side in pixels
+    seed: int = 0                         # the generator's seed
+
+
 def main(argv):
     """Generate CoIN-mini with --key=value settings, unless `--out` already holds it with these settings."""
-    opts = data.parse_options(argv, {"out": "data/coin-mini", "n_train": 3000, "n_test": 200, "n_stage0": 46000,
-                                     "size": 48, "seed": 0})
+    opts, _ = cli.parse(MiniSettings, argv, data.USAGE)
+    problems = [f"--{k}={v}: must be at least 1" for k, v in dataclasses.asdict(opts).items()
+                if (k.startswith("n_") or k == "size") and v < 1]
+    if problems:
+        raise cli.UserError("\n".join(problems))
+    opts = dataclasses.asdict(opts)
     if mini_is_current(**opts):
         print(f"CoIN-mini in {opts['out']} is current (generator version {MINI_VERSION}, same settings): kept")
         return
@@ -619,4 +635,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    cli.run(main, sys.argv[1:])

@@ -31,6 +31,7 @@ Deliberate differences from the official scripts, in both modes:
     `answer` repeated ten times, so each question scores 0 or 1; ScienceQA and GQA read problems.json +
     pid_splits.json and testdev_balanced_questions.json when given, else the test record's `answer`.
 """
+import dataclasses
 import functools
 import hashlib
 import json
@@ -39,8 +40,8 @@ import re
 import sys
 
 from PIL import Image, ImageDraw, ImageFont
-from tqdm import tqdm
 
+import cli
 import coin_mini
 import data
 import study
@@ -73,14 +74,14 @@ def read_predictions(path):
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{i}: not valid JSON ({e.msg}); a crashed run can leave a cut last line: "
+                raise cli.UserError(f"{path}:{i}: not valid JSON ({e.msg}); a crashed run can leave a cut last line: "
                                  "delete it and regenerate that record") from None
             if not isinstance(row, dict) or "question_id" not in row or not isinstance(row.get("text"), str):
-                raise ValueError(f"{path}:{i}: expected an object with question_id and text (a string), "
+                raise cli.UserError(f"{path}:{i}: expected an object with question_id and text (a string), "
                                  f"got {line.strip()[:80]!r}")
             qid = str(row["question_id"])
             if qid in seen:
-                raise ValueError(f"{path}:{i}: question_id {row['question_id']!r} already on line {seen[qid]}")
+                raise cli.UserError(f"{path}:{i}: question_id {row['question_id']!r} already on line {seen[qid]}")
             seen[qid] = i
             rows.append(row)
     return rows
@@ -92,11 +93,11 @@ def index_predictions(preds, records, where="predictions"):
     for p in preds:
         qid = str(p["question_id"])
         if qid in by_qid:
-            raise ValueError(f"{where}: question_id {qid!r} appears twice")
+            raise cli.UserError(f"{where}: question_id {qid!r} appears twice")
         by_qid[qid] = p
     unknown = by_qid.keys() - {str(r["question_id"]) for r in records}
     if unknown:
-        raise ValueError(f"{where}: {len(unknown)} predictions for question_ids not in the test file (e.g. "
+        raise cli.UserError(f"{where}: {len(unknown)} predictions for question_ids not in the test file (e.g. "
                          f"{sorted(unknown)[:3]}): wrong task, test file or --max_test?")
     return by_qid
 
@@ -126,13 +127,13 @@ def generate(model, processor, records, image_dir, batch_size=64, max_new_tokens
     rows = []
     try:
         with torch.no_grad():
-            for s in tqdm(range(0, len(mine), batch_size), desc=desc, disable=desc is None or rank != 0, leave=False):
+            for s in cli.progress(range(0, len(mine), batch_size), desc=desc, disable=rank != 0):
                 idx = mine[s:s + batch_size]
                 batch = [records[i] for i in idx]
                 prompts = [data.build_prompt(r["text"], bool(r.get("image")), processor) for r in batch]
                 # text-only records (some ScienceQA items) carry no image; the others' images fill the
                 # <image> tokens in order
-                images = [data.expand2square(data.load_image(image_dir, r["image"]), mean)
+                images = [data.expand2square(data.load_image(image_dir, r["image"], r["question_id"]), mean)
                           for r in batch if r.get("image")]
                 enc = processor(text=prompts, images=images or None, padding=True, return_tensors="pt").to(model.device)
                 if "pixel_values" in enc:
@@ -312,7 +313,7 @@ def load_annotations(task, path):
         out = {str(a["question_id"]): a["answers"] for a in ann["data"]}
         bad = [q for q, a in out.items() if len(a) != 10]
         if bad:
-            raise ValueError(f"{path}: question {bad[0]} has {len(out[bad[0]])} answers; the VQA accuracy needs 10")
+            raise cli.UserError(f"{path}: question {bad[0]} has {len(out[bad[0]])} answers; the VQA accuracy needs 10")
         return out
     return {str(q): v["answer"] for q, v in ann.items()}
 
@@ -321,7 +322,7 @@ def ground_truth(task, rec, ann):
     qid = str(rec["question_id"])
     if ann is not None:
         if qid not in ann:
-            raise ValueError(f"question_id {qid!r} of the {task} test file is not in its annotation file")
+            raise cli.UserError(f"question_id {qid!r} of the {task} test file is not in its annotation file")
         return ann[qid]
     if task == "TextVQA":
         return [rec["answer"]] * 10  # no annotation file: the one stored answer stands for all ten
@@ -336,7 +337,7 @@ def score_task(task, preds, records, scoring="official", annotations=None):
     if scoring not in SCORINGS:
         raise ValueError(f"scoring={scoring!r}: choose from {', '.join(SCORINGS)}")
     if task == "Grounding" and any("size" not in r for r in records):
-        raise ValueError("Grounding test records need 'size' ([w, h]) to scale the boxes")
+        raise cli.UserError("Grounding test records need 'size' ([w, h]) to scale the boxes")
     ann = load_annotations(task, annotations) if annotations else None
     by_qid = index_predictions(preds, records, f"{task} predictions")
     scorer, total, missing = SCORERS[task], 0.0, 0
@@ -347,7 +348,10 @@ def score_task(task, preds, records, scoring="official", annotations=None):
             continue
         total += scorer(pred["text"], ground_truth(task, rec, ann), scoring)
     n = len(records)
-    return {"task": task, "score": 100 * total / n if n else 0.0, "n": n, "missing": missing, "scoring": scoring,
+    if n == 0:
+        raise cli.UserError(f"{task}: no test records to score against (an empty test file, or all dropped): a score "
+                            "on nothing is not 0")
+    return {"task": task, "score": 100 * total / n, "n": n, "missing": missing, "scoring": scoring,
             "ground_truth": annotations if ann is not None else "test file"}
 
 
@@ -413,7 +417,9 @@ class Judge:
             text, s = next(judged) if str(r["question_id"]) in by_qid else ("missing prediction", 0)
             rows.append({"question_id": r["question_id"], "judge_text": text, "score": s})
         n = len(records)
-        return {"task": task, "score": 100 * sum(row["score"] for row in rows) / (10 * n) if n else 0.0, "n": n,
+        if n == 0:
+            raise cli.UserError(f"{task}: no test records to judge (an empty test file, or all dropped)")
+        return {"task": task, "score": 100 * sum(row["score"] for row in rows) / (10 * n), "n": n,
                 "missing": n - len(items), "judge": self.name, "rows": rows}
 
 
@@ -638,40 +644,62 @@ def write_results(out_dir, tasks, if_matrix, gk_matrix, extra=None):
 # -----------------------------------------------------------------------------
 # Standalone: score prediction files written by coin or by the official CoIN code
 
-OPTIONS = {
-    "predictions": "",             # a run folder, its predictions/, the official results folder, or one file
-    "task": "",                    # with one file: its task
-    "test_file": "",               # with one file: its test JSON (default: the task's, under --data_dir)
-    "data_dir": "data/coin-mini",  # folder holding Instructions_*/
-    "instructions": "Original",    # Original | Diverse | 10Type
-    "annotations": "",             # official ground-truth files (a folder or a file); default <data_dir>/annotations
-    "tasks": "",                   # task order (matrix columns); default: coin's stage numbers, else the paper's order
-    "scoring": "official",         # official | fixed (see the top of this file)
-    "judge": "exact",              # General Knowledge judge: exact | none | a Hugging Face causal LM folder
-    "judge_batch": 16,             # prompts per batch for an LM judge
-    "max_test": 0,                 # score the first N test records only, as coin's --max_test (0 = all)
-    "out": "out/eval",             # where results.json, results.md, heatmaps and judge files go
-    "compare": "",                 # run folders holding results.json, comma-separated: their numbers side by side
-    "study": "",                   # a folder of runs (out/study): tables over seeds -> study.md, study_curves.png
-}
+@dataclasses.dataclass
+class Options:
+    predictions: str = ""                 # a run folder, its predictions/, the official results folder, or one file
+    task: str = ""                        # with one file: its task
+    test_file: str = ""                   # with one file: its test JSON (default: the task's, under --data_dir)
+    data_dir: str = "data/coin-mini"      # folder holding Instructions_*/ (a coin run folder: the run's)
+    instructions: str = "Original"        # Original | Diverse | 10Type (a coin run folder: the run's)
+    annotations: str = ""                 # official ground-truth files (a folder or a file); default <data_dir>/annotations
+    tasks: str = ""                       # task order (matrix columns); default: coin's stage numbers, else the paper's
+    scoring: str = "official"             # official | fixed (see the top of this file)
+    judge: str = "exact"                  # General Knowledge judge: exact | none | a Hugging Face causal LM folder
+    judge_batch: int = 16                 # prompts per batch for an LM judge
+    max_test: int = 0                     # score the first N test records only, as coin's --max_test (0 = all; a coin
+                                          # run folder: the run's)
+    out: str = "out/eval"                 # where results.json, results.md, heatmaps and judge files go
+    compare: str = ""                     # run folders holding results.json, comma-separated: their numbers side by side
+    study: str = ""                       # a folder of runs (out/study): tables over seeds -> study.md, study_curves.png
+
+
+RULES = {"scoring": cli.one_of(*SCORINGS), "instructions": cli.one_of(*data.INSTRUCTIONS),
+         "judge_batch": cli.at_least(1), "max_test": cli.at_least(0)}
 
 
 def parse_options(argv):
-    opts = dict(OPTIONS)
-    for arg in argv:
-        if arg in ("-h", "--help"):
-            print(__doc__ + "\nSettings:\n" + "\n".join(f"  --{k}={v!r}" for k, v in OPTIONS.items()))
-            sys.exit(0)
-        key, eq, val = arg.removeprefix("--").partition("=")
-        if not arg.startswith("--") or key not in OPTIONS or not eq:
-            raise SystemExit(f"unknown or incomplete setting {arg!r}; known: {', '.join('--' + k for k in OPTIONS)}")
-        try:
-            opts[key] = type(OPTIONS[key])(val)
-        except ValueError:
-            raise SystemExit(f"--{key} takes a {type(OPTIONS[key]).__name__}, not {val!r}") from None
-    if opts["scoring"] not in SCORINGS:
-        raise SystemExit(f"--scoring={opts['scoring']!r}: choose from {', '.join(SCORINGS)}")
-    return opts
+    """The Options of a command line as a dict, every setting checked (unknown keys, types, RULES)."""
+    opts, given = cli.parse(Options, argv, __doc__, {f.name: RULES.get(f.name, cli.ANY)
+                                                      for f in dataclasses.fields(Options)})
+    return {**dataclasses.asdict(opts), "given": given}
+
+
+def test_set_id(records):
+    """{n, sha1} of the question_ids of a test subset, in order: a run records it, a rescoring compares it."""
+    ids = json.dumps([str(r["question_id"]) for r in records])
+    return {"n": len(records), "sha1": hashlib.sha1(ids.encode()).hexdigest()}
+
+
+RUN_SETTINGS = ("data_dir", "instructions", "max_test")  # what fixes a coin run's test subset, besides the files
+
+
+def run_test_settings(opts):
+    """With --predictions a coin run folder (it holds results.json): the run's own test subset settings (data_dir,
+    instructions, max_test), and its recorded {task: test_set_id}; the command line may not give others."""
+    path = os.path.join(opts["predictions"], "results.json")
+    if not os.path.isfile(path):
+        return opts, {}
+    run = data.read_json(path)
+    config = run.get("config", {})
+    clash = [f"--{k}={opts[k]}: the run in {opts['predictions']} evaluated with --{k}={config[k]} (its results.json); "
+             f"drop --{k} to score the test records it scored" for k in RUN_SETTINGS
+             if k in opts["given"] and k in config and opts[k] != config[k]]
+    if clash:
+        raise cli.UserError("\n".join(clash))
+    if config.get("skip_bad") and any(k.endswith("/test") for k in run.get("dropped_records", {})):
+        raise cli.UserError(f"{opts['predictions']}: the run dropped bad test records (--skip_bad); rescoring it "
+                            "needs the same records: use its results.json, or give one file with --test_file")
+    return {**opts, **{k: config[k] for k in RUN_SETTINGS if k in config}}, run.get("test_records", {})
 
 
 def canonical_task(name):
@@ -706,7 +734,7 @@ def find_prediction_files(root):
                 elif os.path.isfile(path):
                     print(f"skipping {path}: stage {s!r} is not a task, Finetune or Zero_shot")
     if not found:
-        raise SystemExit(f"--predictions={root}: no prediction files (expected coin's <stage>/<Task>.jsonl or the "
+        raise cli.UserError(f"--predictions={root}: no prediction files (expected coin's <stage>/<Task>.jsonl or the "
                          "official <Task>/<Stage>/merge.jsonl)")
     return found
 
@@ -735,6 +763,10 @@ def compare(runs):
 
 def main(argv):
     opts = parse_options(argv)
+    if opts["predictions"] and os.path.isdir(opts["predictions"]):
+        opts, test_ids = run_test_settings(opts)
+    else:
+        test_ids = {}
     if opts["compare"]:
         print(compare([r for r in opts["compare"].split(",") if r]))
         return
@@ -743,11 +775,11 @@ def main(argv):
         print(f"wrote {os.path.join(opts['study'], 'study.md')} and study_curves.png")
         return
     if not os.path.exists(opts["predictions"]):
-        raise SystemExit(f"--predictions={opts['predictions']!r}: no such folder or file (give a run folder, the "
+        raise cli.MissingFile(f"--predictions={opts['predictions']!r}: no such folder or file (give a run folder, the "
                          "official results folder, or one file with --task; or --compare=RUN1,RUN2; see --help)")
     annotations = opts["annotations"] or os.path.join(opts["data_dir"], "annotations")
     if opts["annotations"] and not os.path.exists(annotations):
-        raise SystemExit(f"--annotations={annotations}: no such file or folder")
+        raise cli.MissingFile(f"--annotations={annotations}: no such file or folder")
     annotations = annotations if os.path.exists(annotations) else None
     judge = (None if opts["judge"] == "none" else ExactJudge() if opts["judge"] == "exact"
              else LMJudge(opts["judge"], opts["judge_batch"]))
@@ -758,6 +790,10 @@ def main(argv):
             recs = data.read_json(test_file) if test_file else data.test_examples(opts["data_dir"], task,
                                                                                   opts["instructions"])
             records[task] = recs[:opts["max_test"]] if opts["max_test"] else recs
+            if task in test_ids and test_set_id(records[task]) != test_ids[task]:
+                raise cli.UserError(
+                    f"{task}: the test records under --data_dir={opts['data_dir']} are not the {test_ids[task]['n']} "
+                    f"the run in {opts['predictions']} scored (regenerated or edited data?); give the data it read")
         preds = read_predictions(path)
         scored = score_task(task, preds, records[task], opts["scoring"], annotations)
         judged = judge.score(task, preds, records[task]) if judge else None
@@ -770,7 +806,7 @@ def main(argv):
     if os.path.isfile(opts["predictions"]):  # one file
         task = canonical_task(opts["task"])
         if not task:
-            raise SystemExit(f"--task={opts['task']!r}: one prediction file needs its task: {', '.join(data.TASKS)}")
+            raise cli.UserError(f"--task={opts['task']!r}: one prediction file needs its task: {', '.join(data.TASKS)}")
         scored, judged = score(task, opts["predictions"], opts["test_file"])
         if judged:
             scored["general_knowledge"] = {k: v for k, v in judged.items() if k != "rows"}
@@ -796,7 +832,7 @@ def main(argv):
         else:
             j, i = tasks.index(stage), tasks.index(task)
             if if_matrix[j][i] is not None:
-                raise SystemExit(f"{path}: a second prediction file for {task} after {stage}")
+                raise cli.UserError(f"{path}: a second prediction file for {task} after {stage}")
             if_matrix[j][i], gk_matrix[j][i] = scored["score"], judged and judged["score"]
     extra = {"source": opts["predictions"], "scoring": opts["scoring"], "judge": opts["judge"],
              "annotations": annotations, "zero_shot": zero_shot}
@@ -805,7 +841,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    try:
-        main(sys.argv[1:])
-    except (ValueError, FileNotFoundError) as e:  # bad input files: the message names the file
-        raise SystemExit(f"error: {e}") from None
+    cli.run(main, sys.argv[1:])

@@ -15,6 +15,7 @@ from PIL import Image
 import coin_mini
 import data
 import eval as E
+from cli import UserError
 
 # -----------------------------------------------------------------------------
 # The scorers, case by case from the official scripts
@@ -341,9 +342,9 @@ def test_standalone_coin_and_official_layouts(mini_data, tmp_path, capsys):
             "--judge=none", "--scoring=fixed"])
     res = json.load(open(tmp_path / "no-judge" / "results.json"))
     assert res["matrix"] == a["matrix"] and "general_knowledge" not in res and res["scoring"] == "fixed"
-    with pytest.raises(SystemExit, match="unknown or incomplete setting '--scorin=fixed'"):
+    with pytest.raises(UserError, match="unknown setting '--scorin=fixed': did you mean --scoring"):
         E.main(["--scorin=fixed"])
-    with pytest.raises(SystemExit, match="--scoring='strict'"):
+    with pytest.raises(UserError, match="--scoring=strict: must be one of official, fixed"):
         E.main(["--scoring=strict"])
 
 

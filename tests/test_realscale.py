@@ -16,6 +16,7 @@ from transformers import AutoProcessor
 import base_model
 import coin
 import data
+from cli import UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -85,7 +86,7 @@ def test_check_command_counts_and_fails_on_problems(release):
     assert "| GQA | test | 6 | 5 | 0 | 1 | 0 | 0 |" in out
     assert "| ScienceQA | train | 16 | 15 | 1 | 0 | 0 | 0 |" in out
     assert "| Grounding | train | 16 | 15 | 0 | 0 | 0 | 1 |" in out
-    assert f"GQA/test.json: record 1: image {missing!r} missing" in out
+    assert f"GQA/test.json: record 1 (question_id 'GQA_test_1'): image {missing!r} missing" in out
     assert f"{corrupt} unreadable" in out and "ScienceQA/train.json: record 0 is not a LLaVA conversation" in out
     assert "| GQA | val | 4 | 3 | 0 | 1 | 0 | 0 |" in out  # val shares that image
     assert "5 problem(s)" in out
@@ -102,8 +103,8 @@ def run(release, tiny_base, out, *extra):
 def test_training_refuses_bad_records_or_skips_them_counted(release, tiny_base, tmp_path):
     root, image_dir = release
     break_release(root, image_dir)
-    with pytest.raises(ValueError, match=r"(?s)GQA/test.json: 1 bad record\(s\); the first: record 1: image .* "
-                                         r"missing.*ScienceQA/train.json: 1 bad record.*--skip_bad drops them"):
+    with pytest.raises(UserError, match=r"(?s)GQA/test.json: record 1 \(question_id .*\): image .* "
+                                        r"missing.*ScienceQA/train.json: record 0 is not a LLaVA.*--skip_bad drops these"):
         run(release, tiny_base, str(tmp_path / "refused"), "--tasks=GQA,ScienceQA")
     assert not os.path.exists(tmp_path / "refused")
     # the corrupt image is found when read (existence only is checked up front): train GQA on the other records
@@ -136,11 +137,11 @@ def test_global_batch_table_sets_grad_accum():
     assert {t: coin.grad_accum_for(cfg, t, 8) for t in ("ScienceQA", "ImageNet", "GQA", "OCR-VQA")} == \
         {"ScienceQA": 14, "ImageNet": 16, "GQA": 6, "OCR-VQA": 10}  # 8 GPUs: 896, 1024, 384, 640
     assert coin.grad_accum_for(coin.parse_config(["--global_batch=64", "--micro_batch=4"]), "GQA", 2) == 8
-    with pytest.raises(SystemExit, match="global batch 384 is not a multiple of micro_batch x ranks = 5 x 8"):
-        coin.grad_accum_for(coin.parse_config(["--global_batch=official", "--micro_batch=5"]), "GQA", 8)
-    with pytest.raises(SystemExit, match="no batch for stage 'MultiTask'"):
+    with pytest.raises(UserError, match="global batch 384 is not a multiple of micro_batch x ranks = 5 x 8"):
+        coin.grad_accum_for(coin.Config(global_batch="official", micro_batch=5), "GQA", 8)
+    with pytest.raises(UserError, match="no batch for stage 'MultiTask'"):
         coin.grad_accum_for(cfg, "MultiTask", 8)
-    with pytest.raises(SystemExit, match="--global_batch='big'"):
+    with pytest.raises(UserError, match="--global_batch=big"):
         coin.parse_config(["--global_batch=big"])
 
 
