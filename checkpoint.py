@@ -95,13 +95,13 @@ def check_same_run(saved, info, path, defaults):
         was = old.get(key, defaults[key])
         if key not in MAY_DIFFER and was != new[key]:
             raise cli.UserError(f"{path}: written by a run with --{key}={was!r}, this one has "
-                             f"--{key}={new[key]!r}; continue it with the same settings, or write to another --out")
+                                f"--{key}={new[key]!r}; continue it with the same settings, or write to another --out")
     if saved.get("global_batch") != info["global_batch"]:
         raise cli.UserError(f"{path}: written with a global batch of {saved.get('global_batch')}, this run has "
-                         f"{info['global_batch']} (micro_batch x ranks x grad_accum); keep it to continue that run")
+                            f"{info['global_batch']} (micro_batch x ranks x grad_accum); keep it to continue that run")
     if saved.get("inputs") != info["inputs"]:
         raise cli.UserError(f"{path}: written by a run that read other data or another base (regenerated data or a "
-                         "rebuilt base?); write to another --out")
+                            "rebuilt base?); write to another --out")
 
 
 def read_json_file(path):
@@ -223,8 +223,8 @@ def load_midstage(path, model, opt, info, defaults, rank, world, device):
                               "delete it and run the same command again: the stage restarts from its beginning")
     if state["world_size"] != world:
         raise cli.UserError(f"{path}: written by {state['world_size']} ranks, this run has {world}: a stage continues "
-                         "exactly only on as many ranks (one RNG state each); use that many, or delete it to restart "
-                         "the stage")
+                            "exactly only on as many ranks (one RNG state each); use that many, or delete it to "
+                            "restart the stage")
     load_trainable(model, state["weights"], path)
     opt.load_state_dict(state["optimizer"])
     torch.set_rng_state(state["rng"][rank][0])
@@ -240,8 +240,8 @@ def finished_stages(cfg, stages, info, rank):
     """How many stages, from the first, an earlier run into --out finished; 0 for a new --out."""
     if not cfg.resume:
         if os.path.exists(os.path.join(cfg.out, "results.json")) or os.path.isdir(os.path.join(cfg.out, "checkpoints")):
-            raise cli.UserError(f"--out={cfg.out} holds a run already: --resume=true (the default) continues it; to start "
-                             "over, delete that folder or choose another --out")
+            raise cli.UserError(f"--out={cfg.out} holds a run already: --resume=true (the default) continues it; to "
+                                "start over, delete that folder or choose another --out")
         return 0
     done, meta = 0, None
     for j, (name, *_) in enumerate(stages):

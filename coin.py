@@ -23,6 +23,7 @@ if __name__ == "__main__" and cli.wants_help(sys.argv[1:]):  # answered before t
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+import transformers
 from safetensors import SafetensorError
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
@@ -103,7 +104,8 @@ RULES = {
     "base": cli.ANY, "dtype": cli.one_of("float32", "bfloat16"), "attn": cli.one_of("sdpa", "eager"),
     "grad_ckpt": cli.ANY,
     "lora_r": cli.at_least(1), "lora_alpha": cli.POSITIVE, "experts": cli.at_least(1),
-    "lora_dropout": cli.between(0, 1, high_open=True), "train_projector": cli.ANY, "projector_lr_scale": cli.at_least(0),
+    "lora_dropout": cli.between(0, 1, high_open=True), "train_projector": cli.ANY,
+    "projector_lr_scale": cli.at_least(0),
     "lr": cli.POSITIVE, "micro_batch": cli.at_least(1), "grad_accum": cli.at_least(1),
     "global_batch": cli.Rule(lambda v: v in ("", "official") or v.isdigit() and int(v) > 0,
                              "'', 'official' or a whole number > 0"),
@@ -174,12 +176,13 @@ def grad_accum_for(cfg, stage, world):
         return cfg.grad_accum
     if cfg.global_batch == "official" and stage not in OFFICIAL_GLOBAL_BATCH:
         raise cli.UserError(f"--global_batch=official: the official table has no batch for stage {stage!r}; give "
-                         "--global_batch=N")
+                            "--global_batch=N")
     want = OFFICIAL_GLOBAL_BATCH[stage] if cfg.global_batch == "official" else int(cfg.global_batch)
     per_step = cfg.micro_batch * world
     if want % per_step:
-        raise cli.UserError(f"stage {stage}: global batch {want} is not a multiple of micro_batch x ranks = "
-                         f"{cfg.micro_batch} x {world}; choose a --micro_batch that divides {want // world}")
+        where = f"stage {stage}" if cfg.global_batch == "official" else f"--global_batch={want}"
+        raise cli.UserError(f"{where}: global batch {want} is not a multiple of micro_batch x ranks = "
+                            f"{cfg.micro_batch} x {world}; choose a --micro_batch that divides {want // world}")
     return want // per_step
 
 
@@ -358,6 +361,8 @@ def load_base(cfg, device):
     """Any Hugging Face image-text-to-text directory (LLaVA, Qwen2-VL, ...) and its processor."""
     processor = load_processor(cfg)
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[cfg.dtype]
+    if not sys.stderr.isatty():  # its loading bar would fill a log file with carriage returns
+        transformers.utils.logging.disable_progress_bar()
     try:
         model = AutoModelForImageTextToText.from_pretrained(cfg.base, dtype=dtype, attn_implementation=cfg.attn)
     except (OSError, SafetensorError) as e:  # a weight file cut short or damaged: the library's message lacks the path

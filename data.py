@@ -205,7 +205,7 @@ def check_split(data_dir, task, split, instructions, image_dir, open_images=True
         if rec is not None and split != "train":
             qid = str(rec["question_id"])
             if qid in seen:
-                kind, problem = "malformed", f"{name}: question_id already used by record {seen[qid]} (ids must be unique)"
+                kind, problem = "malformed", f"{name}: question_id already used by record {seen[qid]} (make it unique)"
             seen.setdefault(qid, i)
         if kind is None and rec is not None and not rec.get("image") and task not in TEXT_ONLY_ALLOWED:
             kind, problem = "malformed", f"{name}: no `image`; every {task} question is about an image (add its path)"
@@ -433,9 +433,9 @@ def main(argv):
         return coin_mini.main(argv[1:])
     if cli.wants_help(argv):
         import coin_mini
-        print(__doc__.strip() + "\n\n" + USAGE + "\n"
-              + cli.help_text(cli.read_setting_docs(coin_mini.__file__, "MiniSettings"), "python data.py mini:") + "\n\n"
-              + cli.help_text(cli.read_setting_docs(__file__, "CheckSettings"), "python data.py check:"))
+        mini = cli.help_text(cli.read_setting_docs(coin_mini.__file__, "MiniSettings"), "python data.py mini:")
+        check = cli.help_text(cli.read_setting_docs(__file__, "CheckSettings"), "python data.py check:")
+        print(f"{__doc__.strip()}\n\n{USAGE}\n{mini}\n\n{check}")
         return 0
     raise cli.UserError(f"{argv[0] if argv else 'no command'}: give `python data.py mini` or `python data.py check` "
                         "(python data.py --help describes both)")

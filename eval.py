@@ -75,10 +75,10 @@ def read_predictions(path):
                 row = json.loads(line)
             except json.JSONDecodeError as e:
                 raise cli.UserError(f"{path}:{i}: not valid JSON ({e.msg}); a crashed run can leave a cut last line: "
-                                 "delete it and regenerate that record") from None
+                                    "delete it and regenerate that record") from None
             if not isinstance(row, dict) or "question_id" not in row or not isinstance(row.get("text"), str):
                 raise cli.UserError(f"{path}:{i}: expected an object with question_id and text (a string), "
-                                 f"got {line.strip()[:80]!r}")
+                                    f"got {line.strip()[:80]!r}")
             qid = str(row["question_id"])
             if qid in seen:
                 raise cli.UserError(f"{path}:{i}: question_id {row['question_id']!r} already on line {seen[qid]}")
@@ -98,7 +98,7 @@ def index_predictions(preds, records, where="predictions"):
     unknown = by_qid.keys() - {str(r["question_id"]) for r in records}
     if unknown:
         raise cli.UserError(f"{where}: {len(unknown)} predictions for question_ids not in the test file (e.g. "
-                         f"{sorted(unknown)[:3]}): wrong task, test file or --max_test?")
+                            f"{sorted(unknown)[:3]}): wrong task, test file or --max_test?")
     return by_qid
 
 
@@ -651,7 +651,7 @@ class Options:
     test_file: str = ""                   # with one file: its test JSON (default: the task's, under --data_dir)
     data_dir: str = "data/coin-mini"      # folder holding Instructions_*/ (a coin run folder: the run's)
     instructions: str = "Original"        # Original | Diverse | 10Type (a coin run folder: the run's)
-    annotations: str = ""                 # official ground-truth files (a folder or a file); default <data_dir>/annotations
+    annotations: str = ""                 # official ground-truth files (a folder or a file); "": <data_dir>/annotations
     tasks: str = ""                       # task order (matrix columns); default: coin's stage numbers, else the paper's
     scoring: str = "official"             # official | fixed (see the top of this file)
     judge: str = "exact"                  # General Knowledge judge: exact | none | a Hugging Face causal LM folder
@@ -659,8 +659,8 @@ class Options:
     max_test: int = 0                     # score the first N test records only, as coin's --max_test (0 = all; a coin
                                           # run folder: the run's)
     out: str = "out/eval"                 # where results.json, results.md, heatmaps and judge files go
-    compare: str = ""                     # run folders holding results.json, comma-separated: their numbers side by side
-    study: str = ""                       # a folder of runs (out/study): tables over seeds -> study.md, study_curves.png
+    compare: str = ""                     # run folders holding results.json, comma-separated: numbers side by side
+    study: str = ""                       # a folder of runs (out/study): tables over seeds -> study.md and curves
 
 
 RULES = {"scoring": cli.one_of(*SCORINGS), "instructions": cli.one_of(*data.INSTRUCTIONS),
@@ -735,7 +735,7 @@ def find_prediction_files(root):
                     print(f"skipping {path}: stage {s!r} is not a task, Finetune or Zero_shot")
     if not found:
         raise cli.UserError(f"--predictions={root}: no prediction files (expected coin's <stage>/<Task>.jsonl or the "
-                         "official <Task>/<Stage>/merge.jsonl)")
+                            "official <Task>/<Stage>/merge.jsonl)")
     return found
 
 
@@ -776,7 +776,7 @@ def main(argv):
         return
     if not os.path.exists(opts["predictions"]):
         raise cli.MissingFile(f"--predictions={opts['predictions']!r}: no such folder or file (give a run folder, the "
-                         "official results folder, or one file with --task; or --compare=RUN1,RUN2; see --help)")
+                              "official results folder, or one file with --task; or --compare=RUN1,RUN2; see --help)")
     annotations = opts["annotations"] or os.path.join(opts["data_dir"], "annotations")
     if opts["annotations"] and not os.path.exists(annotations):
         raise cli.MissingFile(f"--annotations={annotations}: no such file or folder")

@@ -104,10 +104,11 @@ def test_training_refuses_bad_records_or_skips_them_counted(release, tiny_base, 
     root, image_dir = release
     break_release(root, image_dir)
     with pytest.raises(UserError, match=r"(?s)GQA/test.json: record 1 \(question_id .*\): image .* "
-                                        r"missing.*ScienceQA/train.json: record 0 is not a LLaVA.*--skip_bad drops these"):
+                                        r"missing.*ScienceQA/train.json: record 0 is not a LLaVA.*"
+                                        r"--skip_bad drops these"):
         run(release, tiny_base, str(tmp_path / "refused"), "--tasks=GQA,ScienceQA")
     assert not os.path.exists(tmp_path / "refused")
-    # the corrupt image is found when read (existence only is checked up front): train GQA on the other records
+    # --skip_bad: the bad records are dropped, counted per file
     res = run(release, tiny_base, str(tmp_path / "skipped"), "--tasks=ScienceQA,Grounding", "--skip_bad")
     assert res["dropped_records"] == {"ScienceQA/train": 1, "Grounding/train": 1}
     assert res["matrix"][1][0] is not None

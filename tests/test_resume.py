@@ -242,7 +242,7 @@ def test_missing_image(data_copy, tiny_base, tmp_path):
     rec = json.load(open(task_file(data_copy, "VQAv2", "test")))[3]  # the last of the 4 evaluated
     os.remove(os.path.join(data_copy, "images", rec["image"]))
     out = str(tmp_path / "run")
-    with pytest.raises(ValueError, match=r"VQAv2/test.json: 1 bad record\(s\); the first: record 3: image "
+    with pytest.raises(ValueError, match=r"VQAv2/test.json: record 3 \(question_id 'VQAv2_test_3'\): image "
                                          + re.escape(repr(rec["image"])) + r" missing under \S+"):
         coin.main(args(data_copy, tiny_base, out))
     assert not os.path.exists(out)
