@@ -145,11 +145,15 @@ def verify_checksum(sd, path, expected, fix):
     return f"{path} (checksum verified)"
 
 
+class NonFiniteLoss(cli.UserError, FloatingPointError):
+    """Training diverged (a loss or a weight is not finite): nothing was saved; the message says what stays."""
+
+
 def finite_or_raise(sd, path, step):
     bad = [k for k, v in sd.items() if not torch.isfinite(v).all()]
     if bad:
-        raise FloatingPointError(f"{path}: not written: {len(bad)} weights (e.g. {bad[0]}) are not finite after step "
-                                 f"{step}; the last good checkpoint stays (try a lower --lr)")
+        raise NonFiniteLoss(f"{path}: not written: {len(bad)} weights (e.g. {bad[0]}) are not finite after step "
+                            f"{step}; the last good checkpoint stays (try a lower --lr)")
 
 
 def save_checkpoint(model, stage_dir, meta):

@@ -30,8 +30,9 @@ from transformers import AutoModelForImageTextToText, AutoProcessor
 import data
 import eval as evaluate
 from base_model import assemble_main, pretrain_base, projector
-from checkpoint import (MIDSTAGE, finished_stages, inputs_hash, load_checkpoint, load_midstage, load_results,
-                        read_json_file, run_info, save_checkpoint, save_midstage, setting_defaults, stage_dir)
+from checkpoint import (MIDSTAGE, NonFiniteLoss, finished_stages, inputs_hash, load_checkpoint, load_midstage,
+                        load_results, read_json_file, run_info, save_checkpoint, save_midstage, setting_defaults,
+                        stage_dir)
 from data import collate
 from moelora import add_moelora, mark_only_moelora_trainable
 
@@ -62,7 +63,7 @@ class Config:
     lora_r: int = 16                      # total rank r, split over the experts (official: 128)
     lora_alpha: float = 32.0              # scaling alpha / r (official: 256 / 128 = 2)
     experts: int = 8                      # E; 1 = plain LoRA, the baseline (official: 8)
-    lora_dropout: float = 0.05            # official: 0.05
+    lora_dropout: float = 0.05            # dropout on the adapter's input (official: 0.05)
     train_projector: bool = True          # the projector trains along with the adapter, as in CoIN
     projector_lr_scale: float = 0.1       # the projector's lr = lr x this. 0.1: the official scripts' 2e-5 at lr
                                           # 2e-4 (their DeepSpeed config overrides it: 1.0 is what they run in effect)
@@ -322,9 +323,9 @@ def train_one_task(model, dataset, params, cfg, rank, world, device, seed, desc,
                 all_reduce_grads(params)  # a sum: each rank already divided by the global batch's token count
             loss = all_reduce_(loss_sum)[0].item() / n_tokens.item()
             if not math.isfinite(loss):  # raise before the step: no weight and no checkpoint sees it
-                raise FloatingPointError(f"{desc}: the loss is {loss} at step {step + 1} of {len(steps)}; stopped "
-                                         f"without saving, the last good checkpoint stays ({last_checkpoint}); the "
-                                         f"stage started from {started_from}; try a lower --lr (now {cfg.lr})")
+                raise NonFiniteLoss(f"{desc}: the loss is {loss} at step {step + 1} of {len(steps)}; stopped "
+                                    f"without saving, the last good checkpoint stays ({last_checkpoint}); the "
+                                    f"stage started from {started_from}; try a lower --lr (now {cfg.lr})")
             torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
             for group in opt.param_groups:
                 group["lr"] = lr_at(step, len(steps), cfg) * group["lr_scale"]

@@ -546,7 +546,6 @@ def generate_mini(out, n_train=3000, n_test=200, n_stage0=46000, size=48, seed=0
     """Write CoIN-mini under `out` in the official layout:
     out/Instructions_{Original,Diverse,10Type}/<Task>/{train,test}.json, out/images/<Task>/<split>/N.png,
     out/Stage0/train.json (caption corpus), out/annotations/TextVQA_0.5.1_val.json, out/coin_mini.json (meta)."""
-    from tqdm import tqdm
     meta = dict(mini_settings(n_train, n_test, n_stage0, size, seed), chance={})
     img_dir = os.path.join(out, "images")
     textvqa_ann = []
@@ -556,7 +555,7 @@ def generate_mini(out, n_train=3000, n_test=200, n_stage0=46000, size=48, seed=0
             os.makedirs(os.path.join(img_dir, task, split), exist_ok=True)
             sets = {iset: [] for iset in FORMAT_INSTRUCTIONS}
             chance = 0.0
-            for i in tqdm(range(n), desc=f"CoIN-mini {task} {split}", disable=not progress, leave=False):
+            for i in cli.progress(range(n), desc=f"CoIN-mini {task} {split}", disable=not progress):
                 item = make_item(task, rng, size)
                 rel = None
                 if item["image"] is not None:
@@ -593,7 +592,7 @@ def generate_mini(out, n_train=3000, n_test=200, n_stage0=46000, size=48, seed=0
     rng = random.Random(f"{seed}-stage0")
     os.makedirs(os.path.join(img_dir, "Stage0"), exist_ok=True)
     recs = []
-    for i in tqdm(range(n_stage0), desc="CoIN-mini stage-0 captions", disable=not progress, leave=False):
+    for i in cli.progress(range(n_stage0), desc="CoIN-mini stage-0 captions", disable=not progress):
         img, question, answer = stage0_item(rng, size)
         rec = {"id": f"stage0_{i}", "conversations": [{"from": "human", "value": question},
                                                       {"from": "gpt", "value": answer}]}

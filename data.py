@@ -140,10 +140,10 @@ def parse_test_record(rec):
     return rec
 
 
-def read_records(data_dir, task, split, instructions="Original"):
-    """(path, [(index, parsed record or None, problem or None)]) of one task file: train files parse to examples,
-    test and val files stay as stored. Only an unreadable file raises; a bad record is reported, not raised."""
-    path = task_file(data_dir, task, split, instructions)
+def read_records(data_dir, task, split, instructions="Original", path=None):
+    """(path, [(index, parsed record or None, problem or None)]) of one task file (or of `path`): train files parse
+    to examples, test and val files stay as stored. Only an unreadable file raises; a bad record is reported."""
+    path = path or task_file(data_dir, task, split, instructions)
     parse = parse_train_record if split == "train" else parse_test_record
     records = read_json(path)
     if not isinstance(records, list):
@@ -161,9 +161,9 @@ def read_records(data_dir, task, split, instructions="Original"):
     return path, out
 
 
-def read_or_raise(data_dir, task, split, instructions):
-    """The records of one task file; the first bad record raises, naming the file and the record."""
-    path, recs = read_records(data_dir, task, split, instructions)
+def read_or_raise(data_dir, task, split, instructions, path=None):
+    """The records of one task file (or of `path`); the first bad record raises, naming the file and the record."""
+    path, recs = read_records(data_dir, task, split, instructions, path)
     bad = [p for _, _, p in recs if p]
     if split != "train":
         first = {}
@@ -179,9 +179,9 @@ def train_examples(data_dir, task, instructions="Original"):
     return read_or_raise(data_dir, task, "train", instructions)
 
 
-def test_examples(data_dir, task, instructions="Original", split="test"):
-    """Test records as stored: {question_id, image, text, answer, ...}; a bad record raises."""
-    return read_or_raise(data_dir, task, split, instructions)
+def test_examples(data_dir, task, instructions="Original", split="test", path=None):
+    """Test records as stored: {question_id, image, text, answer, ...} (of `path` if given); a bad record raises."""
+    return read_or_raise(data_dir, task, split, instructions, path)
 
 
 # -----------------------------------------------------------------------------

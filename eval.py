@@ -787,8 +787,7 @@ def main(argv):
 
     def score(task, path, test_file=""):  # -> (Instruction Following result, the judge's result or None)
         if task not in records:
-            recs = data.read_json(test_file) if test_file else data.test_examples(opts["data_dir"], task,
-                                                                                  opts["instructions"])
+            recs = data.test_examples(opts["data_dir"], task, opts["instructions"], path=test_file or None)
             records[task] = recs[:opts["max_test"]] if opts["max_test"] else recs
             if task in test_ids and test_set_id(records[task]) != test_ids[task]:
                 raise cli.UserError(

@@ -330,3 +330,16 @@ def test_progress_in_a_log_file_is_a_few_plain_lines(capsys):
         bar.set_postfix(loss="0.5")
     err = capsys.readouterr().err
     assert "\r" not in err and 1 <= len(err.splitlines()) <= 11 and err.endswith("train GQA: 1000/1000 loss=0.5\n")
+
+
+def test_one_prediction_file_with_a_bad_test_file(mini_data, tmp_path, capsys):
+    recs = data.test_examples(mini_data, "GQA")
+    preds = tmp_path / "merge.jsonl"
+    E.write_jsonl(str(preds), [{"question_id": r["question_id"], "text": r["answer"]} for r in recs])
+    test_file = tmp_path / "test.json"
+    test_file.write_text(json.dumps({"records": recs}))
+    status, err = refused(E.main, [f"--predictions={preds}", "--task=GQA", f"--test_file={test_file}"], capsys)
+    assert status == 2 and f"{test_file}: holds an object, not a list of records" in err, err
+    test_file.write_text(json.dumps(recs + recs[:1]))
+    status, err = refused(E.main, [f"--predictions={preds}", "--task=GQA", f"--test_file={test_file}"], capsys)
+    assert status == 2 and f"question_id {recs[0]['question_id']!r} already used by record 0" in err, err
