@@ -17,7 +17,8 @@ import time
 
 import cli
 
-if __name__ == "__main__" and cli.wants_help(sys.argv[1:]):  # answered before torch and transformers load (~10 s)
+if __name__ == "__main__" and sys.argv[1:2] != ["assemble"] and cli.wants_help(sys.argv[1:]):
+    # answered here, from the Config block's source, before torch and transformers load (seconds)
     cli.exit_with_help(__file__, "Config", __doc__)
 
 import torch

@@ -680,12 +680,15 @@ def test_set_id(records):
     return {"n": len(records), "sha1": hashlib.sha1(ids.encode()).hexdigest()}
 
 
-RUN_SETTINGS = ("data_dir", "instructions", "max_test")  # what fixes a coin run's test subset, besides the files
+# a coin run's settings that choose its test records: rescoring takes the run's (--data_dir may point elsewhere, to
+# the same files: their question_ids are checked against the run's record of them)
+RUN_SETTINGS = ("data_dir", "instructions", "max_test")
 
 
 def run_test_settings(opts):
     """With --predictions a coin run folder (it holds results.json): the run's own test subset settings (data_dir,
-    instructions, max_test), and its recorded {task: test_set_id}; the command line may not give others."""
+    instructions, max_test), and its recorded {task: test_set_id}; the command line may not give other
+    --instructions or --max_test."""
     path = os.path.join(opts["predictions"], "results.json")
     if not os.path.isfile(path):
         return opts, {}
@@ -693,13 +696,17 @@ def run_test_settings(opts):
     config = run.get("config", {})
     clash = [f"--{k}={opts[k]}: the run in {opts['predictions']} evaluated with --{k}={config[k]} (its results.json); "
              f"drop --{k} to score the test records it scored" for k in RUN_SETTINGS
-             if k in opts["given"] and k in config and opts[k] != config[k]]
+             if k != "data_dir" and k in opts["given"] and k in config and opts[k] != config[k]]
     if clash:
         raise cli.UserError("\n".join(clash))
+    if "test_records" not in run:
+        print(f"note: {path} does not record which test records the run scored (an older run): scoring the first "
+              f"{config.get('max_test') or 'all'} of each test file, as its settings say, unverified")
     if config.get("skip_bad") and any(k.endswith("/test") for k in run.get("dropped_records", {})):
         raise cli.UserError(f"{opts['predictions']}: the run dropped bad test records (--skip_bad); rescoring it "
                             "needs the same records: use its results.json, or give one file with --test_file")
-    return {**opts, **{k: config[k] for k in RUN_SETTINGS if k in config}}, run.get("test_records", {})
+    taken = {k: config[k] for k in RUN_SETTINGS if k in config and not (k == "data_dir" and k in opts["given"])}
+    return {**opts, **taken}, run.get("test_records", {})
 
 
 def canonical_task(name):

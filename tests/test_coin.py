@@ -126,7 +126,7 @@ def test_continuing_checks_settings_added_since():
     cfg = dataclasses.asdict(coin.Config())
     defaults = checkpoint.setting_defaults(coin.Config())
     saved = {"config": {k: v for k, v in cfg.items() if k != "projector_lr_scale"}, "global_batch": 8, "inputs": "x"}
-    with pytest.raises(SystemExit, match="--projector_lr_scale=1.0, this one has --projector_lr_scale=0.1"):
+    with pytest.raises(UserError, match="--projector_lr_scale=1.0, this one has --projector_lr_scale=0.1"):
         checkpoint.check_same_run(saved, {"config": cfg, "global_batch": 8, "inputs": "x"}, "meta.json", defaults)
     checkpoint.check_same_run(saved, {"config": dict(cfg, projector_lr_scale=1.0), "global_batch": 8, "inputs": "x"},
                               "p", defaults)

@@ -278,6 +278,16 @@ def test_rescoring_a_run_uses_its_test_subset(mini_data, tiny_base, tmp_path, ca
     assert "without a prediction" not in capsys.readouterr().out
     status, err = refused(E.main, [f"--predictions={out}", "--max_test=0"], capsys)
     assert status == 2 and "--max_test=0: the run in" in err and "evaluated with --max_test=4" in err, err
+    moved = shutil.copytree(data_dir, tmp_path / "moved").as_posix()  # the same files elsewhere: fine
+    E.main([f"--predictions={out}", f"--data_dir={moved}", f"--out={tmp_path / 'scored-moved'}"])
+    assert json.load(open(tmp_path / "scored-moved" / "results.json"))["matrix"] == matrix
+    res = json.load(open(out / "results.json"))
+    data.write_json(str(out / "results.json"), {k: v for k, v in res.items() if k != "test_records"})
+    capsys.readouterr()
+    E.main([f"--predictions={out}", f"--out={tmp_path / 'scored-old'}"])  # a run from before test_records: said
+    assert "does not record which test records the run scored" in capsys.readouterr().out
+    assert json.load(open(tmp_path / "scored-old" / "results.json"))["matrix"] == matrix
+    data.write_json(str(out / "results.json"), res)
     edit(data_dir, "GQA", "test", lambda r: r[1:])  # the data changed since the run
     status, err = refused(E.main, [f"--predictions={out}", f"--out={tmp_path / 'scored2'}"], capsys)
     assert status == 2 and "GQA: the test records under --data_dir" in err and "are not the 4" in err, err

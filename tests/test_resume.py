@@ -249,13 +249,14 @@ def test_missing_image(data_copy, tiny_base, tmp_path):
 
 
 def test_corrupt_image(data_copy, tiny_base, tmp_path):
-    """A corrupt image fails when it is read, naming the file."""
+    """A corrupt image (its header does not read) is refused before any work, naming the record and the file."""
     rec = json.load(open(task_file(data_copy, "GQA", "train")))[0]
     path = os.path.join(data_copy, "images", rec["image"])
     with open(path, "wb") as f:
         f.write(b"not a png")
-    with pytest.raises(ValueError, match=re.escape(path) + ": image unreadable"):
+    with pytest.raises(ValueError, match=r"GQA/train.json: record 0: image " + re.escape(path) + " unreadable"):
         coin.main(args(data_copy, tiny_base, str(tmp_path / "run"), "--zero_shot=false", tasks=["GQA"]))
+    assert not os.path.exists(tmp_path / "run")
 
 
 def test_answer_that_tokenises_to_nothing(data_copy, tiny_base, tmp_path):
