@@ -146,7 +146,7 @@ def parse(cls, argv, usage, rules=None):
     if wants_help(argv):
         exit_with_help(sys.modules[cls.__module__].__file__, cls.__name__, usage)
     values, problems, args = {}, [], list(argv)
-    hint = f"{os.path.basename(sys.argv[0]) or 'the command'} --help lists the settings"
+    hint = f"`python {os.path.basename(sys.modules[cls.__module__].__file__)} --help` lists the settings"
     while args:
         arg = args.pop(0)
         key, eq, text = arg.removeprefix("--").partition("=")

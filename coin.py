@@ -100,21 +100,27 @@ class Config:
 
 # What each setting accepts (cli.Rule); a new setting gets its row here. Combinations are checked in check_config.
 RULES = {
+    # --- data
     "data_dir": cli.ANY, "image_dir": cli.ANY, "instructions": cli.one_of(*data.INSTRUCTIONS), "tasks": cli.ANY,
     "max_train": cli.at_least(0), "max_test": cli.at_least(0), "data_fraction": cli.between(0, 1, low_open=True),
     "skip_bad": cli.ANY, "multitask": cli.ANY,
+    # --- model
     "base": cli.ANY, "dtype": cli.one_of("float32", "bfloat16"), "attn": cli.one_of("sdpa", "eager"),
     "grad_ckpt": cli.ANY,
+    # --- adapter
     "lora_r": cli.at_least(1), "lora_alpha": cli.POSITIVE, "experts": cli.at_least(1),
     "lora_dropout": cli.between(0, 1, high_open=True), "train_projector": cli.ANY,
     "projector_lr_scale": cli.at_least(0),
+    # --- optim
     "lr": cli.POSITIVE, "micro_batch": cli.at_least(1), "grad_accum": cli.at_least(1),
     "global_batch": cli.Rule(lambda v: v in ("", "official") or v.isdigit() and int(v) > 0,
                              "'', 'official' or a whole number > 0"),
     "epochs": cli.at_least(1), "weight_decay": cli.at_least(0), "warmup_ratio": cli.between(0, 1),
     "schedule": cli.one_of("constant", "cosine"), "max_grad_norm": cli.POSITIVE,
+    # --- eval
     "eval_batch": cli.at_least(1), "max_new_tokens": cli.at_least(1), "scoring": cli.one_of("official", "fixed"),
     "judge": cli.ANY, "zero_shot": cli.ANY,
+    # --- run
     "out": cli.Rule(bool, "a folder name"), "seed": cli.ANY, "threads": cli.at_least(0), "resume": cli.ANY,
     "save_every": cli.at_least(0), "stage0": cli.ANY, "stage0_epochs": cli.at_least(1), "stage0_lr": cli.POSITIVE,
 }
