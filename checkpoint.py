@@ -20,6 +20,7 @@ import transformers
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+import cli
 import data
 from base_model import projector
 from moelora import load_moelora_state_dict, moelora_state_dict
@@ -32,6 +33,10 @@ from moelora import load_moelora_state_dict, moelora_state_dict
 # renamed, so a kill at any moment leaves the previous version or the new one, never half a file. --out must be one
 # folder that every rank sees (shared storage on several nodes): rank 0 writes, all ranks read.
 MIDSTAGE = "midstage.pt"
+
+# A finished stage's meta.json and a mid-stage file carry a checksum of their tensors (tensor_checksum): a file
+# damaged on disk is refused on resume, naming the stage that deleting it retrains, instead of training on garbage.
+# Files written before checksums existed are loaded unchecked, and the run says so once.
 
 # settings that may change when a run is continued: where output goes and how the same global batch is split
 MAY_DIFFER = ("out", "resume", "save_every", "threads", "micro_batch", "grad_accum", "eval_batch", "grad_ckpt")
@@ -89,14 +94,14 @@ def check_same_run(saved, info, path, defaults):
     for key in new:
         was = old.get(key, defaults[key])
         if key not in MAY_DIFFER and was != new[key]:
-            raise SystemExit(f"{path}: written by a run with --{key}={was!r}, this one has "
-                             f"--{key}={new[key]!r}; continue it with the same settings, or write to another --out")
+            raise cli.UserError(f"{path}: written by a run with --{key}={was!r}, this one has "
+                                f"--{key}={new[key]!r}; continue it with the same settings, or write to another --out")
     if saved.get("global_batch") != info["global_batch"]:
-        raise SystemExit(f"{path}: written with a global batch of {saved.get('global_batch')}, this run has "
-                         f"{info['global_batch']} (micro_batch x ranks x grad_accum); keep it to continue that run")
+        raise cli.UserError(f"{path}: written with a global batch of {saved.get('global_batch')}, this run has "
+                            f"{info['global_batch']} (micro_batch x ranks x grad_accum); keep it to continue that run")
     if saved.get("inputs") != info["inputs"]:
-        raise SystemExit(f"{path}: written by a run that read other data or another base (regenerated data or a "
-                         "rebuilt base?); write to another --out")
+        raise cli.UserError(f"{path}: written by a run that read other data or another base (regenerated data or a "
+                            "rebuilt base?); write to another --out")
 
 
 def read_json_file(path):
@@ -104,7 +109,7 @@ def read_json_file(path):
         with open(path) as f:
             return json.load(f)
     except (OSError, json.JSONDecodeError) as e:
-        raise SystemExit(f"{path}: unreadable ({e}); delete it to redo what it recorded") from None
+        raise cli.UserError(f"{path}: unreadable ({e}); delete it to redo what it recorded") from None
 
 
 def trainable_state_dict(model):
@@ -113,11 +118,42 @@ def trainable_state_dict(model):
     return {k: v.detach().cpu().contiguous() for k, v in sd.items()}
 
 
+def tensor_checksum(sd):
+    """sha256 over the tensors of a state dict (names, dtypes, shapes and bytes, in name order)."""
+    h = hashlib.sha256()
+    for name in sorted(sd):
+        t = sd[name].detach().cpu().contiguous()
+        h.update(f"{name} {t.dtype} {tuple(t.shape)};".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+_UNCHECKED_SAID = []
+
+
+def verify_checksum(sd, path, expected, fix):
+    """A description of the file for later messages: "<path> (checksum verified)", or "(no checksum: not checked)"
+    for a file written before checksums existed (said once per run). A mismatch raises naming `path` and `fix`."""
+    if expected is None:
+        if not _UNCHECKED_SAID and int(os.environ.get("RANK", 0)) == 0:
+            print(f"note: {path} was written before checkpoints carried a checksum: loaded without checking it "
+                  "(and so are any others like it)", flush=True)
+        _UNCHECKED_SAID.append(path)
+        return f"{path} (no checksum: not checked)"
+    if tensor_checksum(sd) != expected:
+        raise cli.UserError(f"{path}: its tensors do not match their checksum (the file is damaged); {fix}")
+    return f"{path} (checksum verified)"
+
+
+class NonFiniteLoss(cli.UserError, FloatingPointError):
+    """Training diverged (a loss or a weight is not finite): nothing was saved; the message says what stays."""
+
+
 def finite_or_raise(sd, path, step):
     bad = [k for k, v in sd.items() if not torch.isfinite(v).all()]
     if bad:
-        raise FloatingPointError(f"{path}: not written: {len(bad)} weights (e.g. {bad[0]}) are not finite after step "
-                                 f"{step}; the last good checkpoint stays (try a lower --lr)")
+        raise NonFiniteLoss(f"{path}: not written: {len(bad)} weights (e.g. {bad[0]}) are not finite after step "
+                            f"{step}; the last good checkpoint stays (try a lower --lr)")
 
 
 def save_checkpoint(model, stage_dir, meta):
@@ -128,7 +164,7 @@ def save_checkpoint(model, stage_dir, meta):
     finite_or_raise(sd, path, meta["step"])
     save_file(sd, path + ".tmp")
     os.replace(path + ".tmp", path)
-    data.write_json(os.path.join(stage_dir, "meta.json"), meta)
+    data.write_json(os.path.join(stage_dir, "meta.json"), {**meta, "checksum": tensor_checksum(sd)})
     if os.path.exists(os.path.join(stage_dir, MIDSTAGE)):
         os.remove(os.path.join(stage_dir, MIDSTAGE))
 
@@ -144,12 +180,20 @@ def load_trainable(model, sd, path):
                          f"{e.args[0]}") from None
 
 
-def load_checkpoint(model, path):
+def load_checkpoint(model, path, meta=None):
+    """Load a stage's adapter.safetensors into `model`, checked against the checksum in its `meta` (meta.json's
+    content) when given; returns the file's description (verify_checksum) for later messages."""
     try:
         sd = load_file(path)
     except (OSError, SafetensorError) as e:
-        raise ValueError(f"{path}: unreadable checkpoint ({e})") from None
+        raise cli.UserError(f"{path}: unreadable checkpoint ({e})") from None
+    checked = None
+    if meta is not None:
+        checked = verify_checksum(sd, path, meta.get("checksum"), (
+            f"delete {os.path.dirname(path)} and run the same command again: stage {meta.get('stage')} "
+            f"({meta.get('task')}) is retrained, from the stage before it"))
     load_trainable(model, sd, path)
+    return checked
 
 
 def save_midstage(path, model, opt, step, losses, info, rank, world, device):
@@ -164,30 +208,33 @@ def save_midstage(path, model, opt, step, losses, info, rank, world, device):
         sd = trainable_state_dict(model)
         finite_or_raise(sd, path, step)
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        torch.save({**info, "step": step, "losses": losses, "weights": sd, "optimizer": opt.state_dict(),
-                    "rng": rngs}, path + ".tmp")
+        torch.save({**info, "step": step, "losses": losses, "weights": sd, "checksum": tensor_checksum(sd),
+                    "optimizer": opt.state_dict(), "rng": rngs}, path + ".tmp")
         os.replace(path + ".tmp", path)
     if world > 1:
         dist.barrier()  # no rank stops (Ctrl-C) before the file is complete
 
 
 def load_midstage(path, model, opt, info, defaults, rank, world, device):
-    """Restore what save_midstage wrote into `model`, `opt` and this rank's RNG; returns (steps done, their losses)."""
+    """Restore what save_midstage wrote into `model`, `opt` and this rank's RNG; returns (steps done, their losses,
+    the file's description: verify_checksum)."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as e:
-        raise SystemExit(f"{path}: unreadable mid-stage checkpoint ({e}); delete it to restart the stage") from None
+        raise cli.UserError(f"{path}: unreadable mid-stage checkpoint ({e}); delete it to restart the stage") from None
     check_same_run(state, info, path, defaults)
+    checked = verify_checksum(state["weights"], path, state.get("checksum"),
+                              "delete it and run the same command again: the stage restarts from its beginning")
     if state["world_size"] != world:
-        raise SystemExit(f"{path}: written by {state['world_size']} ranks, this run has {world}: a stage continues "
-                         "exactly only on as many ranks (one RNG state each); use that many, or delete it to restart "
-                         "the stage")
+        raise cli.UserError(f"{path}: written by {state['world_size']} ranks, this run has {world}: a stage continues "
+                            "exactly only on as many ranks (one RNG state each); use that many, or delete it to "
+                            "restart the stage")
     load_trainable(model, state["weights"], path)
     opt.load_state_dict(state["optimizer"])
     torch.set_rng_state(state["rng"][rank][0])
     if device.type == "cuda":
         torch.cuda.set_rng_state(state["rng"][rank][1], device)
-    return state["step"], state["losses"]
+    return state["step"], state["losses"], checked
 
 
 # -----------------------------------------------------------------------------
@@ -197,8 +244,8 @@ def finished_stages(cfg, stages, info, rank):
     """How many stages, from the first, an earlier run into --out finished; 0 for a new --out."""
     if not cfg.resume:
         if os.path.exists(os.path.join(cfg.out, "results.json")) or os.path.isdir(os.path.join(cfg.out, "checkpoints")):
-            raise SystemExit(f"--out={cfg.out} holds a run already: --resume=true (the default) continues it; to start "
-                             "over, delete that folder or choose another --out")
+            raise cli.UserError(f"--out={cfg.out} holds a run already: --resume=true (the default) continues it; to "
+                                "start over, delete that folder or choose another --out")
         return 0
     done, meta = 0, None
     for j, (name, *_) in enumerate(stages):

@@ -15,22 +15,31 @@ import signal
 import sys
 import time
 
+import cli
+
+if __name__ == "__main__" and sys.argv[1:2] != ["assemble"] and cli.wants_help(sys.argv[1:]):
+    # answered here, from the Config block's source, before torch and transformers load (seconds)
+    cli.exit_with_help(__file__, "Config", __doc__)
+
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from tqdm import tqdm
+import transformers
+from safetensors import SafetensorError
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
 import data
 import eval as evaluate
 from base_model import assemble_main, pretrain_base, projector
-from checkpoint import (MIDSTAGE, finished_stages, inputs_hash, load_checkpoint, load_midstage, load_results, run_info,
-                        save_checkpoint, save_midstage, setting_defaults, stage_dir)
+from checkpoint import (MIDSTAGE, NonFiniteLoss, finished_stages, inputs_hash, load_checkpoint, load_midstage,
+                        load_results, read_json_file, run_info, save_checkpoint, save_midstage, setting_defaults,
+                        stage_dir)
 from data import collate
 from moelora import add_moelora, mark_only_moelora_trainable
 
 # -----------------------------------------------------------------------------
-# Config: one setting a line; override any with --key=value or --key value (unknown keys and wrong types are errors)
+# Config: one setting a line, its comment is its --help line; override any with --key=value or --key value (unknown
+# keys and wrong types are errors). RULES below says what each accepts; every setting is checked before any work.
 
 @dataclasses.dataclass
 class Config:
@@ -55,7 +64,7 @@ class Config:
     lora_r: int = 16                      # total rank r, split over the experts (official: 128)
     lora_alpha: float = 32.0              # scaling alpha / r (official: 256 / 128 = 2)
     experts: int = 8                      # E; 1 = plain LoRA, the baseline (official: 8)
-    lora_dropout: float = 0.05            # official: 0.05
+    lora_dropout: float = 0.05            # dropout on the adapter's input (official: 0.05)
     train_projector: bool = True          # the projector trains along with the adapter, as in CoIN
     projector_lr_scale: float = 0.1       # the projector's lr = lr x this. 0.1: the official scripts' 2e-5 at lr
                                           # 2e-4 (their DeepSpeed config overrides it: 1.0 is what they run in effect)
@@ -65,12 +74,12 @@ class Config:
     grad_accum: int = 1                   # global_batch = micro_batch * world_size * grad_accum
     global_batch: str = ""                # "" = as above; N, or "official" (the per-task table): sets grad_accum
     epochs: int = 1                       # CoIN trains one epoch per task
-    weight_decay: float = 0.0
-    warmup_ratio: float = 0.03
+    weight_decay: float = 0.0             # AdamW's decoupled weight decay (official: 0)
+    warmup_ratio: float = 0.03            # linear warmup over this fraction of a stage's steps (official: 0.03)
     schedule: str = "constant"            # constant (what the official DeepSpeed config runs) | cosine
-    max_grad_norm: float = 1.0
+    max_grad_norm: float = 1.0            # gradients clipped to this global norm (official: 1.0)
     # --- eval
-    eval_batch: int = 64
+    eval_batch: int = 64                  # test records per generation batch, per rank
     max_new_tokens: int = 24              # generation stops at eos or here; 0 = each task's official length (1024
                                           # or 128, data.OFFICIAL_EVAL); 24 fits every CoIN-mini answer
     eval_images: str = "official"         # official: per task, as the official evaluation (ScienceQA, ImageNet,
@@ -83,65 +92,96 @@ class Config:
     judge: str = "exact"                  # General Knowledge judge: exact (CoIN-mini) | path to a HF causal LM
     zero_shot: bool = True                # evaluate the base on every task before the first stage
     # --- run
-    out: str = "out/run"
-    seed: int = 0
+    out: str = "out/run"                  # the run's folder: checkpoints/, predictions/, results.json
+    seed: int = 0                         # data order, adapter init, dropout masks, --data_fraction's draw
     threads: int = 0                      # torch threads per rank; 0 = cores / ranks
     # Re-running a command into the same --out continues it: finished stages are kept (checkpoint and results rows),
     # a stage stopped part-way goes on from its mid-stage checkpoint, and a resumed run ends with the same weights
     # and scores. Settings, data and base must be the same (checked); --resume=false refuses an --out with a run.
-    resume: bool = True
+    resume: bool = True                   # continue the run --out holds (as above); false: refuse an --out with a run
     save_every: int = 0                   # mid-stage checkpoint every N optimizer steps (0 = only on Ctrl-C)
     stage0: bool = False                  # pretrain the tiny base on CoIN-mini's caption corpus instead
     stage0_epochs: int = 5                # stage 0: full fine-tuning of the whole tiny model on captions
     stage0_lr: float = 1e-3               # with a cosine schedule
 
 
+# What each setting accepts (cli.Rule); a new setting gets its row here. Combinations are checked in check_config.
+RULES = {
+    # --- data
+    "data_dir": cli.ANY, "image_dir": cli.ANY, "instructions": cli.one_of(*data.INSTRUCTIONS), "tasks": cli.ANY,
+    "max_train": cli.at_least(0), "max_test": cli.at_least(0), "data_fraction": cli.between(0, 1, low_open=True),
+    "skip_bad": cli.ANY, "multitask": cli.ANY,
+    # --- model
+    "base": cli.ANY, "dtype": cli.one_of("float32", "bfloat16"), "attn": cli.one_of("sdpa", "eager"),
+    "grad_ckpt": cli.ANY,
+    # --- adapter
+    "lora_r": cli.at_least(1), "lora_alpha": cli.POSITIVE, "experts": cli.at_least(1),
+    "lora_dropout": cli.between(0, 1, high_open=True), "train_projector": cli.ANY,
+    "projector_lr_scale": cli.at_least(0),
+    # --- optim
+    "lr": cli.POSITIVE, "micro_batch": cli.at_least(1), "grad_accum": cli.at_least(1),
+    "global_batch": cli.Rule(lambda v: v in ("", "official") or v.isdigit() and int(v) > 0,
+                             "'', 'official' or a whole number > 0"),
+    "epochs": cli.at_least(1), "weight_decay": cli.at_least(0), "warmup_ratio": cli.between(0, 1),
+    "schedule": cli.one_of("constant", "cosine"), "max_grad_norm": cli.POSITIVE,
+    # --- eval
+    "eval_batch": cli.at_least(1), "max_new_tokens": cli.at_least(0), "eval_images": cli.one_of(*data.EVAL_IMAGES),
+    "scoring": cli.one_of("official", "fixed"), "ground_truth": cli.ANY, "answers_from_test": cli.ANY,
+    "judge": cli.ANY, "zero_shot": cli.ANY,
+    # --- run
+    "out": cli.Rule(bool, "a folder name"), "seed": cli.ANY, "threads": cli.at_least(0), "resume": cli.ANY,
+    "save_every": cli.at_least(0), "stage0": cli.ANY, "stage0_epochs": cli.at_least(1), "stage0_lr": cli.POSITIVE,
+}
+
+
 def parse_config(argv):
-    cfg, fields = Config(), {f.name: f for f in dataclasses.fields(Config)}
-    args = list(argv)
-    while args:
-        arg = args.pop(0)
-        if arg in ("-h", "--help"):
-            print(__doc__ + "\nSettings (--key=value or --key value):")
-            for f in fields.values():
-                print(f"  --{f.name}={getattr(cfg, f.name)!r}")
-            sys.exit(0)
-        key, eq, val = arg.removeprefix("--").partition("=")
-        if not arg.startswith("--") or key not in fields:
-            close = [k for k in fields if key.split("_")[0] in k]
-            raise SystemExit(f"unknown setting {arg!r}" + (f" (did you mean {', '.join('--' + c for c in close)}?)"
-                                                          if close else "; see python coin.py --help"))
-        typ = type(getattr(cfg, key))
-        if not eq and args and not args[0].startswith("--") and (
-                typ is not bool or args[0].lower() in ("1", "true", "0", "false")):
-            eq, val = "=", args.pop(0)  # --key value, as torchrun users type it (--tasks all)
-        if typ is bool:
-            if val.lower() not in ("", "1", "true", "0", "false"):
-                raise SystemExit(f"--{key} takes true/false, not {val!r}")
-            setattr(cfg, key, not eq or val.lower() in ("1", "true"))
-            continue
-        if not eq:
-            raise SystemExit(f"--{key} needs a value: --{key}=VALUE or --{key} VALUE")
-        try:
-            setattr(cfg, key, typ(val))
-        except ValueError:
-            raise SystemExit(f"--{key} takes a {typ.__name__}, not {val!r}") from None
-    data.parse_tasks(cfg.tasks)  # fail now on an unknown task name
-    for key, allowed in (("instructions", data.INSTRUCTIONS), ("schedule", ("constant", "cosine")),
-                         ("scoring", ("official", "fixed")), ("dtype", ("float32", "bfloat16")),
-                         ("eval_images", data.EVAL_IMAGES),
-                         ("attn", ("sdpa", "eager"))):
-        if getattr(cfg, key) not in allowed:
-            raise SystemExit(f"--{key}={getattr(cfg, key)!r}: choose from {', '.join(allowed)}")
-    if cfg.max_new_tokens < 0:
-        raise SystemExit(f"--max_new_tokens={cfg.max_new_tokens}: a number of tokens, or 0 for each task's official "
-                         "length")
-    if not 0 < cfg.data_fraction <= 1:
-        raise SystemExit(f"--data_fraction={cfg.data_fraction}: a fraction in (0, 1]")
-    if cfg.global_batch not in ("", "official") and not cfg.global_batch.isdigit():
-        raise SystemExit(f"--global_batch={cfg.global_batch!r}: a number, 'official' or '' (micro_batch x ranks x "
-                         "grad_accum)")
+    """The Config of a command line, with every setting checked (RULES, then check_config): all problems at once,
+    as one UserError, before anything is read, loaded or written (main then checks the folders: check_folders)."""
+    cfg, _ = cli.parse(Config, argv, __doc__, RULES)  # the combinations below assume each setting is in range
+    problems = check_config(cfg, int(os.environ.get("WORLD_SIZE", 1)))
+    if problems:
+        raise cli.UserError("\n".join(problems))
     return cfg
+
+
+def check_config(cfg, world):
+    """Problems of settings taken together, on `world` ranks."""
+    problems = []
+    try:
+        tasks = data.parse_tasks(cfg.tasks)
+    except ValueError as e:
+        problems.append(str(e))
+        tasks = []
+    if cfg.lora_r % cfg.experts:
+        problems.append(f"--lora_r={cfg.lora_r} --experts={cfg.experts}: the rank is split evenly over the experts; "
+                        f"give a --lora_r that is a multiple of {cfg.experts}")
+    for name, *_ in plan_stages(cfg, tasks) if not cfg.stage0 else []:
+        try:
+            grad_accum_for(cfg, name, world)
+        except cli.UserError as e:
+            problems.append(str(e))
+            break  # the same fix serves every stage
+    return problems
+
+
+def check_folders(cfg):
+    """Every folder the settings name must exist: all missing ones in one UserError."""
+    problems = []
+    if not os.path.isdir(cfg.data_dir):
+        problems.append(f"--data_dir={cfg.data_dir}: no such folder (the one holding Instructions_*/; "
+                        f"`python data.py mini --out={cfg.data_dir}` writes CoIN-mini there)")
+    if cfg.image_dir and not os.path.isdir(cfg.image_dir):
+        problems.append(f"--image_dir={cfg.image_dir}: no such folder (the image root; '' means <data_dir>/images)")
+    if not cfg.stage0 and not os.path.isdir(cfg.base):
+        problems.append(f"--base={cfg.base}: no such model directory (the embedded default is made by "
+                        "`python coin.py --stage0`; see run.sh)")
+    if cfg.ground_truth and not os.path.isdir(cfg.ground_truth):
+        problems.append(f"--ground_truth={cfg.ground_truth}: no such folder (laid out as the image root: "
+                        "ScienceQA/problems.json, TextVQA/TextVQA_0.5.1_val.json, GQA/testdev_balanced_questions.json)")
+    if cfg.judge != "exact" and not os.path.isdir(cfg.judge):
+        problems.append(f"--judge={cfg.judge}: no such folder (give 'exact' or a Hugging Face causal LM folder)")
+    if problems:
+        raise cli.UserError("\n".join(problems))
 
 
 # The official global batch of each task (8 GPUs x grad-accum 8 x the scripts' per-device batch); --global_batch=official
@@ -154,13 +194,14 @@ def grad_accum_for(cfg, stage, world):
     if cfg.global_batch == "":
         return cfg.grad_accum
     if cfg.global_batch == "official" and stage not in OFFICIAL_GLOBAL_BATCH:
-        raise SystemExit(f"--global_batch=official: the official table has no batch for stage {stage!r}; give "
-                         "--global_batch=N")
+        raise cli.UserError(f"--global_batch=official: the official table has no batch for stage {stage!r}; give "
+                            "--global_batch=N")
     want = OFFICIAL_GLOBAL_BATCH[stage] if cfg.global_batch == "official" else int(cfg.global_batch)
     per_step = cfg.micro_batch * world
     if want % per_step:
-        raise SystemExit(f"stage {stage}: global batch {want} is not a multiple of micro_batch x ranks = "
-                         f"{cfg.micro_batch} x {world}; choose a --micro_batch that divides {want // world}")
+        where = f"stage {stage}" if cfg.global_batch == "official" else f"--global_batch={want}"
+        raise cli.UserError(f"{where}: global batch {want} is not a multiple of micro_batch x ranks = "
+                            f"{cfg.micro_batch} x {world}; choose a --micro_batch that divides {want // world}")
     return want // per_step
 
 
@@ -243,13 +284,15 @@ def lr_at(step, total, cfg):
     return cfg.lr
 
 
-def train_one_task(model, dataset, params, cfg, rank, world, device, seed, desc, midstage=None, info=None):
+def train_one_task(model, dataset, params, cfg, rank, world, device, seed, desc, midstage=None, info=None,
+                   started_from="the base model"):
     """One pass (cfg.epochs) over `dataset`, updating `params` with AdamW; returns the list of step losses.
     Loss = sum of answer-token cross-entropies / answer tokens in the whole global batch, so that 1 x N ranks,
     2 x N/2 and gradient accumulation give the same step. NOTE(fidelity): the official trainer averages per
     micro-batch instead (mean over that micro-batch's tokens, then mean over micro-batches and ranks).
     With `midstage` (a file; `info` is run_info) the stage can stop and go on: the state is saved there every
-    cfg.save_every steps and on Ctrl-C, and a run that finds the file continues the stage from it, exactly."""
+    cfg.save_every steps and on Ctrl-C, and a run that finds the file continues the stage from it, exactly.
+    `started_from` names the weights the stage starts from (and their checksum's state), for the non-finite loss."""
     pad_id = dataset.tok.pad_token_id
     # two groups, the projector's with an lr of its own: lr_scale multiplies the schedule's lr for the group (stage 0
     # trains the whole model at one lr)
@@ -261,13 +304,13 @@ def train_one_task(model, dataset, params, cfg, rank, world, device, seed, desc,
     steps = list(global_batches(len(dataset), global_batch, seed, cfg.epochs))
     # the dropout masks depend on (seed, stage) only: a resumed run that skips finished stages draws the same ones
     torch.manual_seed(seed)
-    start, losses = 0, []
+    start, losses, last_checkpoint = 0, [], started_from
     if midstage and os.path.exists(midstage):
-        start, losses = load_midstage(midstage, model, opt, info, setting_defaults(cfg), rank, world, device)
+        start, losses, last_checkpoint = load_midstage(midstage, model, opt, info, setting_defaults(cfg), rank, world,
+                                                       device)
         print0(f"{desc}: continuing after step {start} of {len(steps)} ({midstage})")
     model.train()
-    bar = tqdm(range(start, len(steps)), desc=desc, disable=rank != 0, leave=False, mininterval=2,
-               initial=start, total=len(steps))
+    bar = cli.progress(range(start, len(steps)), desc=desc, disable=rank != 0, initial=start, total=len(steps))
     with sigint_flag() if midstage else contextlib.nullcontext([]) as stop:
         for step in bar:
             mine = steps[step][rank::world]  # this rank's share of the global batch
@@ -298,9 +341,9 @@ def train_one_task(model, dataset, params, cfg, rank, world, device, seed, desc,
                 all_reduce_grads(params)  # a sum: each rank already divided by the global batch's token count
             loss = all_reduce_(loss_sum)[0].item() / n_tokens.item()
             if not math.isfinite(loss):  # raise before the step: no weight and no checkpoint sees it
-                kept = midstage if midstage and os.path.exists(midstage) else "the previous stage's"
-                raise FloatingPointError(f"{desc}: the loss is {loss} at step {step + 1} of {len(steps)}; stopped "
-                                         f"without saving, the last good checkpoint stays ({kept}); try a lower --lr")
+                raise NonFiniteLoss(f"{desc}: the loss is {loss} at step {step + 1} of {len(steps)}; stopped "
+                                    f"without saving, the last good checkpoint stays ({last_checkpoint}); the "
+                                    f"stage started from {started_from}; try a lower --lr (now {cfg.lr})")
             torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
             for group in opt.param_groups:
                 group["lr"] = lr_at(step, len(steps), cfg) * group["lr_scale"]
@@ -310,6 +353,7 @@ def train_one_task(model, dataset, params, cfg, rank, world, device, seed, desc,
             bar.set_postfix(loss=f"{sum(losses[-20:]) / len(losses[-20:]):.3f}")
             if midstage and cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < len(steps):
                 save_midstage(midstage, model, opt, step + 1, losses, info, rank, world, device)
+                last_checkpoint = f"{midstage}, saved by this run after step {step + 1}, checksum recorded"
     return losses
 
 
@@ -329,9 +373,6 @@ def sigint_flag():
 # The model: the base (any Hugging Face image-text-to-text directory), MoELoRA on its language model, its projector
 
 def load_processor(cfg):
-    if not os.path.isdir(cfg.base):
-        raise SystemExit(f"--base={cfg.base}: no such model directory (the embedded default is made by "
-                         "`python coin.py --stage0`; see run.sh)")
     # the PIL image backend: the official code's CLIPImageProcessor resizes with PIL; with torchvision installed,
     # transformers would otherwise pick its torchvision backend, whose resize gives other pixels
     return AutoProcessor.from_pretrained(cfg.base, backend="pil")
@@ -341,7 +382,14 @@ def load_base(cfg, device):
     """Any Hugging Face image-text-to-text directory (LLaVA, Qwen2-VL, ...) and its processor."""
     processor = load_processor(cfg)
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[cfg.dtype]
-    model = AutoModelForImageTextToText.from_pretrained(cfg.base, dtype=dtype, attn_implementation=cfg.attn).to(device)
+    if not sys.stderr.isatty():  # its loading bar would fill a log file with carriage returns
+        transformers.utils.logging.disable_progress_bar()
+    try:
+        model = AutoModelForImageTextToText.from_pretrained(cfg.base, dtype=dtype, attn_implementation=cfg.attn)
+    except (OSError, SafetensorError) as e:  # a weight file cut short or damaged: the library's message lacks the path
+        raise cli.UserError(f"--base={cfg.base}: its weights do not load ({str(e).splitlines()[0]}); copy or rebuild "
+                            "that folder (a download or copy cut short?)") from None
+    model.to(device)
     if cfg.grad_ckpt:
         # non-reentrant checkpointing: gradients reach the adapters although every block's input (the frozen
         # embeddings) has requires_grad=False, and the recomputed forward redraws the same dropout masks
@@ -418,23 +466,22 @@ def evaluate_stage(model, processor, judge, cfg, test_sets, rank, world, stage_n
 
 def read_inputs(cfg, tasks, processor):
     """Every task's train and test records, read and checked before any work (data.check_tasks, the code path of
-    `python data.py check`): a malformed record, a missing image or an answer that tokenises to nothing stops the run
-    now, naming the file, or with --skip_bad is dropped, counted and reported. (A corrupt image fails when it is read,
-    naming the file: opening every image here would take minutes at CoIN's size; `data.py check` does.)
+    `python data.py check`): a file that is not a list of records, a malformed record, a missing or unreadable image
+    (its header: decoding every image takes minutes at CoIN's size; `data.py check` does), an empty answer or a
+    repeated question_id stops the run now, every problem named, or with --skip_bad is dropped, counted and reported.
     Then --data_fraction (seeded per task) and --max_train / --max_test. Returns ({task: train}, {task: test}, dropped)."""
     image_dir = data.image_root(cfg.data_dir, cfg.image_dir)
     checked = data.check_tasks(cfg.data_dir, tasks, cfg.instructions, image_dir, open_images=False, processor=processor)
-    for path, good, problems in checked.values():
-        if not good and not problems:
-            raise ValueError(f"{path}: no records")
     bad = {key: c for key, c in checked.items() if c[2]}
     if bad and not cfg.skip_bad:
-        raise ValueError("\n".join(f"{path}: {len(problems)} bad record(s); the first: {problems[0][1]}"
-                                   for path, _, problems in bad.values())
-                         + f"\n(`python data.py check --data={cfg.data_dir} --image_dir={image_dir}` lists them all; "
-                         "--skip_bad drops them, counted)")
+        raise cli.UserError("\n".join(data.problem_lines(bad)) + f"\n(`python data.py check --data={cfg.data_dir} "
+                            f"--image_dir={image_dir}` lists every problem; --skip_bad drops these records, counted)")
     if bad:
         print0("--skip_bad: dropping bad records\n" + data.check_table(bad))
+    empty = [f"{path}: no {'usable ' if problems else ''}records{' (all bad)' if problems else ''}; fix the file, or "
+             f"leave {task} out of --tasks" for (task, _), (path, good, problems) in checked.items() if not good]
+    if empty:
+        raise cli.UserError("\n".join(empty))
     dropped = {f"{task}/{split}": len(c[2]) for (task, split), c in bad.items()}
     if ground_truth_root(cfg):  # a missing ground-truth file fails now, not after hours of training
         for task in tasks:
@@ -475,23 +522,27 @@ def record_scores(cfg, tasks, row, scores, if_matrix, gk_matrix, extra):
 
 
 def load_last_finished_stage(model, cfg, stages, done):
-    """--resume: load the adapter and projector of the last stage an earlier run finished (none finished: nothing to
-    load, the adapter starts fresh)."""
-    if done:
-        load_checkpoint(model, os.path.join(stage_dir(cfg, done - 1, stages[done - 1][0]), "adapter.safetensors"))
-        print0(f"{cfg.out}: an earlier run finished {done} of {len(stages)} stages; continuing after stage {done}")
+    """--resume: load the adapter and projector of the last stage an earlier run finished, checked against its
+    meta.json's checksum (none finished: nothing to load, the adapter starts fresh). Returns what the model now holds,
+    for the non-finite loss message."""
+    if not done:
+        return "the base model, with a fresh adapter"
+    folder = stage_dir(cfg, done - 1, stages[done - 1][0])
+    checked = load_checkpoint(model, os.path.join(folder, "adapter.safetensors"),
+                              read_json_file(os.path.join(folder, "meta.json")))
+    print0(f"{cfg.out}: an earlier run finished {done} of {len(stages)} stages; continuing after stage {done}")
+    return checked
 
 
 # -----------------------------------------------------------------------------
 # The task loop
 
 def main(argv):
+    # every setting, then every input file, is checked before anything is loaded or written to --out
     cfg = parse_config(argv)
+    check_folders(cfg)
     rank, world, device = compute_init(cfg)
     torch.manual_seed(cfg.seed)
-    if not os.path.isdir(cfg.data_dir):
-        raise SystemExit(f"--data_dir={cfg.data_dir}: no such folder (the one holding Instructions_*/; "
-                         f"`python data.py mini --out={cfg.data_dir}` writes CoIN-mini there)")
     if cfg.stage0:  # build and pretrain the tiny base instead (base_model.py)
         return pretrain_base(cfg, rank, world, device)
     tasks = data.parse_tasks(cfg.tasks)
@@ -515,6 +566,8 @@ def main(argv):
     for task in tasks:
         pad, max_new_tokens, _ = evaluation_of(cfg, task)
         extra["evaluation"][task] = {"images": "pad" if pad else "crop", "max_new_tokens": max_new_tokens}
+    # the test records scored, so that `eval.py --predictions` rescoring this run's files scores the same ones
+    extra["test_records"] = {task: evaluate.test_set_id(recs) for task, recs in test_sets.items()}
     if cfg.zero_shot and "zero_shot" not in extra:  # the base on every task: the row before the first stage
         t0 = time.time()
         base_scores = evaluate_stage(model, processor, judge, cfg, test_sets, rank, world, "stage0-zeroshot")
@@ -522,7 +575,7 @@ def main(argv):
         extra["timing"]["zero_shot_eval"] = time.time() - t0
     if rank == 0:
         table = evaluate.write_results(cfg.out, tasks, if_matrix, gk_matrix, extra)
-    load_last_finished_stage(model, cfg, stages, done)
+    started_from = load_last_finished_stage(model, cfg, stages, done)
     image_dir = data.image_root(cfg.data_dir, cfg.image_dir)
     for j, (name, train_tasks, eval_tasks, row) in enumerate(stages):
         stage_name = f"stage{j + 1}-{name}"
@@ -533,10 +586,12 @@ def main(argv):
             dataset = data.InstructionDataset([ex for t in train_tasks for ex in train_sets[t]], processor, image_dir)
             losses = train_one_task(model, dataset, params, dataclasses.replace(cfg, grad_accum=accum[name]), rank,
                                     world, device, cfg.seed + j, f"stage {j + 1}/{len(stages)} train {name}",
-                                    os.path.join(stage_dir(cfg, j, name), MIDSTAGE), info)
+                                    os.path.join(stage_dir(cfg, j, name), MIDSTAGE), info, started_from)
             if rank == 0:
                 save_checkpoint(model, stage_dir(cfg, j, name), {"stage": j + 1, "task": name, "step": len(losses),
                                                                  "final_loss": losses[-1], **info})
+            started_from = (f"{os.path.join(stage_dir(cfg, j, name), 'adapter.safetensors')}, written by this run, "
+                            "checksum recorded")
             print0(f"stage {j + 1} {name}: {len(losses)} steps, loss {losses[-1]:.3f}, {time.time() - t0:.0f}s")
         t_train, t0 = time.time() - t0, time.time()
         # evaluate every task seen so far
@@ -555,6 +610,6 @@ def main(argv):
 
 if __name__ == "__main__":
     if sys.argv[1:2] == ["assemble"]:  # assemble the LLaVA-1.5 base from its parts (base_model.py)
-        assemble_main(sys.argv[2:])
+        cli.run(assemble_main, sys.argv[2:])
     else:
-        main(sys.argv[1:])
+        cli.run(main, sys.argv[1:])
