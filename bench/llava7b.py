@@ -6,8 +6,9 @@ language-model linear, the projector trainable in fp32), is sharded if asked (co
 materialised on the device (to_empty) and initialised: the base in bf16, the adapter and projector in fp32, as
 `coin.py --dtype=bfloat16` trains them. One configuration = adapter x dropout x gradient checkpointing x sharding;
 for each it measures, at every micro-batch, the time of coin's optimizer step (forward, sum of answer-token CE over
-the token count, backward, clip, AdamW), tokens/s, FLOP utilisation and the peak memory of the device; then the
-throughput of batched greedy generation.
+the token count, backward, clip, AdamW), tokens/s, FLOP utilisation, the memory held between steps (weights and
+AdamW state: this rank's shards when sharded) and the peak memory of the device; then the throughput of batched
+greedy generation.
 
 FLOPs: counted by torch's FlopCounterMode (every matmul and attention kernel, forward and backward) in one step at
 micro-batch 1 with gradient checkpointing off, times the micro-batch (matmul FLOPs grow linearly with it at a fixed
@@ -64,7 +65,8 @@ SPEC_BF16_TFLOPS = {"H100": 989, "H200": 989, "A100": 312, "L40S": 362, "A10": 1
 
 
 def build(shapes, adapter, dropout, grad_ckpt, shard, device):
-    """The model on `device`: the base in bf16 with coin's adapter (and sharded with shard=True), random weights."""
+    """The model on `device`: the base in bf16 with coin's adapter (and sharded with shard=True), random weights.
+    Gradient checkpointing goes on after the FLOPs are counted (measure_training)."""
     s = SHAPES[shapes]
     config = LlavaConfig(vision_config=CLIPVisionConfig(**s["vision"]), text_config=LlamaConfig(**s["text"]),
                          image_token_index=s["text"]["vocab_size"] - 1,
@@ -85,8 +87,6 @@ def build(shapes, adapter, dropout, grad_ckpt, shard, device):
             if isinstance(m, MoELoRALinear):  # as MoELoRALinear draws them
                 m.lora_A.normal_(0, 0.01)
                 m.lora_B.zero_()
-    if grad_ckpt:
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     model.train()
     return model, params, cfg
 
@@ -132,6 +132,11 @@ def peak_gib(device):
     return torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == "cuda" else None
 
 
+def state_gib(device):
+    """Memory held between steps: weights, AdamW state (this rank's shards with --shard=1)."""
+    return torch.cuda.memory_allocated(device) / 2 ** 30 if device.type == "cuda" else None
+
+
 def matmul_peak(device, n=8192, reps=10):
     """FLOP/s of one large bf16 matmul on this device (fp32 on a CPU, smaller)."""
     dtype, n = (torch.bfloat16, n) if device.type == "cuda" else (torch.float32, 1024)
@@ -146,20 +151,17 @@ def matmul_peak(device, n=8192, reps=10):
 
 
 def step_flops(model, opt, params, shapes, device):
-    """Model FLOPs of one step at micro-batch 1, counted, with gradient checkpointing off (no recomputation)."""
-    ckpt = model.is_activation_checkpointing
-    if ckpt:
-        model.activation_checkpointing_disable()
+    """Model FLOPs of one step at micro-batch 1, counted (before gradient checkpointing is on: no recomputation)."""
     with FlopCounterMode(display=False) as counter:
         train_step(model, opt, params, batch(shapes, 1, device))
-    if ckpt:
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     return counter.get_total_flops()
 
 
 def measure_training(model, params, cfg, opts, device, peak, emit):
     opt = torch.optim.AdamW(params, lr=1e-5)  # the same state as coin's two groups (lr aside)
     flops_per_sequence = step_flops(model, opt, params, opts["shapes"], device)
+    if cfg.grad_ckpt:  # as coin.load_base sets it
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     for micro_batch in [int(x) for x in opts["micro_batches"].split(",")]:
         if opts["budget_s"] and time.time() - T0 > opts["budget_s"]:
             return emit({"skipped": "budget", "micro_batch": micro_batch})
@@ -168,6 +170,7 @@ def measure_training(model, params, cfg, opts, device, peak, emit):
         try:
             train_step(model, opt, params, b)  # warm-up
             sync(device)
+            state = state_gib(device)
             t = time.perf_counter()
             for _ in range(opts["steps"]):
                 train_step(model, opt, params, b)
@@ -180,7 +183,8 @@ def measure_training(model, params, cfg, opts, device, peak, emit):
         tokens = micro_batch * b["input_ids"].shape[1]
         emit({"micro_batch": micro_batch, "tokens": tokens, "step_s": step_s, "tokens_per_s": tokens / step_s,
               "tflop_per_step": flops_per_sequence * micro_batch / 1e12,
-              "mfu": flops_per_sequence * micro_batch / step_s / peak, "peak_gib": peak_gib(device)})
+              "mfu": flops_per_sequence * micro_batch / step_s / peak, "state_gib": state,
+              "peak_gib": peak_gib(device)})
 
 
 def measure_generation(model, opts, device, emit):
@@ -216,7 +220,8 @@ def fmt(row):
     keys = [("micro_batch", "mb {}"), ("gen_batch", "generate batch {}"), ("oom", "OOM"), ("skipped", "skipped ({})"),
             ("step_s", "step {:.3f} s"), ("tokens_per_s", "{:,.0f} tok/s"), ("tflop_per_step", "{:.3g} TFLOP"),
             ("mfu", "MFU {:.1%}"), ("new_tokens", "{} new tokens"), ("gen_s", "{:.2f} s"),
-            ("gen_tokens_per_s", "{:,.0f} new tok/s"), ("peak_gib", "peak {:.2f} GiB")]
+            ("gen_tokens_per_s", "{:,.0f} new tok/s"), ("state_gib", "held {:.2f} GiB"),
+            ("peak_gib", "peak {:.2f} GiB")]
     return " | ".join(f.format(row[k]) for k, f in keys if row.get(k) not in (None, False))
 
 
