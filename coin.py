@@ -230,6 +230,20 @@ def global_batches(n, global_batch, seed, epochs):
             yield order[s:s + global_batch]
 
 
+def fsdp_fillers(dataset, step_indices, micro_batch, world, n_mine, pad_id):
+    """--shard: FSDP gathers weights in every forward and backward, a collective, so every rank must run as many
+    micro-batches as rank 0, which holds the most of a global batch dealt rank::world (the last one of an epoch can be
+    short). The missing ones are fillers: a micro-batch with no answer token (labels all -100), whose loss and
+    gradients are exactly zero. (They run last, so only later epochs' dropout masks on that rank differ from an
+    unsharded run's: CoIN trains one epoch a stage, and every stage reseeds.)"""
+    n_most = math.ceil(len(step_indices[::world]) / micro_batch)
+    if n_mine == n_most:
+        return []
+    filler = collate([dataset[step_indices[0]]], pad_id)
+    filler["labels"] = torch.full_like(filler["labels"], -100)
+    return [filler] * (n_most - n_mine)
+
+
 def lr_at(step, total, cfg):
     warmup = max(1, math.ceil(cfg.warmup_ratio * total))
     if step < warmup:
@@ -247,6 +261,7 @@ def train_one_task(model, dataset, params, cfg, rank, world, device, seed, desc,
     With `midstage` (a file; `info` is run_info) the stage can stop and go on: the state is saved there every
     cfg.save_every steps and on Ctrl-C, and a run that finds the file continues the stage from it, exactly."""
     pad_id = dataset.tok.pad_token_id
+    sharded = cfg.shard and world > 1
     # two groups, the projector's with an lr of its own: lr_scale multiplies the schedule's lr for the group (stage 0
     # trains the whole model at one lr)
     proj = set() if cfg.stage0 else {id(p) for p in projector(model).parameters()}
@@ -278,8 +293,12 @@ def train_one_task(model, dataset, params, cfg, rank, world, device, seed, desc,
                 print0(f"{desc}: interrupted before step {step + 1} of {len(steps)}; saved {midstage}. Run the same "
                        "command again to continue from there.")
                 raise SystemExit(130)
+            if sharded:
+                micro += fsdp_fillers(dataset, steps[step], cfg.micro_batch, world, len(micro), pad_id)
             loss_sum = torch.zeros(1)
-            for m in micro:
+            for i, m in enumerate(micro):
+                if sharded:  # FSDP reduce-scatters once a step, after the last backward: all_reduce_grads' sum
+                    model.set_requires_gradient_sync(i == len(micro) - 1)
                 # input_ids, attention_mask and the image tensors (pixel_values; image_grid_thw for Qwen2-VL)
                 inputs = {k: v.to(device) for k, v in m.items() if k != "labels" and v is not None}
                 if "pixel_values" in inputs:
@@ -290,7 +309,7 @@ def train_one_task(model, dataset, params, cfg, rank, world, device, seed, desc,
                 ce = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), reduction="sum")
                 (ce / n_tokens).backward()
                 loss_sum += ce.detach().cpu()
-            if world > 1 and not cfg.shard:
+            if world > 1 and not sharded:
                 all_reduce_grads(params)  # a sum: each rank already divided by the global batch's token count
             loss = all_reduce_(loss_sum)[0].item() / n_tokens.item()
             if not math.isfinite(loss):  # raise before the step: no weight and no checkpoint sees it

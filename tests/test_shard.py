@@ -1,10 +1,10 @@
 """--shard (FSDP2) on two gloo CPU ranks trains and evaluates as the unsharded two-rank run does, and a stage stopped
 part-way continues across it: sharded -> unsharded and unsharded -> sharded, to the same weights, predictions and
 scores, bit for bit. The runs are set as at 7B: a bf16 base (the adapter and projector fp32, so a block gathers mixed
-dtypes) and gradient checkpointing (a block's forward runs again in backward, gathered again). Gradient clipping is
-off (--max_grad_norm=1e9): a sharded gradient's norm is summed shard by shard, in another order, so with clipping on
-the two runs differ by float rounding (measured: 4e-9 in a weight after one step), which twelve steps at this lr
-amplify."""
+dtypes) and gradient checkpointing (a block's forward runs again in backward, gathered again), with gradient
+accumulation and a short last batch (coin.fsdp_fillers). Gradient clipping is off (--max_grad_norm=1e9): a sharded
+gradient's norm is summed shard by shard, in another order, so with clipping on the two runs differ by float
+rounding (measured: 4e-9 in a weight after one step), which twelve steps at this lr amplify."""
 import os
 import signal
 import socket
@@ -20,8 +20,10 @@ def torchrun(mini_data, tiny_base, out, log, *extra):
     with socket.socket() as s:  # a free port for this run's rendezvous
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    return start(args(mini_data, tiny_base, out, "--micro_batch=2", "--max_grad_norm=1e9", "--dtype=bfloat16",
-                      "--grad_ckpt", *extra, tasks=TASKS), log,
+    # 47 records in global batches of 4 = 2 ranks x 2 micro-batches of 1: the twelfth batch has 3, so rank 1 runs
+    # one micro-batch and a filler
+    return start(args(mini_data, tiny_base, out, "--micro_batch=1", "--grad_accum=2", "--max_train=47",
+                      "--max_grad_norm=1e9", "--dtype=bfloat16", "--grad_ckpt", *extra, tasks=TASKS), log,
                  torchrun=["--nproc_per_node=2", f"--master_port={port}"])
 
 
