@@ -18,11 +18,11 @@ ARGS=(bench/llava7b.py --shapes="${SHAPES:-7b}" --out="$OUT/results.jsonl")
 timeout 300 python "${ARGS[@]}" --adapters=lora,moelora --dropout=0,0.05 --grad_ckpt=1 --micro_batches=1,4,8,16 \
     --gen_batches=16,64 --budget_s=260 2>&1 | tee "$OUT/1-grad-ckpt.txt"
 # 2. Without gradient checkpointing: faster steps, and where memory runs out (~2 min)
-timeout 140 python "${ARGS[@]}" --adapters=lora,moelora --dropout=0.05 --grad_ckpt=0 --micro_batches=1,4,8 --gen_batches= \
-    --budget_s=110 2>&1 | tee "$OUT/2-no-grad-ckpt.txt"
+timeout 140 python "${ARGS[@]}" --adapters=lora,moelora --dropout=0.05 --grad_ckpt=0 --micro_batches=1,4,8 \
+    --gen_batches= --budget_s=110 2>&1 | tee "$OUT/2-no-grad-ckpt.txt"
 # 3. FSDP2 (coin.py --shard) on one rank: what its gather/scatter machinery costs with nothing to shard over (~1 min)
-timeout 80 python "${ARGS[@]}" --adapters=moelora --dropout=0.05 --grad_ckpt=1 --shard=1 --micro_batches=4,8 --gen_batches=16 \
-    --budget_s=50 2>&1 | tee "$OUT/3-shard-1-gpu.txt"
+timeout 80 python "${ARGS[@]}" --adapters=moelora --dropout=0.05 --grad_ckpt=1 --shard=1 --micro_batches=4,8 \
+    --gen_batches=16 --budget_s=50 2>&1 | tee "$OUT/3-shard-1-gpu.txt"
 # 4. Sharded over every GPU of the machine (several GPUs only): memory held and peak per GPU
 GPUS=$(python -c "import torch; print(torch.cuda.device_count())")
 if [ "$GPUS" -gt 1 ]; then

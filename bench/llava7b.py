@@ -30,7 +30,6 @@ answer. "tiny" runs the same code at toy sizes on a CPU in seconds (tests/test_b
 Lists (comma-separated) multiply into configurations. --budget_s stops starting new measurements after that many
 seconds (0: no limit); --out appends one JSON line per measurement. A micro-batch that does not fit prints OOM.
 """
-import dataclasses
 import json
 import os
 import sys
@@ -44,7 +43,6 @@ from torch.utils.flop_counter import FlopCounterMode
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import coin  # noqa: E402
 import data  # noqa: E402
-from checkpoint import whole  # noqa: E402
 from moelora import MoELoRALinear  # noqa: E402
 from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration  # noqa: E402
 
