@@ -11,6 +11,7 @@ import socket
 
 import pytest
 
+import coin
 from test_resume import args, assert_killed_mid_stage, assert_same_run, finish, parent, start, stage, wait_for
 
 TASKS = ["GQA"]
@@ -62,3 +63,8 @@ def test_sharded_run_and_resume_across_sharding(mini_data, tiny_base, unsharded,
     assert "continuing after step" in logs[then]
     assert "sharded (FSDP2)" in logs["--shard=true"] and "sharded (FSDP2)" not in logs["--shard=false"]
     assert_same_run(out, unsharded, TASKS)
+
+
+def test_shard_refuses_stage0():
+    with pytest.raises(SystemExit, match="--shard with --stage0: stage 0 trains the whole tiny base unsharded"):
+        coin.parse_config(["--shard", "--stage0"])
