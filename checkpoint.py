@@ -17,9 +17,9 @@ import subprocess
 import torch
 import torch.distributed as dist
 import transformers
-from torch.distributed.tensor import DTensor, distribute_tensor
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 import data
 from base_model import projector
