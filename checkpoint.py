@@ -19,11 +19,12 @@ import torch.distributed as dist
 import transformers
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 import cli
 import data
 from base_model import projector
-from moelora import load_moelora_state_dict, moelora_state_dict
+from moelora import load_moelora_state_dict, moelora_parameters, moelora_state_dict
 
 # -----------------------------------------------------------------------------
 # Checkpoints: adapter + projector as safetensors with a readable meta.json, written atomically
@@ -39,7 +40,8 @@ MIDSTAGE = "midstage.pt"
 # Files written before checksums existed are loaded unchecked, and the run says so once.
 
 # settings that may change when a run is continued: where output goes and how the same global batch is split
-MAY_DIFFER = ("out", "resume", "save_every", "threads", "micro_batch", "grad_accum", "eval_batch", "grad_ckpt")
+MAY_DIFFER = ("out", "resume", "save_every", "threads", "micro_batch", "grad_accum", "eval_batch", "grad_ckpt",
+              "shard")
 # settings added later, with the value that runs written before them had in effect (when it is not the default)
 BEFORE_ADDED = {"projector_lr_scale": 1.0, "eval_images": "pad"}
 
@@ -112,10 +114,45 @@ def read_json_file(path):
         raise cli.UserError(f"{path}: unreadable ({e}); delete it to redo what it recorded") from None
 
 
+def whole(t):
+    """`t` whole: a sharded tensor (--shard: a DTensor) gathered from every rank (a collective: every rank calls it),
+    a plain one as it is. Checkpoints hold whole tensors, so a sharded run continues unsharded and the other way."""
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def as_held_by(t, param):
+    """`t`, a whole tensor read from a checkpoint, as `param` is held: this rank's shard when it is sharded (no
+    communication: every rank read the whole tensor)."""
+    if not isinstance(param, DTensor) or t.shape != param.shape:  # a wrong shape stays, for the strict load to name
+        return t
+    return distribute_tensor(t.to(param.device), param.device_mesh, param.placements, src_data_rank=None)
+
+
+def trainable_parameters(model):
+    """{checkpoint key: parameter} of the adapter and the projector."""
+    return {**dict(moelora_parameters(model)),
+            **{f"projector.{k}": p for k, p in projector(model).named_parameters()}}
+
+
 def trainable_state_dict(model):
+    """The adapter's and projector's weights, whole, on the CPU (every rank calls it: a sharded model gathers)."""
     sd = moelora_state_dict(model)
     sd.update({f"projector.{k}": v for k, v in projector(model).state_dict().items()})
-    return {k: v.detach().cpu().contiguous() for k, v in sd.items()}
+    return {k: whole(v).detach().cpu().contiguous() for k, v in sd.items()}
+
+
+def whole_optimizer_state(opt):
+    """opt.state_dict() with every state tensor whole (a collective with --shard), in the unsharded layout."""
+    sd = opt.state_dict()
+    return {**sd, "state": {i: {k: whole(v) for k, v in s.items()} for i, s in sd["state"].items()}}
+
+
+def load_optimizer_state(opt, sd):
+    """Load what whole_optimizer_state saved, each tensor as its parameter is held (sharded or whole). The state's
+    keys number the parameters in the order of opt.param_groups, which fully_shard keeps."""
+    params = [p for group in opt.param_groups for p in group["params"]]
+    opt.load_state_dict({**sd, "state": {i: {k: as_held_by(v, params[i]) if torch.is_tensor(v) else v
+                                             for k, v in s.items()} for i, s in sd["state"].items()}})
 
 
 def tensor_checksum(sd):
@@ -156,12 +193,15 @@ def finite_or_raise(sd, path, step):
                             f"{step}; the last good checkpoint stays (try a lower --lr)")
 
 
-def save_checkpoint(model, stage_dir, meta):
-    """The end of a stage: adapter.safetensors, then meta.json (the stage is finished), then the mid-stage file goes."""
-    os.makedirs(stage_dir, exist_ok=True)
+def save_checkpoint(model, stage_dir, meta, rank):
+    """The end of a stage: adapter.safetensors, then meta.json (the stage is finished), then the mid-stage file goes.
+    Every rank calls it (a sharded model's weights are gathered from all); rank 0 writes."""
     path = os.path.join(stage_dir, "adapter.safetensors")
     sd = trainable_state_dict(model)
     finite_or_raise(sd, path, meta["step"])
+    if rank:
+        return
+    os.makedirs(stage_dir, exist_ok=True)
     save_file(sd, path + ".tmp")
     os.replace(path + ".tmp", path)
     data.write_json(os.path.join(stage_dir, "meta.json"), {**meta, "checksum": tensor_checksum(sd)})
@@ -171,6 +211,8 @@ def save_checkpoint(model, stage_dir, meta):
 
 def load_trainable(model, sd, path):
     """Strict: `sd` (read from `path`) must hold exactly this model's adapter and projector weights, same shapes."""
+    own = trainable_parameters(model)
+    sd = {k: as_held_by(v, own[k]) if k in own else v for k, v in sd.items()}  # --shard: this rank's shards
     proj = {k.removeprefix("projector."): v for k, v in sd.items() if k.startswith("projector.")}
     try:
         load_moelora_state_dict(model, {k: v for k, v in sd.items() if not k.startswith("projector.")})
@@ -204,12 +246,12 @@ def save_midstage(path, model, opt, step, losses, info, rank, world, device):
     if world > 1:
         rngs = [None] * world if rank == 0 else None
         dist.gather_object(rng, rngs, dst=0)
+    sd, optimizer = trainable_state_dict(model), whole_optimizer_state(opt)  # collectives with --shard
     if rank == 0:
-        sd = trainable_state_dict(model)
         finite_or_raise(sd, path, step)
         os.makedirs(os.path.dirname(path), exist_ok=True)
         torch.save({**info, "step": step, "losses": losses, "weights": sd, "checksum": tensor_checksum(sd),
-                    "optimizer": opt.state_dict(), "rng": rngs}, path + ".tmp")
+                    "optimizer": optimizer, "rng": rngs}, path + ".tmp")
         os.replace(path + ".tmp", path)
     if world > 1:
         dist.barrier()  # no rank stops (Ctrl-C) before the file is complete
@@ -230,7 +272,7 @@ def load_midstage(path, model, opt, info, defaults, rank, world, device):
                             "exactly only on as many ranks (one RNG state each); use that many, or delete it to "
                             "restart the stage")
     load_trainable(model, state["weights"], path)
-    opt.load_state_dict(state["optimizer"])
+    load_optimizer_state(opt, state["optimizer"])
     torch.set_rng_state(state["rng"][rank][0])
     if device.type == "cuda":
         torch.cuda.set_rng_state(state["rng"][rank][1], device)

@@ -14,6 +14,7 @@ import random
 import signal
 import sys
 import time
+import warnings
 
 import cli
 
@@ -23,9 +24,12 @@ if __name__ == "__main__" and sys.argv[1:2] != ["assemble"] and cli.wants_help(s
 
 import torch
 import torch.distributed as dist
+import torch.nn as nn
 import torch.nn.functional as F
 import transformers
 from safetensors import SafetensorError
+from torch.distributed.fsdp import FSDPModule, fully_shard
+from tqdm import tqdm
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
 import data
@@ -60,6 +64,7 @@ class Config:
     dtype: str = "float32"                # float32 | bfloat16 (7B on GPUs: bfloat16, as the official runs)
     attn: str = "sdpa"                    # attention kernel: sdpa (PyTorch's fused attention) | eager
     grad_ckpt: bool = False               # gradient checkpointing: recompute activations in backward (7B on GPUs: on)
+    shard: bool = False                   # FSDP2: each rank holds 1/ranks of the base, adapter, gradients, AdamW state
     # --- adapter
     lora_r: int = 16                      # total rank r, split over the experts (official: 128)
     lora_alpha: float = 32.0              # scaling alpha / r (official: 256 / 128 = 2)
@@ -113,7 +118,7 @@ RULES = {
     "skip_bad": cli.ANY, "multitask": cli.ANY,
     # --- model
     "base": cli.ANY, "dtype": cli.one_of("float32", "bfloat16"), "attn": cli.one_of("sdpa", "eager"),
-    "grad_ckpt": cli.ANY,
+    "grad_ckpt": cli.ANY, "shard": cli.ANY,
     # --- adapter
     "lora_r": cli.at_least(1), "lora_alpha": cli.POSITIVE, "experts": cli.at_least(1),
     "lora_dropout": cli.between(0, 1, high_open=True), "train_projector": cli.ANY,
@@ -152,6 +157,8 @@ def check_config(cfg, world):
     except ValueError as e:
         problems.append(str(e))
         tasks = []
+    if cfg.shard and cfg.stage0:
+        problems.append("--shard with --stage0: stage 0 trains the whole tiny base unsharded; drop --shard")
     if cfg.lora_r % cfg.experts:
         problems.append(f"--lora_r={cfg.lora_r} --experts={cfg.experts}: the rank is split evenly over the experts; "
                         f"give a --lora_r that is a multiple of {cfg.experts}")
@@ -264,7 +271,8 @@ def all_reduce_grads(params):
 
 
 # -----------------------------------------------------------------------------
-# Training one task: one explicit loop. Gradients are averaged across ranks by hand, once per optimizer step.
+# Training one task: one explicit loop. Gradients are summed across ranks by hand once per optimizer step, or with
+# --shard by FSDP's reduce-scatter after each backward (the same sum).
 
 def global_batches(n, global_batch, seed, epochs):
     """Index lists of each optimizer step: a seeded shuffle per epoch, cut into global batches (last one partial)."""
@@ -273,6 +281,20 @@ def global_batches(n, global_batch, seed, epochs):
         order = torch.randperm(n, generator=g).tolist()
         for s in range(0, n, global_batch):
             yield order[s:s + global_batch]
+
+
+def fsdp_fillers(dataset, step_indices, micro_batch, world, n_mine, pad_id):
+    """--shard: FSDP gathers weights in every forward and backward, a collective, so every rank must run as many
+    micro-batches as rank 0, which holds the most of a global batch dealt rank::world (the last one of an epoch can be
+    short). The missing ones are fillers: a micro-batch with no answer token (labels all -100), whose loss and
+    gradients are exactly zero. (They run last, so only later epochs' dropout masks on that rank differ from an
+    unsharded run's: CoIN trains one epoch a stage, and every stage reseeds.)"""
+    n_most = math.ceil(len(step_indices[::world]) / micro_batch)
+    if n_mine == n_most:
+        return []
+    filler = collate([dataset[step_indices[0]]], pad_id)
+    filler["labels"] = torch.full_like(filler["labels"], -100)
+    return [filler] * (n_most - n_mine)
 
 
 def lr_at(step, total, cfg):
@@ -294,6 +316,7 @@ def train_one_task(model, dataset, params, cfg, rank, world, device, seed, desc,
     cfg.save_every steps and on Ctrl-C, and a run that finds the file continues the stage from it, exactly.
     `started_from` names the weights the stage starts from (and their checksum's state), for the non-finite loss."""
     pad_id = dataset.tok.pad_token_id
+    sharded = cfg.shard and world > 1
     # two groups, the projector's with an lr of its own: lr_scale multiplies the schedule's lr for the group (stage 0
     # trains the whole model at one lr)
     proj = set() if cfg.stage0 else {id(p) for p in projector(model).parameters()}
@@ -325,8 +348,12 @@ def train_one_task(model, dataset, params, cfg, rank, world, device, seed, desc,
                 print0(f"{desc}: interrupted before step {step + 1} of {len(steps)}; saved {midstage}. Run the same "
                        "command again to continue from there.")
                 raise SystemExit(130)
+            if sharded:
+                micro += fsdp_fillers(dataset, steps[step], cfg.micro_batch, world, len(micro), pad_id)
             loss_sum = torch.zeros(1)
-            for m in micro:
+            for i, m in enumerate(micro):
+                if sharded:  # FSDP reduce-scatters once a step, after the last backward: all_reduce_grads' sum
+                    model.set_requires_gradient_sync(i == len(micro) - 1)
                 # input_ids, attention_mask and the image tensors (pixel_values; image_grid_thw for Qwen2-VL)
                 inputs = {k: v.to(device) for k, v in m.items() if k != "labels" and v is not None}
                 if "pixel_values" in inputs:
@@ -337,7 +364,7 @@ def train_one_task(model, dataset, params, cfg, rank, world, device, seed, desc,
                 ce = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), reduction="sum")
                 (ce / n_tokens).backward()
                 loss_sum += ce.detach().cpu()
-            if world > 1:
+            if world > 1 and not sharded:
                 all_reduce_grads(params)  # a sum: each rank already divided by the global batch's token count
             loss = all_reduce_(loss_sum)[0].item() / n_tokens.item()
             if not math.isfinite(loss):  # raise before the step: no weight and no checkpoint sees it
@@ -440,6 +467,51 @@ def ground_truth_root(cfg):
     return None if cfg.answers_from_test else cfg.ground_truth or data.image_root(cfg.data_dir, cfg.image_dir)
 
 
+def shard_model(model):
+    """--shard on several ranks (FSDP2, PyTorch's fully_shard): instead of a full replica, every rank keeps 1/ranks
+    of each weight (the frozen base, the adapter, the projector), of each gradient and of AdamW's state; a group's
+    weights are gathered whole only for its forward and backward, its gradients reduce-scattered after. Groups: each
+    block of the language model (the elements of its ModuleLists: 7B's bulk), and the rest together at the root
+    (embeddings, lm_head, the vision tower, the projector: ~1.2 GB at 7B, gathered from forward to backward). The
+    vision tower stays in the root's group because generate() runs it on its own, outside the model's forward, which
+    FSDP2 allows only for modules without a group of their own. Returns the trainable parameters, new objects
+    (fully_shard replaces every parameter with a DTensor); checkpoints still hold whole tensors (checkpoint.whole)."""
+    blocks = [block for name, m in model.named_modules() if isinstance(m, nn.ModuleList)
+              and "language_model" in name.split(".") for block in m]
+    assert blocks, f"{type(model).__name__}: no language_model.* ModuleList (its decoder layers) to shard"
+    for module in [*blocks, model]:  # the blocks first: fully_shard goes bottom-up
+        # the root's weights stay gathered from forward to backward, which begins with them (lm_head)
+        fully_shard(module, reshard_after_forward=module is not model)
+    # FSDP warns that an output tensor is a view (an in-place change to it would skip a gather); coin's loop changes
+    # no output in place
+    warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            # FSDP averages gradients over ranks by default; coin sums them (as all_reduce_grads), each rank's loss
+            # being divided by the global batch's token count already. A plain SUM: gloo has no pre-scaled sum.
+            module.set_gradient_divide_factor(1.0)
+            module.set_force_sum_reduction_for_comms(True)
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+@contextlib.contextmanager
+def whole_weights(model):
+    """Inside, a sharded model (--shard) has every weight gathered whole on every rank, and keeps it so through all
+    forwards: in evaluation each rank generates its own share of the records, a different number of forwards per
+    rank, which per-block gathering (a collective in every forward) cannot do. Memory: one full replica, as the
+    official evaluation (one model per GPU) needs too. An unsharded model is left as it is."""
+    sharded = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    for m in sharded:
+        m.set_reshard_after_forward(False, recurse=False)
+        m.unshard()
+    try:
+        yield
+    finally:
+        for m in sharded:
+            m.reshard()
+            m.set_reshard_after_forward(m is not model, recurse=False)  # as shard_model set it
+
+
 def evaluate_stage(model, processor, judge, cfg, test_sets, rank, world, stage_name):
     """Generate and score every task of `test_sets` ({task: test records}); returns {task: (instruction following,
     general knowledge)}."""
@@ -447,9 +519,10 @@ def evaluate_stage(model, processor, judge, cfg, test_sets, rank, world, stage_n
     scores = {}
     for task, records in test_sets.items():
         pad, max_new_tokens, strip = evaluation_of(cfg, task)
-        preds = evaluate.generate(model, processor, records, image_dir, batch_size=cfg.eval_batch,
-                                  max_new_tokens=max_new_tokens, rank=rank, world_size=world,
-                                  desc=f"eval {stage_name} {task}", pad_images=pad, strip_question=strip)
+        with whole_weights(model):
+            preds = evaluate.generate(model, processor, records, image_dir, batch_size=cfg.eval_batch,
+                                      max_new_tokens=max_new_tokens, rank=rank, world_size=world,
+                                      desc=f"eval {stage_name} {task}", pad_images=pad, strip_question=strip)
         if rank == 0:
             pred_dir = os.path.join(cfg.out, "predictions", stage_name)
             evaluate.write_jsonl(os.path.join(pred_dir, f"{task}.jsonl"), preds)
@@ -554,9 +627,11 @@ def main(argv):
     info = run_info(cfg, world, inputs_hash(train_sets, test_sets, model), global_batch)
     done = finished_stages(cfg, stages, info, rank)  # stages an earlier run into --out finished (checkpoint.py)
     params, n_wrapped = add_adapter(model, cfg, device)
+    if cfg.shard and world > 1:  # one rank has nothing to shard over
+        params = shard_model(model)
     print0(f"MoELoRA E={cfg.experts} r={cfg.lora_r} on {n_wrapped} linears; trainable "
            f"{sum(p.numel() for p in params):,} of {sum(p.numel() for p in model.parameters()):,} parameters; "
-           f"global batch {global_batch} on {world} rank(s)")
+           f"global batch {global_batch} on {world} rank(s)" + (", sharded (FSDP2)" if cfg.shard and world > 1 else ""))
     # the General Knowledge judge, built once, on rank 0 (which does all the scoring)
     judge = None if rank else evaluate.ExactJudge() if cfg.judge == "exact" else evaluate.LMJudge(cfg.judge)
     if_matrix, gk_matrix, extra = load_results(cfg, tasks, [row for *_, row in stages[:done]], info)
@@ -587,9 +662,8 @@ def main(argv):
             losses = train_one_task(model, dataset, params, dataclasses.replace(cfg, grad_accum=accum[name]), rank,
                                     world, device, cfg.seed + j, f"stage {j + 1}/{len(stages)} train {name}",
                                     os.path.join(stage_dir(cfg, j, name), MIDSTAGE), info, started_from)
-            if rank == 0:
-                save_checkpoint(model, stage_dir(cfg, j, name), {"stage": j + 1, "task": name, "step": len(losses),
-                                                                 "final_loss": losses[-1], **info})
+            save_checkpoint(model, stage_dir(cfg, j, name), {"stage": j + 1, "task": name, "step": len(losses),
+                                                             "final_loss": losses[-1], **info}, rank)
             started_from = (f"{os.path.join(stage_dir(cfg, j, name), 'adapter.safetensors')}, written by this run, "
                             "checksum recorded")
             print0(f"stage {j + 1} {name}: {len(losses)} steps, loss {losses[-1]:.3f}, {time.time() - t0:.0f}s")

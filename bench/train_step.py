@@ -14,6 +14,7 @@ alternating rounds; about 2 minutes on 2 cores.
 
     python bench/train_step.py [--threads=2] [--rounds=5] [--steps=1] [--only=tiny|100m] [--dropout=0.05]
 """
+import dataclasses
 import os
 import statistics
 import sys
@@ -26,6 +27,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import data  # noqa: E402
+import cli  # noqa: E402
 from moelora import add_moelora, mark_only_moelora_trainable  # noqa: E402
 from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration  # noqa: E402
 
@@ -96,8 +98,17 @@ def matmul_peak(n=2048, reps=5):
     return 2 * n ** 3 / min(ts)
 
 
+@dataclasses.dataclass
+class Settings:
+    threads: int = 2                     # torch threads
+    rounds: int = 5                      # interleaved rounds; every figure is a median over them
+    steps: int = 1                       # timed training steps per variant and round
+    only: str = ""                       # tiny | 100m: one model only ("" = both)
+    dropout: float = 0.05                # adapter dropout
+
+
 def main(argv):
-    opts = data.parse_options(argv, {"threads": 2, "rounds": 5, "steps": 1, "only": "", "dropout": 0.05})
+    opts = dataclasses.asdict(cli.parse(Settings, argv, __doc__)[0])
     torch.set_num_threads(opts["threads"])
     peak = matmul_peak()
     print(f"matmul peak (2048^3 fp32 torch.mm, {opts['threads']} threads): {peak / 1e9:.1f} GFLOP/s; "
