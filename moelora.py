@@ -64,9 +64,12 @@ class MoELoRALinear(nn.Module):
         router = None if self.router is None else self.router.weight
         scaling = self.scaling
         if self.training and self.dropout > 0:
-            # each expert's A_i reads its own dropout of x, the router reads x itself (as the official code's router)
+            # each expert's A_i reads its own dropout of x, the router reads x itself (as the official code's router).
+            # NOTE(fidelity): the official loop calls nn.Dropout once per expert; the masks here have the same
+            # distribution (iid Bernoulli(1 - p) per expert, token and feature) from another random stream, and the
+            # 1 / (1 - p) multiplies A_i (m_i * x) instead of x: the same in exact arithmetic
             z = ExpertDropoutLinear.apply(h, self.lora_A, router, E, self.dropout, dropout_seed())  # (..., r [+ E])
-            scaling = self.scaling / (1 - self.dropout)  # z holds A_i (m_i * x): dropout's 1 / (1 - p) is here
+            scaling = self.scaling / (1 - self.dropout)
         elif router is None:  # p = 0 or eval: one product for all experts' A_i x
             z = h @ self.lora_A.t()  # (..., r)
         else:
@@ -148,7 +151,7 @@ def dropped_entries(x2d, positions):
     """x at the given flat positions as a sparse CSR matrix of x2d's shape (N, d_in), zero elsewhere."""
     N, d_in = x2d.shape
     crow = torch.searchsorted(positions, torch.arange(N + 1, device=x2d.device) * d_in)  # (N + 1,): row starts
-    with warnings.catch_warnings():  # torch calls its sparse CSR support "beta"; these few kernels are long stable
+    with warnings.catch_warnings():  # torch calls its CSR layout beta; tests/test_moelora.py checks it against a loop
         warnings.filterwarnings("ignore", "Sparse CSR tensor support is in beta")
         return torch.sparse_csr_tensor(crow, positions % d_in, x2d.view(-1)[positions], (N, d_in),
                                        check_invariants=False)

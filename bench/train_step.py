@@ -9,8 +9,9 @@ two adapters, against this machine's matmul peak measured in the same run:
 
 Prints tokens/s, achieved FLOP/s (matmul FLOPs of the step counted by torch's FlopCounterMode) as a fraction of
 the peak of one large torch.mm, and the adapter's share of the step (step time with the adapter minus the same step
-of the frozen model with no adapter, where only the projector trains, taken within each round). Medians of
-alternating rounds; about 2 minutes on 2 cores.
+of the frozen model with no adapter, where only the projector trains, taken within each round), then the MoELoRA
+step over the LoRA step (the median of the within-round ratios). Medians of alternating rounds; about 2 minutes on
+2 cores.
 
     python bench/train_step.py [--threads=2] [--rounds=5] [--steps=1] [--only=tiny|100m] [--dropout=0.05]
 """
@@ -105,6 +106,7 @@ def main(argv):
     print("| model | params | adapter | tokens/step | step ms | tokens/s | GFLOP/step | % of peak | adapter share "
           "of time | of FLOPs |")
     print("|---|---|---|---|---|---|---|---|---|---|")
+    moe_over_lora_lines = []  # printed after the table, which stays one markdown table
     for size in [s for s in SIZES if not opts["only"] or s == opts["only"]]:
         variants = (("none", 0), ("LoRA E=1", 1), ("MoELoRA E=8", 8))
         runs = {name: prepare(size, e, opts["dropout"]) for name, e in variants}
@@ -131,7 +133,12 @@ def main(argv):
                                                     f"{100 * (flops[name] - flops['none']) / flops[name]:.1f}%")
             print(f"| {size} | {n_params / 1e6:.1f}M | {name} | {tokens} | {1e3 * t:.0f} | {tokens / t:,.0f} | "
                   f"{flops[name] / 1e9:.2f} | {100 * flops[name] / t / peak:.0f}% | {share} |")
+        moe_over_lora = sorted(m / lo for m, lo in zip(times["MoELoRA E=8"], times["LoRA E=1"]))
+        moe_over_lora_lines.append(f"{size}: MoELoRA E=8 step / LoRA E=1 step {statistics.median(moe_over_lora):.2f} "
+                                   f"(rounds {moe_over_lora[0]:.2f}-{moe_over_lora[-1]:.2f}; target <= 1.3 at the "
+                                   f"training default dropout 0.05)")
         del runs
+    print("\n".join(moe_over_lora_lines))
 
 
 if __name__ == "__main__":
