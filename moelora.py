@@ -124,13 +124,12 @@ def dropout_seed():
 
 
 def dropped_positions(seed, num_experts, numel, p, device="cpu"):
-    """Where each expert's dropout mask is 0: a list of E sorted int64 tensors of flat positions into the
-    (N, d_in) input (numel = N * d_in entries), every entry of every expert dropped independently with
-    probability p. Drawn as one Bernoulli(p) sequence over the E * numel entries, expert after expert: the gaps
-    between its consecutive drops are iid Geometric(p), P(gap > k) = (1 - p)^k, so drawing the gaps gives
-    exactly that sequence from about p * E * numel random numbers instead of E * numel. A gap is drawn by
-    inverting that tail, 1 + floor(log(1 - u) / log(1 - p)) for u uniform in [0, 1), in float64, whose integers
-    are exact up to 2^53."""
+    """Where the experts' dropout masks are 0: sorted int64 flat positions into the (E, N, d_in) stack of the E
+    experts' inputs (numel = N * d_in entries each), every entry dropped independently with probability p.
+    Drawn as one Bernoulli(p) sequence over the E * numel entries: the gaps between its consecutive drops are iid
+    Geometric(p), P(gap > k) = (1 - p)^k, so drawing the gaps gives exactly that sequence from about p * E * numel
+    random numbers instead of E * numel. A gap is drawn by inverting that tail, 1 + floor(log(1 - u) / log(1 - p))
+    for u uniform in [0, 1), in float64, whose integers are exact up to 2^53."""
     gen = torch.Generator(device=device).manual_seed(seed)
     total = num_experts * numel
     expected = total * p
@@ -142,19 +141,28 @@ def dropped_positions(seed, num_experts, numel, p, device="cpu"):
         drops.append(gaps.cumsum_(0).add_(last))  # (chunk,): positions of the next drops
         last = drops[-1][-1].item()
     drops = torch.cat(drops)
-    starts = torch.arange(num_experts + 1, dtype=torch.float64, device=device) * numel  # expert e: [e n, (e+1) n)
-    bounds = torch.searchsorted(drops, starts).tolist()
-    return [drops[bounds[e]:bounds[e + 1]].sub_(e * numel).long() for e in range(num_experts)]
+    return drops[:int(torch.searchsorted(drops, float(total)))].long()  # (K,): those inside the stack
 
 
-def dropped_entries(x2d, positions):
-    """x at the given flat positions as a sparse CSR matrix of x2d's shape (N, d_in), zero elsewhere."""
-    N, d_in = x2d.shape
-    crow = torch.searchsorted(positions, torch.arange(N + 1, device=x2d.device) * d_in)  # (N + 1,): row starts
+def expert_dropout_matrix(x2d, seed, num_experts, p):
+    """The entries of x that the experts' masks drop, as one sparse CSR matrix D of shape (E N, E d_in) in
+    block-diagonal layout: row e N + t, column e d_in + j holds x[t, j] if expert e drops it. Then D @ [A_1^T; ...;
+    A_E^T] (E d_in, r/E) stacks every expert's A_e ((1 - m_e) * x) in one sparse product. Also returns the flat
+    positions into x of D's entries (K,) and where each expert's entries start and end (E + 1 ints)."""
+    (N, d_in), n = x2d.shape, x2d.numel()
+    positions = dropped_positions(seed, num_experts, n, p, x2d.device)  # (K,): into the (E, N, d_in) stack
+    row_starts = torch.arange(num_experts * N + 1, device=x2d.device) * d_in
+    crow = torch.searchsorted(positions, row_starts)  # (E N + 1,): where each row (e, t) starts
+    bounds = crow[::N].tolist()  # (E + 1,): expert e's entries are [bounds[e], bounds[e + 1])
+    in_x, col = positions.clone(), positions % d_in  # (K,), (K,): j, as numel is a multiple of d_in
+    for e, (start, end) in enumerate(zip(bounds, bounds[1:])):
+        in_x[start:end] -= e * n  # e N d_in + t d_in + j -> t d_in + j
+        col[start:end] += e * d_in  # j -> e d_in + j
     with warnings.catch_warnings():  # torch calls its CSR layout beta; tests/test_moelora.py checks it against a loop
         warnings.filterwarnings("ignore", "Sparse CSR tensor support is in beta")
-        return torch.sparse_csr_tensor(crow, positions % d_in, x2d.view(-1)[positions], (N, d_in),
-                                       check_invariants=False)
+        dropped = torch.sparse_csr_tensor(crow, col, x2d.view(-1).index_select(0, in_x),
+                                          (num_experts * N, num_experts * d_in), check_invariants=False)
+    return dropped, in_x, bounds
 
 
 class ExpertDropoutLinear(torch.autograd.Function):
@@ -168,8 +176,8 @@ class ExpertDropoutLinear(torch.autograd.Function):
         backward  dL/dx   = [dz, dg] [A; W_g] - sum_i (1 - m_i) * (dz_i A_i)   dz_i A_i sampled where m_i = 0
                   dL/dA_i = dz_i^T (m_i * x)                            x with expert i's dropped entries zeroed
 
-    The positions come from dropped_positions(seed, ...), drawn in forward and drawn again in backward: nothing but
-    x, A and W_g is saved, no mask and no masked copy of x. The sparse kernels run in fp32 at least (the CPU's have
+    The masks come from dropped_positions(seed, ...), drawn in forward and drawn again in backward: nothing but x,
+    A and W_g is saved, no mask and no masked copy of x. The sparse kernels run in fp32 at least (the CPU's have
     no bf16); outputs and gradients come back in the inputs' dtypes."""
 
     @staticmethod
@@ -178,38 +186,37 @@ class ExpertDropoutLinear(torch.autograd.Function):
         ctx.num_experts, ctx.p, ctx.seed = num_experts, p, seed
         x2d, weight = x.reshape(-1, x.shape[-1]), lora_A if router is None else torch.cat([lora_A, router])
         z = x2d @ weight.t()  # (N, r [+ E]): the dense product, as without dropout
+        (N, d_in), (r, E) = x2d.shape, (lora_A.shape[0], num_experts)
         sparse_dtype = torch.promote_types(x.dtype, torch.float32)  # the CPU's sparse kernels have no bf16
-        x2d, A = x2d.contiguous().to(sparse_dtype), lora_A.to(sparse_dtype)
-        rank = A.shape[0] // num_experts
-        for e, pos in enumerate(dropped_positions(seed, num_experts, x2d.numel(), p, x.device)):
-            z[:, e * rank:(e + 1) * rank] -= (dropped_entries(x2d, pos) @ A[e * rank:(e + 1) * rank].t()).to(z.dtype)
+        dropped, _, _ = expert_dropout_matrix(x2d.contiguous().to(sparse_dtype), seed, E, p)  # (E N, E d_in)
+        A_blocks = lora_A.to(sparse_dtype).view(E, r // E, d_in).transpose(1, 2).reshape(E * d_in, r // E)
+        dropped_part = (dropped @ A_blocks).view(E, N, r // E).transpose(0, 1).reshape(N, r)  # (N, r)
+        z[:, :r] -= dropped_part.to(z.dtype)
         return z.view(*x.shape[:-1], -1)  # (..., r [+ E])
 
     @staticmethod
     def backward(ctx, grad_z):  # grad_z (..., r [+ E])
         x, lora_A, router = ctx.saved_tensors
         x2d, grad_z = x.reshape(-1, x.shape[-1]), grad_z.reshape(-1, grad_z.shape[-1])  # (N, d_in), (N, r [+ E])
+        (N, d_in), (r, E) = x2d.shape, (lora_A.shape[0], ctx.num_experts)
         weight = lora_A if router is None else torch.cat([lora_A, router])
         grad_x = grad_z @ weight if ctx.needs_input_grad[0] else None  # (N, d_in): the dense part, as without dropout
-        r, rank = lora_A.shape[0], lora_A.shape[0] // ctx.num_experts
         grad_router = None if router is None else grad_z[:, r:].t() @ x2d  # (E, d_in)
         sparse_dtype = torch.promote_types(x.dtype, torch.float32)  # the CPU's sparse kernels have no bf16
-        grad_z, A = grad_z.to(sparse_dtype), lora_A.to(sparse_dtype)
-        grad_A = torch.empty_like(A)  # (r, d_in)
-        kept_x = x2d.to(sparse_dtype, copy=True)  # (N, d_in): m_i * x for one expert at a time
-        for e, pos in enumerate(dropped_positions(ctx.seed, ctx.num_experts, x2d.numel(), ctx.p, x.device)):
-            rows = slice(e * rank, (e + 1) * rank)
-            grad_e = grad_z[:, rows].contiguous()  # (N, r/E)
-            dropped = dropped_entries(kept_x, pos)  # (N, d_in), sparse: x at expert e's dropped entries
-            if grad_x is not None:  # grad_e A_e at the dropped entries only (beta=0: x's values give just the places)
-                at_dropped = torch.sparse.sampled_addmm(dropped, grad_e, A[rows], beta=0.0).values()  # as pos
-                grad_x.view(-1).index_add_(0, pos, at_dropped.to(grad_x.dtype), alpha=-1)
-            kept_x.view(-1).index_fill_(0, pos, 0.0)
-            grad_A[rows] = grad_e.t() @ kept_x  # (r/E, d_in)
-            kept_x.view(-1).index_copy_(0, pos, dropped.values())  # back to x for the next expert
+        kept_x = x2d.to(sparse_dtype, copy=True)  # (N, d_in): m_e * x for one expert at a time
+        dropped, in_x, bounds = expert_dropout_matrix(kept_x, ctx.seed, E, ctx.p)  # (E N, E d_in)
+        grad_z = grad_z[:, :r].to(sparse_dtype).view(N, E, r // E).transpose(0, 1).reshape(E * N, r // E)
+        if grad_x is not None:  # dz_e A_e at the dropped entries only (beta=0: x's values give just the places)
+            A_blocks = lora_A.to(sparse_dtype).view(E, r // E, d_in).transpose(1, 2).reshape(E * d_in, r // E)
+            at_dropped = torch.sparse.sampled_addmm(dropped, grad_z, A_blocks.t(), beta=0.0).values()  # (K,)
+            grad_x.view(-1).index_add_(0, in_x, at_dropped.to(grad_x.dtype), alpha=-1)
+        grad_A = torch.empty(E, r // E, d_in, dtype=sparse_dtype, device=x.device)
+        for e, (start, end) in enumerate(zip(bounds, bounds[1:])):
+            kept_x.view(-1).index_fill_(0, in_x[start:end], 0.0)
+            grad_A[e] = grad_z[e * N:(e + 1) * N].t() @ kept_x  # (r/E, d_in)
+            kept_x.view(-1).index_copy_(0, in_x[start:end], dropped.values()[start:end])  # back to x
         grad_x = None if grad_x is None else grad_x.view(x.shape)
-        return grad_x, grad_A.to(lora_A.dtype), grad_router, None, None, None
-
+        return grad_x, grad_A.view(r, d_in).to(lora_A.dtype), grad_router, None, None, None
 
 # -----------------------------------------------------------------------------
 # Helpers: inject, freeze, save, load

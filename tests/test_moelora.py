@@ -64,11 +64,9 @@ def test_matches_written_out_loop(E, shape):
 
 def masks_of(seed, E, shape, p):
     """The dropout multipliers (E, *shape) a forward with this seed applies: 0 where dropped, 1/(1-p) elsewhere."""
-    n = torch.Size(shape).numel()
-    kept = torch.ones(E, n)
-    for e, pos in enumerate(dropped_positions(seed, E, n, p)):
-        kept[e, pos] = 0
-    return (kept / (1 - p)).view(E, *shape)
+    kept = torch.ones(E, *shape)
+    kept.view(-1)[dropped_positions(seed, E, kept[0].numel(), p)] = 0  # positions into the (E, *shape) stack
+    return kept / (1 - p)
 
 
 @pytest.mark.parametrize("E", [1, 4, 8])
@@ -114,11 +112,11 @@ def test_dropped_positions_are_iid_bernoulli():
     assert_rate((dropped[:, :, 1:] & dropped[:, :, :-1]).float().mean().item(), p * p, E * N * (d - 1))  # features
     assert_rate((dropped[:, 1:] & dropped[:, :-1]).float().mean().item(), p * p, E * (N - 1) * d)  # tokens
     # the count of drops is Binomial(n, p), not fixed: its spread over seeds matches n p (1 - p)
-    counts = torch.tensor([float(len(dropped_positions(s, 1, 1000, p)[0])) for s in range(400)])
+    counts = torch.tensor([float(len(dropped_positions(s, 1, 1000, p))) for s in range(400)])
     assert abs(counts.mean().item() - 50) < 5 * (47.5 / 400) ** 0.5, counts.mean()
     assert 0.7 < counts.var().item() / 47.5 < 1.3, counts.var()
-    for pos in dropped_positions(3, E, n, p):  # sorted, distinct, in range
-        assert pos.dtype == torch.int64 and torch.all(pos[1:] > pos[:-1]) and 0 <= pos.min() and pos.max() < n
+    pos = dropped_positions(3, E, n, p)  # sorted, distinct, in range
+    assert pos.dtype == torch.int64 and torch.all(pos[1:] > pos[:-1]) and 0 <= pos.min() and pos.max() < E * n
 
 
 def test_dropout_reproducible_and_from_the_default_generator():
