@@ -165,6 +165,12 @@ def expert_dropout_matrix(x2d, seed, num_experts, p):
     return dropped, in_x, bounds
 
 
+def expert_blocks(lora_A, num_experts):
+    """[A_1^T; ...; A_E^T] (E d_in, r/E): the right factor of expert_dropout_matrix's block-diagonal products."""
+    r, d_in = lora_A.shape
+    return lora_A.view(num_experts, r // num_experts, d_in).transpose(1, 2).reshape(num_experts * d_in, -1)
+
+
 class ExpertDropoutLinear(torch.autograd.Function):
     """x -> [A_1 (m_1 * x), ..., A_E (m_E * x), W_g x]: every expert's product with its own dropout mask m_i (1 =
     kept; the 1 / (1 - p) is left to the caller) and the router's logits (when W_g is given) on x itself.
@@ -189,9 +195,8 @@ class ExpertDropoutLinear(torch.autograd.Function):
         (N, d_in), (r, E) = x2d.shape, (lora_A.shape[0], num_experts)
         sparse_dtype = torch.promote_types(x.dtype, torch.float32)  # the CPU's sparse kernels have no bf16
         dropped, _, _ = expert_dropout_matrix(x2d.contiguous().to(sparse_dtype), seed, E, p)  # (E N, E d_in)
-        A_blocks = lora_A.to(sparse_dtype).view(E, r // E, d_in).transpose(1, 2).reshape(E * d_in, r // E)
-        dropped_part = (dropped @ A_blocks).view(E, N, r // E).transpose(0, 1).reshape(N, r)  # (N, r)
-        z[:, :r] -= dropped_part.to(z.dtype)
+        dropped_part = dropped @ expert_blocks(lora_A.to(sparse_dtype), E)  # (E N, r/E): rows (e, t)
+        z[:, :r] -= dropped_part.view(E, N, r // E).transpose(0, 1).reshape(N, r).to(z.dtype)
         return z.view(*x.shape[:-1], -1)  # (..., r [+ E])
 
     @staticmethod
@@ -205,18 +210,19 @@ class ExpertDropoutLinear(torch.autograd.Function):
         sparse_dtype = torch.promote_types(x.dtype, torch.float32)  # the CPU's sparse kernels have no bf16
         kept_x = x2d.to(sparse_dtype, copy=True)  # (N, d_in): m_e * x for one expert at a time
         dropped, in_x, bounds = expert_dropout_matrix(kept_x, ctx.seed, E, ctx.p)  # (E N, E d_in)
-        grad_z = grad_z[:, :r].to(sparse_dtype).view(N, E, r // E).transpose(0, 1).reshape(E * N, r // E)
+        grad_experts = grad_z[:, :r].to(sparse_dtype).view(N, E, r // E).transpose(0, 1).reshape(E * N, r // E)
         if grad_x is not None:  # dz_e A_e at the dropped entries only (beta=0: x's values give just the places)
-            A_blocks = lora_A.to(sparse_dtype).view(E, r // E, d_in).transpose(1, 2).reshape(E * d_in, r // E)
-            at_dropped = torch.sparse.sampled_addmm(dropped, grad_z, A_blocks.t(), beta=0.0).values()  # (K,)
+            A_blocks = expert_blocks(lora_A.to(sparse_dtype), E)  # (E d_in, r/E)
+            at_dropped = torch.sparse.sampled_addmm(dropped, grad_experts, A_blocks.t(), beta=0.0).values()  # (K,)
             grad_x.view(-1).index_add_(0, in_x, at_dropped.to(grad_x.dtype), alpha=-1)
         grad_A = torch.empty(E, r // E, d_in, dtype=sparse_dtype, device=x.device)
         for e, (start, end) in enumerate(zip(bounds, bounds[1:])):
             kept_x.view(-1).index_fill_(0, in_x[start:end], 0.0)
-            grad_A[e] = grad_z[e * N:(e + 1) * N].t() @ kept_x  # (r/E, d_in)
+            grad_A[e] = grad_experts[e * N:(e + 1) * N].t() @ kept_x  # (r/E, d_in)
             kept_x.view(-1).index_copy_(0, in_x[start:end], dropped.values()[start:end])  # back to x
         grad_x = None if grad_x is None else grad_x.view(x.shape)
         return grad_x, grad_A.view(r, d_in).to(lora_A.dtype), grad_router, None, None, None
+
 
 # -----------------------------------------------------------------------------
 # Helpers: inject, freeze, save, load

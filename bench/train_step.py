@@ -7,8 +7,9 @@ two adapters, against this machine's matmul peak measured in the same run:
 - adapters: plain LoRA (E=1) and MoELoRA (E=8), r=16 on the tiny model and r=24 on the 100M one (r/d as LLaVA-7B's),
   on every language-model linear, projector trainable, as coin.py trains them.
 
-Prints tokens/s, achieved FLOP/s (matmul FLOPs of the step counted by torch's FlopCounterMode) as a fraction of
-the peak of one large torch.mm, and the adapter's share of the step (step time with the adapter minus the same step
+Prints tokens/s, achieved FLOP/s (matmul FLOPs of the step counted by torch's FlopCounterMode, which counts a
+sparse-dense product as dense: with dropout, MoELoRA's FLOPs are over-counted) as a fraction of the peak of one
+large torch.mm, and the adapter's share of the step (step time with the adapter minus the same step
 of the frozen model with no adapter, where only the projector trains, taken within each round), then the MoELoRA
 step over the LoRA step (the median of the within-round ratios). Medians of alternating rounds; about 2 minutes on
 2 cores.

@@ -9,6 +9,7 @@ from torch.utils.checkpoint import checkpoint
 from transformers import (CLIPVisionConfig, LlamaConfig, LlamaForCausalLM, LlavaConfig,
                           LlavaForConditionalGeneration)
 
+from bench.moelora import saved_bytes
 from moelora import (MoELoRALinear, add_moelora, dropout_seed, dropped_positions, load_moelora_state_dict,
                      mark_only_moelora_trainable, moelora_state_dict)
 
@@ -181,20 +182,8 @@ def test_dropout_under_gradient_checkpointing(E):
 
 def test_dropout_saves_no_masks():
     """What the dropout path keeps for backward: x (which a LoRA keeps too) and small (N, r) activations, no mask
-    and no per-expert copy of x: MoELoRA E=8 keeps about what LoRA does, and far less than E copies of x."""
-    def saved_bytes(layer, x):  # unique storages saved for backward, the layer's weights not counted
-        weights = {p.untyped_storage().data_ptr() for p in layer.parameters()}
-        storages = {}
-
-        def pack(t):
-            if t.untyped_storage().data_ptr() not in weights:
-                storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-            return t
-
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            layer(x)
-        return sum(storages.values())
-
+    and no per-expert copy of x: MoELoRA E=8 keeps about what LoRA does, and far less than E copies of x. Counted
+    as bench/moelora.py counts it."""
     base = nn.Linear(512, 512, bias=False).requires_grad_(False)
     x = torch.randn(64, 512, requires_grad=True)  # x: 128 KiB
     moe = saved_bytes(MoELoRALinear(base, 32, 64, 8, dropout=0.05).train(), x)
