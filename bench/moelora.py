@@ -6,7 +6,7 @@ with the official code's structure (E LoRA pairs, E dropouts, a Python loop summ
 
     python bench/moelora.py                   # about 70 s on a 2-core CPU; prints one table per shape
     python bench/moelora.py --dropout=0.05    # the training default: each expert its own dropout mask
-    git show HEAD~1:moelora.py > /tmp/moelora_before.py
+    git show <commit>:moelora.py > /tmp/moelora_before.py      # an earlier version, to compare with
     python bench/moelora.py --baseline=/tmp/moelora_before.py   # adds that file's LoRA and MoELoRA rows, same run
     pip install --no-deps -r bench/requirements.txt   # optional: adds the PEFT row, leaves torch alone
 
