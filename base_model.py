@@ -144,7 +144,7 @@ def pretrain_base(cfg, rank, world, device):
 
 # -----------------------------------------------------------------------------
 # The CoIN base at 7B: the pretrain-only LLaVA-1.5, assembled from its three public parts into one Hugging Face
-# LlavaForConditionalGeneration directory (`python coin.py assemble ...`; README section 9 lists the downloads)
+# LlavaForConditionalGeneration directory (`python coin.py assemble ...`; the README's real-scale section lists the downloads)
 
 PROJECTOR_KEYS = {"model.mm_projector.0.weight": "model.multi_modal_projector.linear_1.weight",  # (d_text, d_vision)
                   "model.mm_projector.0.bias": "model.multi_modal_projector.linear_1.bias",      # (d_text,)

@@ -274,7 +274,7 @@ def describe(objs):
 # Share of Grounding expressions that also say where the object is ("the red star on the left"), as RefCOCO's often
 # do. One side only (a column or a row), so the other still has to be seen: without them MoELoRA's Grounding in the
 # sequence scores 30.5-32.5 (LoRA 33.5-38.5), under the 3 x chance bar of 33.3; with half of them 48.5 (LoRA 55.5;
-# README section 5)
+# docs/coin-mini.md)
 GROUNDING_WHERE = 0.5
 
 
@@ -519,7 +519,7 @@ def stage0_item(rng, size):
 # Train records per task, in units of n_train. The tiny model needs more steps for the two answer formats that carry
 # no word it already says: ScienceQA's option letter and Grounding's box (LoRA on the task alone, 1 -> 2 epochs of
 # 3,000 records: ScienceQA 55.5 -> 99.5, Grounding 29.5 -> 39.5; Grounding in the sequence: 33.0 at 2x, 38.5 at 3x;
-# README section 5). The first n_train records are the same at any scale (one random stream per task and split).
+# docs/coin-mini.md). The first n_train records are the same at any scale (one random stream per task and split).
 TRAIN_SCALE = {"ScienceQA": 2, "Grounding": 3}
 # The generator's version: a new one whenever the generator writes different files for the same settings, so that
 # `python data.py mini` regenerates a folder written by another version and leaves a current one alone.
