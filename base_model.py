@@ -5,16 +5,19 @@ public parts (`python coin.py assemble ...`).
 """
 import dataclasses
 import importlib.util
+import logging
 import os
 import time
 
 import torch
 import torch.distributed as dist
+import transformers
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-from transformers import (AutoTokenizer, CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel, LlamaConfig,
+from transformers import (AutoTokenizer, CLIPVisionConfig, CLIPVisionModel, LlamaConfig,
                           LlamaForCausalLM, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor,
                           PreTrainedTokenizerFast)
 
+import cli
 import data
 
 # -----------------------------------------------------------------------------
@@ -58,12 +61,26 @@ def train_tokenizer(texts, vocab_size):
     return fast
 
 
+def clip_image_processor():
+    """transformers' CLIPImageProcessor class. Without torchvision (a CPU install of coin's requirements) transformers
+    hands out its PIL implementation under that name, the one coin means, and logs a warning saying so at every start
+    (once per rank); that one warning is filtered out here, where the class is taken."""
+    logger = logging.getLogger("transformers.utils.import_utils")
+    def quiet(record):
+        return "requires torchvision (not installed)" not in record.getMessage()
+    logger.addFilter(quiet)
+    try:
+        return transformers.CLIPImageProcessor
+    finally:
+        logger.removeFilter(quiet)
+
+
 def build_tiny_base(out_dir, texts, image_size=48, patch_size=8, vision_dim=128, vision_layers=4, text_dim=128,
                     text_layers=4, heads=4, vocab_size=1000, seed=0):
     """Write a random-initialised tiny LLaVA (model + processor) to out_dir; returns (model, processor)."""
     torch.manual_seed(seed)
     tokenizer = train_tokenizer(texts, vocab_size)
-    image_processor = CLIPImageProcessor(size={"shortest_edge": image_size},
+    image_processor = clip_image_processor()(size={"shortest_edge": image_size},
                                          crop_size={"height": image_size, "width": image_size})
     processor = LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=patch_size,
                                vision_feature_select_strategy="default", num_additional_image_tokens=1)
@@ -127,7 +144,7 @@ def pretrain_base(cfg, rank, world, device):
 
 # -----------------------------------------------------------------------------
 # The CoIN base at 7B: the pretrain-only LLaVA-1.5, assembled from its three public parts into one Hugging Face
-# LlavaForConditionalGeneration directory (`python coin.py assemble ...`; README section 9 lists the downloads)
+# LlavaForConditionalGeneration directory (`python coin.py assemble ...`; the README's real-scale section lists the downloads)
 
 PROJECTOR_KEYS = {"model.mm_projector.0.weight": "model.multi_modal_projector.linear_1.weight",  # (d_text, d_vision)
                   "model.mm_projector.0.bias": "model.multi_modal_projector.linear_1.bias",      # (d_text,)
@@ -152,8 +169,8 @@ def check_tokenizer_packages(vicuna_dir):
     missing = [package for package, module in (("sentencepiece", "sentencepiece"), ("protobuf", "google.protobuf"))
                if not installed(module)]
     if missing:
-        raise SystemExit(f"{vicuna_dir}: its tokenizer is a sentencepiece tokenizer.model, and reading it needs "
-                         f"{' and '.join(missing)}: pip install -r requirements-realscale.txt")
+        raise cli.UserError(f"{vicuna_dir}: its tokenizer is a sentencepiece tokenizer.model, and reading it needs "
+                            f"{' and '.join(missing)}: pip install -r requirements-realscale.txt")
 
 
 def assemble_llava15(vicuna_dir, clip_dir, projector_bin, out_dir):
@@ -208,7 +225,7 @@ def assemble_llava15(vicuna_dir, clip_dir, projector_bin, out_dir):
                          f"{wrong[0]} (a projector of another vision tower or language model?)")
     llava.load_state_dict(sd, strict=True, assign=True)
     llava.generation_config.pad_token_id, llava.generation_config.eos_token_id = tok.pad_token_id, tok.eos_token_id
-    processor = LlavaProcessor(image_processor=CLIPImageProcessor.from_pretrained(clip_dir), tokenizer=tok,
+    processor = LlavaProcessor(image_processor=clip_image_processor().from_pretrained(clip_dir), tokenizer=tok,
                                patch_size=vision_config.patch_size, vision_feature_select_strategy="default",
                                num_additional_image_tokens=1)
     llava.save_pretrained(out_dir)
@@ -216,10 +233,24 @@ def assemble_llava15(vicuna_dir, clip_dir, projector_bin, out_dir):
     return llava, processor
 
 
+@dataclasses.dataclass
+class AssembleSettings:
+    vicuna: str = ""                      # the Vicuna-7B-v1.5 folder (Hugging Face format)
+    clip: str = ""                        # the CLIP ViT-L/14-336 folder
+    projector: str = ""                   # the stage-1 mm_projector.bin of LLaVA-1.5's pretraining
+    out: str = ""                         # the folder the assembled base is written to
+
+
 def assemble_main(argv):
-    opts = data.parse_options(argv, {"vicuna": "", "clip": "", "projector": "", "out": ""})
-    if not all(opts.values()):
-        raise SystemExit("usage: python coin.py assemble --vicuna=DIR --clip=DIR --projector=mm_projector.bin --out=DIR")
+    usage = "usage: python coin.py assemble --vicuna=DIR --clip=DIR --projector=mm_projector.bin --out=DIR"
+    opts, _ = cli.parse(AssembleSettings, argv, usage)
+    missing = [f"--{k}: needed" for k, v in dataclasses.asdict(opts).items() if not v]
+    missing += [f"--{k}={v}: no such file or folder" for k, v in dataclasses.asdict(opts).items()
+                if v and k != "out" and not os.path.exists(v)]
+    if missing:
+        raise cli.UserError("\n".join(missing + [usage]))
+    check_tokenizer_packages(opts.vicuna)  # a missing package is said before minutes of loading weights
+    opts = dataclasses.asdict(opts)
     llava, _ = assemble_llava15(opts["vicuna"], opts["clip"], opts["projector"], opts["out"])
     print(f"wrote the pretrain-only LLaVA-1.5 base ({sum(p.numel() for p in llava.parameters()):,} parameters) to "
           f"{opts['out']}; train on it with --base={opts['out']}")

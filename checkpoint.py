@@ -19,11 +19,13 @@ import torch.distributed as dist
 import transformers
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+from torch.distributed.tensor import DTensor, distribute_tensor
 
+import cli
 import data
 from base_model import projector
 from methods import load_olora_state_dict, olora_layers, olora_state_dict
-from moelora import load_moelora_state_dict, moelora_state_dict
+from moelora import load_moelora_state_dict, moelora_parameters, moelora_state_dict
 
 # -----------------------------------------------------------------------------
 # Checkpoints: adapter + projector as safetensors with a readable meta.json, written atomically
@@ -36,8 +38,13 @@ MIDSTAGE = "midstage.pt"
 # EWC (--method=ewc): the Fisher summed over the tasks so far, saved with the stage that adds its task's (not the last)
 FISHER = "fisher.safetensors"
 
+# A finished stage's meta.json and a mid-stage file carry a checksum of their tensors (tensor_checksum): a file
+# damaged on disk is refused on resume, naming the stage that deleting it retrains, instead of training on garbage.
+# Files written before checksums existed are loaded unchecked, and the run says so once.
+
 # settings that may change when a run is continued: where output goes and how the same global batch is split
-MAY_DIFFER = ("out", "resume", "save_every", "threads", "micro_batch", "grad_accum", "eval_batch", "grad_ckpt")
+MAY_DIFFER = ("out", "resume", "save_every", "threads", "micro_batch", "grad_accum", "eval_batch", "grad_ckpt",
+              "shard")
 # settings added later, with the value that runs written before them had in effect (when it is not the default)
 BEFORE_ADDED = {"projector_lr_scale": 1.0, "eval_images": "pad"}
 
@@ -92,14 +99,14 @@ def check_same_run(saved, info, path, defaults):
     for key in new:
         was = old.get(key, defaults[key])
         if key not in MAY_DIFFER and was != new[key]:
-            raise SystemExit(f"{path}: written by a run with --{key}={was!r}, this one has "
-                             f"--{key}={new[key]!r}; continue it with the same settings, or write to another --out")
+            raise cli.UserError(f"{path}: written by a run with --{key}={was!r}, this one has "
+                                f"--{key}={new[key]!r}; continue it with the same settings, or write to another --out")
     if saved.get("global_batch") != info["global_batch"]:
-        raise SystemExit(f"{path}: written with a global batch of {saved.get('global_batch')}, this run has "
-                         f"{info['global_batch']} (micro_batch x ranks x grad_accum); keep it to continue that run")
+        raise cli.UserError(f"{path}: written with a global batch of {saved.get('global_batch')}, this run has "
+                            f"{info['global_batch']} (micro_batch x ranks x grad_accum); keep it to continue that run")
     if saved.get("inputs") != info["inputs"]:
-        raise SystemExit(f"{path}: written by a run that read other data or another base (regenerated data or a "
-                         "rebuilt base?); write to another --out")
+        raise cli.UserError(f"{path}: written by a run that read other data or another base (regenerated data or a "
+                            "rebuilt base?); write to another --out")
 
 
 def read_json_file(path):
@@ -107,40 +114,113 @@ def read_json_file(path):
         with open(path) as f:
             return json.load(f)
     except (OSError, json.JSONDecodeError) as e:
-        raise SystemExit(f"{path}: unreadable ({e}); delete it to redo what it recorded") from None
+        raise cli.UserError(f"{path}: unreadable ({e}); delete it to redo what it recorded") from None
+
+
+def whole(t):
+    """`t` whole: a sharded tensor (--shard: a DTensor) gathered from every rank (a collective: every rank calls it),
+    a plain one as it is. Checkpoints hold whole tensors, so a sharded run continues unsharded and the other way."""
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def as_held_by(t, param):
+    """`t`, a whole tensor read from a checkpoint, as `param` is held: this rank's shard when it is sharded (no
+    communication: every rank read the whole tensor)."""
+    if not isinstance(param, DTensor) or t.shape != param.shape:  # a wrong shape stays, for the strict load to name
+        return t
+    return distribute_tensor(t.to(param.device), param.device_mesh, param.placements, src_data_rank=None)
+
+
+def trainable_parameters(model):
+    """{checkpoint key: parameter} of the adapter (O-LoRA: every subspace) and the projector."""
+    return {**(olora_state_dict(model) if olora_layers(model) else dict(moelora_parameters(model))),
+            **{f"projector.{k}": p for k, p in projector(model).named_parameters()}}
 
 
 def trainable_state_dict(model):
+    """The adapter's and projector's weights, whole, on the CPU (every rank calls it: a sharded model gathers)."""
     sd = olora_state_dict(model) if olora_layers(model) else moelora_state_dict(model)  # O-LoRA: every subspace
     sd.update({f"projector.{k}": v for k, v in projector(model).state_dict().items()})
-    return {k: v.detach().cpu().contiguous() for k, v in sd.items()}
+    return {k: whole(v).detach().cpu().contiguous() for k, v in sd.items()}
+
+
+def whole_optimizer_state(opt):
+    """opt.state_dict() with every state tensor whole (a collective with --shard), in the unsharded layout."""
+    sd = opt.state_dict()
+    return {**sd, "state": {i: {k: whole(v) for k, v in s.items()} for i, s in sd["state"].items()}}
+
+
+def load_optimizer_state(opt, sd):
+    """Load what whole_optimizer_state saved, each tensor as its parameter is held (sharded or whole). The state's
+    keys number the parameters in the order of opt.param_groups, which fully_shard keeps."""
+    params = [p for group in opt.param_groups for p in group["params"]]
+    opt.load_state_dict({**sd, "state": {i: {k: as_held_by(v, params[i]) if torch.is_tensor(v) else v
+                                             for k, v in s.items()} for i, s in sd["state"].items()}})
+
+
+def tensor_checksum(sd):
+    """sha256 over the tensors of a state dict (names, dtypes, shapes and bytes, in name order)."""
+    h = hashlib.sha256()
+    for name in sorted(sd):
+        t = sd[name].detach().cpu().contiguous()
+        h.update(f"{name} {t.dtype} {tuple(t.shape)};".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+_UNCHECKED_SAID = []
+
+
+def verify_checksum(sd, path, expected, fix):
+    """A description of the file for later messages: "<path> (checksum verified)", or "(no checksum: not checked)"
+    for a file written before checksums existed (said once per run). A mismatch raises naming `path` and `fix`."""
+    if expected is None:
+        if not _UNCHECKED_SAID and int(os.environ.get("RANK", 0)) == 0:
+            print(f"note: {path} was written before checkpoints carried a checksum: loaded without checking it "
+                  "(and so are any others like it)", flush=True)
+        _UNCHECKED_SAID.append(path)
+        return f"{path} (no checksum: not checked)"
+    if tensor_checksum(sd) != expected:
+        raise cli.UserError(f"{path}: its tensors do not match their checksum (the file is damaged); {fix}")
+    return f"{path} (checksum verified)"
+
+
+class NonFiniteLoss(cli.UserError, FloatingPointError):
+    """Training diverged (a loss or a weight is not finite): nothing was saved; the message says what stays."""
 
 
 def finite_or_raise(sd, path, step):
     bad = [k for k, v in sd.items() if not torch.isfinite(v).all()]
     if bad:
-        raise FloatingPointError(f"{path}: not written: {len(bad)} weights (e.g. {bad[0]}) are not finite after step "
-                                 f"{step}; the last good checkpoint stays (try a lower --lr)")
+        raise NonFiniteLoss(f"{path}: not written: {len(bad)} weights (e.g. {bad[0]}) are not finite after step "
+                            f"{step}; the last good checkpoint stays (try a lower --lr)")
 
 
-def save_checkpoint(model, stage_dir, meta, tensors=None):
+def save_checkpoint(model, stage_dir, meta, rank, tensors=None):
     """The end of a stage: adapter.safetensors and a method's state for the stages after it (`tensors`: {file name:
-    {name: tensor}}, EWC's Fisher), then meta.json (the stage is finished), then the mid-stage file goes."""
-    os.makedirs(stage_dir, exist_ok=True)
+    {name: tensor}}, EWC's Fisher), then meta.json with their checksums (the stage is finished), then the mid-stage
+    file goes. Every rank calls it (a sharded model's weights are gathered from all); rank 0 writes."""
     path = os.path.join(stage_dir, "adapter.safetensors")
     sd = trainable_state_dict(model)
     finite_or_raise(sd, path, meta["step"])
-    for file, state in {"adapter.safetensors": sd, **(tensors or {})}.items():
-        path = os.path.join(stage_dir, file)
-        save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, path + ".tmp")
-        os.replace(path + ".tmp", path)
-    data.write_json(os.path.join(stage_dir, "meta.json"), meta)
+    if rank:
+        return
+    os.makedirs(stage_dir, exist_ok=True)
+    files = {"adapter.safetensors": sd, **{f: {k: v.detach().cpu().contiguous() for k, v in state.items()}
+                                           for f, state in (tensors or {}).items()}}
+    for file, state in files.items():
+        save_file(state, os.path.join(stage_dir, file) + ".tmp")
+        os.replace(os.path.join(stage_dir, file) + ".tmp", os.path.join(stage_dir, file))
+    checksums = {f"checksum_{file}": tensor_checksum(state) for file, state in files.items() if file in (tensors or {})}
+    data.write_json(os.path.join(stage_dir, "meta.json"), {**meta, "checksum": tensor_checksum(sd), **checksums})
     if os.path.exists(os.path.join(stage_dir, MIDSTAGE)):
         os.remove(os.path.join(stage_dir, MIDSTAGE))
 
 
 def load_trainable(model, sd, path):
     """Strict: `sd` (read from `path`) must hold exactly this model's adapter and projector weights, same shapes."""
+    own = trainable_parameters(model)
+    sd = {k: as_held_by(v, own[k]) if k in own else v for k, v in sd.items()}  # --shard: this rank's shards
     proj = {k.removeprefix("projector."): v for k, v in sd.items() if k.startswith("projector.")}
     load_adapter = load_olora_state_dict if olora_layers(model) else load_moelora_state_dict
     try:
@@ -151,22 +231,37 @@ def load_trainable(model, sd, path):
                          f"{e.args[0]}") from None
 
 
-def read_tensors(path):
+def read_stage_file(path, meta, checksum_key):
+    """The tensors of a stage's file, checked against the checksum its `meta` (meta.json's content) records under
+    `checksum_key` when given; returns (tensors, the file's description: verify_checksum)."""
     try:
-        return load_file(path)
+        sd = load_file(path)
     except (OSError, SafetensorError) as e:
-        raise ValueError(f"{path}: unreadable checkpoint ({e})") from None
+        raise cli.UserError(f"{path}: unreadable checkpoint ({e})") from None
+    checked = None
+    if meta is not None:
+        checked = verify_checksum(sd, path, meta.get(checksum_key), (
+            f"delete {os.path.dirname(path)} and run the same command again: stage {meta.get('stage')} "
+            f"({meta.get('task')}) is retrained, from the stage before it"))
+    return sd, checked
 
 
-def load_checkpoint(model, path):
-    load_trainable(model, read_tensors(path), path)
+def load_checkpoint(model, path, meta=None):
+    """Load a stage's adapter.safetensors into `model`, checked against the checksum in its `meta` (meta.json's
+    content) when given; returns the file's description (verify_checksum) for later messages."""
+    sd, checked = read_stage_file(path, meta, "checksum")
+    load_trainable(model, sd, path)
+    return checked
 
 
 def load_fisher(cfg, stages, done, device):
-    """EWC: the Fisher the last finished stage saved (none before the first stage, and none after the last)."""
+    """EWC: the Fisher the last finished stage saved, checked against its meta.json (none before the first stage, and
+    none after the last)."""
     if not done or done == len(stages):
         return None
-    fisher = read_tensors(os.path.join(stage_dir(cfg, done - 1, stages[done - 1][0]), FISHER))
+    folder = stage_dir(cfg, done - 1, stages[done - 1][0])
+    fisher, _ = read_stage_file(os.path.join(folder, FISHER), read_json_file(os.path.join(folder, "meta.json")),
+                                f"checksum_{FISHER}")
     return {name: f.to(device) for name, f in fisher.items()}
 
 
@@ -178,34 +273,37 @@ def save_midstage(path, model, opt, step, losses, info, rank, world, device):
     if world > 1:
         rngs = [None] * world if rank == 0 else None
         dist.gather_object(rng, rngs, dst=0)
+    sd, optimizer = trainable_state_dict(model), whole_optimizer_state(opt)  # collectives with --shard
     if rank == 0:
-        sd = trainable_state_dict(model)
         finite_or_raise(sd, path, step)
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        torch.save({**info, "step": step, "losses": losses, "weights": sd, "optimizer": opt.state_dict(),
-                    "rng": rngs}, path + ".tmp")
+        torch.save({**info, "step": step, "losses": losses, "weights": sd, "checksum": tensor_checksum(sd),
+                    "optimizer": optimizer, "rng": rngs}, path + ".tmp")
         os.replace(path + ".tmp", path)
     if world > 1:
         dist.barrier()  # no rank stops (Ctrl-C) before the file is complete
 
 
 def load_midstage(path, model, opt, info, defaults, rank, world, device):
-    """Restore what save_midstage wrote into `model`, `opt` and this rank's RNG; returns (steps done, their losses)."""
+    """Restore what save_midstage wrote into `model`, `opt` and this rank's RNG; returns (steps done, their losses,
+    the file's description: verify_checksum)."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as e:
-        raise SystemExit(f"{path}: unreadable mid-stage checkpoint ({e}); delete it to restart the stage") from None
+        raise cli.UserError(f"{path}: unreadable mid-stage checkpoint ({e}); delete it to restart the stage") from None
     check_same_run(state, info, path, defaults)
+    checked = verify_checksum(state["weights"], path, state.get("checksum"),
+                              "delete it and run the same command again: the stage restarts from its beginning")
     if state["world_size"] != world:
-        raise SystemExit(f"{path}: written by {state['world_size']} ranks, this run has {world}: a stage continues "
-                         "exactly only on as many ranks (one RNG state each); use that many, or delete it to restart "
-                         "the stage")
+        raise cli.UserError(f"{path}: written by {state['world_size']} ranks, this run has {world}: a stage continues "
+                            "exactly only on as many ranks (one RNG state each); use that many, or delete it to "
+                            "restart the stage")
     load_trainable(model, state["weights"], path)
-    opt.load_state_dict(state["optimizer"])
+    load_optimizer_state(opt, state["optimizer"])
     torch.set_rng_state(state["rng"][rank][0])
     if device.type == "cuda":
         torch.cuda.set_rng_state(state["rng"][rank][1], device)
-    return state["step"], state["losses"]
+    return state["step"], state["losses"], checked
 
 
 # -----------------------------------------------------------------------------
@@ -215,8 +313,8 @@ def finished_stages(cfg, stages, info, rank):
     """How many stages, from the first, an earlier run into --out finished; 0 for a new --out."""
     if not cfg.resume:
         if os.path.exists(os.path.join(cfg.out, "results.json")) or os.path.isdir(os.path.join(cfg.out, "checkpoints")):
-            raise SystemExit(f"--out={cfg.out} holds a run already: --resume=true (the default) continues it; to start "
-                             "over, delete that folder or choose another --out")
+            raise cli.UserError(f"--out={cfg.out} holds a run already: --resume=true (the default) continues it; to "
+                                "start over, delete that folder or choose another --out")
         return 0
     done, meta = 0, None
     for j, (name, *_) in enumerate(stages):

@@ -16,25 +16,38 @@ import random
 import signal
 import sys
 import time
+import warnings
+
+import cli
+
+if __name__ == "__main__" and sys.argv[1:2] != ["assemble"] and cli.wants_help(sys.argv[1:]):
+    # answered here, from the Config block's source, before torch and transformers load (seconds)
+    cli.exit_with_help(__file__, "Config", __doc__)
 
 import torch
 import torch.distributed as dist
+import torch.nn as nn
 import torch.nn.functional as F
+import transformers
+from safetensors import SafetensorError
+from torch.distributed.fsdp import FSDPModule, fully_shard
 from tqdm import tqdm
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
 import data
 import eval as evaluate
 from base_model import assemble_main, pretrain_base, projector
-from checkpoint import (FISHER, MIDSTAGE, finished_stages, inputs_hash, load_checkpoint, load_fisher, load_midstage,
-                        load_results, run_info, save_checkpoint, save_midstage, setting_defaults, stage_dir)
+from checkpoint import (FISHER, MIDSTAGE, NonFiniteLoss, finished_stages, inputs_hash, load_checkpoint, load_fisher,
+                        load_midstage, load_results, read_json_file, run_info, save_checkpoint, save_midstage,
+                        setting_defaults, stage_dir)
 from data import collate
 from methods import (METHODS, add_olora, add_olora_subspace, ewc_accumulate, ewc_fisher, ewc_penalty, ewc_sample,
                      lwf_distillation, olora_orthogonality, olora_penalty, replay_records, teacher_logits)
 from moelora import add_moelora, language_model_linears, mark_only_moelora_trainable
 
 # -----------------------------------------------------------------------------
-# Config: one setting a line; override any with --key=value or --key value (unknown keys and wrong types are errors)
+# Config: one setting a line, its comment is its --help line; override any with --key=value or --key value (unknown
+# keys and wrong types are errors). RULES below says what each accepts; every setting is checked before any work.
 
 @dataclasses.dataclass
 class Config:
@@ -55,11 +68,12 @@ class Config:
     dtype: str = "float32"                # float32 | bfloat16 (7B on GPUs: bfloat16, as the official runs)
     attn: str = "sdpa"                    # attention kernel: sdpa (PyTorch's fused attention) | eager
     grad_ckpt: bool = False               # gradient checkpointing: recompute activations in backward (7B on GPUs: on)
+    shard: bool = False                   # FSDP2: each rank holds 1/ranks of the base, adapter, gradients, AdamW state
     # --- adapter
     lora_r: int = 16                      # total rank r, split over the experts (official: 128)
     lora_alpha: float = 32.0              # scaling alpha / r (official: 256 / 128 = 2)
     experts: int = 8                      # E; 1 = plain LoRA, the baseline (official: 8)
-    lora_dropout: float = 0.05            # official: 0.05
+    lora_dropout: float = 0.05            # dropout on the adapter's input (official: 0.05)
     train_projector: bool = True          # the projector trains along with the adapter, as in CoIN
     projector_lr_scale: float = 0.1       # the projector's lr = lr x this. 0.1: the official scripts' 2e-5 at lr
                                           # 2e-4 (their DeepSpeed config overrides it: 1.0 is what they run in effect)
@@ -69,10 +83,10 @@ class Config:
     grad_accum: int = 1                   # global_batch = micro_batch * world_size * grad_accum
     global_batch: str = ""                # "" = as above; N, or "official" (the per-task table): sets grad_accum
     epochs: int = 1                       # CoIN trains one epoch per task
-    weight_decay: float = 0.0
-    warmup_ratio: float = 0.03
+    weight_decay: float = 0.0             # AdamW's decoupled weight decay (official: 0)
+    warmup_ratio: float = 0.03            # linear warmup over this fraction of a stage's steps (official: 0.03)
     schedule: str = "constant"            # constant (what the official DeepSpeed config runs) | cosine
-    max_grad_norm: float = 1.0
+    max_grad_norm: float = 1.0            # gradients clipped to this global norm (official: 1.0)
     # --- continual-learning method (methods.py; the paper's LoRA and MoELoRA rows are `sequential`)
     method: str = "sequential"            # sequential | replay | ewc | lwf | olora (O-LoRA takes --experts=1)
     replay_ratio: float = 0.1             # replay: earlier tasks' records added to each task, x its size (TRACE: 0.1)
@@ -83,7 +97,7 @@ class Config:
     olora_lambda1: float = 0.5            # olora: weight of the orthogonality term (TRACE, PRISM: 0.5)
     olora_lambda2: float = 0.0            # olora: weight of the L2 term on the newest subspace
     # --- eval
-    eval_batch: int = 64
+    eval_batch: int = 64                  # test records per generation batch, per rank
     max_new_tokens: int = 24              # generation stops at eos or here; 0 = each task's official length (1024
                                           # or 128, data.OFFICIAL_EVAL); 24 fits every CoIN-mini answer
     eval_images: str = "official"         # official: per task, as the official evaluation (ScienceQA, ImageNet,
@@ -96,71 +110,111 @@ class Config:
     judge: str = "exact"                  # General Knowledge judge: exact (CoIN-mini) | path to a HF causal LM
     zero_shot: bool = True                # evaluate the base on every task before the first stage
     # --- run
-    out: str = "out/run"
-    seed: int = 0
+    out: str = "out/run"                  # the run's folder: checkpoints/, predictions/, results.json
+    seed: int = 0                         # data order, adapter init, dropout masks, --data_fraction's draw
     threads: int = 0                      # torch threads per rank; 0 = cores / ranks
     # Re-running a command into the same --out continues it: finished stages are kept (checkpoint and results rows),
     # a stage stopped part-way goes on from its mid-stage checkpoint, and a resumed run ends with the same weights
     # and scores. Settings, data and base must be the same (checked); --resume=false refuses an --out with a run.
-    resume: bool = True
+    resume: bool = True                   # continue the run --out holds (as above); false: refuse an --out with a run
     save_every: int = 0                   # mid-stage checkpoint every N optimizer steps (0 = only on Ctrl-C)
     stage0: bool = False                  # pretrain the tiny base on CoIN-mini's caption corpus instead
     stage0_epochs: int = 5                # stage 0: full fine-tuning of the whole tiny model on captions
     stage0_lr: float = 1e-3               # with a cosine schedule
 
 
+# What each setting accepts (cli.Rule); a new setting gets its row here. Combinations are checked in check_config.
+RULES = {
+    # --- data
+    "data_dir": cli.ANY, "image_dir": cli.ANY, "instructions": cli.one_of(*data.INSTRUCTIONS), "tasks": cli.ANY,
+    "max_train": cli.at_least(0), "max_test": cli.at_least(0), "data_fraction": cli.between(0, 1, low_open=True),
+    "skip_bad": cli.ANY, "multitask": cli.ANY,
+    # --- model
+    "base": cli.ANY, "dtype": cli.one_of("float32", "bfloat16"), "attn": cli.one_of("sdpa", "eager"),
+    "grad_ckpt": cli.ANY, "shard": cli.ANY,
+    # --- adapter
+    "lora_r": cli.at_least(1), "lora_alpha": cli.POSITIVE, "experts": cli.at_least(1),
+    "lora_dropout": cli.between(0, 1, high_open=True), "train_projector": cli.ANY,
+    "projector_lr_scale": cli.at_least(0),
+    # --- optim
+    "lr": cli.POSITIVE, "micro_batch": cli.at_least(1), "grad_accum": cli.at_least(1),
+    "global_batch": cli.Rule(lambda v: v in ("", "official") or v.isdigit() and int(v) > 0,
+                             "'', 'official' or a whole number > 0"),
+    "epochs": cli.at_least(1), "weight_decay": cli.at_least(0), "warmup_ratio": cli.between(0, 1),
+    "schedule": cli.one_of("constant", "cosine"), "max_grad_norm": cli.POSITIVE,
+    # --- continual-learning method
+    "method": cli.one_of(*METHODS), "replay_ratio": cli.at_least(0), "ewc_lambda": cli.at_least(0),
+    "ewc_samples": cli.at_least(1), "lwf_alpha": cli.at_least(0), "lwf_temperature": cli.POSITIVE,
+    "olora_lambda1": cli.at_least(0), "olora_lambda2": cli.at_least(0),
+    # --- eval
+    "eval_batch": cli.at_least(1), "max_new_tokens": cli.at_least(0), "eval_images": cli.one_of(*data.EVAL_IMAGES),
+    "scoring": cli.one_of("official", "fixed"), "ground_truth": cli.ANY, "answers_from_test": cli.ANY,
+    "judge": cli.ANY, "zero_shot": cli.ANY,
+    # --- run
+    "out": cli.Rule(bool, "a folder name"), "seed": cli.ANY, "threads": cli.at_least(0), "resume": cli.ANY,
+    "save_every": cli.at_least(0), "stage0": cli.ANY, "stage0_epochs": cli.at_least(1), "stage0_lr": cli.POSITIVE,
+}
+
+
 def parse_config(argv):
-    cfg, fields = Config(), {f.name: f for f in dataclasses.fields(Config)}
-    args = list(argv)
-    while args:
-        arg = args.pop(0)
-        if arg in ("-h", "--help"):
-            print(__doc__ + "\nSettings (--key=value or --key value):")
-            for f in fields.values():
-                print(f"  --{f.name}={getattr(cfg, f.name)!r}")
-            sys.exit(0)
-        key, eq, val = arg.removeprefix("--").partition("=")
-        if not arg.startswith("--") or key not in fields:
-            close = [k for k in fields if key.split("_")[0] in k]
-            raise SystemExit(f"unknown setting {arg!r}" + (f" (did you mean {', '.join('--' + c for c in close)}?)"
-                                                          if close else "; see python coin.py --help"))
-        typ = type(getattr(cfg, key))
-        if not eq and args and not args[0].startswith("--") and (
-                typ is not bool or args[0].lower() in ("1", "true", "0", "false")):
-            eq, val = "=", args.pop(0)  # --key value, as torchrun users type it (--tasks all)
-        if typ is bool:
-            if val.lower() not in ("", "1", "true", "0", "false"):
-                raise SystemExit(f"--{key} takes true/false, not {val!r}")
-            setattr(cfg, key, not eq or val.lower() in ("1", "true"))
-            continue
-        if not eq:
-            raise SystemExit(f"--{key} needs a value: --{key}=VALUE or --{key} VALUE")
-        try:
-            setattr(cfg, key, typ(val))
-        except ValueError:
-            raise SystemExit(f"--{key} takes a {typ.__name__}, not {val!r}") from None
-    data.parse_tasks(cfg.tasks)  # fail now on an unknown task name
-    for key, allowed in (("instructions", data.INSTRUCTIONS), ("schedule", ("constant", "cosine")),
-                         ("scoring", ("official", "fixed")), ("dtype", ("float32", "bfloat16")),
-                         ("eval_images", data.EVAL_IMAGES),
-                         ("attn", ("sdpa", "eager")), ("method", METHODS)):
-        if getattr(cfg, key) not in allowed:
-            raise SystemExit(f"--{key}={getattr(cfg, key)!r}: choose from {', '.join(allowed)}")
-    if cfg.max_new_tokens < 0:
-        raise SystemExit(f"--max_new_tokens={cfg.max_new_tokens}: a number of tokens, or 0 for each task's official "
-                         "length")
-    if cfg.method == "olora" and cfg.experts != 1:
-        raise SystemExit(f"--method=olora takes --experts=1, not --experts={cfg.experts} (O-LoRA trains one plain LoRA "
-                         "per task; MoELoRA has no such subspace per task)")
-    if cfg.multitask and cfg.method != "sequential":
-        raise SystemExit(f"--multitask trains one stage, so --method={cfg.method} has no earlier task to work on; "
-                         "use --method=sequential with it")
-    if not 0 < cfg.data_fraction <= 1:
-        raise SystemExit(f"--data_fraction={cfg.data_fraction}: a fraction in (0, 1]")
-    if cfg.global_batch not in ("", "official") and not cfg.global_batch.isdigit():
-        raise SystemExit(f"--global_batch={cfg.global_batch!r}: a number, 'official' or '' (micro_batch x ranks x "
-                         "grad_accum)")
+    """The Config of a command line, with every setting checked (RULES, then check_config): all problems at once,
+    as one UserError, before anything is read, loaded or written (main then checks the folders: check_folders)."""
+    cfg, _ = cli.parse(Config, argv, __doc__, RULES)  # the combinations below assume each setting is in range
+    problems = check_config(cfg, int(os.environ.get("WORLD_SIZE", 1)))
+    if problems:
+        raise cli.UserError("\n".join(problems))
     return cfg
+
+
+def check_config(cfg, world):
+    """Problems of settings taken together, on `world` ranks."""
+    problems = []
+    try:
+        tasks = data.parse_tasks(cfg.tasks)
+    except ValueError as e:
+        problems.append(str(e))
+        tasks = []
+    if cfg.shard and cfg.stage0:
+        problems.append("--shard with --stage0: stage 0 trains the whole tiny base unsharded; drop --shard")
+    if cfg.method == "olora" and cfg.experts != 1:
+        problems.append(f"--method=olora --experts={cfg.experts}: O-LoRA trains one plain LoRA per task; give "
+                        "--experts=1")
+    if cfg.multitask and cfg.method != "sequential":
+        problems.append(f"--multitask --method={cfg.method}: one stage has no earlier task to work on; use "
+                        "--method=sequential with --multitask")
+    if cfg.shard and cfg.method not in ("sequential", "replay"):
+        problems.append(f"--shard --method={cfg.method}: the method's state (methods.py) is kept whole, not sharded; "
+                        "run it without --shard")
+    if cfg.lora_r % cfg.experts:
+        problems.append(f"--lora_r={cfg.lora_r} --experts={cfg.experts}: the rank is split evenly over the experts; "
+                        f"give a --lora_r that is a multiple of {cfg.experts}")
+    for name, *_ in plan_stages(cfg, tasks) if not cfg.stage0 else []:
+        try:
+            grad_accum_for(cfg, name, world)
+        except cli.UserError as e:
+            problems.append(str(e))
+            break  # the same fix serves every stage
+    return problems
+
+
+def check_folders(cfg):
+    """Every folder the settings name must exist: all missing ones in one UserError."""
+    problems = []
+    if not os.path.isdir(cfg.data_dir):
+        problems.append(f"--data_dir={cfg.data_dir}: no such folder (the one holding Instructions_*/; "
+                        f"`python data.py mini --out={cfg.data_dir}` writes CoIN-mini there)")
+    if cfg.image_dir and not os.path.isdir(cfg.image_dir):
+        problems.append(f"--image_dir={cfg.image_dir}: no such folder (the image root; '' means <data_dir>/images)")
+    if not cfg.stage0 and not os.path.isdir(cfg.base):
+        problems.append(f"--base={cfg.base}: no such model directory (the embedded default is made by "
+                        "`python coin.py --stage0`; see run.sh)")
+    if cfg.ground_truth and not os.path.isdir(cfg.ground_truth):
+        problems.append(f"--ground_truth={cfg.ground_truth}: no such folder (laid out as the image root: "
+                        "ScienceQA/problems.json, TextVQA/TextVQA_0.5.1_val.json, GQA/testdev_balanced_questions.json)")
+    if cfg.judge != "exact" and not os.path.isdir(cfg.judge):
+        problems.append(f"--judge={cfg.judge}: no such folder (give 'exact' or a Hugging Face causal LM folder)")
+    if problems:
+        raise cli.UserError("\n".join(problems))
 
 
 # The official global batch of each task (8 GPUs x grad-accum 8 x the scripts' per-device batch); --global_batch=official
@@ -173,13 +227,14 @@ def grad_accum_for(cfg, stage, world):
     if cfg.global_batch == "":
         return cfg.grad_accum
     if cfg.global_batch == "official" and stage not in OFFICIAL_GLOBAL_BATCH:
-        raise SystemExit(f"--global_batch=official: the official table has no batch for stage {stage!r}; give "
-                         "--global_batch=N")
+        raise cli.UserError(f"--global_batch=official: the official table has no batch for stage {stage!r}; give "
+                            "--global_batch=N")
     want = OFFICIAL_GLOBAL_BATCH[stage] if cfg.global_batch == "official" else int(cfg.global_batch)
     per_step = cfg.micro_batch * world
     if want % per_step:
-        raise SystemExit(f"stage {stage}: global batch {want} is not a multiple of micro_batch x ranks = "
-                         f"{cfg.micro_batch} x {world}; choose a --micro_batch that divides {want // world}")
+        where = f"stage {stage}" if cfg.global_batch == "official" else f"--global_batch={want}"
+        raise cli.UserError(f"{where}: global batch {want} is not a multiple of micro_batch x ranks = "
+                            f"{cfg.micro_batch} x {world}; choose a --micro_batch that divides {want // world}")
     return want // per_step
 
 
@@ -242,7 +297,8 @@ def all_reduce_grads(params):
 
 
 # -----------------------------------------------------------------------------
-# Training one task: one explicit loop. Gradients are averaged across ranks by hand, once per optimizer step.
+# Training one task: one explicit loop. Gradients are summed across ranks by hand once per optimizer step, or with
+# --shard by FSDP's reduce-scatter after each backward (the same sum).
 
 def global_batches(n, global_batch, seed, epochs):
     """Index lists of each optimizer step: a seeded shuffle per epoch, cut into global batches (last one partial)."""
@@ -251,6 +307,20 @@ def global_batches(n, global_batch, seed, epochs):
         order = torch.randperm(n, generator=g).tolist()
         for s in range(0, n, global_batch):
             yield order[s:s + global_batch]
+
+
+def fsdp_fillers(dataset, step_indices, micro_batch, world, n_mine, pad_id):
+    """--shard: FSDP gathers weights in every forward and backward, a collective, so every rank must run as many
+    micro-batches as rank 0, which holds the most of a global batch dealt rank::world (the last one of an epoch can be
+    short). The missing ones are fillers: a micro-batch with no answer token (labels all -100), whose loss and
+    gradients are exactly zero. (They run last, so only later epochs' dropout masks on that rank differ from an
+    unsharded run's: CoIN trains one epoch a stage, and every stage reseeds.)"""
+    n_most = math.ceil(len(step_indices[::world]) / micro_batch)
+    if n_mine == n_most:
+        return []
+    filler = collate([dataset[step_indices[0]]], pad_id)
+    filler["labels"] = torch.full_like(filler["labels"], -100)
+    return [filler] * (n_most - n_mine)
 
 
 def lr_at(step, total, cfg):
@@ -277,17 +347,19 @@ def answer_ce(logits, labels):
 
 
 def train_one_task(model, dataset, params, cfg, rank, world, device, seed, desc, midstage=None, info=None,
-                   teacher=None, penalty=None):
+                   started_from="the base model", teacher=None, penalty=None):
     """One pass (cfg.epochs) over `dataset`, updating `params` with AdamW; returns the list of step losses.
     Loss = sum of answer-token cross-entropies / answer tokens in the whole global batch, so that 1 x N ranks,
     2 x N/2 and gradient accumulation give the same step. NOTE(fidelity): the official trainer averages per
     micro-batch instead (mean over that micro-batch's tokens, then mean over micro-batches and ranks).
     With `midstage` (a file; `info` is run_info) the stage can stop and go on: the state is saved there every
     cfg.save_every steps and on Ctrl-C, and a run that finds the file continues the stage from it, exactly.
+    `started_from` names the weights the stage starts from (and their checksum's state), for the non-finite loss.
     The methods (methods.py): with `teacher` (LwF: the previous stage's trainable weights by name) the loss adds
     lwf_alpha * KD, normalised as the cross-entropy; `penalty` (EWC, O-LoRA: a function returning a scalar) is added
     once per optimizer step, on every rank after the gradients are summed. The step losses are the cross-entropy's."""
     pad_id = dataset.tok.pad_token_id
+    sharded = cfg.shard and world > 1
     # two groups, the projector's with an lr of its own: lr_scale multiplies the schedule's lr for the group (stage 0
     # trains the whole model at one lr)
     proj = set() if cfg.stage0 else {id(p) for p in projector(model).parameters()}
@@ -298,13 +370,13 @@ def train_one_task(model, dataset, params, cfg, rank, world, device, seed, desc,
     steps = list(global_batches(len(dataset), global_batch, seed, cfg.epochs))
     # the dropout masks depend on (seed, stage) only: a resumed run that skips finished stages draws the same ones
     torch.manual_seed(seed)
-    start, losses = 0, []
+    start, losses, last_checkpoint = 0, [], started_from
     if midstage and os.path.exists(midstage):
-        start, losses = load_midstage(midstage, model, opt, info, setting_defaults(cfg), rank, world, device)
+        start, losses, last_checkpoint = load_midstage(midstage, model, opt, info, setting_defaults(cfg), rank, world,
+                                                       device)
         print0(f"{desc}: continuing after step {start} of {len(steps)} ({midstage})")
     model.train()
-    bar = tqdm(range(start, len(steps)), desc=desc, disable=rank != 0, leave=False, mininterval=2,
-               initial=start, total=len(steps))
+    bar = cli.progress(range(start, len(steps)), desc=desc, disable=rank != 0, initial=start, total=len(steps))
     with sigint_flag() if midstage else contextlib.nullcontext([]) as stop:
         for step in bar:
             mine = steps[step][rank::world]  # this rank's share of the global batch
@@ -319,8 +391,12 @@ def train_one_task(model, dataset, params, cfg, rank, world, device, seed, desc,
                 print0(f"{desc}: interrupted before step {step + 1} of {len(steps)}; saved {midstage}. Run the same "
                        "command again to continue from there.")
                 raise SystemExit(130)
+            if sharded:
+                micro += fsdp_fillers(dataset, steps[step], cfg.micro_batch, world, len(micro), pad_id)
             loss_sum, term = torch.zeros(2), 0.0  # (cross-entropy, LwF's alpha * KD) sums; a penalty's value
-            for m in micro:
+            for i, m in enumerate(micro):
+                if sharded:  # FSDP reduce-scatters once a step, after the last backward: all_reduce_grads' sum
+                    model.set_requires_gradient_sync(i == len(micro) - 1)
                 inputs = model_inputs(m, model, device)
                 if teacher is not None:  # LwF: the previous stage's model on the same inputs (eval mode, no grad)
                     old_logits = teacher_logits(model, teacher, inputs)  # (B, T, vocab)
@@ -334,7 +410,7 @@ def train_one_task(model, dataset, params, cfg, rank, world, device, seed, desc,
                     loss_sum[1] += kd.detach().cpu()
                 (objective / n_tokens).backward()
                 loss_sum[0] += ce.detach().cpu()
-            if world > 1:
+            if world > 1 and not sharded:
                 all_reduce_grads(params)  # a sum: each rank already divided by the global batch's token count
             if penalty is not None:  # every rank adds the same gradient to the same summed one: once per step
                 value = penalty()
@@ -343,10 +419,9 @@ def train_one_task(model, dataset, params, cfg, rank, world, device, seed, desc,
             sums = all_reduce_(loss_sum)
             loss, term = sums[0].item() / n_tokens.item(), term + sums[1].item() / n_tokens.item()
             if not math.isfinite(loss + term):  # raise before the step: no weight and no checkpoint sees it
-                kept = midstage if midstage and os.path.exists(midstage) else "the previous stage's"
-                raise FloatingPointError(f"{desc}: the loss is {loss + term} at step {step + 1} of {len(steps)}; "
-                                         f"stopped without saving, the last good checkpoint stays ({kept}); try a "
-                                         "lower --lr")
+                raise NonFiniteLoss(f"{desc}: the loss is {loss + term} at step {step + 1} of {len(steps)}; stopped "
+                                    f"without saving, the last good checkpoint stays ({last_checkpoint}); the "
+                                    f"stage started from {started_from}; try a lower --lr (now {cfg.lr})")
             torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
             for group in opt.param_groups:
                 group["lr"] = lr_at(step, len(steps), cfg) * group["lr_scale"]
@@ -357,6 +432,7 @@ def train_one_task(model, dataset, params, cfg, rank, world, device, seed, desc,
                             **({"method_term": f"{term:.3g}"} if teacher is not None or penalty is not None else {}))
             if midstage and cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < len(steps):
                 save_midstage(midstage, model, opt, step + 1, losses, info, rank, world, device)
+                last_checkpoint = f"{midstage}, saved by this run after step {step + 1}, checksum recorded"
     return losses
 
 
@@ -397,9 +473,6 @@ def sigint_flag():
 # The model: the base (any Hugging Face image-text-to-text directory), MoELoRA on its language model, its projector
 
 def load_processor(cfg):
-    if not os.path.isdir(cfg.base):
-        raise SystemExit(f"--base={cfg.base}: no such model directory (the embedded default is made by "
-                         "`python coin.py --stage0`; see run.sh)")
     # the PIL image backend: the official code's CLIPImageProcessor resizes with PIL; with torchvision installed,
     # transformers would otherwise pick its torchvision backend, whose resize gives other pixels
     return AutoProcessor.from_pretrained(cfg.base, backend="pil")
@@ -409,7 +482,14 @@ def load_base(cfg, device):
     """Any Hugging Face image-text-to-text directory (LLaVA, Qwen2-VL, ...) and its processor."""
     processor = load_processor(cfg)
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[cfg.dtype]
-    model = AutoModelForImageTextToText.from_pretrained(cfg.base, dtype=dtype, attn_implementation=cfg.attn).to(device)
+    if not sys.stderr.isatty():  # its loading bar would fill a log file with carriage returns
+        transformers.utils.logging.disable_progress_bar()
+    try:
+        model = AutoModelForImageTextToText.from_pretrained(cfg.base, dtype=dtype, attn_implementation=cfg.attn)
+    except (OSError, SafetensorError) as e:  # a weight file cut short or damaged: the library's message lacks the path
+        raise cli.UserError(f"--base={cfg.base}: its weights do not load ({str(e).splitlines()[0]}); copy or rebuild "
+                            "that folder (a download or copy cut short?)") from None
+    model.to(device)
     if cfg.grad_ckpt:
         # non-reentrant checkpointing: gradients reach the adapters although every block's input (the frozen
         # embeddings) has requires_grad=False, and the recomputed forward redraws the same dropout masks
@@ -464,6 +544,51 @@ def ground_truth_root(cfg):
     return None if cfg.answers_from_test else cfg.ground_truth or data.image_root(cfg.data_dir, cfg.image_dir)
 
 
+def shard_model(model):
+    """--shard on several ranks (FSDP2, PyTorch's fully_shard): instead of a full replica, every rank keeps 1/ranks
+    of each weight (the frozen base, the adapter, the projector), of each gradient and of AdamW's state; a group's
+    weights are gathered whole only for its forward and backward, its gradients reduce-scattered after. Groups: each
+    block of the language model (the elements of its ModuleLists: 7B's bulk), and the rest together at the root
+    (embeddings, lm_head, the vision tower, the projector: ~1.2 GB at 7B, gathered from forward to backward). The
+    vision tower stays in the root's group because generate() runs it on its own, outside the model's forward, which
+    FSDP2 allows only for modules without a group of their own. Returns the trainable parameters, new objects
+    (fully_shard replaces every parameter with a DTensor); checkpoints still hold whole tensors (checkpoint.whole)."""
+    blocks = [block for name, m in model.named_modules() if isinstance(m, nn.ModuleList)
+              and "language_model" in name.split(".") for block in m]
+    assert blocks, f"{type(model).__name__}: no language_model.* ModuleList (its decoder layers) to shard"
+    for module in [*blocks, model]:  # the blocks first: fully_shard goes bottom-up
+        # the root's weights stay gathered from forward to backward, which begins with them (lm_head)
+        fully_shard(module, reshard_after_forward=module is not model)
+    # FSDP warns that an output tensor is a view (an in-place change to it would skip a gather); coin's loop changes
+    # no output in place
+    warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            # FSDP averages gradients over ranks by default; coin sums them (as all_reduce_grads), each rank's loss
+            # being divided by the global batch's token count already. A plain SUM: gloo has no pre-scaled sum.
+            module.set_gradient_divide_factor(1.0)
+            module.set_force_sum_reduction_for_comms(True)
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+@contextlib.contextmanager
+def whole_weights(model):
+    """Inside, a sharded model (--shard) has every weight gathered whole on every rank, and keeps it so through all
+    forwards: in evaluation each rank generates its own share of the records, a different number of forwards per
+    rank, which per-block gathering (a collective in every forward) cannot do. Memory: one full replica, as the
+    official evaluation (one model per GPU) needs too. An unsharded model is left as it is."""
+    sharded = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    for m in sharded:
+        m.set_reshard_after_forward(False, recurse=False)
+        m.unshard()
+    try:
+        yield
+    finally:
+        for m in sharded:
+            m.reshard()
+            m.set_reshard_after_forward(m is not model, recurse=False)  # as shard_model set it
+
+
 def evaluate_stage(model, processor, judge, cfg, test_sets, rank, world, stage_name):
     """Generate and score every task of `test_sets` ({task: test records}); returns {task: (instruction following,
     general knowledge)}."""
@@ -471,9 +596,10 @@ def evaluate_stage(model, processor, judge, cfg, test_sets, rank, world, stage_n
     scores = {}
     for task, records in test_sets.items():
         pad, max_new_tokens, strip = evaluation_of(cfg, task)
-        preds = evaluate.generate(model, processor, records, image_dir, batch_size=cfg.eval_batch,
-                                  max_new_tokens=max_new_tokens, rank=rank, world_size=world,
-                                  desc=f"eval {stage_name} {task}", pad_images=pad, strip_question=strip)
+        with whole_weights(model):
+            preds = evaluate.generate(model, processor, records, image_dir, batch_size=cfg.eval_batch,
+                                      max_new_tokens=max_new_tokens, rank=rank, world_size=world,
+                                      desc=f"eval {stage_name} {task}", pad_images=pad, strip_question=strip)
         if rank == 0:
             pred_dir = os.path.join(cfg.out, "predictions", stage_name)
             evaluate.write_jsonl(os.path.join(pred_dir, f"{task}.jsonl"), preds)
@@ -490,23 +616,22 @@ def evaluate_stage(model, processor, judge, cfg, test_sets, rank, world, stage_n
 
 def read_inputs(cfg, tasks, processor):
     """Every task's train and test records, read and checked before any work (data.check_tasks, the code path of
-    `python data.py check`): a malformed record, a missing image or an answer that tokenises to nothing stops the run
-    now, naming the file, or with --skip_bad is dropped, counted and reported. (A corrupt image fails when it is read,
-    naming the file: opening every image here would take minutes at CoIN's size; `data.py check` does.)
+    `python data.py check`): a file that is not a list of records, a malformed record, a missing or unreadable image
+    (its header: decoding every image takes minutes at CoIN's size; `data.py check` does), an empty answer or a
+    repeated question_id stops the run now, every problem named, or with --skip_bad is dropped, counted and reported.
     Then --data_fraction (seeded per task) and --max_train / --max_test. Returns ({task: train}, {task: test}, dropped)."""
     image_dir = data.image_root(cfg.data_dir, cfg.image_dir)
     checked = data.check_tasks(cfg.data_dir, tasks, cfg.instructions, image_dir, open_images=False, processor=processor)
-    for path, good, problems in checked.values():
-        if not good and not problems:
-            raise ValueError(f"{path}: no records")
     bad = {key: c for key, c in checked.items() if c[2]}
     if bad and not cfg.skip_bad:
-        raise ValueError("\n".join(f"{path}: {len(problems)} bad record(s); the first: {problems[0][1]}"
-                                   for path, _, problems in bad.values())
-                         + f"\n(`python data.py check --data={cfg.data_dir} --image_dir={image_dir}` lists them all; "
-                         "--skip_bad drops them, counted)")
+        raise cli.UserError("\n".join(data.problem_lines(bad)) + f"\n(`python data.py check --data={cfg.data_dir} "
+                            f"--image_dir={image_dir}` lists every problem; --skip_bad drops these records, counted)")
     if bad:
         print0("--skip_bad: dropping bad records\n" + data.check_table(bad))
+    empty = [f"{path}: no {'usable ' if problems else ''}records{' (all bad)' if problems else ''}; fix the file, or "
+             f"leave {task} out of --tasks" for (task, _), (path, good, problems) in checked.items() if not good]
+    if empty:
+        raise cli.UserError("\n".join(empty))
     dropped = {f"{task}/{split}": len(c[2]) for (task, split), c in bad.items()}
     if ground_truth_root(cfg):  # a missing ground-truth file fails now, not after hours of training
         for task in tasks:
@@ -547,11 +672,16 @@ def record_scores(cfg, tasks, row, scores, if_matrix, gk_matrix, extra):
 
 
 def load_last_finished_stage(model, cfg, stages, done):
-    """--resume: load the adapter and projector of the last stage an earlier run finished (none finished: nothing to
-    load, the adapter starts fresh)."""
-    if done:
-        load_checkpoint(model, os.path.join(stage_dir(cfg, done - 1, stages[done - 1][0]), "adapter.safetensors"))
-        print0(f"{cfg.out}: an earlier run finished {done} of {len(stages)} stages; continuing after stage {done}")
+    """--resume: load the adapter and projector of the last stage an earlier run finished, checked against its
+    meta.json's checksum (none finished: nothing to load, the adapter starts fresh). Returns what the model now holds,
+    for the non-finite loss message."""
+    if not done:
+        return "the base model, with a fresh adapter"
+    folder = stage_dir(cfg, done - 1, stages[done - 1][0])
+    checked = load_checkpoint(model, os.path.join(folder, "adapter.safetensors"),
+                              read_json_file(os.path.join(folder, "meta.json")))
+    print0(f"{cfg.out}: an earlier run finished {done} of {len(stages)} stages; continuing after stage {done}")
+    return checked
 
 
 def start_method_stage(cfg, model, j, tasks, train_sets, records, fisher):
@@ -581,12 +711,11 @@ def start_method_stage(cfg, model, j, tasks, train_sets, records, fisher):
 # The task loop
 
 def main(argv):
+    # every setting, then every input file, is checked before anything is loaded or written to --out
     cfg = parse_config(argv)
+    check_folders(cfg)
     rank, world, device = compute_init(cfg)
     torch.manual_seed(cfg.seed)
-    if not os.path.isdir(cfg.data_dir):
-        raise SystemExit(f"--data_dir={cfg.data_dir}: no such folder (the one holding Instructions_*/; "
-                         f"`python data.py mini --out={cfg.data_dir}` writes CoIN-mini there)")
     if cfg.stage0:  # build and pretrain the tiny base instead (base_model.py)
         return pretrain_base(cfg, rank, world, device)
     tasks = data.parse_tasks(cfg.tasks)
@@ -598,10 +727,12 @@ def main(argv):
     info = run_info(cfg, world, inputs_hash(train_sets, test_sets, model), global_batch)
     done = finished_stages(cfg, stages, info, rank)  # stages an earlier run into --out finished (checkpoint.py)
     params, n_wrapped = add_adapter(model, cfg, device)
+    if cfg.shard and world > 1:  # one rank has nothing to shard over
+        params = shard_model(model)
     adapter = f"O-LoRA r={cfg.lora_r} per task" if cfg.method == "olora" else f"MoELoRA E={cfg.experts} r={cfg.lora_r}"
     print0(f"{adapter}, method {cfg.method}, on {n_wrapped} linears; trainable "
            f"{sum(p.numel() for p in params):,} of {sum(p.numel() for p in model.parameters()):,} parameters; "
-           f"global batch {global_batch} on {world} rank(s)")
+           f"global batch {global_batch} on {world} rank(s)" + (", sharded (FSDP2)" if cfg.shard and world > 1 else ""))
     # the General Knowledge judge, built once, on rank 0 (which does all the scoring)
     judge = None if rank else evaluate.ExactJudge() if cfg.judge == "exact" else evaluate.LMJudge(cfg.judge)
     if_matrix, gk_matrix, extra = load_results(cfg, tasks, [row for *_, row in stages[:done]], info)
@@ -611,6 +742,8 @@ def main(argv):
     for task in tasks:
         pad, max_new_tokens, _ = evaluation_of(cfg, task)
         extra["evaluation"][task] = {"images": "pad" if pad else "crop", "max_new_tokens": max_new_tokens}
+    # the test records scored, so that `eval.py --predictions` rescoring this run's files scores the same ones
+    extra["test_records"] = {task: evaluate.test_set_id(recs) for task, recs in test_sets.items()}
     if cfg.zero_shot and "zero_shot" not in extra:  # the base on every task: the row before the first stage
         t0 = time.time()
         base_scores = evaluate_stage(model, processor, judge, cfg, test_sets, rank, world, "stage0-zeroshot")
@@ -621,7 +754,7 @@ def main(argv):
     if cfg.method == "olora":  # the last finished stage's checkpoint holds `done` subspaces: rebuild them to load it
         for j in range(done):
             add_olora_subspace(model, cfg.seed, j)
-    load_last_finished_stage(model, cfg, stages, done)
+    started_from = load_last_finished_stage(model, cfg, stages, done)
     # EWC's Fisher, summed over the finished stages (methods.ewc_accumulate); the last one saved it with its adapter
     fisher = load_fisher(cfg, stages, done, device) if cfg.method == "ewc" else None
     image_dir = data.image_root(cfg.data_dir, cfg.image_dir)
@@ -633,11 +766,13 @@ def main(argv):
         if j >= done:  # train (from the stage's mid-stage checkpoint, if an earlier run left one), then save
             records = [ex for t in train_tasks for ex in train_sets[t]]
             records, teacher, penalty, notes = start_method_stage(cfg, model, j, tasks, train_sets, records, fisher)
-            params = [p for p in model.parameters() if p.requires_grad]  # O-LoRA: this stage's subspace
+            if cfg.method == "olora":  # this stage's subspace
+                params = [p for p in model.parameters() if p.requires_grad]
             dataset = data.InstructionDataset(records, processor, image_dir)
             losses = train_one_task(model, dataset, params, dataclasses.replace(cfg, grad_accum=accum[name]), rank,
                                     world, device, cfg.seed + j, f"stage {j + 1}/{len(stages)} train {name}",
-                                    os.path.join(stage_dir(cfg, j, name), MIDSTAGE), info, teacher, penalty)
+                                    os.path.join(stage_dir(cfg, j, name), MIDSTAGE), info, started_from, teacher,
+                                    penalty)
             with torch.no_grad():  # the method's penalty at the stage's final weights, to see its scale
                 if penalty is not None:
                     notes["final_penalty"] = penalty().item()
@@ -647,9 +782,10 @@ def main(argv):
             if cfg.method == "ewc" and j + 1 < len(stages):  # this task's Fisher, for the stages after it
                 fisher = ewc_accumulate(fisher, task_fisher(model, dataset, cfg, rank, world, device, j))
                 tensors[FISHER] = fisher
-            if rank == 0:
-                save_checkpoint(model, stage_dir(cfg, j, name), {"stage": j + 1, "task": name, "step": len(losses),
-                                                                 "final_loss": losses[-1], **notes, **info}, tensors)
+            save_checkpoint(model, stage_dir(cfg, j, name), {"stage": j + 1, "task": name, "step": len(losses),
+                                                             "final_loss": losses[-1], **notes, **info}, rank, tensors)
+            started_from = (f"{os.path.join(stage_dir(cfg, j, name), 'adapter.safetensors')}, written by this run, "
+                            "checksum recorded")
             print0(f"stage {j + 1} {name}: {len(losses)} steps, loss {losses[-1]:.3f}, {time.time() - t0:.0f}s"
                    + "".join(f", {k} {v:.4g}" for k, v in notes.items()))
         t_train, t0 = time.time() - t0, time.time()
@@ -669,6 +805,6 @@ def main(argv):
 
 if __name__ == "__main__":
     if sys.argv[1:2] == ["assemble"]:  # assemble the LLaVA-1.5 base from its parts (base_model.py)
-        assemble_main(sys.argv[2:])
+        cli.run(assemble_main, sys.argv[2:])
     else:
-        main(sys.argv[1:])
+        cli.run(main, sys.argv[1:])

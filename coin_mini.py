@@ -9,6 +9,7 @@ CoIN-mini unchanged. A "stage-0" caption corpus pretrains the tiny base.
 
 Run `python coin_mini.py --out=DIR` (or `python data.py mini --out=DIR`).
 """
+import dataclasses
 import json
 import math
 import os
@@ -18,6 +19,7 @@ import sys
 
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
 
+import cli
 import data
 from data import IMAGE_TOKEN, TASKS
 
@@ -272,7 +274,7 @@ def describe(objs):
 # Share of Grounding expressions that also say where the object is ("the red star on the left"), as RefCOCO's often
 # do. One side only (a column or a row), so the other still has to be seen: without them MoELoRA's Grounding in the
 # sequence scores 30.5-32.5 (LoRA 33.5-38.5), under the 3 x chance bar of 33.3; with half of them 48.5 (LoRA 55.5;
-# README section 5)
+# docs/coin-mini.md)
 GROUNDING_WHERE = 0.5
 
 
@@ -517,7 +519,7 @@ def stage0_item(rng, size):
 # Train records per task, in units of n_train. The tiny model needs more steps for the two answer formats that carry
 # no word it already says: ScienceQA's option letter and Grounding's box (LoRA on the task alone, 1 -> 2 epochs of
 # 3,000 records: ScienceQA 55.5 -> 99.5, Grounding 29.5 -> 39.5; Grounding in the sequence: 33.0 at 2x, 38.5 at 3x;
-# README section 5). The first n_train records are the same at any scale (one random stream per task and split).
+# docs/coin-mini.md). The first n_train records are the same at any scale (one random stream per task and split).
 TRAIN_SCALE = {"ScienceQA": 2, "Grounding": 3}
 # The generator's version: a new one whenever the generator writes different files for the same settings, so that
 # `python data.py mini` regenerates a folder written by another version and leaves a current one alone.
@@ -566,7 +568,6 @@ def generate_mini(out, n_train=3000, n_test=200, n_stage0=46000, size=48, seed=0
     {problems,pid_splits}.json, out/images/TextVQA/TextVQA_0.5.1_val.json, out/images/GQA/
     testdev_balanced_questions.json: data.GROUND_TRUTH), out/Instructions_*/Stage0/train.json (caption corpus) and
     out/coin_mini.json (meta)."""
-    from tqdm import tqdm
     meta = dict(mini_settings(n_train, n_test, n_stage0, size, seed), chance={})
     img_dir = os.path.join(out, "images")
     textvqa_ann, problems, gqa_questions = [], {}, {}
@@ -576,7 +577,7 @@ def generate_mini(out, n_train=3000, n_test=200, n_stage0=46000, size=48, seed=0
             os.makedirs(os.path.join(img_dir, task, split), exist_ok=True)
             sets = {iset: [] for iset in FORMAT_INSTRUCTIONS}
             chance = 0.0
-            for i in tqdm(range(n), desc=f"CoIN-mini {task} {split}", disable=not progress, leave=False):
+            for i in cli.progress(range(n), desc=f"CoIN-mini {task} {split}", disable=not progress):
                 item = make_item(task, rng, size)
                 rel = None
                 if item["image"] is not None:
@@ -620,7 +621,7 @@ def generate_mini(out, n_train=3000, n_test=200, n_stage0=46000, size=48, seed=0
     rng = random.Random(f"{seed}-stage0")
     os.makedirs(os.path.join(img_dir, "Stage0"), exist_ok=True)
     recs = []
-    for i in tqdm(range(n_stage0), desc="CoIN-mini stage-0 captions", disable=not progress, leave=False):
+    for i in cli.progress(range(n_stage0), desc="CoIN-mini stage-0 captions", disable=not progress):
         img, question, answer = stage0_item(rng, size)
         rec = {"id": f"stage0_{i}", "conversations": [{"from": "human", "value": question},
                                                       {"from": "gpt", "value": answer}]}
@@ -635,10 +636,24 @@ def generate_mini(out, n_train=3000, n_test=200, n_stage0=46000, size=48, seed=0
     return meta
 
 
+@dataclasses.dataclass
+class MiniSettings:
+    out: str = "data/coin-mini"           # the folder CoIN-mini is written to
+    n_train: int = 3000                   # train records per task
+    n_test: int = 200                     # test records per task
+    n_stage0: int = 46000                 # captions of the stage-0 pretraining corpus
+    size: int = 48                        # image side in pixels
+    seed: int = 0                         # the generator's seed
+
+
 def main(argv):
     """Generate CoIN-mini with --key=value settings, unless `--out` already holds it with these settings."""
-    opts = data.parse_options(argv, {"out": "data/coin-mini", "n_train": 3000, "n_test": 200, "n_stage0": 46000,
-                                     "size": 48, "seed": 0})
+    opts, _ = cli.parse(MiniSettings, argv, data.USAGE)
+    problems = [f"--{k}={v}: must be at least 1" for k, v in dataclasses.asdict(opts).items()
+                if (k.startswith("n_") or k == "size") and v < 1]
+    if problems:
+        raise cli.UserError("\n".join(problems))
+    opts = dataclasses.asdict(opts)
     if mini_is_current(**opts):
         print(f"CoIN-mini in {opts['out']} is current (generator version {MINI_VERSION}, same settings): kept")
         return
@@ -648,4 +663,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    cli.run(main, sys.argv[1:])

@@ -37,6 +37,7 @@ the VQA accuracy over ten human answers).
 In both modes a malformed line is an error naming the file and line, and so is a line the official scorer would
 fail on (an unknown question_id: KeyError).
 """
+import dataclasses
 import functools
 import hashlib
 import json
@@ -45,8 +46,8 @@ import re
 import sys
 
 from PIL import Image, ImageDraw, ImageFont
-from tqdm import tqdm
 
+import cli
 import coin_mini
 import data
 import study
@@ -81,15 +82,15 @@ def read_predictions(path, repeats=False):
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{i}: not valid JSON ({e.msg}); a crashed run can leave a cut last line: "
-                                 "delete it and regenerate that record") from None
+                raise cli.UserError(f"{path}:{i}: not valid JSON ({e.msg}); a crashed run can leave a cut last line: "
+                                    "delete it and regenerate that record") from None
             if (not isinstance(row, dict) or not isinstance(row.get("question_id"), (str, int, float))
                     or not isinstance(row.get("text"), str)):
-                raise ValueError(f"{path}:{i}: expected an object with question_id and text (a string), "
-                                 f"got {line.strip()[:80]!r}")
+                raise cli.UserError(f"{path}:{i}: expected an object with question_id and text (a string), "
+                                    f"got {line.strip()[:80]!r}")
             qid = str(row["question_id"])
             if qid in seen and not repeats:
-                raise ValueError(f"{path}:{i}: question_id {row['question_id']!r} already on line {seen[qid]}")
+                raise cli.UserError(f"{path}:{i}: question_id {row['question_id']!r} already on line {seen[qid]}")
             seen.setdefault(qid, i)
             rows.append(row)
     return rows
@@ -101,12 +102,12 @@ def index_predictions(preds, records, where="predictions"):
     for p in preds:
         qid = str(p["question_id"])
         if qid in by_qid:
-            raise ValueError(f"{where}: question_id {qid!r} appears twice")
+            raise cli.UserError(f"{where}: question_id {qid!r} appears twice")
         by_qid[qid] = p
     unknown = by_qid.keys() - {str(r["question_id"]) for r in records}
     if unknown:
-        raise ValueError(f"{where}: {len(unknown)} predictions for question_ids not in the test file (e.g. "
-                         f"{sorted(unknown)[:3]}): wrong task, test file or --max_test?")
+        raise cli.UserError(f"{where}: {len(unknown)} predictions for question_ids not in the test file (e.g. "
+                            f"{sorted(unknown)[:3]}): wrong task, test file or --max_test?")
     return by_qid
 
 
@@ -137,12 +138,12 @@ def generate(model, processor, records, image_dir, batch_size=64, max_new_tokens
     rows = []
     try:
         with torch.no_grad():
-            for s in tqdm(range(0, len(mine), batch_size), desc=desc, disable=desc is None or rank != 0, leave=False):
+            for s in cli.progress(range(0, len(mine), batch_size), desc=desc, disable=rank != 0):
                 idx = mine[s:s + batch_size]
                 batch = [records[i] for i in idx]
                 items = []
                 for r in batch:  # text-only records (some ScienceQA items) carry no image
-                    image = data.load_image(image_dir, r["image"]) if r.get("image") else None
+                    image = data.load_image(image_dir, r["image"], r["question_id"]) if r.get("image") else None
                     if image is not None and pad_images:
                         image = data.expand2square(image, mean)
                     items.append(data.encode(processor, r["text"].strip() if strip_question else r["text"], image))
@@ -331,9 +332,9 @@ def truth_of(task, rec, gt, path):
         return test_file_truth(task, rec)
     qid = str(rec["question_id"])  # the files' ids are JSON keys (text), or made text (TextVQA)
     if qid not in gt:
-        raise ValueError(f"question_id {qid!r} of the {task} test file is not in {path}")
+        raise cli.UserError(f"question_id {qid!r} of the {task} test file is not in {path}")
     if task == "TextVQA" and len(gt[qid]) != 10:
-        raise ValueError(f"{path}: question {qid} has {len(gt[qid])} answers; the VQA accuracy needs 10")
+        raise cli.UserError(f"{path}: question {qid} has {len(gt[qid])} answers; the VQA accuracy needs 10")
     return gt[qid][0] if task == "GQA" else gt[qid]
 
 
@@ -344,9 +345,12 @@ def score_task(task, preds, records, scoring="official", ground_truth=None):
     Returns {task, score, n (the denominator), correct, missing, ...}; official and fixed differ in pairing and
     denominators (score_official, score_fixed)."""
     if scoring not in SCORINGS:
-        raise ValueError(f"scoring={scoring!r}: choose from {', '.join(SCORINGS)}")
+        raise cli.UserError(f"scoring={scoring!r}: choose from {', '.join(SCORINGS)}")
     if task == "Grounding" and any("size" not in r for r in records):
-        raise ValueError("Grounding test records need 'size' ([w, h]) to scale the boxes")
+        raise cli.UserError("Grounding test records need 'size' ([w, h]) to scale the boxes")
+    if not records:
+        raise cli.UserError(f"{task}: no test records to score against (an empty test file, or all dropped): a "
+                            "score on nothing is not 0")
     gt = load_ground_truth(task, ground_truth) if ground_truth and task in data.GROUND_TRUTH else None
     path = ground_truth and os.path.join(ground_truth, data.GROUND_TRUTH.get(task, ("",))[0])
     result = (score_official if scoring == "official" else score_fixed)(task, preds, records, gt, path)
@@ -394,8 +398,8 @@ def score_official(task, preds, records, gt, path):
         return score_official_gqa(preds, records, gt, path)
     if task == "ImageNet":
         if len(preds) > len(records):
-            raise ValueError(f"ImageNet predictions: {len(preds)} lines for {len(records)} test records; the official "
-                             "eval_ImagetNet.py pairs line i with record i and fails past the last record")
+            raise cli.UserError(f"ImageNet predictions: {len(preds)} lines for {len(records)} test records; the "
+                                "official eval_ImagetNet.py pairs line i with record i and fails past the last record")
         truths = [data.record_answer(r) for r in records[:len(preds)]]
     else:
         key = str if task in PAIRED_BY_TEXT else (lambda qid: qid)
@@ -404,9 +408,9 @@ def score_official(task, preds, records, gt, path):
         known = gt if from_file else {key(r["question_id"]): r for r in records}
         unknown = [p["question_id"] for p in preds if key(p["question_id"]) not in known]
         if unknown:
-            raise ValueError(f"{task} predictions: {len(unknown)} lines with a question_id not in "
-                             f"{path if from_file else 'the test file'} (e.g. {unknown[:3]}; the official scorer fails "
-                             "on them with KeyError): wrong task, test file or --max_test?")
+            raise cli.UserError(f"{task} predictions: {len(unknown)} lines with a question_id not in "
+                                f"{path if from_file else 'the test file'} (e.g. {unknown[:3]}; the official scorer "
+                                "fails on them with KeyError): wrong task, test file or --max_test?")
         truths = [truth_of(task, p if from_file else known[key(p["question_id"])], gt, path) for p in preds]
     scores = [SCORERS[task](p["text"], truth, "official") for p, truth in zip(preds, truths)]
     n = len(preds)
@@ -428,8 +432,8 @@ def score_official_scienceqa(preds, records, gt, path):
     else:
         outside = [r["question_id"] for r in records if str(r["question_id"]) not in gt]
         if outside:
-            raise ValueError(f"question_id {outside[0]!r} of the ScienceQA test file is not in the test split of "
-                             f"{os.path.join(os.path.dirname(path), 'pid_splits.json')}")
+            raise cli.UserError(f"question_id {outside[0]!r} of the ScienceQA test file is not in the test split of "
+                                f"{os.path.join(os.path.dirname(path), 'pid_splits.json')}")
         scored = {str(r["question_id"]) for r in records}
         gt = {pid: letter for pid, letter in gt.items() if pid in scored}
     latest = {p["question_id"]: p["text"] for p in preds}  # a repeated id: the last line
@@ -446,8 +450,8 @@ def score_official_gqa(preds, records, gt, path):
     latest = {p["question_id"]: p["text"] for p in preds}  # a repeated id: the last line
     unknown = [qid for qid in latest if qid not in gt]
     if unknown:
-        raise ValueError(f"GQA predictions: {len(unknown)} question_ids not in {path or 'the test file'} (e.g. "
-                         f"{unknown[:3]}; the official eval_gqa.py fails on them with KeyError)")
+        raise cli.UserError(f"GQA predictions: {len(unknown)} question_ids not in {path or 'the test file'} (e.g. "
+                            f"{unknown[:3]}; the official eval_gqa.py fails on them with KeyError)")
     scores = [score_gqa(text, gt[qid][0], "official") for qid, text in latest.items() if gt[qid][1]]
     n = len(scores)
     answered = {str(qid) for qid in latest}
@@ -518,7 +522,9 @@ class Judge:
             text, s = next(judged) if str(r["question_id"]) in by_qid else ("missing prediction", 0)
             rows.append({"question_id": r["question_id"], "judge_text": text, "score": s})
         n = len(records)
-        return {"task": task, "score": 100 * sum(row["score"] for row in rows) / (10 * n) if n else 0.0, "n": n,
+        if n == 0:
+            raise cli.UserError(f"{task}: no test records to judge (an empty test file, or all dropped)")
+        return {"task": task, "score": 100 * sum(row["score"] for row in rows) / (10 * n), "n": n,
                 "missing": n - len(items), "judge": self.name, "rows": rows}
 
 
@@ -743,51 +749,74 @@ def write_results(out_dir, tasks, if_matrix, gk_matrix, extra=None):
 # -----------------------------------------------------------------------------
 # Standalone: score prediction files written by coin or by the official CoIN code
 
-OPTIONS = {
-    "predictions": "",             # a run folder, its predictions/, the official results folder, or one file
-    "task": "",                    # with one file: its task
-    "test_file": "",               # with one file: its test JSON (default: the task's, under --data_dir)
-    "data_dir": "data/coin-mini",  # folder holding Instructions_*/
-    "instructions": "Original",    # Original | Diverse | 10Type
-    "image_dir": "",               # image root (default <data_dir>/images): the official ground-truth files are there
-    "ground_truth": "",            # a folder holding them instead, laid out as the image root (ScienceQA/problems.json)
-    "answers_from_test": False,    # score ScienceQA, TextVQA, GQA against the test file's one answer (not the paper's)
-    "tasks": "",                   # task order (matrix columns); default: coin's stage numbers, else the paper's order
-    "scoring": "official",         # official | fixed (see the top of this file)
-    "judge": "exact",              # General Knowledge judge: exact | none | a Hugging Face causal LM folder
-    "judge_batch": 16,             # prompts per batch for an LM judge
-    "max_test": 0,                 # score the first N test records only, as coin's --max_test (0 = all)
-    "out": "out/eval",             # where results.json, results.md, heatmaps and judge files go
-    "compare": "",                 # run folders holding results.json, comma-separated: their numbers side by side
-    "study": "",                   # a folder of runs (out/study): tables over seeds -> study.md, study_curves.png
-    "readme": "",                  # markdown files, comma-separated: refill their generated blocks (study.py)
-    "check": False,                # with --readme: change nothing, exit 1 if a block would change
-}
+@dataclasses.dataclass
+class Options:
+    predictions: str = ""                 # a run folder, its predictions/, the official results folder, or one file
+    task: str = ""                        # with one file: its task
+    test_file: str = ""                   # with one file: its test JSON (default: the task's, under --data_dir)
+    data_dir: str = "data/coin-mini"      # folder holding Instructions_*/ (a coin run folder: the run's)
+    instructions: str = "Original"        # Original | Diverse | 10Type (a coin run folder: the run's)
+    image_dir: str = ""                   # image root (default <data_dir>/images), where the official ground truth is
+    ground_truth: str = ""                # a folder holding them instead, laid out as the image root (ScienceQA/...)
+    answers_from_test: bool = False       # score ScienceQA, TextVQA, GQA by the test file's one answer (not the
+                                          # paper's numbers)
+    tasks: str = ""                       # task order (matrix columns); default: coin's stage numbers, else the paper's
+    scoring: str = "official"             # official | fixed (see the top of this file)
+    judge: str = "exact"                  # General Knowledge judge: exact | none | a Hugging Face causal LM folder
+    judge_batch: int = 16                 # prompts per batch for an LM judge
+    max_test: int = 0                     # score the first N test records only, as coin's --max_test (0 = all; a coin
+                                          # run folder: the run's)
+    out: str = "out/eval"                 # where results.json, results.md, heatmaps and judge files go
+    compare: str = ""                     # run folders holding results.json, comma-separated: numbers side by side
+    study: str = ""                       # a folder of runs (out/study): tables over seeds -> study.md and curves
+    readme: str = ""                      # markdown files, comma-separated: refill their generated blocks (study.py)
+    check: bool = False                   # with --readme: change nothing, exit 1 if a block would change
+
+
+RULES = {"scoring": cli.one_of(*SCORINGS), "instructions": cli.one_of(*data.INSTRUCTIONS),
+         "judge_batch": cli.at_least(1), "max_test": cli.at_least(0)}
 
 
 def parse_options(argv):
-    opts = dict(OPTIONS)
-    for arg in argv:
-        if arg in ("-h", "--help"):
-            print(__doc__ + "\nSettings:\n" + "\n".join(f"  --{k}={v!r}" for k, v in OPTIONS.items()))
-            sys.exit(0)
-        key, eq, val = arg.removeprefix("--").partition("=")
-        if not arg.startswith("--") or key not in OPTIONS or not (eq or isinstance(OPTIONS[key], bool)):
-            raise SystemExit(f"unknown or incomplete setting {arg!r}; known: {', '.join('--' + k for k in OPTIONS)}")
-        if isinstance(OPTIONS[key], bool):  # --check alone means true
-            if val.lower() not in ("", "1", "true", "0", "false"):
-                raise SystemExit(f"--{key} takes true/false, not {val!r}")
-            opts[key] = val.lower() in ("", "1", "true")
-            continue
-        try:
-            if type(OPTIONS[key]) is bool and val.lower() not in ("true", "false", "1", "0"):
-                raise ValueError
-            opts[key] = val.lower() in ("true", "1") if type(OPTIONS[key]) is bool else type(OPTIONS[key])(val)
-        except ValueError:
-            raise SystemExit(f"--{key} takes a {type(OPTIONS[key]).__name__}, not {val!r}") from None
-    if opts["scoring"] not in SCORINGS:
-        raise SystemExit(f"--scoring={opts['scoring']!r}: choose from {', '.join(SCORINGS)}")
-    return opts
+    """The Options of a command line as a dict, every setting checked (unknown keys, types, RULES)."""
+    opts, given = cli.parse(Options, argv, __doc__, {f.name: RULES.get(f.name, cli.ANY)
+                                                      for f in dataclasses.fields(Options)})
+    return {**dataclasses.asdict(opts), "given": given}
+
+
+def test_set_id(records):
+    """{n, sha1} of the question_ids of a test subset, in order: a run records it, a rescoring compares it."""
+    ids = json.dumps([str(r["question_id"]) for r in records])
+    return {"n": len(records), "sha1": hashlib.sha1(ids.encode()).hexdigest()}
+
+
+# a coin run's settings that choose its test records: rescoring takes the run's (--data_dir may point elsewhere, to
+# the same files: their question_ids are checked against the run's record of them)
+RUN_SETTINGS = ("data_dir", "instructions", "max_test")
+
+
+def run_test_settings(opts):
+    """With --predictions a coin run folder (it holds results.json): the run's own test subset settings (data_dir,
+    instructions, max_test), and its recorded {task: test_set_id}; the command line may not give other
+    --instructions or --max_test."""
+    path = os.path.join(opts["predictions"], "results.json")
+    if not os.path.isfile(path):
+        return opts, {}
+    run = data.read_json(path)
+    config = run.get("config", {})
+    clash = [f"--{k}={opts[k]}: the run in {opts['predictions']} evaluated with --{k}={config[k]} (its results.json); "
+             f"drop --{k} to score the test records it scored" for k in RUN_SETTINGS
+             if k != "data_dir" and k in opts["given"] and k in config and opts[k] != config[k]]
+    if clash:
+        raise cli.UserError("\n".join(clash))
+    if "test_records" not in run:
+        print(f"note: {path} does not record which test records the run scored (an older run): scoring the first "
+              f"{config.get('max_test') or 'all'} of each test file, as its settings say, unverified")
+    if config.get("skip_bad") and any(k.endswith("/test") for k in run.get("dropped_records", {})):
+        raise cli.UserError(f"{opts['predictions']}: the run dropped bad test records (--skip_bad); rescoring it "
+                            "needs the same records: use its results.json, or give one file with --test_file")
+    taken = {k: config[k] for k in RUN_SETTINGS if k in config and not (k == "data_dir" and k in opts["given"])}
+    return {**opts, **taken}, run.get("test_records", {})
 
 
 def canonical_task(name):
@@ -811,8 +840,8 @@ def find_prediction_files(root):
         models = sorted(m for m in os.listdir(root) if os.path.isdir(os.path.join(root, m))
                         and holds_results(os.path.join(root, m)))
         if len(models) > 1:
-            raise SystemExit(f"--predictions={root}: results of several models ({', '.join(models)}): give one, e.g. "
-                             f"--predictions={os.path.join(root, models[0])}")
+            raise cli.UserError(f"--predictions={root}: results of several models ({', '.join(models)}): give one, "
+                                f"e.g. --predictions={os.path.join(root, models[0])}")
         root = os.path.join(root, models[0]) if models else root
     found = []
     for name in sorted(os.listdir(root)):
@@ -834,8 +863,8 @@ def find_prediction_files(root):
                 elif os.path.isfile(path):
                     print(f"skipping {path}: stage {s!r} is not a task, Finetune or Zero_shot")
     if not found:
-        raise SystemExit(f"--predictions={root}: no prediction files (expected coin's <stage>/<Task>.jsonl or the "
-                         "official <Task>/<Stage>/merge.jsonl)")
+        raise cli.UserError(f"--predictions={root}: no prediction files (expected coin's <stage>/<Task>.jsonl or the "
+                            "official <Task>/<Stage>/merge.jsonl)")
     return found
 
 
@@ -868,8 +897,8 @@ def task_order(files, spec):
     order = sorted(present, key=lambda t: (-len(later[t]), data.TASKS.index(t)))
     for i, t in enumerate(order):
         if not later[t] <= set(order[i + 1:]):
-            raise SystemExit(f"the stage folders do not fit one training order ({t} is evaluated after "
-                             f"{', '.join(sorted(later[t] - set(order[i + 1:])))}, trained before it): give --tasks")
+            raise cli.UserError(f"the stage folders do not fit one training order ({t} is evaluated after "
+                                f"{', '.join(sorted(later[t] - set(order[i + 1:])))}, trained before it): give --tasks")
     return order
 
 
@@ -893,6 +922,10 @@ def compare(runs):
 
 def main(argv):
     opts = parse_options(argv)
+    if opts["predictions"] and os.path.isdir(opts["predictions"]):
+        opts, test_ids = run_test_settings(opts)
+    else:
+        test_ids = {}
     if opts["compare"]:
         print(compare([r for r in opts["compare"].split(",") if r]))
         return
@@ -903,11 +936,11 @@ def main(argv):
         print(f"wrote {os.path.join(opts['study'], 'study.md')} and study_curves.png")
         return
     if not os.path.exists(opts["predictions"]):
-        raise SystemExit(f"--predictions={opts['predictions']!r}: no such folder or file (give a run folder, the "
-                         "official results folder, or one file with --task; or --compare=RUN1,RUN2; see --help)")
+        raise cli.MissingFile(f"--predictions={opts['predictions']!r}: no such folder or file (give a run folder, the "
+                              "official results folder, or one file with --task; or --compare=RUN1,RUN2; see --help)")
     if opts["ground_truth"] and not os.path.isdir(opts["ground_truth"]):
-        raise SystemExit(f"--ground_truth={opts['ground_truth']}: no such folder (the one holding ScienceQA/, TextVQA/ "
-                         "and GQA/ with the official ground-truth files)")
+        raise cli.MissingFile(f"--ground_truth={opts['ground_truth']}: no such folder (the one holding ScienceQA/, "
+                              "TextVQA/ and GQA/ with the official ground-truth files)")
     ground_truth = None if opts["answers_from_test"] else (
         opts["ground_truth"] or data.image_root(opts["data_dir"], opts["image_dir"]))
     judge = (None if opts["judge"] == "none" else ExactJudge() if opts["judge"] == "exact"
@@ -916,9 +949,12 @@ def main(argv):
 
     def score(task, path, test_file=""):  # -> (Instruction Following result, the judge's result or None)
         if task not in records:
-            recs = data.read_json(test_file) if test_file else data.test_examples(opts["data_dir"], task,
-                                                                                  opts["instructions"])
+            recs = data.test_examples(opts["data_dir"], task, opts["instructions"], path=test_file or None)
             records[task] = recs[:opts["max_test"]] if opts["max_test"] else recs
+            if task in test_ids and test_set_id(records[task]) != test_ids[task]:
+                raise cli.UserError(
+                    f"{task}: the test records under --data_dir={opts['data_dir']} are not the {test_ids[task]['n']} "
+                    f"the run in {opts['predictions']} scored (regenerated or edited data?); give the data it read")
         preds = read_predictions(path, repeats=opts["scoring"] == "official")
         scored = score_task(task, preds, records[task], opts["scoring"], ground_truth)
         # the judge sees one answer per test record (official scoring lets repeated lines through): the last one
@@ -932,7 +968,7 @@ def main(argv):
     if os.path.isfile(opts["predictions"]):  # one file
         task = canonical_task(opts["task"])
         if not task:
-            raise SystemExit(f"--task={opts['task']!r}: one prediction file needs its task: {', '.join(data.TASKS)}")
+            raise cli.UserError(f"--task={opts['task']!r}: one prediction file needs its task: {', '.join(data.TASKS)}")
         scored, judged = score(task, opts["predictions"], opts["test_file"])
         if judged:
             scored["general_knowledge"] = {k: v for k, v in judged.items() if k != "rows"}
@@ -958,7 +994,7 @@ def main(argv):
         else:
             j, i = tasks.index(stage), tasks.index(task)
             if if_matrix[j][i] is not None:
-                raise SystemExit(f"{path}: a second prediction file for {task} after {stage}")
+                raise cli.UserError(f"{path}: a second prediction file for {task} after {stage}")
             if_matrix[j][i], gk_matrix[j][i] = scored["score"], judged and judged["score"]
     extra = {"source": opts["predictions"], "scoring": opts["scoring"], "judge": opts["judge"],
              "ground_truth": ground_truth or "test file", "answers_from_test": opts["answers_from_test"],
@@ -968,7 +1004,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    try:
-        main(sys.argv[1:])
-    except (ValueError, FileNotFoundError) as e:  # bad input files: the message names the file
-        raise SystemExit(f"error: {e}") from None
+    cli.run(main, sys.argv[1:])

@@ -1,6 +1,8 @@
 """
-MoELoRA as CoIN defines it (arXiv 2403.08350; shared/coin-facts.md section 3): a LoRA of total rank r split into
-E experts of rank r/E, mixed per token by a dense softmax router that reads the wrapped layer's own input.
+MoELoRA as CoIN defines it (the paper, arXiv 2403.08350, and its official code, github.com/zackschen/CoIN, whose
+MoELoRA layer keeps one (A_i, B_i, dropout) per expert and sums the gated expert outputs in a Python loop): a LoRA of
+total rank r split into E experts of rank r/E, mixed per token by a dense softmax router that reads the wrapped
+layer's own input.
 
     g(x) = softmax(W_g x)                                    W_g: (E, d_in), no bias, one router per linear
     y    = W0 x + (alpha / r) * sum_i g_i(x) * B_i A_i dropout_i(x)
@@ -12,11 +14,24 @@ sum over experts is two matrix products, as cheap as one LoRA of rank r (export_
 
     sum_i g_i B_i A_i x = lora_B ((lora_A x) * repeat_interleave(g, r/E))
 
+Dropout (training only) gives every expert its own mask m_i, iid Bernoulli(1 - p) per token and feature, with
+dropout_i(x) = m_i * x / (1 - p), as the official loop's one nn.Dropout call per expert. Only about p of the entries
+drop, so each expert's product is the shared dense one minus the dropped entries' part:
+
+    A_i dropout_i(x) = (A_i x - A_i ((1 - m_i) * x)) / (1 - p)
+
+ExpertDropoutLinear computes the dense A x as above and subtracts the sparse A_i ((1 - m_i) * x), found from the
+dropped positions alone (dropped_positions() draws them); backward draws them again from a saved seed, so no mask
+and no masked copy of x is ever stored.
+
 Usage:
     names = add_moelora(model)                # every nn.Linear of the language model, lm_head excluded
     mark_only_moelora_trainable(model)        # then switch the projector on if the recipe trains it
     torch.save(moelora_state_dict(model), path); load_moelora_state_dict(model, torch.load(path))
 """
+import math
+import warnings
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -45,28 +60,28 @@ class MoELoRALinear(nn.Module):
     def forward(self, x):  # x: (..., d_in), any dtype
         y = self.base(x)  # (..., d_out)
         h = x.to(self.lora_A.dtype)
-        E, re = self.num_experts, self.expert_rank
+        E, rank = self.num_experts, self.expert_rank
+        router = None if self.router is None else self.router.weight
+        scaling = self.scaling
         if self.training and self.dropout > 0:
-            # NOTE(fidelity): the official code loops over experts and calls dropout once per expert, so each expert
-            # sees its own mask. We draw all E masks in one F.dropout call on an (E, ..., d_in) copy of x, i.e. the
-            # same independent Bernoulli(1 - p) per expert, token and feature, scaled by 1 / (1 - p) (not the same
-            # random stream), and apply expert i's A_i to its own copy with one batched product: no Python loop.
-            # This costs E masks of x's size per step, as the official loop does; one shared mask would not.
-            hx = F.dropout(h.expand(E, *h.shape), self.dropout)  # (E, ..., d_in)
-            z = torch.einsum("e...d,erd->...er", hx, self.lora_A.view(E, re, -1))  # (..., E, r/E)
-            logits = None if self.router is None else self.router(h)  # (..., E)
-        elif self.router is None:  # p = 0 or eval: no dropout work, one product for all experts' A_i x
-            z, logits = (h @ self.lora_A.t()).unflatten(-1, (E, re)), None  # (..., E, r/E)
+            # each expert's A_i reads its own dropout of x, the router reads x itself (as the official code's router).
+            # NOTE(fidelity): the official loop calls nn.Dropout once per expert; the masks here have the same
+            # distribution (iid Bernoulli(1 - p) per expert, token and feature) from another random stream, and the
+            # 1 / (1 - p) multiplies A_i (m_i * x) instead of x: the same in exact arithmetic
+            z = ExpertDropoutLinear.apply(h, self.lora_A, router, E, self.dropout, dropout_seed())  # (..., r [+ E])
+            scaling = self.scaling / (1 - self.dropout)
+        elif router is None:  # p = 0 or eval: one product for all experts' A_i x
+            z = h @ self.lora_A.t()  # (..., r)
         else:
             # the router's E rows ride along with A's r rows: one pass over x (a memory-bound read at these shapes)
             # instead of two, forward and backward; the (r + E, d_in) copy is small next to x
-            z, logits = (h @ torch.cat([self.lora_A, self.router.weight]).t()).split([self.r, E], dim=-1)
-            z = z.unflatten(-1, (E, re))  # (..., E, r/E), and logits (..., E)
-        if logits is None:
-            z = z * self.scaling
+            z = h @ torch.cat([self.lora_A, router]).t()  # (..., r + E)
+        if router is None:
+            z = z.unflatten(-1, (E, rank)) * scaling  # (..., E, r/E)
         else:
+            z, logits = z.split([self.r, E], dim=-1)  # (..., r), (..., E)
             g = F.softmax(logits, dim=-1)  # (..., E): dense gates, one per expert and token
-            z = z * (g * self.scaling).unsqueeze(-1)  # (..., E, r/E): = * repeat_interleave(g, r/E), no copy
+            z = z.unflatten(-1, (E, rank)) * (g * scaling).unsqueeze(-1)  # (..., E, r/E): = * repeat_interleave(g)
         z = z.flatten(-2)  # (..., r)
         if y.dtype != z.dtype:  # a bf16 base: the adapter computes in fp32, its output is cast back
             return y + (z @ self.lora_B.t()).to(y.dtype)  # (..., d_out)
@@ -77,9 +92,9 @@ class MoELoRALinear(nn.Module):
     def export_experts(self):
         """The per-expert view as plain tensors, to check the module against the written-out formula:
         A (E, r/E, d_in), B (E, d_out, r/E), router (E, d_in) or None when E = 1, and the float scaling."""
-        E, re = self.num_experts, self.expert_rank
-        return {"A": self.lora_A.detach().view(E, re, -1).clone(),
-                "B": self.lora_B.detach().view(-1, E, re).permute(1, 0, 2).clone(),  # columns of B -> experts
+        E, rank = self.num_experts, self.expert_rank
+        return {"A": self.lora_A.detach().view(E, rank, -1).clone(),
+                "B": self.lora_B.detach().view(-1, E, rank).permute(1, 0, 2).clone(),  # columns of B -> experts
                 "router": None if self.router is None else self.router.weight.detach().clone(),
                 "scaling": float(self.scaling)}
 
@@ -97,6 +112,116 @@ class MoELoRALinear(nn.Module):
             if self.base.bias is not None:
                 merged.bias.copy_(self.base.bias)
         return merged.requires_grad_(False)
+
+
+# -----------------------------------------------------------------------------
+# Dropout per expert without masked copies of x: draw the dropped positions only, correct the dense product
+
+def dropout_seed():
+    """The seed of one forward's dropout masks, drawn from torch's default CPU generator: the run's seed, a resumed
+    run's restored RNG state and gradient checkpointing's replayed RNG state all give the same masks again."""
+    return int(torch.randint(2 ** 62, ()))
+
+
+def dropped_positions(seed, num_experts, numel, p, device="cpu"):
+    """Where the experts' dropout masks are 0: sorted int64 flat positions into the (E, N, d_in) stack of the E
+    experts' inputs (numel = N * d_in entries each), every entry dropped independently with probability p.
+    Drawn as one Bernoulli(p) sequence over the E * numel entries: the gaps between its consecutive drops are iid
+    Geometric(p), P(gap > k) = (1 - p)^k, so drawing the gaps gives exactly that sequence from about p * E * numel
+    random numbers instead of E * numel. A gap is drawn by inverting that tail, 1 + floor(log(1 - u) / log(1 - p))
+    for u uniform in [0, 1), in float64, whose integers are exact up to 2^53."""
+    gen = torch.Generator(device=device).manual_seed(seed)
+    total = num_experts * numel
+    expected = total * p
+    chunk = int(expected + 8 * math.sqrt(expected) + 16)  # covers all entries but about once in 1e15 draws
+    drops, last = [torch.empty(0, dtype=torch.float64, device=device)], -1.0
+    while last < total - 1:  # continue the sequence until it has passed the last entry
+        u = torch.rand(chunk, dtype=torch.float64, device=device, generator=gen)  # [0, 1)
+        gaps = torch.sub(1.0, u).log_().mul_(1 / math.log1p(-p)).floor_().add_(1)  # (chunk,): 1, 2, ...
+        drops.append(gaps.cumsum_(0).add_(last))  # (chunk,): positions of the next drops
+        last = drops[-1][-1].item()
+    drops = torch.cat(drops)
+    return drops[:int(torch.searchsorted(drops, float(total)))].long()  # (K,): those inside the stack
+
+
+def expert_dropout_matrix(x2d, seed, num_experts, p):
+    """The entries of x that the experts' masks drop, as one sparse CSR matrix D of shape (E N, E d_in) in
+    block-diagonal layout: row e N + t, column e d_in + j holds x[t, j] if expert e drops it. Then D @ [A_1^T; ...;
+    A_E^T] (E d_in, r/E) stacks every expert's A_e ((1 - m_e) * x) in one sparse product. Also returns the flat
+    positions into x of D's entries (K,) and where each expert's entries start and end (E + 1 ints)."""
+    (N, d_in), n = x2d.shape, x2d.numel()
+    positions = dropped_positions(seed, num_experts, n, p, x2d.device)  # (K,): into the (E, N, d_in) stack
+    row_starts = torch.arange(num_experts * N + 1, device=x2d.device) * d_in
+    crow = torch.searchsorted(positions, row_starts)  # (E N + 1,): where each row (e, t) starts
+    bounds = crow[::N].tolist()  # (E + 1,): expert e's entries are [bounds[e], bounds[e + 1])
+    in_x, col = positions.clone(), positions % d_in  # (K,), (K,): j, as numel is a multiple of d_in
+    for e, (start, end) in enumerate(zip(bounds, bounds[1:])):
+        in_x[start:end] -= e * n  # e N d_in + t d_in + j -> t d_in + j
+        col[start:end] += e * d_in  # j -> e d_in + j
+    with warnings.catch_warnings():  # torch calls its CSR layout beta; tests/test_moelora.py checks it against a loop
+        warnings.filterwarnings("ignore", "Sparse CSR tensor support is in beta")
+        dropped = torch.sparse_csr_tensor(crow, col, x2d.view(-1).index_select(0, in_x),
+                                          (num_experts * N, num_experts * d_in), check_invariants=False)
+    return dropped, in_x, bounds
+
+
+def expert_blocks(lora_A, num_experts):
+    """[A_1^T; ...; A_E^T] (E d_in, r/E): the right factor of expert_dropout_matrix's block-diagonal products."""
+    r, d_in = lora_A.shape
+    return lora_A.view(num_experts, r // num_experts, d_in).transpose(1, 2).reshape(num_experts * d_in, -1)
+
+
+class ExpertDropoutLinear(torch.autograd.Function):
+    """x -> [A_1 (m_1 * x), ..., A_E (m_E * x), W_g x]: every expert's product with its own dropout mask m_i (1 =
+    kept; the 1 / (1 - p) is left to the caller) and the router's logits (when W_g is given) on x itself.
+
+    Only about p of each mask is 0, so each expert's product is the dense one minus the dropped entries' part, and
+    so are the gradients (dz_i: the output gradient of expert i's r/E columns):
+
+        forward   z_i     = A_i x - A_i ((1 - m_i) * x)                 a sparse product over the dropped entries
+        backward  dL/dx   = [dz, dg] [A; W_g] - sum_i (1 - m_i) * (dz_i A_i)   dz_i A_i sampled where m_i = 0
+                  dL/dA_i = dz_i^T (m_i * x)                            x with expert i's dropped entries zeroed
+
+    The masks come from dropped_positions(seed, ...), drawn in forward and drawn again in backward: nothing but x,
+    A and W_g is saved, no mask and no masked copy of x. The sparse kernels run in fp32 at least (the CPU's have
+    no bf16); outputs and gradients come back in the inputs' dtypes."""
+
+    @staticmethod
+    def forward(ctx, x, lora_A, router, num_experts, p, seed):  # x (..., d_in), lora_A (r, d_in), router (E, d_in)
+        ctx.save_for_backward(x, lora_A, router)
+        ctx.num_experts, ctx.p, ctx.seed = num_experts, p, seed
+        x2d, weight = x.reshape(-1, x.shape[-1]), lora_A if router is None else torch.cat([lora_A, router])
+        z = x2d @ weight.t()  # (N, r [+ E]): the dense product, as without dropout
+        (N, d_in), (r, E) = x2d.shape, (lora_A.shape[0], num_experts)
+        sparse_dtype = torch.promote_types(x.dtype, torch.float32)  # the CPU's sparse kernels have no bf16
+        dropped, _, _ = expert_dropout_matrix(x2d.contiguous().to(sparse_dtype), seed, E, p)  # (E N, E d_in)
+        dropped_part = dropped @ expert_blocks(lora_A.to(sparse_dtype), E)  # (E N, r/E): rows (e, t)
+        z[:, :r] -= dropped_part.view(E, N, r // E).transpose(0, 1).reshape(N, r).to(z.dtype)
+        return z.view(*x.shape[:-1], -1)  # (..., r [+ E])
+
+    @staticmethod
+    def backward(ctx, grad_z):  # grad_z (..., r [+ E])
+        x, lora_A, router = ctx.saved_tensors
+        x2d, grad_z = x.reshape(-1, x.shape[-1]), grad_z.reshape(-1, grad_z.shape[-1])  # (N, d_in), (N, r [+ E])
+        (N, d_in), (r, E) = x2d.shape, (lora_A.shape[0], ctx.num_experts)
+        weight = lora_A if router is None else torch.cat([lora_A, router])
+        grad_x = grad_z @ weight if ctx.needs_input_grad[0] else None  # (N, d_in): the dense part, as without dropout
+        grad_router = None if router is None else grad_z[:, r:].t() @ x2d  # (E, d_in)
+        sparse_dtype = torch.promote_types(x.dtype, torch.float32)  # the CPU's sparse kernels have no bf16
+        kept_x = x2d.to(sparse_dtype, copy=True)  # (N, d_in): m_e * x for one expert at a time
+        dropped, in_x, bounds = expert_dropout_matrix(kept_x, ctx.seed, E, ctx.p)  # (E N, E d_in)
+        grad_experts = grad_z[:, :r].to(sparse_dtype).view(N, E, r // E).transpose(0, 1).reshape(E * N, r // E)
+        if grad_x is not None:  # dz_e A_e at the dropped entries only (beta=0: x's values give just the places)
+            A_blocks = expert_blocks(lora_A.to(sparse_dtype), E)  # (E d_in, r/E)
+            at_dropped = torch.sparse.sampled_addmm(dropped, grad_experts, A_blocks.t(), beta=0.0).values()  # (K,)
+            grad_x.view(-1).index_add_(0, in_x, at_dropped.to(grad_x.dtype), alpha=-1)
+        grad_A = torch.empty(E, r // E, d_in, dtype=sparse_dtype, device=x.device)
+        for e, (start, end) in enumerate(zip(bounds, bounds[1:])):
+            kept_x.view(-1).index_fill_(0, in_x[start:end], 0.0)
+            grad_A[e] = grad_experts[e * N:(e + 1) * N].t() @ kept_x  # (r/E, d_in)
+            kept_x.view(-1).index_copy_(0, in_x[start:end], dropped.values()[start:end])  # back to x
+        grad_x = None if grad_x is None else grad_x.view(x.shape)
+        return grad_x, grad_A.view(r, d_in).to(lora_A.dtype), grad_router, None, None, None
 
 
 # -----------------------------------------------------------------------------

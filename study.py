@@ -42,6 +42,7 @@ import statistics
 
 from PIL import Image, ImageDraw, ImageFont
 
+import cli
 import data
 
 STUDY_FACTORS = ("multitask", "experts", "instructions", "method")  # the settings that tell the methods apart
@@ -596,11 +597,11 @@ def study_curves(path, tasks, groups):
 def write_study(root):
     """Read every run under root, write root/study.md and root/study_curves.png; return the markdown."""
     if not os.path.isdir(root):
-        raise SystemExit(f"--study={root}: no such folder (`STUDY=1 bash run.sh` writes the runs to out/study)")
+        raise cli.MissingFile(f"--study={root}: no such folder (`STUDY=1 bash run.sh` writes the runs to out/study)")
     groups, shared, unfinished = read_study(root)
     if not groups:
-        raise SystemExit(f"--study={root}: no finished run (<run>/results.json with every stage scored)" +
-                         (f"; unfinished: {', '.join(unfinished)}" if unfinished else ""))
+        raise cli.UserError(f"--study={root}: no finished run (<run>/results.json with every stage scored)" +
+                            (f"; unfinished: {', '.join(unfinished)}" if unfinished else ""))
     tasks = next(iter(groups.values()))[0]["tasks"]  # the same in every run: --tasks is a shared setting
     chance, chance_note = chance_levels(shared, tasks)  # --data_dir and --max_test are shared settings too
     n = sum(len(runs) for runs in groups.values())

@@ -9,6 +9,7 @@ agree (left padding changes float rounding, so a few greedy answers may differ).
 
 Target: batched at least 5x the one-at-a-time rate. Needs CoIN-mini (`python data.py mini`).
 """
+import dataclasses
 import os
 import statistics
 import sys
@@ -18,13 +19,24 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import data  # noqa: E402
+import cli  # noqa: E402
 import eval as evaluate  # noqa: E402
 from transformers import AutoModelForImageTextToText, AutoProcessor  # noqa: E402
 
 
+@dataclasses.dataclass
+class Settings:
+    base: str = "assets/tiny-llava"      # the model directory
+    data: str = "data/coin-mini"         # CoIN-mini (python data.py mini)
+    n: int = 96                          # prompts, the same number from every task
+    batch: int = 64                      # the batched evaluator's batch size
+    rounds: int = 3                      # interleaved rounds; figures are medians
+    threads: int = 2                     # torch threads
+    max_new_tokens: int = 24             # longest answer
+
+
 def main(argv):
-    opts = data.parse_options(argv, {"base": "assets/tiny-llava", "data": "data/coin-mini", "n": 96, "batch": 64,
-                                     "rounds": 3, "threads": 2, "max_new_tokens": 24})
+    opts = dataclasses.asdict(cli.parse(Settings, argv, __doc__)[0])
     torch.set_num_threads(opts["threads"])
     model = AutoModelForImageTextToText.from_pretrained(opts["base"])
     processor = AutoProcessor.from_pretrained(opts["base"])
@@ -58,4 +70,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    cli.run(main, sys.argv[1:])

@@ -5,20 +5,28 @@ same rank (if peft is installed), MoELoRA E = 8 r = 128 (moelora.py), and a per-
 with the official code's structure (E LoRA pairs, E dropouts, a Python loop summing the gated outputs).
 
     python bench/moelora.py                   # about 70 s on a 2-core CPU; prints one table per shape
-    python bench/moelora.py --dropout=0.05    # the training default: E dropout masks per step instead of one
+    python bench/moelora.py --dropout=0.05    # the training default: each expert its own dropout mask
+    git show <commit>:moelora.py > /tmp/moelora_before.py      # an earlier version, to compare with
+    python bench/moelora.py --baseline=/tmp/moelora_before.py   # adds that file's LoRA and MoELoRA rows, same run
     pip install --no-deps -r bench/requirements.txt   # optional: adds the PEFT row, leaves torch alone
 
 Timings on a shared CPU are fragile: the variants run interleaved in a shuffled order each round and the table
-shows medians (spread: the median deviation from the median). Adapter cost = time over the base linear alone - 1,
+shows medians (spread: the median deviation from the median); on a busy machine --clock=cpu times the CPU work
+instead of the wall time, which other jobs disturb far less. Adapter cost = time over the base linear alone - 1,
 and every ratio is the median over rounds of the ratio within a round.
 Its FLOP share: 3 r (d_in + d_out) against 2 d_in d_out multiply-adds per token (the base is frozen, so it has no
-weight gradient; the input needs one). Targets (at dropout 0): MoELoRA E=8 within 1.15 x LoRA's time, its adapter
-cost within 1.5 x its FLOP share and at least 3 x below the loop's, LoRA no slower than PEFT's layer.
+weight gradient; the input needs one). Targets (at dropout 0 and at the training default 0.05, each variant with
+the same dropout): MoELoRA E=8 within 1.15 x LoRA's time, its adapter cost within 1.5 x its FLOP share and at least
+3 x below the loop's, LoRA no slower than PEFT's layer.
 
-With dropout, each MoELoRA expert draws its own mask as the official code does: E random draws per input element
-instead of LoRA's one. The loop pays the same; on a CPU, where random numbers are slow, it shows in the table.
+With dropout, each MoELoRA expert draws its own mask as the official code does. The loop pays E dense masks and E
+dropped-out copies of x; moelora.py draws only the dropped positions (a fraction p) and corrects the dense product,
+so the random numbers and the sparse work grow with p * E. Saved activations: the bytes autograd keeps for backward
+(unique storages, the layer's weights not counted), counted with torch.autograd.graph.saved_tensors_hooks; target
+with dropout: MoELoRA within 1.2 x LoRA's (no masks, no per-expert copies of x).
 """
 import argparse
+import importlib.util
 import os
 import random
 import statistics
@@ -71,11 +79,39 @@ def peft_lora(base, r, alpha, dropout):
     return layer
 
 
-def step_time(module, x, grad_out):
+# wall: what a user waits; cpu: the CPU seconds of all this process's threads, the work done, which other jobs on a
+# shared machine disturb far less (waiting for a time slice does not count)
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+
+
+def load_baseline(path):
+    """Another version of moelora.py, imported under its own name, to time side by side with this one."""
+    spec = importlib.util.spec_from_file_location("moelora_baseline", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def saved_bytes(module, x):
+    """Bytes autograd keeps for backward in one forward: unique storages, the module's weights not counted."""
+    weights = {p.untyped_storage().data_ptr() for p in module.parameters()}
+    storages = {}
+
+    def pack(t):
+        if t.untyped_storage().data_ptr() not in weights:
+            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        module(x)
+    return sum(storages.values())
+
+
+def step_time(module, x, grad_out, clock):
     """Seconds for one forward + backward; gradients are cleared outside the timed region."""
-    t0 = time.perf_counter()
+    t0 = clock()
     module(x).backward(grad_out)
-    elapsed = time.perf_counter() - t0
+    elapsed = clock() - t0
     x.grad = None
     for p in module.parameters():
         p.grad = None
@@ -83,7 +119,8 @@ def step_time(module, x, grad_out):
 
 
 def bench_shape(d_in, d_out, args, rng):
-    """Seconds of forward + backward, one list per variant, keyed base / lora / peft / moe / loop."""
+    """Seconds of forward + backward, one list per variant, keyed base / lora / peft / moe / loop (and lora_before /
+    moe_before with --baseline), and each variant's saved activation bytes."""
     torch.manual_seed(0)
     base = nn.Linear(d_in, d_out, bias=False).requires_grad_(False)  # LLaMA linears have no bias
     variants = {"base": base,
@@ -91,25 +128,32 @@ def bench_shape(d_in, d_out, args, rng):
                 "peft": peft_lora(base, args.r, args.alpha, args.dropout),
                 "moe": MoELoRALinear(base, args.r, args.alpha, args.experts, args.dropout),
                 "loop": LoopMoELoRA(base, args.r, args.alpha, args.experts, args.dropout)}
+    if args.baseline:
+        before = load_baseline(args.baseline)
+        variants["lora_before"] = before.MoELoRALinear(base, args.r, args.alpha, 1, args.dropout)
+        variants["moe_before"] = before.MoELoRALinear(base, args.r, args.alpha, args.experts, args.dropout)
     variants = {key: m.train() for key, m in variants.items() if m is not None}
     x = torch.randn(args.tokens, d_in, requires_grad=True)  # (N, d_in): earlier adapters make the input need grad
     grad_out = torch.randn(args.tokens, d_out)  # (N, d_out)
+    saved = {key: saved_bytes(m, x) for key, m in variants.items()}
     times = {key: [] for key in variants}
     for rnd in range(args.warmup + args.rounds):
         order = list(variants)
         rng.shuffle(order)  # interleaved, in a new order each round, so a slow spell hits every variant alike
         for key in order:
-            t = step_time(variants[key], x, grad_out)
+            t = step_time(variants[key], x, grad_out, CLOCKS[args.clock])
             if rnd >= args.warmup:
                 times[key].append(t)
-    return times
+    return times, saved
 
 
-def report(d_in, d_out, times, args):
+def report(d_in, d_out, times, saved, args):
     """Print the table and the targets for one shape; True if every target is met."""
     labels = {"base": "base linear alone", "lora": f"LoRA r={args.r} (moelora.py, E=1)",
               "peft": f"PEFT LoRA r={args.r}", "moe": f"MoELoRA E={args.experts} r={args.r} (moelora.py)",
-              "loop": f"per-expert loop E={args.experts} r={args.r}"}
+              "loop": f"per-expert loop E={args.experts} r={args.r}",
+              "lora_before": f"LoRA r={args.r} (--baseline, E=1)",
+              "moe_before": f"MoELoRA E={args.experts} r={args.r} (--baseline)"}
     med = {key: statistics.median(ts) for key, ts in times.items()}
     spread = {key: statistics.median(abs(t - med[key]) for t in ts) / med[key] for key, ts in times.items()}
     noise = statistics.median(spread.values())  # typical relative deviation of one timing from its median
@@ -119,10 +163,13 @@ def report(d_in, d_out, times, args):
     cost = {key: ratio(key, "base") - 1 for key in times}  # adapter cost: time over the base alone - 1
     share = 3 * args.r * (d_in + d_out) / (2 * d_in * d_out)  # adapter FLOPs over the base linear's, fwd + bwd
     print(f"\n{d_in} -> {d_out}, {args.tokens} tokens, fp32, dropout {args.dropout}, {args.threads} threads, "
+          f"{args.clock} clock, "
           f"{args.rounds} rounds; a rank-{args.r} adapter adds {share:.1%} of the base linear's FLOPs")
-    print(f"  {'variant':40s} {'median ms':>10s} {'spread':>7s} {'best ms':>9s} {'adapter cost':>13s}")
+    print(f"  {'variant':40s} {'median ms':>10s} {'spread':>7s} {'best ms':>9s} {'adapter cost':>13s} "
+          f"{'saved MB':>9s}")
     for key, ts in times.items():
-        print(f"  {labels[key]:40s} {med[key] * 1e3:10.1f} {spread[key]:7.1%} {min(ts) * 1e3:9.1f} {cost[key]:13.1%}")
+        print(f"  {labels[key]:40s} {med[key] * 1e3:10.1f} {spread[key]:7.1%} {min(ts) * 1e3:9.1f} {cost[key]:13.1%} "
+              f"{saved[key] / 2 ** 20:9.1f}")
     # each check: (what, value, op, target, its miss as a fraction of the base's time, to compare with the noise)
     checks = [("MoE / LoRA time", ratio("moe", "lora"), "<=", 1.15, lambda v, t: abs(v / t - 1)),
               ("MoE adapter cost / its FLOP share", cost["moe"] / share, "<=", 1.5, lambda v, t: abs(v - t) * share),
@@ -131,6 +178,14 @@ def report(d_in, d_out, times, args):
     if "peft" in med:
         checks.append(("LoRA / PEFT time", ratio("lora", "peft"), "<=", 1.0, lambda v, t: abs(v / t - 1)))
     print(f"  {'LoRA adapter cost / its FLOP share':36s} {cost['lora'] / share:6.2f}  (for reference)")
+    saved_ratio = saved["moe"] / saved["lora"]
+    if args.dropout > 0:  # a count, not a timing: no noise
+        checks.append(("MoE / LoRA saved activations", saved_ratio, "<=", 1.2, lambda v, t: 0.0))
+    else:
+        print(f"  {'MoE / LoRA saved activations':36s} {saved_ratio:6.2f}  (for reference; target with dropout)")
+    for key in ("lora", "moe"):
+        if f"{key}_before" in times:
+            print(f"  {key + ' / --baseline time':36s} {ratio(key, key + '_before'):6.2f}  (for reference)")
     all_met = True
     for what, value, op, target, time_miss in checks:
         met = value <= target if op == "<=" else value >= target
@@ -153,6 +208,8 @@ def main():
     parser.add_argument("--dropout", type=float, default=0.0, help="adapter dropout (training default: 0.05)")
     parser.add_argument("--rounds", type=int, default=11, help="timed rounds; each runs every variant once")
     parser.add_argument("--warmup", type=int, default=1, help="untimed rounds first")
+    parser.add_argument("--clock", default="wall", choices=sorted(CLOCKS), help="wall time, or CPU time (busy machine)")
+    parser.add_argument("--baseline", default="", help="another moelora.py to time side by side (its LoRA, MoELoRA)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     load = os.getloadavg()[0]
@@ -162,7 +219,7 @@ def main():
     t0, rng, all_met = time.time(), random.Random(0), True
     for shape in args.shapes.split(","):
         d_in, d_out = (int(v) for v in shape.split("x"))
-        all_met &= report(d_in, d_out, bench_shape(d_in, d_out, args, rng), args)
+        all_met &= report(d_in, d_out, *bench_shape(d_in, d_out, args, rng), args)
     print(f"\n{'all targets met' if all_met else 'some targets NOT met'} ({time.time() - t0:.0f} s)")
 
 

@@ -7,25 +7,34 @@ two adapters, against this machine's matmul peak measured in the same run:
 - adapters: plain LoRA (E=1) and MoELoRA (E=8), r=16 on the tiny model and r=24 on the 100M one (r/d as LLaVA-7B's),
   on every language-model linear, projector trainable, as coin.py trains them.
 
-Prints tokens/s, achieved FLOP/s (matmul FLOPs of the step counted by torch's FlopCounterMode) as a fraction of
-the peak of one large torch.mm, and the adapter's share of the step (step time with the adapter minus the same step
-of the frozen model with no adapter, where only the projector trains, taken within each round). Medians of
-alternating rounds; about 2 minutes on 2 cores.
+Prints tokens/s, achieved FLOP/s (matmul FLOPs of the step counted by torch's FlopCounterMode, which counts a
+sparse-dense product as dense: with dropout, MoELoRA's FLOPs are over-counted) as a fraction of the peak of one
+large torch.mm, and the adapter's share of the step (step time with the adapter minus the same step
+of the frozen model with no adapter, where only the projector trains, taken within each round), then the MoELoRA
+step over the LoRA step (the median of the within-round ratios). Medians of alternating rounds; about 2 minutes on
+2 cores.
 
     python bench/train_step.py [--threads=2] [--rounds=5] [--steps=1] [--only=tiny|100m] [--dropout=0.05]
+                               [--clock=wall|cpu]   # cpu: CPU seconds instead of wall time, for a busy machine
 """
+import dataclasses
 import os
 import statistics
 import sys
 import tempfile
 import time
 
-import torch
-import torch.nn.functional as F
-from torch.utils.flop_counter import FlopCounterMode
+# OpenMP threads that spin while a sibling thread is descheduled turn every small matmul into a wait for a CPU time
+# slice on a machine shared with other jobs, and count as CPU time while they spin. Must be set before torch loads
+# OpenMP; OMP_WAIT_POLICY=ACTIVE in the shell overrides.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import data  # noqa: E402
+import cli  # noqa: E402
 from moelora import add_moelora, mark_only_moelora_trainable  # noqa: E402
 from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration  # noqa: E402
 
@@ -96,8 +105,22 @@ def matmul_peak(n=2048, reps=5):
     return 2 * n ** 3 / min(ts)
 
 
+@dataclasses.dataclass
+class Settings:
+    threads: int = 2                     # torch threads
+    rounds: int = 5                      # interleaved rounds; every figure is a median over them
+    steps: int = 1                       # timed training steps per variant and round
+    only: str = ""                       # tiny | 100m: one model only ("" = both)
+    dropout: float = 0.05                # adapter dropout
+    clock: str = "wall"                   # wall (what a user waits) | cpu (CPU seconds: steadier on a shared machine)
+
+
 def main(argv):
-    opts = data.parse_options(argv, {"threads": 2, "rounds": 5, "steps": 1, "only": "", "dropout": 0.05})
+    opts = dataclasses.asdict(cli.parse(Settings, argv, __doc__, {f.name: cli.ANY for f in dataclasses.fields(Settings)}
+                                           | {"clock": cli.one_of("wall", "cpu")})[0])
+    # wall: what a user waits; cpu: the CPU seconds of all this process's threads, which other jobs on a shared
+    # machine disturb far less
+    clock = {"wall": time.perf_counter, "cpu": time.process_time}[opts["clock"]]
     torch.set_num_threads(opts["threads"])
     peak = matmul_peak()
     print(f"matmul peak (2048^3 fp32 torch.mm, {opts['threads']} threads): {peak / 1e9:.1f} GFLOP/s; "
@@ -105,6 +128,7 @@ def main(argv):
     print("| model | params | adapter | tokens/step | step ms | tokens/s | GFLOP/step | % of peak | adapter share "
           "of time | of FLOPs |")
     print("|---|---|---|---|---|---|---|---|---|---|")
+    moe_over_lora_lines = []  # printed after the table, which stays one markdown table
     for size in [s for s in SIZES if not opts["only"] or s == opts["only"]]:
         variants = (("none", 0), ("LoRA E=1", 1), ("MoELoRA E=8", 8))
         runs = {name: prepare(size, e, opts["dropout"]) for name, e in variants}
@@ -116,10 +140,10 @@ def main(argv):
             flops[name] = fc.get_total_flops()
         for _ in range(opts["rounds"]):  # alternate, so a busy spell hits every variant alike
             for name, (model, opt) in runs.items():
-                t = time.perf_counter()
+                t = clock()
                 for _ in range(opts["steps"]):
                     step(model, opt, b)
-                times[name].append((time.perf_counter() - t) / opts["steps"])
+                times[name].append((clock() - t) / opts["steps"])
         n_params = sum(p.numel() for p in runs["none"][0].parameters())
         tokens = b["input_ids"].numel()
         for name in runs:
@@ -131,8 +155,13 @@ def main(argv):
                                                     f"{100 * (flops[name] - flops['none']) / flops[name]:.1f}%")
             print(f"| {size} | {n_params / 1e6:.1f}M | {name} | {tokens} | {1e3 * t:.0f} | {tokens / t:,.0f} | "
                   f"{flops[name] / 1e9:.2f} | {100 * flops[name] / t / peak:.0f}% | {share} |")
+        moe_over_lora = sorted(m / lo for m, lo in zip(times["MoELoRA E=8"], times["LoRA E=1"]))
+        moe_over_lora_lines.append(f"{size}: MoELoRA E=8 step / LoRA E=1 step {statistics.median(moe_over_lora):.2f} "
+                                   f"(rounds {moe_over_lora[0]:.2f}-{moe_over_lora[-1]:.2f}; target <= 1.3 at the "
+                                   f"training default dropout 0.05)")
         del runs
+    print("\n".join(moe_over_lora_lines))
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    cli.run(main, sys.argv[1:])

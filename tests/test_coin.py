@@ -11,27 +11,28 @@ from transformers import AutoProcessor, LlavaForConditionalGeneration
 import checkpoint
 import coin
 import data
+from cli import UserError
 
 
 def test_config_overrides_and_rejections():
     cfg = coin.parse_config(["--experts=2", "--lr=1e-3", "--zero_shot=false", "--stage0", "--tasks=GQA,VQAv2"])
     assert (cfg.experts, cfg.lr, cfg.zero_shot, cfg.stage0, cfg.tasks) == (2, 1e-3, False, True, "GQA,VQAv2")
-    with pytest.raises(SystemExit, match="unknown setting '--expert=2'.*--experts"):
+    with pytest.raises(UserError, match="unknown setting '--expert=2'.*--experts"):
         coin.parse_config(["--expert=2"])
-    with pytest.raises(SystemExit, match="--experts takes a int, not 'eight'"):
+    with pytest.raises(UserError, match="--experts=eight: takes a whole number"):
         coin.parse_config(["--experts=eight"])
-    with pytest.raises(SystemExit, match="--zero_shot takes true/false"):
+    with pytest.raises(UserError, match="--zero_shot=maybe: takes true or false"):
         coin.parse_config(["--zero_shot=maybe"])
-    with pytest.raises(ValueError, match="unknown task 'Foo'"):
+    with pytest.raises(UserError, match="unknown task 'Foo'"):
         coin.parse_config(["--tasks=GQA,Foo"])
-    with pytest.raises(SystemExit, match="--schedule='linear': choose from constant, cosine"):
+    with pytest.raises(UserError, match="--schedule=linear: must be one of constant, cosine"):
         coin.parse_config(["--schedule=linear"])
     # the space-separated form too, as in `torchrun coin.py --tasks all`; a bare bool flag stays a flag
     cfg = coin.parse_config(["--tasks", "all", "--experts", "4", "--stage0", "--zero_shot", "false", "--resume"])
     assert (cfg.tasks, cfg.experts, cfg.stage0, cfg.zero_shot, cfg.resume) == ("all", 4, True, False, True)
-    with pytest.raises(SystemExit, match="--experts needs a value"):
+    with pytest.raises(UserError, match="--experts needs a value"):
         coin.parse_config(["--experts"])
-    with pytest.raises(SystemExit, match="unknown setting 'all'"):
+    with pytest.raises(UserError, match="unknown setting 'all'"):
         coin.parse_config(["--stage0", "all"])
 
 
@@ -125,7 +126,7 @@ def test_continuing_checks_settings_added_since():
     cfg = dataclasses.asdict(coin.Config())
     defaults = checkpoint.setting_defaults(coin.Config())
     saved = {"config": {k: v for k, v in cfg.items() if k != "projector_lr_scale"}, "global_batch": 8, "inputs": "x"}
-    with pytest.raises(SystemExit, match="--projector_lr_scale=1.0, this one has --projector_lr_scale=0.1"):
+    with pytest.raises(UserError, match="--projector_lr_scale=1.0, this one has --projector_lr_scale=0.1"):
         checkpoint.check_same_run(saved, {"config": cfg, "global_batch": 8, "inputs": "x"}, "meta.json", defaults)
     checkpoint.check_same_run(saved, {"config": dict(cfg, projector_lr_scale=1.0), "global_batch": 8, "inputs": "x"},
                               "p", defaults)

@@ -15,6 +15,7 @@ from PIL import Image
 import coin_mini
 import data
 import eval as E
+from cli import UserError
 
 # -----------------------------------------------------------------------------
 # The scorers, case by case from the official scripts
@@ -358,9 +359,9 @@ def test_standalone_coin_and_official_layouts(mini_data, tmp_path, capsys):
     assert res["scoring"] == "fixed"
     assert res["zero_shot"]["GQA"]["if"] == 50.0  # fixed: the missing ones count wrong
     assert "6 of 12 records without a prediction, counted wrong" in capsys.readouterr().out
-    with pytest.raises(SystemExit, match="unknown or incomplete setting '--scorin=fixed'"):
+    with pytest.raises(UserError, match="unknown setting '--scorin=fixed': did you mean --scoring"):
         E.main(["--scorin=fixed"])
-    with pytest.raises(SystemExit, match="--scoring='strict'"):
+    with pytest.raises(UserError, match="--scoring=strict: must be one of official, fixed"):
         E.main(["--scoring=strict"])
 
 

@@ -5,12 +5,13 @@
 import pytest
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 from transformers import (CLIPVisionConfig, LlamaConfig, LlamaForCausalLM, LlavaConfig,
                           LlavaForConditionalGeneration)
 
-from moelora import (MoELoRALinear, add_moelora, load_moelora_state_dict, mark_only_moelora_trainable,
-                     moelora_state_dict)
+from bench.moelora import saved_bytes
+from moelora import (MoELoRALinear, add_moelora, dropout_seed, dropped_positions, load_moelora_state_dict,
+                     mark_only_moelora_trainable, moelora_state_dict)
 
 D_IN, D_OUT, R = 12, 10, 8
 
@@ -43,10 +44,10 @@ def assert_same_output_and_grads(layer, x, y, x_ref, ref, w):
     upstream = torch.randn_like(y)
     (y * upstream).sum().backward()
     (ref * upstream).sum().backward()
-    E, re = layer.num_experts, layer.expert_rank
+    E, rank = layer.num_experts, layer.expert_rank
     torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(layer.lora_A.grad.view(E, re, D_IN), w["A"].grad, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(layer.lora_B.grad.view(D_OUT, E, re).permute(1, 0, 2), w["B"].grad,
+    torch.testing.assert_close(layer.lora_A.grad.view(E, rank, D_IN), w["A"].grad, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(layer.lora_B.grad.view(D_OUT, E, rank).permute(1, 0, 2), w["B"].grad,
                                rtol=1e-5, atol=1e-6)
     if E > 1:
         torch.testing.assert_close(layer.router.weight.grad, w["router"].grad, rtol=1e-5, atol=1e-6)
@@ -62,19 +63,132 @@ def test_matches_written_out_loop(E, shape):
     assert_same_output_and_grads(layer, x, layer(x), x_ref, ref, w)
 
 
-@pytest.mark.parametrize("E", [1, 4])
-def test_dropout_matches_written_out_loop(E):
-    """In training each expert applies its own mask; the layer draws them in one F.dropout call on an (E, ..., d_in)
-    tensor, so re-seeding and drawing that tensor again gives the masks it used."""
-    layer = make_layer(E, dropout=0.3).train()
-    x = torch.randn(3, 4, D_IN, requires_grad=True)
+def masks_of(seed, E, shape, p):
+    """The dropout multipliers (E, *shape) a forward with this seed applies: 0 where dropped, 1/(1-p) elsewhere."""
+    kept = torch.ones(E, *shape)
+    kept.view(-1)[dropped_positions(seed, E, kept[0].numel(), p)] = 0  # positions into the (E, *shape) stack
+    return kept / (1 - p)
+
+
+@pytest.mark.parametrize("E", [1, 4, 8])
+@pytest.mark.parametrize("x_needs_grad", [True, False])
+def test_dropout_matches_written_out_loop(E, x_needs_grad):
+    """In training each expert applies its own mask; a forward draws one seed from torch's default generator and
+    dropped_positions(seed, ...) gives the masks it used: same output and same gradients as the written-out loop."""
+    p = 0.3
+    layer = make_layer(E, dropout=p).train()
+    x = torch.randn(3, 4, D_IN, requires_grad=x_needs_grad)
     torch.manual_seed(123)
     y = layer(x)
     torch.manual_seed(123)
-    masks = F.dropout(torch.ones(E, 3, 4, D_IN), 0.3)  # (E, 3, 4, d_in): 0 or 1/(1-p)
-    x_ref = x.detach().clone().requires_grad_()
+    masks = masks_of(dropout_seed(), E, x.shape, p)  # (E, 3, 4, d_in): 0 or 1/(1-p)
+    assert (masks == 0).any() and (masks != 0).any()
+    x_ref = x.detach().clone().requires_grad_(x_needs_grad)
     ref, w = loop_reference(layer, x_ref, masks)
-    assert_same_output_and_grads(layer, x, y, x_ref, ref, w)
+    if x_needs_grad:
+        assert_same_output_and_grads(layer, x, y, x_ref, ref, w)
+    else:  # the input of the first adapted layer: only the weights get gradients
+        y.sum().backward()
+        ref.sum().backward()
+        assert x.grad is None
+        torch.testing.assert_close(layer.lora_A.grad.view(E, layer.expert_rank, D_IN), w["A"].grad)
+
+
+def test_dropped_positions_are_iid_bernoulli():
+    """The drawn masks are the official ones in distribution: each entry of each expert dropped with probability p,
+    independently of the other experts, tokens and features (joint drops at rate p^2). Bounds: 5 binomial standard
+    deviations (the draws are seeded, so the test is deterministic)."""
+    E, N, d, p = 4, 400, 500, 0.05
+    dropped = ~(masks_of(7, E, (N, d), p) > 0)  # (E, N, d): True where dropped
+    n = dropped[0].numel()
+
+    def assert_rate(observed, q, count):
+        bound = 5 * (q * (1 - q) / count) ** 0.5
+        assert abs(observed - q) < bound, (observed, q, bound)
+
+    for e in range(E):
+        assert_rate(dropped[e].float().mean().item(), p, n)
+        for f in range(e + 1, E):  # two experts' masks: independent
+            assert_rate((dropped[e] & dropped[f]).float().mean().item(), p * p, n)
+    assert_rate((dropped[:, :, 1:] & dropped[:, :, :-1]).float().mean().item(), p * p, E * N * (d - 1))  # features
+    assert_rate((dropped[:, 1:] & dropped[:, :-1]).float().mean().item(), p * p, E * (N - 1) * d)  # tokens
+    # the count of drops is Binomial(n, p), not fixed: its spread over seeds matches n p (1 - p)
+    counts = torch.tensor([float(len(dropped_positions(s, 1, 1000, p))) for s in range(400)])
+    assert abs(counts.mean().item() - 50) < 5 * (47.5 / 400) ** 0.5, counts.mean()
+    assert 0.7 < counts.var().item() / 47.5 < 1.3, counts.var()
+    pos = dropped_positions(3, E, n, p)  # sorted, distinct, in range
+    assert pos.dtype == torch.int64 and torch.all(pos[1:] > pos[:-1]) and 0 <= pos.min() and pos.max() < E * n
+
+
+def test_dropout_reproducible_and_from_the_default_generator():
+    """Same torch seed, same masks (a resumed run restores torch's RNG state and draws them again); another seed,
+    other masks; and the masks come from torch's default generator, whose state a forward advances."""
+    layer = make_layer(4, dropout=0.1).train()
+    x = torch.randn(6, D_IN)
+    outs = []
+    for seed in (5, 5, 6):
+        torch.manual_seed(seed)
+        state = torch.get_rng_state()
+        outs.append(layer(x))
+        assert not torch.equal(torch.get_rng_state(), state)
+    assert torch.equal(outs[0], outs[1]) and not torch.equal(outs[0], outs[2])
+
+
+def test_dropout_with_bf16():
+    """A bf16 base with the fp32 adapter (coin's setting) and an all-bf16 layer: the dropout path runs (its sparse
+    kernels in fp32) and matches the loop on the same masks, gradients included."""
+    p = 0.2
+    layer = make_layer(4, dropout=p).train()
+    x = torch.randn(2, 3, D_IN).bfloat16()
+    torch.manual_seed(9)
+    masks = masks_of(dropout_seed(), 4, x.shape, p)
+    ref, w = loop_reference(layer, x.float(), masks)
+    layer.base.bfloat16()
+    torch.manual_seed(9)
+    y = layer(x)
+    assert y.dtype == torch.bfloat16 and layer.lora_A.dtype == torch.float32
+    torch.testing.assert_close(y.float(), ref.detach(), rtol=0.03, atol=0.05)
+    y.float().sum().backward()
+    ref.sum().backward()
+    torch.testing.assert_close(layer.lora_A.grad.view(4, layer.expert_rank, D_IN), w["A"].grad, rtol=0.02, atol=0.02)
+    layer.bfloat16()
+    xg = x.clone().requires_grad_()
+    torch.manual_seed(9)
+    y16 = layer(xg)
+    y16.sum().backward()
+    assert y16.dtype == xg.grad.dtype == layer.lora_A.grad.dtype == torch.bfloat16
+    torch.testing.assert_close(y16.float(), ref.detach(), rtol=0.03, atol=0.1)
+
+
+@pytest.mark.parametrize("E", [1, 4])
+def test_dropout_under_gradient_checkpointing(E):
+    """Non-reentrant checkpointing (coin.py's --grad_ckpt) recomputes the forward in backward; torch restores the RNG
+    state for it, so the recomputation draws the same seed and the gradients equal those without checkpointing.
+    Without that restore (preserve_rng_state=False) the masks would differ: the test can tell."""
+    layer = make_layer(E, dropout=0.2).train()
+    x = torch.randn(5, D_IN)
+    grads = []
+    for ckpt, preserve in ((False, True), (True, True), (True, False)):
+        layer.zero_grad(set_to_none=True)
+        xi = x.clone().requires_grad_()
+        torch.manual_seed(11)
+        y = checkpoint(layer, xi, use_reentrant=False, preserve_rng_state=preserve) if ckpt else layer(xi)
+        (y * torch.arange(y.numel()).view(y.shape)).sum().backward()
+        grads.append([xi.grad] + [p.grad for p in layer.parameters() if p.requires_grad])
+    for a, b in zip(grads[0], grads[1]):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert not all(torch.equal(a, b) for a, b in zip(grads[0], grads[2]))
+
+
+def test_dropout_saves_no_masks():
+    """What the dropout path keeps for backward: x (which a LoRA keeps too) and small (N, r) activations, no mask
+    and no per-expert copy of x: MoELoRA E=8 keeps about what LoRA does, and far less than E copies of x. Counted
+    as bench/moelora.py counts it."""
+    base = nn.Linear(512, 512, bias=False).requires_grad_(False)
+    x = torch.randn(64, 512, requires_grad=True)  # x: 128 KiB
+    moe = saved_bytes(MoELoRALinear(base, 32, 64, 8, dropout=0.05).train(), x)
+    lora = saved_bytes(MoELoRALinear(base, 32, 64, 1, dropout=0.05).train(), x)
+    assert moe <= 1.2 * lora and moe < 2 * x.numel() * 4, (moe, lora)
 
 
 def test_dropout_masks_are_independent_per_expert():

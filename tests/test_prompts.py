@@ -12,6 +12,7 @@ from transformers import AutoProcessor, CLIPImageProcessor, LlamaTokenizer, Llav
 
 import coin
 import data
+from cli import UserError
 
 IMAGE_INDEX = -200  # IMAGE_TOKEN_INDEX of llava/constants.py: one placeholder, replaced by the image's features
 
@@ -175,9 +176,9 @@ def test_evaluation_images_and_lengths_per_task():
     assert lengths == {"ScienceQA": 1024, "TextVQA": 128, "ImageNet": 1024, "GQA": 128, "VizWiz": 128,
                        "Grounding": 1024, "VQAv2": 1024, "OCR-VQA": 128}
     assert [t for t in data.TASKS if coin.evaluation_of(official, t)[2]] == ["ScienceQA"]  # its question stripped
-    with pytest.raises(SystemExit, match="--eval_images='crop': choose from official, pad"):
+    with pytest.raises(UserError, match="--eval_images=crop: must be one of official, pad"):
         coin.parse_config(["--eval_images=crop"])
-    with pytest.raises(SystemExit, match="--max_new_tokens=-1"):
+    with pytest.raises(UserError, match="--max_new_tokens=-1: must be at least 0"):
         coin.parse_config(["--max_new_tokens=-1"])
 
 

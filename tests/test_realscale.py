@@ -16,6 +16,7 @@ from transformers import AutoProcessor
 import base_model
 import coin
 import data
+from cli import UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -87,7 +88,7 @@ def test_check_command_counts_and_fails_on_problems(release):
     assert "| GQA | test | 6 | 5 | 0 | 1 | 0 | 0 |" in out
     assert "| ScienceQA | train | 16 | 15 | 1 | 0 | 0 | 0 |" in out
     assert "| Grounding | train | 16 | 15 | 0 | 0 | 0 | 1 |" in out
-    assert f"GQA/test.json: record 1: image {missing!r} missing" in out
+    assert f"GQA/test.json: record 1 (question_id 'GQA_test_1'): image {missing!r} missing" in out
     assert f"{corrupt} unreadable" in out and "ScienceQA/train.json: record 0 is not a LLaVA conversation" in out
     assert "| GQA | val | 4 | 3 | 0 | 1 | 0 | 0 |" in out  # val shares that image
     assert "5 problem(s)" in out
@@ -104,11 +105,12 @@ def run(release, tiny_base, out, *extra):
 def test_training_refuses_bad_records_or_skips_them_counted(release, tiny_base, tmp_path):
     root, image_dir = release
     break_release(root, image_dir)
-    with pytest.raises(ValueError, match=r"(?s)GQA/test.json: 1 bad record\(s\); the first: record 1: image .* "
-                                         r"missing.*ScienceQA/train.json: 1 bad record.*--skip_bad drops them"):
+    with pytest.raises(UserError, match=r"(?s)GQA/test.json: record 1 \(question_id .*\): image .* "
+                                        r"missing.*ScienceQA/train.json: record 0 is not a LLaVA.*"
+                                        r"--skip_bad drops these"):
         run(release, tiny_base, str(tmp_path / "refused"), "--tasks=GQA,ScienceQA")
     assert not os.path.exists(tmp_path / "refused")
-    # the corrupt image is found when read (existence only is checked up front): train GQA on the other records
+    # --skip_bad: the bad records are dropped, counted per file
     res = run(release, tiny_base, str(tmp_path / "skipped"), "--tasks=ScienceQA,Grounding", "--skip_bad")
     assert res["dropped_records"] == {"ScienceQA/train": 1, "Grounding/train": 1}
     assert res["matrix"][1][0] is not None
@@ -140,11 +142,11 @@ def test_global_batch_table_sets_grad_accum():
     assert {t: coin.grad_accum_for(cfg, t, 8) for t in ("ScienceQA", "ImageNet", "GQA", "OCR-VQA")} == \
         {"ScienceQA": 14, "ImageNet": 16, "GQA": 6, "OCR-VQA": 10}  # 8 GPUs: 896, 1024, 384, 640
     assert coin.grad_accum_for(coin.parse_config(["--global_batch=64", "--micro_batch=4"]), "GQA", 2) == 8
-    with pytest.raises(SystemExit, match="global batch 384 is not a multiple of micro_batch x ranks = 5 x 8"):
-        coin.grad_accum_for(coin.parse_config(["--global_batch=official", "--micro_batch=5"]), "GQA", 8)
-    with pytest.raises(SystemExit, match="no batch for stage 'MultiTask'"):
+    with pytest.raises(UserError, match="global batch 384 is not a multiple of micro_batch x ranks = 5 x 8"):
+        coin.grad_accum_for(coin.Config(global_batch="official", micro_batch=5), "GQA", 8)
+    with pytest.raises(UserError, match="no batch for stage 'MultiTask'"):
         coin.grad_accum_for(cfg, "MultiTask", 8)
-    with pytest.raises(SystemExit, match="--global_batch='big'"):
+    with pytest.raises(UserError, match="--global_batch=big"):
         coin.parse_config(["--global_batch=big"])
 
 
@@ -326,15 +328,15 @@ def test_assembly_names_the_packages_a_sentencepiece_tokenizer_needs(tmp_path, m
     vicuna = vicuna_as_downloaded(str(tmp_path / "vicuna"), b"not read", 300)
     hide = "import sys; sys.modules['sentencepiece'] = sys.modules['google.protobuf'] = None; "
     r = subprocess.run([sys.executable, "-c", hide + "import runpy; runpy.run_path('coin.py', run_name='__main__')",
-                        "assemble", f"--vicuna={vicuna}", "--clip=clip", "--projector=p.bin",
+                        "assemble", f"--vicuna={vicuna}", f"--clip={vicuna}", f"--projector={vicuna}/config.json",
                         f"--out={tmp_path / 'out'}"],
                        cwd=ROOT, capture_output=True, text=True)
-    assert r.returncode == 1 and r.stderr.splitlines()[-1] == (
-        f"{vicuna}: its tokenizer is a sentencepiece tokenizer.model, and reading it needs sentencepiece and protobuf: "
+    assert r.returncode == 2 and r.stderr.splitlines()[-1] == (
+        f"error: {vicuna}: its tokenizer is a sentencepiece tokenizer.model, and reading it needs sentencepiece and protobuf: "
         "pip install -r requirements-realscale.txt"), r.stderr[-2000:]
     monkeypatch.setitem(sys.modules, "google.protobuf", None)
     if base_model.installed("sentencepiece"):
-        with pytest.raises(SystemExit, match=r"it needs protobuf: pip install -r requirements-realscale.txt"):
+        with pytest.raises(UserError, match=r"it needs protobuf: pip install -r requirements-realscale.txt"):
             base_model.check_tokenizer_packages(vicuna)
     os.remove(os.path.join(vicuna, "tokenizer.model"))  # a tokenizer.json (or nothing) needs neither
     base_model.check_tokenizer_packages(vicuna)

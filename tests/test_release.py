@@ -11,6 +11,7 @@ import pytest
 
 import coin
 import data
+from cli import UserError
 import eval as E
 from release_fixture import write_release
 
@@ -164,7 +165,7 @@ def test_official_results_tree(release, tmp_path, capsys):
     # after k later stages the first k records answer "Unanswerable": ScienceQA 3 of 4 after TextVQA, none at the end;
     # VizWiz's first answer is "unanswerable", so it stays right
     assert m[1][0] == 75.0 and m[7][0] == 0.0 and m[6][4] == 75.0
-    with pytest.raises(SystemExit, match="several models"):
+    with pytest.raises(UserError, match="several models"):
         shutil.copytree(os.path.join(results, "LLaVA"), tmp_path / "two" / "Qwen")
         shutil.copytree(os.path.join(results, "LLaVA"), tmp_path / "two" / "LLaVA")
         E.main([f"--predictions={tmp_path / 'two'}", f"--data_dir={root}", f"--image_dir={image_dir}"])

@@ -18,6 +18,7 @@ from transformers import LlavaForConditionalGeneration
 
 import checkpoint
 import coin
+from cli import UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TASKS = ["GQA", "VQAv2"]
@@ -260,12 +261,16 @@ def test_method_resumes_exactly_and_two_ranks_equal_one(method, mini_data, tiny_
 
 
 def test_method_settings_refused():
-    with pytest.raises(SystemExit, match=r"--method=olora takes --experts=1, not --experts=8"):
+    with pytest.raises(UserError, match=r"--method=olora --experts=8: O-LoRA trains one plain LoRA per task; give "
+                                        r"--experts=1"):
         coin.parse_config(["--method=olora"])
-    with pytest.raises(SystemExit, match=r"--method='lora': choose from sequential, replay, ewc, lwf, olora"):
+    with pytest.raises(UserError, match=r"--method=lora: must be one of sequential, replay, ewc, lwf, olora"):
         coin.parse_config(["--method=lora"])
-    with pytest.raises(SystemExit, match=r"--multitask trains one stage, so --method=ewc"):
+    with pytest.raises(UserError, match=r"--multitask --method=ewc: one stage has no earlier task to work on"):
         coin.parse_config(["--method=ewc", "--multitask"])
+    with pytest.raises(UserError, match=r"--shard --method=lwf: the method's state .* run it without --shard"):
+        coin.parse_config(["--method=lwf", "--shard"])
+    coin.parse_config(["--method=replay", "--shard"])  # replay only changes the data: it shards as sequential does
 
 
 def parent(pid):
@@ -297,7 +302,7 @@ def task_file(data_dir, task, split):
 
 
 def test_missing_data_root(tiny_base, tmp_path):
-    with pytest.raises(SystemExit, match=r"--data_dir=\S*nowhere: no such folder"):
+    with pytest.raises(UserError, match=r"--data_dir=\S*nowhere: no such folder"):
         coin.main(args(str(tmp_path / "nowhere"), tiny_base, str(tmp_path / "run")))
 
 
@@ -318,20 +323,21 @@ def test_missing_image(data_copy, tiny_base, tmp_path):
     rec = json.load(open(task_file(data_copy, "VQAv2", "val")))[3]  # the last of the 4 evaluated
     os.remove(os.path.join(data_copy, "images", rec["image"]))
     out = str(tmp_path / "run")
-    with pytest.raises(ValueError, match=r"VQAv2/val.json: 1 bad record\(s\); the first: record 3: image "
+    with pytest.raises(ValueError, match=r"VQAv2/val.json: record 3 \(question_id 'VQAv2_test_3'\): image "
                                          + re.escape(repr(rec["image"])) + r" missing under \S+"):
         coin.main(args(data_copy, tiny_base, out))
     assert not os.path.exists(out)
 
 
 def test_corrupt_image(data_copy, tiny_base, tmp_path):
-    """A corrupt image fails when it is read, naming the file."""
+    """A corrupt image (its header does not read) is refused before any work, naming the record and the file."""
     rec = json.load(open(task_file(data_copy, "GQA", "train")))[0]
     path = os.path.join(data_copy, "images", rec["image"])
     with open(path, "wb") as f:
         f.write(b"not a png")
-    with pytest.raises(ValueError, match=re.escape(path) + ": image unreadable"):
+    with pytest.raises(ValueError, match=r"GQA/train.json: record 0: image " + re.escape(path) + " unreadable"):
         coin.main(args(data_copy, tiny_base, str(tmp_path / "run"), "--zero_shot=false", tasks=["GQA"]))
+    assert not os.path.exists(tmp_path / "run")
 
 
 def test_answer_that_tokenises_to_nothing(data_copy, tiny_base, tmp_path):
@@ -341,7 +347,7 @@ def test_answer_that_tokenises_to_nothing(data_copy, tiny_base, tmp_path):
     with open(path, "w") as f:
         json.dump(recs, f)
     out = str(tmp_path / "run")
-    with pytest.raises(ValueError, match=r"GQA/train.json: 1 bad record\(s\); the first: record 5 "
+    with pytest.raises(ValueError, match=r"GQA/train.json: record 5 "
                                          rf"\(id {re.escape(repr(recs[5]['id']))}\): the answer ' ' tokenises to nothing"):
         coin.main(args(data_copy, tiny_base, out))
     assert not os.path.exists(out)
@@ -379,7 +385,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(mini_data, tin
     assert not os.path.exists(os.path.join(stage(out, 0, ["GQA"]), "adapter.safetensors"))
     with open(midstage, "r+b") as f:
         f.truncate(1000)
-    with pytest.raises(SystemExit, match=re.escape(midstage) + ": unreadable mid-stage checkpoint"):
+    with pytest.raises(UserError, match=re.escape(midstage) + ": unreadable mid-stage checkpoint"):
         run()
 
 
@@ -393,17 +399,17 @@ def test_resume_refuses_what_another_run_wrote(data_copy, tiny_base, tmp_path):
     before = open(adapter, "rb").read(), open(os.path.join(out, "results.json")).read()
     run()  # finished: nothing to do
     assert (open(adapter, "rb").read(), open(os.path.join(out, "results.json")).read()) == before
-    with pytest.raises(SystemExit, match=r"stage1-GQA/meta.json: written by a run with --lr=0.01, this one has "
+    with pytest.raises(UserError, match=r"stage1-GQA/meta.json: written by a run with --lr=0.01, this one has "
                                          r"--lr=0.001; continue it with the same settings, or write to another --out"):
         run("--lr=1e-3")
-    with pytest.raises(SystemExit, match=r"meta.json: written with a global batch of 4, this run has 8"):
+    with pytest.raises(UserError, match=r"meta.json: written with a global batch of 4, this run has 8"):
         run("--micro_batch=8")
-    with pytest.raises(SystemExit, match=rf"--out={re.escape(out)} holds a run already"):
+    with pytest.raises(UserError, match=rf"--out={re.escape(out)} holds a run already"):
         run("--resume=false")
     path = task_file(data_copy, "GQA", "test")
     recs = json.load(open(path))
     recs[0]["answer"] = "regenerated"
     with open(path, "w") as f:
         json.dump(recs, f)
-    with pytest.raises(SystemExit, match=r"meta.json: written by a run that read other data or another base"):
+    with pytest.raises(UserError, match=r"meta.json: written by a run that read other data or another base"):
         run()

@@ -1,0 +1,354 @@
+"""Bad input is refused before any work, as lines naming the setting or file and the fix, with exit status 2 and no
+traceback; nothing in --out is written or lost before that; no score is ever computed on a set the run did not
+evaluate. A table of bad settings and bad files, each with the line it must print."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+from safetensors.torch import load_file
+
+import checkpoint
+import cli
+import coin
+import data
+import eval as E
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def args(data_dir, base, out, *extra):
+    """A tiny run: GQA then ScienceQA, 8 train and 4 test records a task, 2 steps a stage."""
+    return [f"--data_dir={data_dir}", f"--base={base}", f"--out={out}", "--tasks=GQA,ScienceQA", "--max_train=8",
+            "--max_test=4", "--experts=2", "--lora_r=8", "--micro_batch=4", "--eval_batch=4", "--max_new_tokens=4",
+            "--threads=1", "--zero_shot=false", *extra]
+
+
+def refused(main, argv, capsys):
+    """Run an entry point as its `__main__` does; returns (exit status, stderr)."""
+    with pytest.raises(SystemExit) as e:
+        cli.run(main, argv)
+    return e.value.code, capsys.readouterr().err
+
+
+def snapshot(folder):
+    return {os.path.relpath(os.path.join(d, f), folder): open(os.path.join(d, f), "rb").read()
+            for d, _, files in os.walk(folder) for f in files}
+
+
+@pytest.fixture
+def data_copy(mini_data, tmp_path):
+    return shutil.copytree(mini_data, tmp_path / "data", dirs_exist_ok=True).as_posix()
+
+
+# -----------------------------------------------------------------------------
+# Settings: (command line, a line the error must print)
+
+SETTINGS = [
+    (["--micro_batch=0"], "--micro_batch=0: must be at least 1 (default: 8)"),
+    (["--grad_accum=0"], "--grad_accum=0: must be at least 1"),
+    (["--grad_accum=-2"], "--grad_accum=-2: must be at least 1"),
+    (["--epochs=0"], "--epochs=0: must be at least 1"),
+    (["--lr=-1"], "--lr=-1.0: must be greater than 0"),
+    (["--lr=nan"], "--lr=nan: takes a finite number"),
+    (["--lr=inf"], "--lr=inf: takes a finite number"),
+    (["--max_train=-5"], "--max_train=-5: must be at least 0"),
+    (["--max_test=-1"], "--max_test=-1: must be at least 0"),
+    (["--save_every=-3"], "--save_every=-3: must be at least 0"),
+    (["--experts=0"], "--experts=0: must be at least 1"),
+    (["--data_fraction=0"], "--data_fraction=0.0: must be in (0, 1]"),
+    (["--lora_dropout=1"], "--lora_dropout=1.0: must be in [0, 1)"),
+    (["--dtype=fp16"], "--dtype=fp16: must be one of float32, bfloat16"),
+    (["--experts=2.5"], "--experts=2.5: takes a whole number"),
+    (["--zero_shot=yes"], "--zero_shot=yes: takes true or false"),
+    (["--learning_rate=1e-3"], "unknown setting '--learning_rate=1e-3': did you mean --lr?"),
+    (["--expert=2"], "unknown setting '--expert=2': did you mean --experts?"),
+    (["--batch_size=8"], "unknown setting '--batch_size=8': did you mean --micro_batch, --global_batch, --eval_batch?"),
+    (["--tasks="], "--tasks=: names no task"),
+    (["--tasks=GQA,Foo"], "--tasks: unknown task 'Foo'"),
+    (["--tasks=GQA,gqa"], "--tasks lists a task twice"),
+    (["--lora_r=6", "--experts=4"], "--lora_r=6 --experts=4: the rank is split evenly over the experts"),
+    (["--global_batch=102"], "--global_batch=102: global batch 102 is not a multiple of micro_batch x ranks = 4 x 1"),
+    (["--global_batch=big"], "--global_batch=big: must be '', 'official' or a whole number > 0"),
+    (["--data_dir=nowhere"], "--data_dir=nowhere: no such folder"),
+    (["--base=nowhere"], "--base=nowhere: no such model directory"),
+    (["--image_dir=nowhere"], "--image_dir=nowhere: no such folder"),
+    (["--judge=nowhere"], "--judge=nowhere: no such folder"),
+]
+
+
+@pytest.mark.parametrize("extra, message", SETTINGS, ids=[" ".join(a) for a, _ in SETTINGS])
+def test_bad_setting_is_one_line_before_any_work(extra, message, mini_data, tiny_base, tmp_path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "results.json").write_text("an earlier run's file")  # nothing in --out may change
+    before = snapshot(out)
+    status, err = refused(coin.main, args(mini_data, tiny_base, out) + extra, capsys)
+    assert status == 2 and f"error: {message}" in err, err
+    assert "Traceback" not in err and len(err.splitlines()) == 1, err
+    assert snapshot(out) == before
+
+
+def test_every_problem_is_reported_at_once(mini_data, tiny_base, tmp_path, capsys):
+    status, err = refused(coin.main, args(mini_data, tiny_base, tmp_path / "run", "--lr=-1", "--micro_batch=0",
+                                          "--learning_rate=2", "--epochs=0"), capsys)
+    assert status == 2 and len(err.splitlines()) == 4 and "--learning_rate" in err and "--epochs=0" in err, err
+    assert not os.path.exists(tmp_path / "run")
+
+
+def test_corrected_rerun_into_the_same_out_works(mini_data, tiny_base, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert refused(coin.main, args(mini_data, tiny_base, out, "--lr=-1"), capsys)[0] == 2
+    coin.main(args(mini_data, tiny_base, out, "--tasks=GQA"))
+    assert json.load(open(out / "results.json"))["matrix"][0][0] is not None
+
+
+def test_every_setting_has_help_and_a_rule():
+    docs = cli.read_setting_docs(coin.__file__, "Config")
+    assert [d.name for d in docs] == [f.name for f in coin.dataclasses.fields(coin.Config)]
+    assert all(d.help for d in docs), [d.name for d in docs if not d.help]
+    assert set(coin.RULES) == {d.name for d in docs}, "a new setting needs its row in RULES"
+    for cls, module in ((E.Options, E), (data.CheckSettings, data)):
+        assert all(d.help for d in cli.read_setting_docs(module.__file__, cls.__name__))
+
+
+# -----------------------------------------------------------------------------
+# Files: (how the data is broken, extra settings, a line the error must print)
+
+def edit(data_dir, task, split, change):
+    path = data.task_file(data_dir, task, split)
+    recs = json.load(open(path))
+    with open(path, "w") as f:
+        json.dump(change(recs), f)
+    return path
+
+
+def set_field(i, key, value):
+    def change(recs):
+        recs[i][key] = value
+        return recs
+    return change
+
+
+def drop_field(i, key):
+    def change(recs):
+        del recs[i][key]
+        return recs
+    return change
+
+
+def truncate_image(data_dir, task, i):
+    rec = json.load(open(data.task_file(data_dir, task, "test")))[i]
+    path = os.path.join(data_dir, "images", rec["image"])
+    with open(path, "r+b") as f:  # the header stays: only decoding finds it
+        f.truncate(os.path.getsize(path) // 2)
+    return rec
+
+
+FILES = [
+    ("test file a JSON object", lambda d: edit(d, "GQA", "test", lambda r: {"records": r}), ["--skip_bad"],
+     "GQA/test.json: holds an object, not a list of records"),
+    ("test file the number 42", lambda d: edit(d, "GQA", "test", lambda r: 42), [],
+     "GQA/test.json: holds a number, not a list of records"),
+    ("train file malformed JSON", lambda d: open(data.task_file(d, "GQA", "train"), "w").write("[{"), [],
+     "GQA/train.json: malformed JSON at line 1"),
+    ("test file missing", lambda d: os.remove(data.task_file(d, "ScienceQA", "test")), [],
+     "ScienceQA/test.json: no such file"),
+    ("GQA test record without image", lambda d: edit(d, "GQA", "test", drop_field(2, "image")), [],
+     "GQA/test.json: record 2 (question_id 'GQA_test_2'): no `image`; every GQA question is about an image"),
+    ("GQA train record without image", lambda d: edit(d, "GQA", "train", drop_field(1, "image")), [],
+     "GQA/train.json: record 1: no `image`; every GQA question is about an image"),
+    ("empty test answer", lambda d: edit(d, "GQA", "test", set_field(3, "answer", " ")), [],
+     "GQA/test.json: record 3 (question_id 'GQA_test_3'): the answer ' ' is empty"),
+    ("test answer not a string", lambda d: edit(d, "ScienceQA", "test", set_field(0, "answer", None)), [],
+     "the answer None is empty"),
+    ("repeated question_id", lambda d: edit(d, "GQA", "test", set_field(1, "question_id", "GQA_test_0")), [],
+     "GQA/test.json: record 1 (question_id 'GQA_test_0'): question_id already used by record 0"),
+    ("image that is not an image", lambda d: open(os.path.join(d, "images", json.load(open(data.task_file(
+        d, "GQA", "test")))[0]["image"]), "wb").write(b"not a png"), [], "png unreadable (cannot identify image"),
+    ("test record lacking text", lambda d: edit(d, "GQA", "test", drop_field(0, "text")), [],
+     "GQA/test.json: record 0 lacks text"),
+    ("every test record bad, --skip_bad", lambda d: edit(d, "GQA", "test", lambda r: [{"x": 1}]), ["--skip_bad"],
+     "GQA/test.json: no usable records (all bad)"),
+]
+
+
+@pytest.mark.parametrize("why, breaks, extra, message", FILES, ids=[f[0] for f in FILES])
+def test_bad_file_is_refused_before_any_work(why, breaks, extra, message, data_copy, tiny_base, tmp_path, capsys):
+    breaks(data_copy)
+    status, err = refused(coin.main, args(data_copy, tiny_base, tmp_path / "run", *extra), capsys)
+    assert status == 2 and message in err and "Traceback" not in err, err
+    assert not os.path.exists(tmp_path / "run")
+
+
+def test_several_bad_records_are_all_listed(data_copy, tiny_base, tmp_path, capsys):
+    edit(data_copy, "GQA", "test", set_field(3, "answer", ""))
+    edit(data_copy, "ScienceQA", "test", set_field(1, "question_id", "ScienceQA_test_0"))
+    edit(data_copy, "GQA", "train", drop_field(4, "image"))
+    status, err = refused(coin.main, args(data_copy, tiny_base, tmp_path / "run"), capsys)
+    assert status == 2 and "record 3" in err and "record 1" in err and "GQA/train.json: record 4" in err, err
+    assert "--skip_bad drops these records" in err
+
+
+def test_text_only_scienceqa_records_are_fine(mini_data):
+    assert any(r.get("image") is None for r in data.test_examples(mini_data, "ScienceQA"))
+    _, _, problems = data.check_split(mini_data, "ScienceQA", "test", "Original", os.path.join(mini_data, "images"))
+    assert problems == []
+
+
+def test_data_check_command_names_the_file(data_copy, capsys):
+    edit(data_copy, "GQA", "test", lambda r: 42)
+    assert data.check_main([f"--data={data_copy}", "--tasks=GQA"]) == 1
+    assert "GQA/test.json: holds a number, not a list of records" in capsys.readouterr().out
+    status, err = refused(data.main, ["check", "--dta=x"], capsys)
+    assert status == 2 and "did you mean --data?" in err
+
+
+def test_truncated_image_names_its_record(data_copy, tiny_base):
+    from transformers import AutoProcessor
+    rec = truncate_image(data_copy, "GQA", 0)
+    _, _, problems = data.check_split(data_copy, "GQA", "test", "Original", os.path.join(data_copy, "images"),
+                                      open_images=True)
+    assert len(problems) == 1 and "image unreadable" in problems[0][0]  # `data.py check` decodes every image
+    with pytest.raises(cli.UserError, match=f"record {rec['question_id']!r}'s image={rec['image']!r}"):
+        data.load_image(os.path.join(data_copy, "images"), rec["image"], rec["question_id"])
+    train = data.train_examples(data_copy, "GQA")
+    ds = data.InstructionDataset([{**train[0], "image": rec["image"]}], AutoProcessor.from_pretrained(tiny_base),
+                                 os.path.join(data_copy, "images"))
+    with pytest.raises(cli.UserError, match=f"record {train[0]['id']!r}'s image"):
+        ds[0]
+
+
+def test_truncated_base_weights_name_the_folder(tiny_base, mini_data, tmp_path, capsys):
+    base = shutil.copytree(tiny_base, tmp_path / "base").as_posix()
+    weights = os.path.join(base, "model.safetensors")
+    with open(weights, "r+b") as f:
+        f.truncate(os.path.getsize(weights) // 2)
+    status, err = refused(coin.main, args(mini_data, base, tmp_path / "run"), capsys)
+    assert status == 2 and f"--base={base}: its weights do not load" in err, err
+
+
+# -----------------------------------------------------------------------------
+# Checkpoints carry a checksum; a damaged one is refused naming the stage that deleting it retrains
+
+def test_damaged_checkpoint_is_refused_and_old_ones_still_resume(mini_data, tiny_base, tmp_path, capsys):
+    out = tmp_path / "run"
+    coin.main(args(mini_data, tiny_base, out))
+    first, last = out / "checkpoints" / "stage1-GQA", out / "checkpoints" / "stage2-ScienceQA"
+    meta = json.load(open(last / "meta.json"))
+    assert meta["checksum"] == checkpoint.tensor_checksum(load_file(last / "adapter.safetensors"))
+    raw = bytearray(open(last / "adapter.safetensors", "rb").read())
+    raw[-64:] = bytes(64)  # the last tensor's bytes: the header stays intact and the file loads
+    open(last / "adapter.safetensors", "wb").write(bytes(raw))
+    capsys.readouterr()
+    status, err = refused(coin.main, args(mini_data, tiny_base, out), capsys)
+    assert status == 2 and "stage2-ScienceQA/adapter.safetensors: its tensors do not match their checksum" in err, err
+    assert f"delete {last} and run the same command again: stage 2 (ScienceQA) is retrained" in err
+    # as the message says; and stage 1 as a run written before checksums: loaded unchecked, said once
+    shutil.rmtree(last)
+    meta = json.load(open(first / "meta.json"))
+    data.write_json(str(first / "meta.json"), {k: v for k, v in meta.items() if k != "checksum"})
+    checkpoint._UNCHECKED_SAID.clear()
+    coin.main(args(mini_data, tiny_base, out))
+    said = capsys.readouterr().out
+    assert said.count("was written before checkpoints carried a checksum") == 1, said
+    assert None not in json.load(open(out / "results.json"))["matrix"][1]
+
+
+def test_non_finite_loss_names_where_the_stage_started(mini_data, tiny_base, tmp_path):
+    with pytest.raises(FloatingPointError, match=r"the loss is nan .* the stage started from the base model, with a "
+                                                 r"fresh adapter; try a lower --lr \(now 1e\+30\)"):
+        coin.main(args(mini_data, tiny_base, tmp_path / "run", "--tasks=GQA", "--lr=1e30", "--max_train=16"))
+
+
+# -----------------------------------------------------------------------------
+# eval.py rescoring a run: the run's own test subset, or an error
+
+def test_rescoring_a_run_uses_its_test_subset(mini_data, tiny_base, tmp_path, capsys):
+    data_dir = shutil.copytree(mini_data, tmp_path / "data").as_posix()
+    out = tmp_path / "run"
+    coin.main(args(data_dir, tiny_base, out, "--tasks=GQA"))
+    matrix = json.load(open(out / "results.json"))["matrix"]
+    capsys.readouterr()
+    E.main([f"--predictions={out}", f"--out={tmp_path / 'scored'}"])  # no --data_dir, no --max_test: the run's
+    assert json.load(open(tmp_path / "scored" / "results.json"))["matrix"] == matrix
+    assert "without a prediction" not in capsys.readouterr().out
+    status, err = refused(E.main, [f"--predictions={out}", "--max_test=0"], capsys)
+    assert status == 2 and "--max_test=0: the run in" in err and "evaluated with --max_test=4" in err, err
+    moved = shutil.copytree(data_dir, tmp_path / "moved").as_posix()  # the same files elsewhere: fine
+    E.main([f"--predictions={out}", f"--data_dir={moved}", f"--out={tmp_path / 'scored-moved'}"])
+    assert json.load(open(tmp_path / "scored-moved" / "results.json"))["matrix"] == matrix
+    res = json.load(open(out / "results.json"))
+    data.write_json(str(out / "results.json"), {k: v for k, v in res.items() if k != "test_records"})
+    capsys.readouterr()
+    E.main([f"--predictions={out}", f"--out={tmp_path / 'scored-old'}"])  # a run from before test_records: said
+    assert "does not record which test records the run scored" in capsys.readouterr().out
+    assert json.load(open(tmp_path / "scored-old" / "results.json"))["matrix"] == matrix
+    data.write_json(str(out / "results.json"), res)
+    edit(data_dir, "GQA", "test", lambda r: r[1:])  # the data changed since the run
+    status, err = refused(E.main, [f"--predictions={out}", f"--out={tmp_path / 'scored2'}"], capsys)
+    assert status == 2 and "GQA: the test records under --data_dir" in err and "are not the 4" in err, err
+
+
+def test_no_score_on_zero_records():
+    with pytest.raises(cli.UserError, match="GQA: no test records to score against"):
+        E.score_task("GQA", [], [])
+    with pytest.raises(cli.UserError, match="GQA: no test records to judge"):
+        E.ExactJudge().score("GQA", [], [])
+
+
+# -----------------------------------------------------------------------------
+# The command line as a user meets it
+
+def test_user_error_has_no_traceback_and_a_bug_keeps_it(tmp_path):
+    proc = subprocess.run([sys.executable, "coin.py", f"--data_dir={tmp_path}", "--lr=-1"], cwd=ROOT,
+                          capture_output=True, text=True)
+    assert proc.returncode == 2 and proc.stderr == "error: --lr=-1.0: must be greater than 0 (default: 0.001)\n", \
+        proc.stderr
+    assert proc.stdout == ""
+    proc = subprocess.run([sys.executable, "coin.py", f"--data_dir={tmp_path / 'no'}"], cwd=ROOT,
+                          capture_output=True, text=True)  # imports torch and transformers: no torchvision warning
+    assert proc.returncode == 2 and proc.stderr.startswith("error: --data_dir=") and len(proc.stderr.splitlines()) \
+        == 1, proc.stderr
+
+    def bug(argv):
+        raise KeyError("a bug in coin")
+    with pytest.raises(KeyError):
+        cli.run(bug, [])
+
+
+HIDE_TORCH = ("import runpy, sys; sys.modules['torch'] = sys.modules['transformers'] = None; "
+              "sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')")
+
+
+@pytest.mark.parametrize("script", ["coin.py", "data.py", "eval.py"])
+def test_help_answers_without_torch_and_describes_every_setting(script):
+    """--help needs neither torch nor transformers (so it answers in well under 2 s) and exits 0."""
+    proc = subprocess.run([sys.executable, "-c", HIDE_TORCH, script, "--help"], cwd=ROOT, capture_output=True,
+                          text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    settings = [line for line in proc.stdout.splitlines() if line.startswith("  --")]
+    assert settings and all(len(line.split(None, 1)) == 2 for line in settings), proc.stdout
+
+
+def test_progress_in_a_log_file_is_a_few_plain_lines(capsys):
+    bar = cli.progress(range(1000), desc="train GQA")  # stderr is not a terminal under pytest
+    for _ in bar:
+        bar.set_postfix(loss="0.5")
+    err = capsys.readouterr().err
+    assert "\r" not in err and 1 <= len(err.splitlines()) <= 11 and err.endswith("train GQA: 1000/1000 loss=0.5\n")
+
+
+def test_one_prediction_file_with_a_bad_test_file(mini_data, tmp_path, capsys):
+    recs = data.test_examples(mini_data, "GQA")
+    preds = tmp_path / "merge.jsonl"
+    E.write_jsonl(str(preds), [{"question_id": r["question_id"], "text": r["answer"]} for r in recs])
+    test_file = tmp_path / "test.json"
+    test_file.write_text(json.dumps({"records": recs}))
+    status, err = refused(E.main, [f"--predictions={preds}", "--task=GQA", f"--test_file={test_file}"], capsys)
+    assert status == 2 and f"{test_file}: holds an object, not a list of records" in err, err
+    test_file.write_text(json.dumps(recs + recs[:1]))
+    status, err = refused(E.main, [f"--predictions={preds}", "--task=GQA", f"--test_file={test_file}"], capsys)
+    assert status == 2 and f"question_id {recs[0]['question_id']!r} already used by record 0" in err, err
