@@ -13,7 +13,7 @@ import time
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from transformers import LlavaForConditionalGeneration
 
 import checkpoint
@@ -258,6 +258,15 @@ def test_method_resumes_exactly_and_two_ranks_equal_one(method, mini_data, tiny_
                 for k in want:
                     # as test_two_gloo_ranks_equal_one_process_and_grad_accum: float noise through Adam's normalisation
                     torch.testing.assert_close(got[k], want[k], rtol=1e-4, atol=1e-4, msg=f"{other} {j + 1} {f}: {k}")
+    if method == "ewc":  # the Fisher a resumed run reads is checked against its stage's meta.json
+        cfg = coin.parse_config(method_args(mini_data, tiny_base, ref, method))
+        stages = coin.plan_stages(cfg, METHOD_TASKS)
+        path = os.path.join(stage(ref, 1, METHOD_TASKS), checkpoint.FISHER)
+        fisher = load_file(path)
+        assert all(torch.equal(v, fisher[k]) for k, v in checkpoint.load_fisher(cfg, stages, 2, "cpu").items())
+        save_file({k: v * 2 for k, v in fisher.items()}, path)
+        with pytest.raises(UserError, match=re.escape(path) + ": its tensors do not match their checksum"):
+            checkpoint.load_fisher(cfg, stages, 2, "cpu")
 
 
 def test_method_settings_refused():
