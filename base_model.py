@@ -33,8 +33,8 @@ def projector(model):
             return model.model.get_submodule(name)
         except AttributeError:
             pass
-    raise ValueError(f"{type(model).__name__}: no projector found (looked for model.{', model.'.join(PROJECTORS)}); "
-                     "add its module name to base_model.PROJECTORS")
+    raise cli.UserError(f"{type(model).__name__}: no projector found (looked for model."
+                        f"{', model.'.join(PROJECTORS)}); add its module name to base_model.PROJECTORS")
 
 
 # -----------------------------------------------------------------------------
@@ -144,7 +144,8 @@ def pretrain_base(cfg, rank, world, device):
 
 # -----------------------------------------------------------------------------
 # The CoIN base at 7B: the pretrain-only LLaVA-1.5, assembled from its three public parts into one Hugging Face
-# LlavaForConditionalGeneration directory (`python coin.py assemble ...`; the README's real-scale section lists the downloads)
+# LlavaForConditionalGeneration directory (`python coin.py assemble ...`; the README's real-scale section lists the
+# downloads)
 
 PROJECTOR_KEYS = {"model.mm_projector.0.weight": "model.multi_modal_projector.linear_1.weight",  # (d_text, d_vision)
                   "model.mm_projector.0.bias": "model.multi_modal_projector.linear_1.bias",      # (d_text,)
@@ -183,19 +184,21 @@ def assemble_llava15(vicuna_dir, clip_dir, projector_bin, out_dir):
     check_tokenizer_packages(vicuna_dir)  # before minutes of loading weights
     proj = torch.load(projector_bin, map_location="cpu", weights_only=True)
     if set(proj) != set(PROJECTOR_KEYS):
-        raise ValueError(f"{projector_bin}: expected exactly the keys {sorted(PROJECTOR_KEYS)} (LLaVA-1.5's stage-1 "
-                         f"mlp2x_gelu projector), found {sorted(proj)}")
+        raise cli.UserError(f"{projector_bin}: expected exactly the keys {sorted(PROJECTOR_KEYS)} (LLaVA-1.5's stage-1 "
+                            f"mlp2x_gelu projector), found {sorted(proj)}")
     # from_pretrained fills weights a directory lacks with random ones, with a warning: here that is an error
     lm, info_lm = LlamaForCausalLM.from_pretrained(vicuna_dir, dtype="auto", output_loading_info=True)
     clip, info_clip = CLIPVisionModel.from_pretrained(clip_dir, dtype=lm.dtype, output_loading_info=True)
     for part, loaded in ((vicuna_dir, info_lm), (clip_dir, info_clip)):
         if loaded["missing_keys"] or loaded["mismatched_keys"]:
-            raise ValueError(f"{part}: not the expected model ({len(loaded['missing_keys'])} weights missing, e.g. "
-                             f"{sorted(loaded['missing_keys'])[:3]}; mismatched {list(loaded['mismatched_keys'])[:3]}); "
-                             "--vicuna takes a Llama directory, --clip a CLIP (vision) directory")
+            raise cli.UserError(f"{part}: not the expected model ({len(loaded['missing_keys'])} weights missing, "
+                                f"e.g. {sorted(loaded['missing_keys'])[:3]}; mismatched "
+                                f"{list(loaded['mismatched_keys'])[:3]}); --vicuna takes a Llama directory, --clip a "
+                                "CLIP (vision) directory")
     tok = AutoTokenizer.from_pretrained(vicuna_dir)
     if data.IMAGE_TOKEN in tok.get_vocab():
-        raise ValueError(f"{vicuna_dir}: the tokenizer has {data.IMAGE_TOKEN} already; give the plain Vicuna directory")
+        raise cli.UserError(f"{vicuna_dir}: the tokenizer has {data.IMAGE_TOKEN} already; give the plain Vicuna "
+                            "directory")
     tok.add_special_tokens({"extra_special_tokens": [data.IMAGE_TOKEN]})  # one token, never split
     if tok.pad_token is None:
         tok.pad_token = tok.unk_token  # LLaVA-1.5 (Vicuna v1) pads with <unk>
@@ -217,12 +220,13 @@ def assemble_llava15(vicuna_dir, clip_dir, projector_bin, out_dir):
     want = llava.state_dict()
     missing, unexpected = sorted(want.keys() - sd.keys()), sorted(sd.keys() - want.keys())
     if missing or unexpected:
-        raise ValueError(f"assembling {out_dir}: {len(missing)} LLaVA weights missing {missing[:5]}, {len(unexpected)} "
-                         f"unexpected {unexpected[:5]} (first 5 shown; is {vicuna_dir} a Llama and {clip_dir} a CLIP?)")
+        raise cli.UserError(f"assembling {out_dir}: {len(missing)} LLaVA weights missing {missing[:5]}, "
+                            f"{len(unexpected)} unexpected {unexpected[:5]} (first 5 shown; is {vicuna_dir} a Llama "
+                            f"and {clip_dir} a CLIP?)")
     wrong = [f"{k}: {tuple(sd[k].shape)} != {tuple(v.shape)}" for k, v in want.items() if sd[k].shape != v.shape]
     if wrong:
-        raise ValueError(f"assembling {out_dir}: {len(wrong)} shapes differ from the LLaVA's (part != LLaVA), e.g. "
-                         f"{wrong[0]} (a projector of another vision tower or language model?)")
+        raise cli.UserError(f"assembling {out_dir}: {len(wrong)} shapes differ from the LLaVA's (part != LLaVA), e.g. "
+                            f"{wrong[0]} (a projector of another vision tower or language model?)")
     llava.load_state_dict(sd, strict=True, assign=True)
     llava.generation_config.pad_token_id, llava.generation_config.eos_token_id = tok.pad_token_id, tok.eos_token_id
     processor = LlavaProcessor(image_processor=clip_image_processor().from_pretrained(clip_dir), tokenizer=tok,

@@ -227,8 +227,8 @@ def load_trainable(model, sd, path):
         load_adapter(model, {k: v for k, v in sd.items() if not k.startswith("projector.")})
         projector(model).load_state_dict(proj, strict=True)
     except (KeyError, ValueError, RuntimeError) as e:
-        raise ValueError(f"{path}: not a checkpoint of this model (another --base, --lora_r, --experts or --method?): "
-                         f"{e.args[0]}") from None
+        raise cli.UserError(f"{path}: not a checkpoint of this model (another --base, --lora_r, --experts or "
+                            f"--method?): {e.args[0]}") from None
 
 
 def read_stage_file(path, meta, checksum_key):

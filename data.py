@@ -117,8 +117,8 @@ def build_prompt(question, has_image, processor=None):
     `question` has no <image> token; the image comes first, as LLaVA and the chat templates put it."""
     if not vicuna_prompts(processor):
         if not chat_template(processor):
-            raise ValueError(f"{type(processor).__name__} has no chat template, and only a LLaVA takes the Vicuna v1 "
-                             "prompt: give --base a model directory whose processor has a chat template")
+            raise cli.UserError(f"{type(processor).__name__} has no chat template, and only a LLaVA takes the Vicuna "
+                                "v1 prompt: give --base a model directory whose processor has a chat template")
         content = ([{"type": "image"}] if has_image else []) + [{"type": "text", "text": question}]
         return processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True,
                                              tokenize=False)
@@ -324,7 +324,7 @@ def ground_truth_files(task, root):
     paths = [os.path.join(root, rel) for rel in GROUND_TRUTH.get(task, ())]
     for path in paths:
         if not os.path.isfile(path):
-            raise FileNotFoundError(
+            raise cli.MissingFile(
                 f"{path}: no such file; {task} is scored against it (from {GROUND_TRUTH_SOURCE[task]}), as the "
                 f"official scorer is: put it there, point --ground_truth at a folder holding "
                 f"{GROUND_TRUTH[task][0]}, or score against the instruction file's one answer per question with "
@@ -520,7 +520,7 @@ class InstructionDataset:
                                                                 self.mean)
         item = encode(self.processor, ex["question"], image, ex["answer"])
         if (item["labels"] != -100).sum() < 2:  # eos alone
-            raise ValueError(f"example {ex['id']}: answer {ex['answer']!r} tokenises to nothing")
+            raise cli.UserError(f"example {ex['id']}: answer {ex['answer']!r} tokenises to nothing")
         for k in ("input_ids", "labels", *PER_TOKEN):
             if k in item:
                 item[k] = item[k][: self.max_len]

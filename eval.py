@@ -588,7 +588,7 @@ class LMJudge(Judge):
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
         if not os.path.isdir(model_dir):
-            raise FileNotFoundError(f"judge {model_dir!r}: no such folder (give 'exact' or a Hugging Face causal LM)")
+            raise cli.MissingFile(f"judge {model_dir!r}: no such folder (give 'exact' or a Hugging Face causal LM)")
         self.batch_size, self.max_new_tokens = batch_size, max_new_tokens
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.tok = AutoTokenizer.from_pretrained(model_dir)
@@ -790,15 +790,17 @@ def test_set_id(records):
     return {"n": len(records), "sha1": hashlib.sha1(ids.encode()).hexdigest()}
 
 
-# a coin run's settings that choose its test records: rescoring takes the run's (--data_dir may point elsewhere, to
-# the same files: their question_ids are checked against the run's record of them)
-RUN_SETTINGS = ("data_dir", "instructions", "max_test")
+# a coin run's settings that choose its test records: rescoring takes the run's and refuses others
+RUN_SETTINGS = ("instructions", "max_test")
+# where the run read its test records and ground truth: rescoring takes the run's unless the command line gives them
+# (--data_dir may point elsewhere, to the same files: their question_ids are checked against the run's record of them)
+RUN_LOCATIONS = ("data_dir", "image_dir", "ground_truth", "answers_from_test")
 
 
 def run_test_settings(opts):
-    """With --predictions a coin run folder (it holds results.json): the run's own test subset settings (data_dir,
-    instructions, max_test), and its recorded {task: test_set_id}; the command line may not give other
-    --instructions or --max_test."""
+    """With --predictions a coin run folder (it holds results.json): the run's own test subset settings (RUN_SETTINGS,
+    RUN_LOCATIONS), and its recorded {task: test_set_id}; the command line may not give other --instructions or
+    --max_test."""
     path = os.path.join(opts["predictions"], "results.json")
     if not os.path.isfile(path):
         return opts, {}
@@ -806,16 +808,16 @@ def run_test_settings(opts):
     config = run.get("config", {})
     clash = [f"--{k}={opts[k]}: the run in {opts['predictions']} evaluated with --{k}={config[k]} (its results.json); "
              f"drop --{k} to score the test records it scored" for k in RUN_SETTINGS
-             if k != "data_dir" and k in opts["given"] and k in config and opts[k] != config[k]]
+             if k in opts["given"] and k in config and opts[k] != config[k]]
     if clash:
         raise cli.UserError("\n".join(clash))
     if "test_records" not in run:
         print(f"note: {path} does not record which test records the run scored (an older run): scoring the first "
               f"{config.get('max_test') or 'all'} of each test file, as its settings say, unverified")
-    if config.get("skip_bad") and any(k.endswith("/test") for k in run.get("dropped_records", {})):
+    if config.get("skip_bad") and any(not k.endswith("/train") for k in run.get("dropped_records", {})):
         raise cli.UserError(f"{opts['predictions']}: the run dropped bad test records (--skip_bad); rescoring it "
                             "needs the same records: use its results.json, or give one file with --test_file")
-    taken = {k: config[k] for k in RUN_SETTINGS if k in config and not (k == "data_dir" and k in opts["given"])}
+    taken = {k: config[k] for k in RUN_SETTINGS + RUN_LOCATIONS if k in config and k not in opts["given"]}
     return {**opts, **taken}, run.get("test_records", {})
 
 

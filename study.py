@@ -144,14 +144,15 @@ def read_study(root):
             shared, first = rest, name
         for k in shared.keys() | rest.keys():
             if shared.get(k) != rest.get(k):
-                raise ValueError(f"{path}: --{k}={rest.get(k)!r}, but {first} has --{k}={shared.get(k)!r}; a study "
-                                 "compares runs that differ only in --multitask, --experts, --instructions, --method "
-                                 "and --seed (move that run out of the folder, or give it a study of its own)")
+                raise cli.UserError(f"{path}: --{k}={rest.get(k)!r}, but {first} has --{k}={shared.get(k)!r}; a "
+                                    "study compares runs that differ only in --multitask, --experts, --instructions, "
+                                    "--method and --seed (move that run out of the folder, or give it a study of its "
+                                    "own)")
         run = {"name": name, **summarise_run(res)}
         twin = [r["name"] for r in groups.get(key, []) if r["seed"] == run["seed"]]
         if twin:
-            raise ValueError(f"{path}: {method_name(key)} with --seed={run['seed']} again (as {twin[0]}): a seed "
-                             "counts once; delete one of the two")
+            raise cli.UserError(f"{path}: {method_name(key)} with --seed={run['seed']} again (as {twin[0]}): a seed "
+                                "counts once; delete one of the two")
         groups.setdefault(key, []).append(run)
     return groups, shared, unfinished
 
@@ -657,7 +658,7 @@ FIGURES = re.compile(r"(<!-- figures: ([^\n]*?) -->\n)(.*?)(<!-- /figures -->)",
 def read_run(run):
     path = os.path.join(run, "results.json")
     if not os.path.isfile(path):
-        raise ValueError(f"no {path} (run.sh writes the runs; refill after they finish)")
+        raise cli.UserError(f"no {path} (run.sh writes the runs; refill after they finish)")
     return data.read_json(path)
 
 
@@ -677,8 +678,8 @@ def diagonal_block(runs):
     tasks, T = results[0]["tasks"], len(results[0]["tasks"])
     for run, res in zip(runs, results):
         if res["tasks"] != tasks:
-            raise ValueError(f"{run} trains {','.join(res['tasks'])} but {runs[0]} {','.join(tasks)}: a diagonal "
-                             "block compares runs of the same tasks")
+            raise cli.UserError(f"{run} trains {','.join(res['tasks'])} but {runs[0]} {','.join(tasks)}: a diagonal "
+                                "block compares runs of the same tasks")
 
     def row(label, values, mean=True):  # one decimal, the mean last ('' where None)
         cells = values + [mean_of_all(values) if mean else None]
@@ -702,7 +703,7 @@ def study_block(root):
     """The study's Instruction Following main table and its findings in two columns."""
     groups, shared, _ = read_study(root)
     if not groups:
-        raise ValueError(f"{root}: no finished run (python eval.py --study={root} says more)")
+        raise cli.UserError(f"{root}: no finished run (python eval.py --study={root} says more)")
     tasks = next(iter(groups.values()))[0]["tasks"]
     chance, note = chance_levels(shared, tasks)
     return study_main_table(groups, tasks, "if", chance) + "\n\n" + claims_table(groups, tasks, chance or note)
@@ -712,7 +713,7 @@ def study_full_block(root):
     """root/study.md after its title line, without the plot (its link is relative to root)."""
     path = os.path.join(root, "study.md")
     if not os.path.isfile(path):
-        raise ValueError(f"no {path} (python eval.py --study={root} writes it)")
+        raise cli.UserError(f"no {path} (python eval.py --study={root} writes it)")
     lines = open(path).read().splitlines()
     if lines and lines[0].startswith("# "):
         lines = lines[1:]
@@ -732,7 +733,7 @@ def figure_block(spec):
     folders = {"study": study_block, "study-full": study_full_block}
     if kind in folders and len(args) == 1:
         return folders[kind](args[0])
-    raise ValueError("expected 'diagonal RUN...', 'compare RUN...', 'study DIR' or 'study-full DIR'")
+    raise cli.UserError("expected 'diagonal RUN...', 'compare RUN...', 'study DIR' or 'study-full DIR'")
 
 
 def refill_figures(paths, check=False):

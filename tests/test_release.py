@@ -189,6 +189,9 @@ def test_train_all_eight_tasks_then_score(release, tiny_base, tmp_path):
     again = json.load(open(tmp_path / "again" / "results.json"))
     assert again["matrix"] == res["matrix"] and again["general_knowledge"]["matrix"] == \
         res["general_knowledge"]["matrix"]
+    # the run folder alone: its data, image root and ground truth come from its results.json
+    E.main([f"--predictions={out}", f"--out={tmp_path / 'alone'}"])
+    assert json.load(open(tmp_path / "alone" / "results.json"))["matrix"] == res["matrix"]
 
 
 def test_training_stops_up_front_without_ground_truth(release, tiny_base, tmp_path):
