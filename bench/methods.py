@@ -16,6 +16,7 @@ side in one run: the methods run interleaved in a shuffled order each round; eac
   (its step also differs from sequential's by the frozen subspaces' forward and input gradient); with --experts=1
   only, as coin.py allows it.
 """
+import dataclasses
 import os
 import random
 import statistics
@@ -30,7 +31,7 @@ import torch.nn.functional as F  # noqa: E402
 # the repository first: `import methods` is the top-level methods.py, not this script (Python puts bench/ first)
 sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.append(os.path.dirname(os.path.abspath(__file__)))  # bench/train_step.py's tiny model and batch
-import data  # noqa: E402
+import cli  # noqa: E402
 import methods  # noqa: E402
 from moelora import language_model_linears  # noqa: E402
 from train_step import SIZES, batch_for, build, prepare  # noqa: E402
@@ -95,9 +96,20 @@ def fisher_time(model, b, n_records):
     return time.perf_counter() - t
 
 
+@dataclasses.dataclass
+class Settings:
+    threads: int = 2                     # torch threads
+    rounds: int = 7                      # interleaved rounds; every ratio is a median over them
+    experts: int = 1                     # the adapter: 1 = LoRA (O-LoRA runs too), > 1 = MoELoRA
+    tasks_before: int = 3                # O-LoRA's frozen subspaces (it trains task tasks_before + 1)
+    fisher_records: int = 16             # records EWC's Fisher is timed on
+    dropout: float = 0.05                # adapter dropout
+
+
 def main(argv):
-    opts = data.parse_options(argv, {"threads": 2, "rounds": 7, "experts": 1, "tasks_before": 3, "fisher_records": 16,
-                                     "dropout": 0.05})
+    rules = {f.name: cli.at_least(1) for f in dataclasses.fields(Settings)} | {"tasks_before": cli.at_least(0),
+                                                                               "dropout": cli.between(0, 1)}
+    opts = dataclasses.asdict(cli.parse(Settings, argv, __doc__, rules)[0])
     torch.set_num_threads(opts["threads"])
     runs = {name: prepare("tiny", opts["experts"], opts["dropout"]) for name in ("sequential", "replay", "ewc", "lwf")}
     if opts["experts"] == 1:  # O-LoRA is a LoRA per task: compared with sequential LoRA only

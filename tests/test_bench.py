@@ -25,3 +25,14 @@ def test_llava7b_bench_at_tiny_shapes(tmp_path):
         generated = [r for r in rows if r["shard"] is shard and "gen_batch" in r]
         assert [(r["gen_batch"], r["new_tokens"]) for r in generated] == [(2, 3)]
     assert "shard True" in proc.stdout and "MFU" in proc.stdout
+
+
+def test_methods_bench_runs(tmp_path):
+    """bench/methods.py, one round: every method's row and the Fisher's cost are printed."""
+    proc = subprocess.run([sys.executable, "bench/methods.py", "--rounds=1", "--threads=1", "--fisher_records=2",
+                           "--tasks_before=1"], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for method in ("sequential", "replay", "ewc", "lwf", "olora"):
+        assert f"| {method} | " in proc.stdout, proc.stdout
+    assert "EWC's Fisher, once per task: 2 records" in proc.stdout
