@@ -737,8 +737,9 @@ def figure_block(spec):
 
 
 def refill_figures(paths, check=False):
-    """Refill every generated block of the markdown files `paths` (comma-separated) from the run folders they name.
-    With check, change nothing and exit 1 (naming the blocks) if any file would change."""
+    """Refill every generated block of the markdown files `paths` (comma-separated) from the run folders they name;
+    a block whose folders do not exist (yet) is kept, and said. With check, change nothing and exit 1 (naming the
+    blocks) if any file would change."""
     stale = []
     for path in [p for p in paths.split(",") if p]:
         if not os.path.isfile(path):
@@ -749,9 +750,13 @@ def refill_figures(paths, check=False):
         if opened != len(blocks):
             raise SystemExit(f"{path}: {opened} '<!-- figures: KIND ARGS -->' markers but {len(blocks)} blocks: "
                              "close each with '<!-- /figures -->'")
-        changed = []
+        changed, kept = [], []
 
         def refill(m):
+            missing = [folder for folder in m.group(2).split()[1:] if not os.path.isdir(folder)]
+            if missing:  # refill what has been run; a block whose runs are not there yet keeps its figures
+                kept.append(f"{m.group(2)} (no {', '.join(missing)})")
+                return m.group(0)
             try:
                 body = figure_block(m.group(2)) + "\n"
             except (ValueError, FileNotFoundError) as e:
@@ -761,6 +766,8 @@ def refill_figures(paths, check=False):
             return m.group(1) + body + m.group(4)
 
         text = FIGURES.sub(refill, text)
+        if kept:
+            print(f"{path}: kept as they are: " + "; ".join(kept))
         if not changed:
             print(f"{path}: {len(blocks)} generated blocks, up to date")
         elif check:

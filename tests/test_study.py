@@ -360,9 +360,16 @@ def test_readme_blocks_refill_and_check(study, tmp_path, capsys):
     with pytest.raises(SystemExit, match="--check: .*README.md would change"):
         E.main([f"--readme={readme}", "--check=true"])
     assert readme.read_text() == stale and f"would change: diagonal {lora} {moe}" in capsys.readouterr().out
-    readme.write_text(f"<!-- figures: compare {tmp_path / 'missing'} -->\n<!-- /figures -->\n")
-    with pytest.raises(SystemExit, match=r"block 'compare .*missing': no .*missing/results.json"):
+    os.makedirs(tmp_path / "unfinished")
+    readme.write_text(f"<!-- figures: compare {tmp_path / 'unfinished'} -->\n<!-- /figures -->\n")
+    with pytest.raises(SystemExit, match=r"block 'compare .*unfinished': no .*unfinished/results.json"):
         E.main([f"--readme={readme}"])
+    # a block whose run folders are not there (yet) keeps its figures, and says so
+    kept = f"<!-- figures: compare {tmp_path / 'not-run'} -->\n| old |\n<!-- /figures -->\n"
+    readme.write_text(kept)
+    capsys.readouterr()
+    E.main([f"--readme={readme}", "--check"])
+    assert readme.read_text() == kept and "kept as they are: compare" in capsys.readouterr().out
     readme.write_text(f"<!-- figures: diagonal {lora} -->\nnever closed\n")
     with pytest.raises(SystemExit, match="close each with"):
         E.main([f"--readme={readme}"])
