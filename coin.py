@@ -710,6 +710,59 @@ def start_method_stage(cfg, model, j, tasks, train_sets, records, fisher):
 # -----------------------------------------------------------------------------
 # The task loop
 
+def describe_evaluation(extra, cfg, tasks, test_sets, dropped):
+    """What results.json records about how the run evaluates: the records --skip_bad left out, each task's images and
+    generation length, and the test records scored (so that `eval.py --predictions` rescores the same ones)."""
+    if dropped:
+        extra["dropped_records"] = dropped  # per task file
+    extra["evaluation"] = {}  # under --eval_images and --max_new_tokens
+    for task in tasks:
+        pad, max_new_tokens, _ = evaluation_of(cfg, task)
+        extra["evaluation"][task] = {"images": "pad" if pad else "crop", "max_new_tokens": max_new_tokens}
+    extra["test_records"] = {task: evaluate.test_set_id(recs) for task, recs in test_sets.items()}
+
+
+def continue_after(model, cfg, stages, done, device):
+    """--resume: the model as the last finished stage left it (O-LoRA: its `done` subspaces rebuilt first, then the
+    checkpoint loaded), and EWC's Fisher summed over the finished stages. Returns (what the model now holds, for the
+    non-finite loss message; the Fisher or None)."""
+    if cfg.method == "olora":
+        for j in range(done):
+            add_olora_subspace(model, cfg.seed, j)
+    started_from = load_last_finished_stage(model, cfg, stages, done)
+    return started_from, load_fisher(cfg, stages, done, device) if cfg.method == "ewc" else None
+
+
+def train_stage(model, processor, params, cfg, j, stages, tasks, train_sets, accum, info, started_from, fisher, rank,
+                world, device):
+    """Stage j: the method's set-up (start_method_stage), one epoch (train_one_task), the method's state after it
+    (EWC: this task's Fisher added), the checkpoint. Returns (the Fisher so far, what the model now holds)."""
+    t0, (name, train_tasks, _, _) = time.time(), stages[j]
+    records = [ex for t in train_tasks for ex in train_sets[t]]
+    records, teacher, penalty, notes = start_method_stage(cfg, model, j, tasks, train_sets, records, fisher)
+    if cfg.method == "olora":  # this stage's subspace
+        params = [p for p in model.parameters() if p.requires_grad]
+    dataset = data.InstructionDataset(records, processor, data.image_root(cfg.data_dir, cfg.image_dir))
+    losses = train_one_task(model, dataset, params, dataclasses.replace(cfg, grad_accum=accum[name]), rank, world,
+                            device, cfg.seed + j, f"stage {j + 1}/{len(stages)} train {name}",
+                            os.path.join(stage_dir(cfg, j, name), MIDSTAGE), info, started_from, teacher, penalty)
+    with torch.no_grad():  # the method's penalty at the stage's final weights, to see its scale
+        if penalty is not None:
+            notes["final_penalty"] = penalty().item()
+        if cfg.method == "olora":
+            notes["orthogonality"] = olora_orthogonality(model).item()  # sum |A_t A_i^T|, before lambda1
+    tensors = {}
+    if cfg.method == "ewc" and j + 1 < len(stages):  # this task's Fisher, for the stages after it
+        fisher = ewc_accumulate(fisher, task_fisher(model, dataset, cfg, rank, world, device, j))
+        tensors[FISHER] = fisher
+    save_checkpoint(model, stage_dir(cfg, j, name), {"stage": j + 1, "task": name, "step": len(losses),
+                                                     "final_loss": losses[-1], **notes, **info}, rank, tensors)
+    print0(f"stage {j + 1} {name}: {len(losses)} steps, loss {losses[-1]:.3f}, {time.time() - t0:.0f}s"
+           + "".join(f", {k} {v:.4g}" for k, v in notes.items()))
+    written = os.path.join(stage_dir(cfg, j, name), "adapter.safetensors")
+    return fisher, f"{written}, written by this run, checksum recorded"
+
+
 def main(argv):
     # every setting, then every input file, is checked before anything is loaded or written to --out
     cfg = parse_config(argv)
@@ -736,14 +789,7 @@ def main(argv):
     # the General Knowledge judge, built once, on rank 0 (which does all the scoring)
     judge = None if rank else evaluate.ExactJudge() if cfg.judge == "exact" else evaluate.LMJudge(cfg.judge)
     if_matrix, gk_matrix, extra = load_results(cfg, tasks, [row for *_, row in stages[:done]], info)
-    if dropped:
-        extra["dropped_records"] = dropped  # --skip_bad: what was left out, per task file
-    extra["evaluation"] = {}  # how each task is evaluated under --eval_images and --max_new_tokens
-    for task in tasks:
-        pad, max_new_tokens, _ = evaluation_of(cfg, task)
-        extra["evaluation"][task] = {"images": "pad" if pad else "crop", "max_new_tokens": max_new_tokens}
-    # the test records scored, so that `eval.py --predictions` rescoring this run's files scores the same ones
-    extra["test_records"] = {task: evaluate.test_set_id(recs) for task, recs in test_sets.items()}
+    describe_evaluation(extra, cfg, tasks, test_sets, dropped)
     if cfg.zero_shot and "zero_shot" not in extra:  # the base on every task: the row before the first stage
         t0 = time.time()
         base_scores = evaluate_stage(model, processor, judge, cfg, test_sets, rank, world, "stage0-zeroshot")
@@ -751,45 +797,17 @@ def main(argv):
         extra["timing"]["zero_shot_eval"] = time.time() - t0
     if rank == 0:
         table = evaluate.write_results(cfg.out, tasks, if_matrix, gk_matrix, extra)
-    if cfg.method == "olora":  # the last finished stage's checkpoint holds `done` subspaces: rebuild them to load it
-        for j in range(done):
-            add_olora_subspace(model, cfg.seed, j)
-    started_from = load_last_finished_stage(model, cfg, stages, done)
-    # EWC's Fisher, summed over the finished stages (methods.ewc_accumulate); the last one saved it with its adapter
-    fisher = load_fisher(cfg, stages, done, device) if cfg.method == "ewc" else None
-    image_dir = data.image_root(cfg.data_dir, cfg.image_dir)
+    started_from, fisher = continue_after(model, cfg, stages, done, device)
+    # the paper's loop: for each task, train it, then evaluate every task seen so far
     for j, (name, train_tasks, eval_tasks, row) in enumerate(stages):
         stage_name = f"stage{j + 1}-{name}"
         if j < done and if_matrix[row][tasks.index(eval_tasks[-1])] is not None:
             continue  # trained and scored by an earlier run
         t0 = time.time()
-        if j >= done:  # train (from the stage's mid-stage checkpoint, if an earlier run left one), then save
-            records = [ex for t in train_tasks for ex in train_sets[t]]
-            records, teacher, penalty, notes = start_method_stage(cfg, model, j, tasks, train_sets, records, fisher)
-            if cfg.method == "olora":  # this stage's subspace
-                params = [p for p in model.parameters() if p.requires_grad]
-            dataset = data.InstructionDataset(records, processor, image_dir)
-            losses = train_one_task(model, dataset, params, dataclasses.replace(cfg, grad_accum=accum[name]), rank,
-                                    world, device, cfg.seed + j, f"stage {j + 1}/{len(stages)} train {name}",
-                                    os.path.join(stage_dir(cfg, j, name), MIDSTAGE), info, started_from, teacher,
-                                    penalty)
-            with torch.no_grad():  # the method's penalty at the stage's final weights, to see its scale
-                if penalty is not None:
-                    notes["final_penalty"] = penalty().item()
-                if cfg.method == "olora":
-                    notes["orthogonality"] = olora_orthogonality(model).item()  # sum |A_t A_i^T|, before lambda1
-            tensors = {}
-            if cfg.method == "ewc" and j + 1 < len(stages):  # this task's Fisher, for the stages after it
-                fisher = ewc_accumulate(fisher, task_fisher(model, dataset, cfg, rank, world, device, j))
-                tensors[FISHER] = fisher
-            save_checkpoint(model, stage_dir(cfg, j, name), {"stage": j + 1, "task": name, "step": len(losses),
-                                                             "final_loss": losses[-1], **notes, **info}, rank, tensors)
-            started_from = (f"{os.path.join(stage_dir(cfg, j, name), 'adapter.safetensors')}, written by this run, "
-                            "checksum recorded")
-            print0(f"stage {j + 1} {name}: {len(losses)} steps, loss {losses[-1]:.3f}, {time.time() - t0:.0f}s"
-                   + "".join(f", {k} {v:.4g}" for k, v in notes.items()))
+        if j >= done:  # (from the stage's mid-stage checkpoint, if an earlier run left one)
+            fisher, started_from = train_stage(model, processor, params, cfg, j, stages, tasks, train_sets, accum,
+                                               info, started_from, fisher, rank, world, device)
         t_train, t0 = time.time() - t0, time.time()
-        # evaluate every task seen so far
         scores = evaluate_stage(model, processor, judge, cfg, {t: test_sets[t] for t in eval_tasks}, rank, world,
                                 stage_name)
         extra["timing"][stage_name] = {"train": t_train, "eval": time.time() - t0}
