@@ -137,7 +137,7 @@ def draw_drops(seed, total, p, device="cpu"):
     skips, end = [], 0  # end: one past the last drop so far
     while end < total:  # continue the sequence until it has passed the last entry
         u = torch.rand(chunk, dtype=torch.float64, device=device, generator=gen)  # [0, 1)
-        skips.append(u.neg_().add_(1).log_().mul_(1 / math.log1p(-p)).floor_())  # (chunk,): 0, 1, 2, ...
+        skips.append(u.neg_().add_(1).log_().mul_(1 / math.log1p(-p)).floor_())  # (chunk,): 0, 1, 2, ... (1 - u first)
         end += int(skips[-1].sum()) + chunk  # the sum of the gaps
     skips = torch.cat(skips) if len(skips) > 1 else skips[0]
     small, large, large_skips = pack_skips(skips)
@@ -151,9 +151,10 @@ def pack_skips(skips):
     """The skips in one byte each, saturated at 255, and the rare larger ones (P(skip > 255) = (1 - p)^256, 2e-6 at
     p = 0.05) in full, with their indices: a quarter of the bytes of int32 positions, all that backward keeps of the
     masks."""
-    large = torch.nonzero(skips > 255).squeeze(1) if skips.max() > 255 else skips.new_empty(0, dtype=torch.long)
-    large_skips = skips[large]
-    return skips.clamp(max=255).to(torch.uint8) if len(large) else skips.to(torch.uint8), large, large_skips
+    if skips.max() <= 255:  # every skip fits its byte: nothing to keep in full
+        return skips.to(torch.uint8), skips.new_empty(0, dtype=torch.long), skips.new_empty(0)
+    large = torch.nonzero(skips > 255).squeeze(1)  # (L,)
+    return skips.clamp(max=255).to(torch.uint8), large, skips[large]
 
 
 def unpack_drops(small, large, large_skips):
