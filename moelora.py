@@ -171,21 +171,21 @@ def dropped_positions(seed, num_experts, numel, p, device="cpu"):
     return draw_drops(seed, num_experts * numel, p, device)[0]
 
 
-def expert_dropout_matrix(x2d, positions, num_experts):
-    """The entries of x that the experts' masks drop, as one sparse CSR matrix D of shape (E N, E d_in) in
+def expert_dropout_layout(positions, num_experts, N, d_in):
+    """Where the entries that the experts' masks drop sit in the sparse CSR matrix D of shape (E N, E d_in), in
     block-diagonal layout: row e N + t, column e d_in + j holds x[t, j] if expert e drops it. Then D @ [A_1^T; ...;
     A_E^T] (E d_in, r/E) stacks every expert's A_e ((1 - m_e) * x) in one sparse product. positions: the drops'
     sorted flat positions into the (E, N, d_in) stack (K,), overwritten with the flat positions into x of D's
-    entries, which are returned, with where each expert's entries start and end (E + 1 ints)."""
-    (N, d_in), n = x2d.shape, x2d.numel()
-    rows = num_experts * N
+    entries. Returns D's row pointers (E N + 1,) and columns (K,), those positions into x (K,), and where each
+    expert's entries start and end (E + 1 ints)."""
+    n, rows, device = N * d_in, num_experts * N, positions.device
     power_of_two = d_in & (d_in - 1) == 0  # then bit operations divide, far cheaper than integer division
     if len(positions) >= 16 * rows:  # many drops per row: a binary search per row start
-        crow = torch.searchsorted(positions, torch.arange(rows + 1, device=x2d.device) * d_in)  # (E N + 1,)
-        col = positions & (d_in - 1) if power_of_two else positions % d_in  # (K,): j, as numel is a multiple of d_in
+        crow = torch.searchsorted(positions, torch.arange(rows + 1, device=device) * d_in)  # (E N + 1,)
+        col = positions & (d_in - 1) if power_of_two else positions % d_in  # (K,): j, as n is a multiple of d_in
     else:  # a few drops per row: counting them is cheaper than a search per row
         row = positions >> (d_in.bit_length() - 1) if power_of_two else positions // d_in  # (K,): e N + t
-        crow = torch.zeros(rows + 1, dtype=torch.long, device=x2d.device)  # (E N + 1,)
+        crow = torch.zeros(rows + 1, dtype=torch.long, device=device)  # (E N + 1,)
         torch.cumsum(torch.bincount(row, minlength=rows), 0, out=crow[1:])
         col = torch.sub(positions, row, alpha=d_in)  # (K,): j
     bounds = crow[::N].tolist()  # (E + 1,): expert e's entries are [bounds[e], bounds[e + 1])
@@ -193,15 +193,18 @@ def expert_dropout_matrix(x2d, positions, num_experts):
     for e, (start, end) in enumerate(zip(bounds, bounds[1:])):
         in_x[start:end] -= e * n  # e N d_in + t d_in + j -> t d_in + j
         col[start:end] += e * d_in  # j -> e d_in + j
+    return crow, col, in_x, bounds
+
+
+def sparse_csr(crow, col, values, shape):
+    """torch's CSR tensor from a layout that expert_dropout_layout builds right: no invariant checks, no warning."""
     with warnings.catch_warnings():  # torch calls its CSR layout beta; tests/test_moelora.py checks it against a loop
         warnings.filterwarnings("ignore", "Sparse CSR tensor support is in beta")
-        dropped = torch.sparse_csr_tensor(crow, col, x2d.view(-1).index_select(0, in_x), (rows, num_experts * d_in),
-                                          check_invariants=False)
-    return dropped, in_x, bounds
+        return torch.sparse_csr_tensor(crow, col, values, shape, check_invariants=False)
 
 
 def expert_blocks(lora_A, num_experts):
-    """[A_1^T; ...; A_E^T] (E d_in, r/E): the right factor of expert_dropout_matrix's block-diagonal products."""
+    """[A_1^T; ...; A_E^T] (E d_in, r/E): the right factor of the products with D (expert_dropout_layout)."""
     r, d_in = lora_A.shape
     return lora_A.view(num_experts, r // num_experts, d_in).transpose(1, 2).reshape(num_experts * d_in, -1)
 
@@ -229,7 +232,9 @@ class ExpertDropoutLinear(torch.autograd.Function):
         (N, d_in), (r, E) = x2d.shape, (lora_A.shape[0], num_experts)
         sparse_dtype = torch.promote_types(x.dtype, torch.float32)  # the CPU's sparse kernels have no bf16
         positions, packed = draw_drops(seed, E * x2d.numel(), p, x.device)  # (K,): into the (E, N, d_in) stack
-        dropped, _, _ = expert_dropout_matrix(x2d.contiguous().to(sparse_dtype), positions, E)  # (E N, E d_in)
+        crow, col, in_x, _ = expert_dropout_layout(positions, E, N, d_in)
+        dropped_x = x2d.reshape(-1).index_select(0, in_x).to(sparse_dtype)  # (K,)
+        dropped = sparse_csr(crow, col, dropped_x, (E * N, E * d_in))  # D: the dropped entries of x
         dropped_part = dropped @ expert_blocks(lora_A.to(sparse_dtype), E)  # (E N, r/E): rows (e, t)
         z[:, :r] -= dropped_part.view(E, N, r // E).transpose(0, 1).reshape(N, r).to(z.dtype)
         ctx.save_for_backward(x, lora_A, router, *packed)
@@ -245,18 +250,18 @@ class ExpertDropoutLinear(torch.autograd.Function):
         grad_x = grad_z @ weight if ctx.needs_input_grad[0] else None  # (N, d_in): the dense part, as without dropout
         grad_router = None if router is None else grad_z[:, r:].t() @ x2d  # (E, d_in)
         sparse_dtype = torch.promote_types(x.dtype, torch.float32)  # the CPU's sparse kernels have no bf16
-        kept_x = x2d.to(sparse_dtype, copy=True)  # (N, d_in): m_e * x for one expert at a time
-        dropped, in_x, bounds = expert_dropout_matrix(kept_x, unpack_drops(*packed), E)  # (E N, E d_in)
+        crow, col, in_x, bounds = expert_dropout_layout(unpack_drops(*packed), E, N, d_in)
         grad_experts = grad_z[:, :r].to(sparse_dtype).view(N, E, r // E).transpose(0, 1).reshape(E * N, r // E)
-        if grad_x is not None:  # dz_e A_e at the dropped entries only (beta=0: x's values give just the places)
+        if grad_x is not None:  # dz_e A_e at the dropped entries only (beta=0 and zeros: D's places, not its values)
+            dropped = sparse_csr(crow, col, grad_experts.new_zeros(len(col)), (E * N, E * d_in))  # D's places only
             A_blocks = expert_blocks(lora_A.to(sparse_dtype), E)  # (E d_in, r/E)
             at_dropped = torch.sparse.sampled_addmm(dropped, grad_experts, A_blocks.t(), beta=0.0).values()  # (K,)
             grad_x.view(-1).index_add_(0, in_x, at_dropped.to(grad_x.dtype), alpha=-1)
         grad_A = torch.empty(E, r // E, d_in, dtype=sparse_dtype, device=x.device)
+        kept_x = torch.empty_like(x2d, dtype=sparse_dtype)  # (N, d_in): m_e * x for one expert at a time
         for e, (start, end) in enumerate(zip(bounds, bounds[1:])):
-            kept_x.view(-1).index_fill_(0, in_x[start:end], 0.0)
+            kept_x.copy_(x2d).view(-1).index_fill_(0, in_x[start:end], 0.0)
             grad_A[e] = grad_experts[e * N:(e + 1) * N].t() @ kept_x  # (r/E, d_in)
-            kept_x.view(-1).index_copy_(0, in_x[start:end], dropped.values()[start:end])  # back to x
         grad_x = None if grad_x is None else grad_x.view(x.shape)
         return grad_x, grad_A.view(r, d_in).to(lora_A.dtype), grad_router, None, None, None
 
