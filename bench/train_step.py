@@ -11,8 +11,8 @@ Prints tokens/s, achieved FLOP/s (matmul FLOPs of the step counted by torch's Fl
 sparse-dense product as dense: with dropout, MoELoRA's FLOPs are over-counted) as a fraction of the peak of one
 large torch.mm, and the adapter's share of the step (step time with the adapter minus the same step
 of the frozen model with no adapter, where only the projector trains, taken within each round), then the MoELoRA
-step over the LoRA step (the median of the within-round ratios). Medians of alternating rounds; about 2 minutes on
-2 cores.
+step over the LoRA step (the median of the within-round ratios). Medians of interleaved rounds, a new order each;
+about 2 minutes on 2 cores.
 
     python bench/train_step.py [--threads=2] [--rounds=5] [--steps=1] [--only=tiny|100m] [--dropout=0.05]
                                [--clock=wall|cpu]   # cpu: CPU seconds instead of wall time, for a busy machine
@@ -21,6 +21,7 @@ step over the LoRA step (the median of the within-round ratios). Medians of alte
 """
 import dataclasses
 import os
+import random
 import statistics
 import sys
 import tempfile
@@ -146,8 +147,12 @@ def main(argv):
             with FlopCounterMode(display=False) as fc:
                 step(model, opt, b)  # also the warm-up
             flops[name] = fc.get_total_flops()
-        for _ in range(opts["rounds"]):  # alternate, so a busy spell hits every variant alike
-            for name, (model, opt) in runs.items():
+        rng = random.Random(0)
+        for _ in range(opts["rounds"]):  # interleaved, in a new order each round: a busy spell hits every variant alike
+            order = list(runs)
+            rng.shuffle(order)  # a fixed order would favour some places in it (seen: 5% between identical variants)
+            for name in order:
+                model, opt = runs[name]
                 t = clock()
                 for _ in range(opts["steps"]):
                     step(model, opt, b)
