@@ -21,8 +21,8 @@ drop, so each expert's product is the shared dense one minus the dropped entries
     A_i dropout_i(x) = (A_i x - A_i ((1 - m_i) * x)) / (1 - p)
 
 ExpertDropoutLinear computes the dense A x as above and subtracts the sparse A_i ((1 - m_i) * x), found from the
-dropped positions alone (dropped_positions() draws them); backward draws them again from a saved seed, so no mask
-and no masked copy of x is ever stored.
+dropped positions alone (draw_drops() draws them); backward rebuilds them from the gaps between them, kept in about
+one byte each, so no mask and no masked copy of x is ever stored.
 
 Usage:
     names = add_moelora(model)                # every nn.Linear of the language model, lm_head excluded
@@ -123,50 +123,88 @@ def dropout_seed():
     return int(torch.randint(2 ** 62, ()))
 
 
-def dropped_positions(seed, num_experts, numel, p, device="cpu"):
-    """Where the experts' dropout masks are 0: sorted int64 flat positions into the (E, N, d_in) stack of the E
-    experts' inputs (numel = N * d_in entries each), every entry dropped independently with probability p.
-    Drawn as one Bernoulli(p) sequence over the E * numel entries: the gaps between its consecutive drops are iid
-    Geometric(p), P(gap > k) = (1 - p)^k, so drawing the gaps gives exactly that sequence from about p * E * numel
-    random numbers instead of E * numel. A gap is drawn by inverting that tail, 1 + floor(log(1 - u) / log(1 - p))
-    for u uniform in [0, 1), in float64, whose integers are exact up to 2^53."""
+def draw_drops(seed, total, p, device="cpu"):
+    """Where a Bernoulli(p) sequence of `total` entries is 1 (an expert's dropout mask is 0): sorted int64 positions
+    (K,), and the same drops packed in about one byte each for backward (unpack_drops gives the positions back).
+    The gaps between consecutive drops are iid Geometric(p), P(gap > k) = (1 - p)^k, so drawing the gaps gives
+    exactly that sequence from about p * total random numbers instead of total. A gap is drawn by inverting that
+    tail, 1 + floor(log(1 - u) / log(1 - p)) for u uniform in [0, 1), in float64, whose integers are exact up to 2^53;
+    skip = gap - 1 is the number of kept entries before the drop. The arithmetic runs in place: a fresh tensor of
+    this size costs about as much in page faults as the arithmetic itself."""
     gen = torch.Generator(device=device).manual_seed(seed)
-    total = num_experts * numel
     expected = total * p
     chunk = int(expected + 8 * math.sqrt(expected) + 16)  # covers all entries but about once in 1e15 draws
-    drops, last = [torch.empty(0, dtype=torch.float64, device=device)], -1.0
-    while last < total - 1:  # continue the sequence until it has passed the last entry
+    skips, end = [], 0  # end: one past the last drop so far
+    while end < total:  # continue the sequence until it has passed the last entry
         u = torch.rand(chunk, dtype=torch.float64, device=device, generator=gen)  # [0, 1)
-        gaps = torch.sub(1.0, u).log_().mul_(1 / math.log1p(-p)).floor_().add_(1)  # (chunk,): 1, 2, ...
-        drops.append(gaps.cumsum_(0).add_(last))  # (chunk,): positions of the next drops
-        last = drops[-1][-1].item()
-    drops = torch.cat(drops)
-    return drops[:int(torch.searchsorted(drops, float(total)))].long()  # (K,): those inside the stack
+        skips.append(u.neg_().add_(1).log_().mul_(1 / math.log1p(-p)).floor_())  # (chunk,): 0, 1, 2, ... (1 - u first)
+        end += int(skips[-1].sum()) + chunk  # the sum of the gaps
+    skips = torch.cat(skips) if len(skips) > 1 else skips[0]
+    small, large, large_skips = pack_skips(skips)
+    drops = skips.add_(1).cumsum_(0).sub_(1)  # (K',): positions, the last ones past the sequence's end
+    K = int(torch.searchsorted(drops, float(total)))  # the drops inside the sequence
+    inside = large < K
+    return drops[:K].long(), (small[:K], large[inside], large_skips[inside])
 
 
-def expert_dropout_matrix(x2d, seed, num_experts, p):
-    """The entries of x that the experts' masks drop, as one sparse CSR matrix D of shape (E N, E d_in) in
+def pack_skips(skips):
+    """The skips in one byte each, saturated at 255, and the rare larger ones (P(skip > 255) = (1 - p)^256, 2e-6 at
+    p = 0.05) in full, with their indices: a quarter of the bytes of int32 positions, all that backward keeps of the
+    masks."""
+    if skips.max() <= 255:  # every skip fits its byte: nothing to keep in full
+        return skips.to(torch.uint8), skips.new_empty(0, dtype=torch.long), skips.new_empty(0)
+    large = torch.nonzero(skips > 255).squeeze(1)  # (L,)
+    return skips.clamp(max=255).to(torch.uint8), large, skips[large]
+
+
+def unpack_drops(small, large, large_skips):
+    """The positions that draw_drops returned with these packed skips: sorted int64 (K,)."""
+    skips = small.long()  # (K,)
+    skips[large] = large_skips.long()
+    return skips.add_(1).cumsum_(0).sub_(1)  # gap = skip + 1; the first drop sits at gap - 1
+
+
+def dropped_positions(seed, num_experts, numel, p, device="cpu"):
+    """Where the experts' dropout masks are 0: sorted int64 flat positions into the (E, N, d_in) stack of the E
+    experts' inputs (numel = N * d_in entries each), every entry dropped independently with probability p, drawn
+    as one Bernoulli(p) sequence over the E * numel entries (draw_drops)."""
+    return draw_drops(seed, num_experts * numel, p, device)[0]
+
+
+def expert_dropout_layout(positions, num_experts, N, d_in):
+    """Where the entries that the experts' masks drop sit in the sparse CSR matrix D of shape (E N, E d_in), in
     block-diagonal layout: row e N + t, column e d_in + j holds x[t, j] if expert e drops it. Then D @ [A_1^T; ...;
-    A_E^T] (E d_in, r/E) stacks every expert's A_e ((1 - m_e) * x) in one sparse product. Also returns the flat
-    positions into x of D's entries (K,) and where each expert's entries start and end (E + 1 ints)."""
-    (N, d_in), n = x2d.shape, x2d.numel()
-    positions = dropped_positions(seed, num_experts, n, p, x2d.device)  # (K,): into the (E, N, d_in) stack
-    row_starts = torch.arange(num_experts * N + 1, device=x2d.device) * d_in
-    crow = torch.searchsorted(positions, row_starts)  # (E N + 1,): where each row (e, t) starts
+    A_E^T] (E d_in, r/E) stacks every expert's A_e ((1 - m_e) * x) in one sparse product. positions: the drops'
+    sorted flat positions into the (E, N, d_in) stack (K,), overwritten with the flat positions into x of D's
+    entries. Returns D's row pointers (E N + 1,) and columns (K,), those positions into x (K,), and where each
+    expert's entries start and end (E + 1 ints)."""
+    n, rows, device = N * d_in, num_experts * N, positions.device
+    power_of_two = d_in & (d_in - 1) == 0  # then bit operations divide, far cheaper than integer division
+    if len(positions) >= 16 * rows:  # many drops per row: a binary search per row start
+        crow = torch.searchsorted(positions, torch.arange(rows + 1, device=device) * d_in)  # (E N + 1,)
+        col = positions & (d_in - 1) if power_of_two else positions % d_in  # (K,): j, as n is a multiple of d_in
+    else:  # a few drops per row: counting them is cheaper than a search per row
+        row = positions >> (d_in.bit_length() - 1) if power_of_two else positions // d_in  # (K,): e N + t
+        crow = torch.zeros(rows + 1, dtype=torch.long, device=device)  # (E N + 1,)
+        torch.cumsum(torch.bincount(row, minlength=rows), 0, out=crow[1:])
+        col = torch.sub(positions, row, alpha=d_in)  # (K,): j
     bounds = crow[::N].tolist()  # (E + 1,): expert e's entries are [bounds[e], bounds[e + 1])
-    in_x, col = positions.clone(), positions % d_in  # (K,), (K,): j, as numel is a multiple of d_in
+    in_x = positions
     for e, (start, end) in enumerate(zip(bounds, bounds[1:])):
         in_x[start:end] -= e * n  # e N d_in + t d_in + j -> t d_in + j
         col[start:end] += e * d_in  # j -> e d_in + j
+    return crow, col, in_x, bounds
+
+
+def sparse_csr(crow, col, values, shape):
+    """torch's CSR tensor from a layout that expert_dropout_layout builds right: no invariant checks, no warning."""
     with warnings.catch_warnings():  # torch calls its CSR layout beta; tests/test_moelora.py checks it against a loop
         warnings.filterwarnings("ignore", "Sparse CSR tensor support is in beta")
-        dropped = torch.sparse_csr_tensor(crow, col, x2d.view(-1).index_select(0, in_x),
-                                          (num_experts * N, num_experts * d_in), check_invariants=False)
-    return dropped, in_x, bounds
+        return torch.sparse_csr_tensor(crow, col, values, shape, check_invariants=False)
 
 
 def expert_blocks(lora_A, num_experts):
-    """[A_1^T; ...; A_E^T] (E d_in, r/E): the right factor of expert_dropout_matrix's block-diagonal products."""
+    """[A_1^T; ...; A_E^T] (E d_in, r/E): the right factor of the products with D (expert_dropout_layout)."""
     r, d_in = lora_A.shape
     return lora_A.view(num_experts, r // num_experts, d_in).transpose(1, 2).reshape(num_experts * d_in, -1)
 
@@ -182,44 +220,48 @@ class ExpertDropoutLinear(torch.autograd.Function):
         backward  dL/dx   = [dz, dg] [A; W_g] - sum_i (1 - m_i) * (dz_i A_i)   dz_i A_i sampled where m_i = 0
                   dL/dA_i = dz_i^T (m_i * x)                            x with expert i's dropped entries zeroed
 
-    The masks come from dropped_positions(seed, ...), drawn in forward and drawn again in backward: nothing but x,
-    A and W_g is saved, no mask and no masked copy of x. The sparse kernels run in fp32 at least (the CPU's have
-    no bf16); outputs and gradients come back in the inputs' dtypes."""
+    The masks come from draw_drops(seed, ...) in forward; backward rebuilds them from the gaps between the drops,
+    packed in about one byte each (pack_skips: 0.4 bytes per entry of x at E = 8, p = 0.05, against x's own 4).
+    Nothing else but x, A and W_g is saved, no mask and no masked copy of x. The sparse kernels run in fp32 at least
+    (the CPU's have no bf16); outputs and gradients come back in the inputs' dtypes."""
 
     @staticmethod
     def forward(ctx, x, lora_A, router, num_experts, p, seed):  # x (..., d_in), lora_A (r, d_in), router (E, d_in)
-        ctx.save_for_backward(x, lora_A, router)
-        ctx.num_experts, ctx.p, ctx.seed = num_experts, p, seed
         x2d, weight = x.reshape(-1, x.shape[-1]), lora_A if router is None else torch.cat([lora_A, router])
         z = x2d @ weight.t()  # (N, r [+ E]): the dense product, as without dropout
         (N, d_in), (r, E) = x2d.shape, (lora_A.shape[0], num_experts)
         sparse_dtype = torch.promote_types(x.dtype, torch.float32)  # the CPU's sparse kernels have no bf16
-        dropped, _, _ = expert_dropout_matrix(x2d.contiguous().to(sparse_dtype), seed, E, p)  # (E N, E d_in)
+        positions, packed = draw_drops(seed, E * x2d.numel(), p, x.device)  # (K,): into the (E, N, d_in) stack
+        crow, col, in_x, _ = expert_dropout_layout(positions, E, N, d_in)
+        dropped_x = x2d.reshape(-1).index_select(0, in_x).to(sparse_dtype)  # (K,)
+        dropped = sparse_csr(crow, col, dropped_x, (E * N, E * d_in))  # D: the dropped entries of x
         dropped_part = dropped @ expert_blocks(lora_A.to(sparse_dtype), E)  # (E N, r/E): rows (e, t)
         z[:, :r] -= dropped_part.view(E, N, r // E).transpose(0, 1).reshape(N, r).to(z.dtype)
+        ctx.save_for_backward(x, lora_A, router, *packed)
+        ctx.num_experts = num_experts
         return z.view(*x.shape[:-1], -1)  # (..., r [+ E])
 
     @staticmethod
     def backward(ctx, grad_z):  # grad_z (..., r [+ E])
-        x, lora_A, router = ctx.saved_tensors
+        x, lora_A, router, *packed = ctx.saved_tensors
         x2d, grad_z = x.reshape(-1, x.shape[-1]), grad_z.reshape(-1, grad_z.shape[-1])  # (N, d_in), (N, r [+ E])
         (N, d_in), (r, E) = x2d.shape, (lora_A.shape[0], ctx.num_experts)
         weight = lora_A if router is None else torch.cat([lora_A, router])
         grad_x = grad_z @ weight if ctx.needs_input_grad[0] else None  # (N, d_in): the dense part, as without dropout
         grad_router = None if router is None else grad_z[:, r:].t() @ x2d  # (E, d_in)
         sparse_dtype = torch.promote_types(x.dtype, torch.float32)  # the CPU's sparse kernels have no bf16
-        kept_x = x2d.to(sparse_dtype, copy=True)  # (N, d_in): m_e * x for one expert at a time
-        dropped, in_x, bounds = expert_dropout_matrix(kept_x, ctx.seed, E, ctx.p)  # (E N, E d_in)
+        crow, col, in_x, bounds = expert_dropout_layout(unpack_drops(*packed), E, N, d_in)
         grad_experts = grad_z[:, :r].to(sparse_dtype).view(N, E, r // E).transpose(0, 1).reshape(E * N, r // E)
-        if grad_x is not None:  # dz_e A_e at the dropped entries only (beta=0: x's values give just the places)
+        if grad_x is not None:  # dz_e A_e at the dropped entries only (beta=0 and zeros: D's places, not its values)
+            dropped = sparse_csr(crow, col, grad_experts.new_zeros(len(col)), (E * N, E * d_in))  # D's places only
             A_blocks = expert_blocks(lora_A.to(sparse_dtype), E)  # (E d_in, r/E)
             at_dropped = torch.sparse.sampled_addmm(dropped, grad_experts, A_blocks.t(), beta=0.0).values()  # (K,)
             grad_x.view(-1).index_add_(0, in_x, at_dropped.to(grad_x.dtype), alpha=-1)
         grad_A = torch.empty(E, r // E, d_in, dtype=sparse_dtype, device=x.device)
+        kept_x = torch.empty_like(x2d, dtype=sparse_dtype)  # (N, d_in): m_e * x for one expert at a time
         for e, (start, end) in enumerate(zip(bounds, bounds[1:])):
-            kept_x.view(-1).index_fill_(0, in_x[start:end], 0.0)
+            kept_x.copy_(x2d).view(-1).index_fill_(0, in_x[start:end], 0.0)
             grad_A[e] = grad_experts[e * N:(e + 1) * N].t() @ kept_x  # (r/E, d_in)
-            kept_x.view(-1).index_copy_(0, in_x[start:end], dropped.values()[start:end])  # back to x
         grad_x = None if grad_x is None else grad_x.view(x.shape)
         return grad_x, grad_A.view(r, d_in).to(lora_A.dtype), grad_router, None, None, None
 

@@ -11,14 +11,17 @@ Prints tokens/s, achieved FLOP/s (matmul FLOPs of the step counted by torch's Fl
 sparse-dense product as dense: with dropout, MoELoRA's FLOPs are over-counted) as a fraction of the peak of one
 large torch.mm, and the adapter's share of the step (step time with the adapter minus the same step
 of the frozen model with no adapter, where only the projector trains, taken within each round), then the MoELoRA
-step over the LoRA step (the median of the within-round ratios). Medians of alternating rounds; about 2 minutes on
-2 cores.
+step over the LoRA step (the median of the within-round ratios). Medians of interleaved rounds, a new order each;
+about 2 minutes on 2 cores.
 
     python bench/train_step.py [--threads=2] [--rounds=5] [--steps=1] [--only=tiny|100m] [--dropout=0.05]
                                [--clock=wall|cpu]   # cpu: CPU seconds instead of wall time, for a busy machine
+    git show <commit>:moelora.py > /tmp/moelora_before.py       # an earlier version, to compare with
+    python bench/train_step.py --baseline=/tmp/moelora_before.py  # adds that file's LoRA and MoELoRA rows, same run
 """
 import dataclasses
 import os
+import random
 import statistics
 import sys
 import tempfile
@@ -35,7 +38,8 @@ from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import data  # noqa: E402
 import cli  # noqa: E402
-from moelora import add_moelora, mark_only_moelora_trainable  # noqa: E402
+import moelora  # noqa: E402
+from bench.moelora import load_baseline  # noqa: E402
 from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration  # noqa: E402
 
 SIZES = {  # name: (vision d, layers, image px, patch, text d, layers, vocab, micro batch, text tokens, r)
@@ -70,15 +74,16 @@ def batch_for(model, size):
             "pixel_values": torch.randn(mb, 3, px, px, generator=g)}
 
 
-def prepare(size, experts, dropout):
-    """The model as coin.py trains it: everything frozen, adapter (if any) and projector trainable."""
+def prepare(size, experts, dropout, adapter=moelora):
+    """The model as coin.py trains it: everything frozen, adapter (if any, from the module `adapter`) and projector
+    trainable."""
     model = build(size)
     for p in model.parameters():
         p.requires_grad_(False)
     if experts:
         r = SIZES[size][-1]
-        add_moelora(model, None, r, 2.0 * r, experts, dropout=dropout)
-        mark_only_moelora_trainable(model)
+        adapter.add_moelora(model, None, r, 2.0 * r, experts, dropout=dropout)
+        adapter.mark_only_moelora_trainable(model)
     for p in model.model.multi_modal_projector.parameters():
         p.requires_grad_(True)
     model.train()
@@ -113,6 +118,7 @@ class Settings:
     only: str = ""                       # tiny | 100m: one model only ("" = both)
     dropout: float = 0.05                # adapter dropout
     clock: str = "wall"                   # wall (what a user waits) | cpu (CPU seconds: steadier on a shared machine)
+    baseline: str = ""                   # another moelora.py: adds its LoRA and MoELoRA rows to the same run
 
 
 def main(argv):
@@ -130,16 +136,23 @@ def main(argv):
     print("|---|---|---|---|---|---|---|---|---|---|")
     moe_over_lora_lines = []  # printed after the table, which stays one markdown table
     for size in [s for s in SIZES if not opts["only"] or s == opts["only"]]:
-        variants = (("none", 0), ("LoRA E=1", 1), ("MoELoRA E=8", 8))
-        runs = {name: prepare(size, e, opts["dropout"]) for name, e in variants}
+        variants = [("none", 0, moelora), ("LoRA E=1", 1, moelora), ("MoELoRA E=8", 8, moelora)]
+        if opts["baseline"]:
+            before = load_baseline(opts["baseline"])
+            variants += [("LoRA E=1 (--baseline)", 1, before), ("MoELoRA E=8 (--baseline)", 8, before)]
+        runs = {name: prepare(size, e, opts["dropout"], adapter) for name, e, adapter in variants}
         b = batch_for(runs["none"][0], size)
         flops, times = {}, {k: [] for k in runs}
         for name, (model, opt) in runs.items():
             with FlopCounterMode(display=False) as fc:
                 step(model, opt, b)  # also the warm-up
             flops[name] = fc.get_total_flops()
-        for _ in range(opts["rounds"]):  # alternate, so a busy spell hits every variant alike
-            for name, (model, opt) in runs.items():
+        rng = random.Random(0)
+        for _ in range(opts["rounds"]):  # interleaved, in a new order each round: a busy spell hits every variant alike
+            order = list(runs)
+            rng.shuffle(order)  # a fixed order would favour some places in it (seen: 5% between identical variants)
+            for name in order:
+                model, opt = runs[name]
                 t = clock()
                 for _ in range(opts["steps"]):
                     step(model, opt, b)
@@ -155,10 +168,14 @@ def main(argv):
                                                     f"{100 * (flops[name] - flops['none']) / flops[name]:.1f}%")
             print(f"| {size} | {n_params / 1e6:.1f}M | {name} | {tokens} | {1e3 * t:.0f} | {tokens / t:,.0f} | "
                   f"{flops[name] / 1e9:.2f} | {100 * flops[name] / t / peak:.0f}% | {share} |")
-        moe_over_lora = sorted(m / lo for m, lo in zip(times["MoELoRA E=8"], times["LoRA E=1"]))
-        moe_over_lora_lines.append(f"{size}: MoELoRA E=8 step / LoRA E=1 step {statistics.median(moe_over_lora):.2f} "
-                                   f"(rounds {moe_over_lora[0]:.2f}-{moe_over_lora[-1]:.2f}; target <= 1.3 at the "
-                                   f"training default dropout 0.05)")
+        for num, den in (("MoELoRA E=8", "LoRA E=1"), ("MoELoRA E=8", "MoELoRA E=8 (--baseline)"),
+                         ("LoRA E=1", "LoRA E=1 (--baseline)"), ("MoELoRA E=8 (--baseline)", "LoRA E=1 (--baseline)")):
+            if den not in times:
+                continue
+            ratios = sorted(a / b for a, b in zip(times[num], times[den]))  # within each round, then the median
+            target = "; target <= 1.3 at the training default dropout 0.05" if den == "LoRA E=1" else ""
+            moe_over_lora_lines.append(f"{size}: {num} step / {den} step {statistics.median(ratios):.2f} "
+                                       f"(rounds {ratios[0]:.2f}-{ratios[-1]:.2f}{target})")
         del runs
     print("\n".join(moe_over_lora_lines))
 

@@ -5,13 +5,13 @@
 import pytest
 import torch
 import torch.nn as nn
-from torch.utils.checkpoint import checkpoint
+from torch.utils.checkpoint import CheckpointError, checkpoint
 from transformers import (CLIPVisionConfig, LlamaConfig, LlamaForCausalLM, LlavaConfig,
                           LlavaForConditionalGeneration)
 
 from bench.moelora import saved_bytes
-from moelora import (MoELoRALinear, add_moelora, dropout_seed, dropped_positions, load_moelora_state_dict,
-                     mark_only_moelora_trainable, moelora_state_dict)
+from moelora import (MoELoRALinear, add_moelora, draw_drops, dropout_seed, dropped_positions,
+                     load_moelora_state_dict, mark_only_moelora_trainable, moelora_state_dict, unpack_drops)
 
 D_IN, D_OUT, R = 12, 10, 8
 
@@ -94,6 +94,43 @@ def test_dropout_matches_written_out_loop(E, x_needs_grad):
         torch.testing.assert_close(layer.lora_A.grad.view(E, layer.expert_rank, D_IN), w["A"].grad)
 
 
+@pytest.mark.parametrize("d_in, p", [(12, 0.3), (16, 0.3), (60, 0.5), (64, 0.5), (16, 0.004)])
+def test_dropout_layouts_match_the_loop(d_in, p):
+    """Every way the dropped entries are laid out: few per row (row pointers by counting) or many (by binary search),
+    d_in a power of two (bit operations) or not, and gaps over 256 (p = 0.004: the packed gaps' escape path)."""
+    E, N = 4, 40  # sums over 40 tokens: float32 rounding of about 1e-6 on gradients of about 10
+    torch.manual_seed(0)
+    layer = MoELoRALinear(nn.Linear(d_in, D_OUT), r=R, alpha=16.0, num_experts=E, dropout=p).train()
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    x = torch.randn(N, d_in, requires_grad=True)
+    torch.manual_seed(5)
+    y = layer(x)
+    torch.manual_seed(5)
+    masks = masks_of(dropout_seed(), E, x.shape, p)  # (E, N, d_in)
+    assert (masks == 0).any()
+    x_ref = x.detach().clone().requires_grad_()
+    ref, w = loop_reference(layer, x_ref, masks)
+    torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
+    upstream = torch.randn_like(y)
+    (y * upstream).sum().backward()
+    (ref * upstream).sum().backward()
+    torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(layer.lora_A.grad.view(E, layer.expert_rank, d_in), w["A"].grad, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(layer.router.weight.grad, w["router"].grad, rtol=1e-5, atol=1e-5)
+
+
+def test_packed_drops_give_the_positions_back():
+    """What backward keeps of the masks, one byte per drop and the rare gaps over 256 in full, gives back exactly the
+    positions the forward drew, with and without such gaps."""
+    for p, total, any_large in ((0.3, 10_000, False), (0.05, 100_000, False), (0.003, 100_000, True)):
+        positions, packed = draw_drops(7, total, p)
+        small, large, large_skips = packed
+        assert small.dtype == torch.uint8 and len(small) == len(positions) and bool(len(large)) == any_large
+        assert torch.equal(unpack_drops(*packed), positions)
+        assert torch.equal(positions, dropped_positions(7, 1, total, p))
+
+
 def test_dropped_positions_are_iid_bernoulli():
     """The drawn masks are the official ones in distribution: each entry of each expert dropped with probability p,
     independently of the other experts, tokens and features (joint drops at rate p^2). Bounds: 5 binomial standard
@@ -167,17 +204,23 @@ def test_dropout_under_gradient_checkpointing(E):
     Without that restore (preserve_rng_state=False) the masks would differ: the test can tell."""
     layer = make_layer(E, dropout=0.2).train()
     x = torch.randn(5, D_IN)
-    grads = []
-    for ckpt, preserve in ((False, True), (True, True), (True, False)):
+
+    def grads_of(ckpt, preserve):
         layer.zero_grad(set_to_none=True)
         xi = x.clone().requires_grad_()
         torch.manual_seed(11)
         y = checkpoint(layer, xi, use_reentrant=False, preserve_rng_state=preserve) if ckpt else layer(xi)
         (y * torch.arange(y.numel()).view(y.shape)).sum().backward()
-        grads.append([xi.grad] + [p.grad for p in layer.parameters() if p.requires_grad])
-    for a, b in zip(grads[0], grads[1]):
+        return [xi.grad] + [p.grad for p in layer.parameters() if p.requires_grad]
+
+    plain = grads_of(False, True)
+    for a, b in zip(plain, grads_of(True, True)):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
-    assert not all(torch.equal(a, b) for a, b in zip(grads[0], grads[2]))
+    try:  # other masks: torch's checkpoint refuses a recomputation whose packed masks differ in size from the forward's
+        other = grads_of(True, False)
+    except CheckpointError:
+        return
+    assert not all(torch.equal(a, b) for a, b in zip(plain, other))  # same size, other masks: other gradients
 
 
 def test_dropout_saves_no_masks():
