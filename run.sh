@@ -28,7 +28,7 @@ phase "2. tiny base"
 # One thread each on the 2 cores: a tiny model's step is mostly Python and small kernels, so one thread is only
 # ~12% slower than two (measured side by side: the pair took 524 s, LoRA alone at two threads 303 s). LoRA's
 # progress shows here; MoELoRA writes its own to out/moelora/log.txt. Adapter dropout off in both runs (official:
-# 0.05): on a CPU, the tiny model's MoELoRA step with per-expert dropout takes ~1.9x LoRA's (docs/performance.md).
+# 0.05): on a CPU, the tiny model's MoELoRA step with per-expert dropout takes ~1.8x LoRA's (docs/performance.md).
 mkdir -p out/moelora
 python coin.py --tasks=all --experts=8 --lora_dropout=0 --threads=1 --out=out/moelora > out/moelora/log.txt 2>&1 &
 MOE=$!
