@@ -82,6 +82,12 @@ if [ "${STUDY:-0}" = 1 ] || [ "${1:-}" = study ]; then
   done
   study_run() {  # <run name> <coin.py settings...>: one run, its output to its log
     local out="$STUDY_OUT/$1"; shift
+    # a finished run (the last row of its results.json filled) is not started again: the tables need only its
+    # results.json, so a study can go on elsewhere from the results.json files alone
+    if [ -f "$out/results.json" ] && python -c "import json, sys; m = json.load(open(sys.argv[1]))['matrix']
+sys.exit(any(v is None for v in m[-1]))" "$out/results.json"; then
+      echo "study: $(basename "$out") finished already"; return 0
+    fi
     mkdir -p "$out"
     echo "study: $(basename "$out") started"
     # shellcheck disable=SC2086  # STUDY_ARGS: several settings, split on spaces
