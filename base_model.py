@@ -253,7 +253,6 @@ def assemble_main(argv):
                 if v and k != "out" and not os.path.exists(v)]
     if missing:
         raise cli.UserError("\n".join(missing + [usage]))
-    check_tokenizer_packages(opts.vicuna)  # a missing package is said before minutes of loading weights
     opts = dataclasses.asdict(opts)
     llava, _ = assemble_llava15(opts["vicuna"], opts["clip"], opts["projector"], opts["out"])
     print(f"wrote the pretrain-only LLaVA-1.5 base ({sum(p.numel() for p in llava.parameters()):,} parameters) to "

@@ -346,4 +346,12 @@ def load_results(cfg, tasks, rows, info):
         extra["timing"] = old["timing"]
         if "zero_shot" in old:
             extra["zero_shot"] = old["zero_shot"]
+    # the run goes on from the last finished stage's weights, so an earlier finished stage without its scores (a lost
+    # or replaced results.json) cannot be scored again: its own weights are gone
+    unscored = [r for r in rows[:-1] if all(v is None for v in if_matrix[r])]
+    if unscored:
+        raise cli.UserError(f"{path}: no scores for stage {unscored[0] + 1}, whose checkpoint exists; the run goes on "
+                            f"from stage {len(rows)}'s weights and cannot score it: restore {path}, or delete the "
+                            f"checkpoint folders of stages {unscored[0] + 2}-{len(rows)} under {cfg.out}/checkpoints "
+                            "to train them again")
     return if_matrix, gk_matrix, extra

@@ -204,10 +204,11 @@ ANY = Rule(lambda v: True, "")
 
 
 def check(settings, rules):
-    """Problem lines for every setting of the dataclass instance `settings` that breaks its rule in `rules`."""
+    """Problem lines for every setting of the dataclass instance `settings` that breaks its rule in `rules` (a setting
+    without a rule takes any value of its type)."""
     problems = []
     for f in dataclasses.fields(settings):
-        value, rule = getattr(settings, f.name), rules[f.name]
+        value, rule = getattr(settings, f.name), rules.get(f.name, ANY)
         if not rule.test(value):
             problems.append(f"--{f.name}={value}: must be {rule.says} (default: {f.default})")
     return problems

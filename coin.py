@@ -31,7 +31,6 @@ import torch.nn.functional as F
 import transformers
 from safetensors import SafetensorError
 from torch.distributed.fsdp import FSDPModule, fully_shard
-from tqdm import tqdm
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
 import data
@@ -475,12 +474,17 @@ def sigint_flag():
 def load_processor(cfg):
     # the PIL image backend: the official code's CLIPImageProcessor resizes with PIL; with torchvision installed,
     # transformers would otherwise pick its torchvision backend, whose resize gives other pixels
-    return AutoProcessor.from_pretrained(cfg.base, backend="pil")
+    try:
+        return AutoProcessor.from_pretrained(cfg.base, backend="pil")
+    except (OSError, ValueError) as e:
+        raise cli.UserError(f"--base={cfg.base}: no processor loads from it ({str(e).splitlines()[0]}); give a Hugging "
+                            "Face image-text-to-text model folder") from None
 
 
-def load_base(cfg, device):
-    """Any Hugging Face image-text-to-text directory (LLaVA, Qwen2-VL, ...) and its processor."""
-    processor = load_processor(cfg)
+def load_base(cfg, device, processor=None):
+    """Any Hugging Face image-text-to-text directory (LLaVA, Qwen2-VL, ...) and its processor (`processor`, if the
+    caller loaded it already)."""
+    processor = processor or load_processor(cfg)
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[cfg.dtype]
     if not sys.stderr.isatty():  # its loading bar would fill a log file with carriage returns
         transformers.utils.logging.disable_progress_bar()
@@ -489,6 +493,8 @@ def load_base(cfg, device):
     except (OSError, SafetensorError) as e:  # a weight file cut short or damaged: the library's message lacks the path
         raise cli.UserError(f"--base={cfg.base}: its weights do not load ({str(e).splitlines()[0]}); copy or rebuild "
                             "that folder (a download or copy cut short?)") from None
+    except ValueError as e:  # a model of another kind (a text-only LM, ...)
+        raise cli.UserError(f"--base={cfg.base}: not an image-text-to-text model ({str(e).splitlines()[0]})") from None
     model.to(device)
     if cfg.grad_ckpt:
         # non-reentrant checkpointing: gradients reach the adapters although every block's input (the frozen
@@ -555,7 +561,9 @@ def shard_model(model):
     (fully_shard replaces every parameter with a DTensor); checkpoints still hold whole tensors (checkpoint.whole)."""
     blocks = [block for name, m in model.named_modules() if isinstance(m, nn.ModuleList)
               and "language_model" in name.split(".") for block in m]
-    assert blocks, f"{type(model).__name__}: no language_model.* ModuleList (its decoder layers) to shard"
+    if not blocks:
+        raise cli.UserError(f"--shard: {type(model).__name__} has no language_model.* layer list to shard; run "
+                            "without --shard")
     for module in [*blocks, model]:  # the blocks first: fully_shard goes bottom-up
         # the root's weights stay gathered from forward to backward, which begins with them (lm_head)
         fully_shard(module, reshard_after_forward=module is not model)
@@ -774,8 +782,9 @@ def main(argv):
     tasks = data.parse_tasks(cfg.tasks)
     stages = plan_stages(cfg, tasks)
     # read and check every file first (processor only: a 7B model takes minutes to load): a problem fails now
-    train_sets, test_sets, dropped = read_inputs(cfg, tasks, load_processor(cfg))
-    model, processor = load_base(cfg, device)
+    processor = load_processor(cfg)
+    train_sets, test_sets, dropped = read_inputs(cfg, tasks, processor)
+    model, processor = load_base(cfg, device, processor)
     accum, global_batch = plan_batches(cfg, stages, world)
     info = run_info(cfg, world, inputs_hash(train_sets, test_sets, model), global_batch)
     done = finished_stages(cfg, stages, info, rank)  # stages an earlier run into --out finished (checkpoint.py)

@@ -779,8 +779,7 @@ RULES = {"scoring": cli.one_of(*SCORINGS), "instructions": cli.one_of(*data.INST
 
 def parse_options(argv):
     """The Options of a command line as a dict, every setting checked (unknown keys, types, RULES)."""
-    opts, given = cli.parse(Options, argv, __doc__, {f.name: RULES.get(f.name, cli.ANY)
-                                                      for f in dataclasses.fields(Options)})
+    opts, given = cli.parse(Options, argv, __doc__, RULES)
     return {**dataclasses.asdict(opts), "given": given}
 
 

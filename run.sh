@@ -60,7 +60,7 @@ phase "4. comparison"
 # task (BWT sd LoRA 3.9, MoELoRA E=8 2.0), a BWT gain as large as the paper's (+6.7) is resolved beyond 2 standard
 # errors with 80% probability (2 seeds: an even chance; E=2 and E=4 spread more and need 6 and 12). study.md
 # recomputes this from the spreads it measures ("Seeds the MoELoRA claim needs").
-# Interrupted? Run the same command again: every run resumes into its folder (a finished one is read back in ~10 s).
+# Interrupted? Run the same command again: every run resumes into its folder (a finished one is skipped).
 # Sizes are settings of the runs: to change STUDY_MAX_TRAIN use another STUDY_OUT. Each run logs to
 # <out>/<run>/log.txt; then eval.py --study (study.py) writes out/study/study.md and study_curves.png.
 if [ "${STUDY:-0}" = 1 ] || [ "${1:-}" = study ]; then
@@ -84,8 +84,8 @@ if [ "${STUDY:-0}" = 1 ] || [ "${1:-}" = study ]; then
     local out="$STUDY_OUT/$1"; shift
     # a finished run (the last row of its results.json filled) is not started again: the tables need only its
     # results.json, so a study can go on elsewhere from the results.json files alone
-    if [ -f "$out/results.json" ] && python -c "import json, sys; m = json.load(open(sys.argv[1]))['matrix']
-sys.exit(any(v is None for v in m[-1]))" "$out/results.json"; then
+    if [ -f "$out/results.json" ] && python -c "import sys, data, study
+sys.exit(not study.finished(data.read_json(sys.argv[1])))" "$out/results.json"; then
       echo "study: $(basename "$out") finished already"; return 0
     fi
     mkdir -p "$out"
@@ -101,7 +101,8 @@ sys.exit(any(v is None for v in m[-1]))" "$out/results.json"; then
   export -f study_run; export STUDY_OUT STUDY_MAX_TRAIN STUDY_ARGS
   study_failed=0
   printf '%s\n' "${study_runs[@]}" | xargs -P "$STUDY_JOBS" -L 1 bash -c 'study_run "$@"' _ || study_failed=1
-  python eval.py --study="$STUDY_OUT"  # the tables over seeds, the claims, the plot: unfinished runs are left out
+  # the tables over seeds, the claims, the plot: unfinished runs are left out
+  python eval.py --study="$STUDY_OUT" || study_failed=1
   [ "$study_failed" = 0 ] || echo "some study runs failed (above): run the same command again to resume them" >&2
   phase "5. study (${#study_runs[@]} runs)"
 fi

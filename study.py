@@ -123,6 +123,12 @@ def summarise_run(res):
     return out
 
 
+def finished(res):
+    """A run's results.json says it is finished: the last row of its matrix is filled (a sequential run's last
+    stage, a multi-task run's only one). run.sh's study skips such a run."""
+    return all(v is not None for v in res["matrix"][-1])
+
+
 def read_study(root):
     """Every finished run under root (<run>/results.json) grouped by its config -- (multitask, experts, instructions,
     method), never by folder name -- as ({key: [run summary, one per seed]}, the shared settings, [unfinished runs]).
@@ -135,8 +141,7 @@ def read_study(root):
         res = data.read_json(path)
         cfg, T = res["config"], len(res["tasks"])
         key = run_key(cfg)
-        finished = all(v is not None for v in res["matrix"][-1]) if key.multitask else res["stages"] == T
-        if not finished:
+        if not finished(res):
             unfinished.append(name if key.multitask else f"{name} ({res['stages']}/{T} stages)")
             continue
         rest = {k: v for k, v in cfg.items() if k not in STUDY_FACTORS + STUDY_FREE}
@@ -743,13 +748,13 @@ def refill_figures(paths, check=False):
     stale = []
     for path in [p for p in paths.split(",") if p]:
         if not os.path.isfile(path):
-            raise SystemExit(f"--readme={path}: no such file")
+            raise cli.MissingFile(f"--readme={path}: no such file")
         with open(path) as f:
             text = f.read()
         opened, blocks = text.count("<!-- figures:"), FIGURES.findall(text)
         if opened != len(blocks):
-            raise SystemExit(f"{path}: {opened} '<!-- figures: KIND ARGS -->' markers but {len(blocks)} blocks: "
-                             "close each with '<!-- /figures -->'")
+            raise cli.UserError(f"{path}: {opened} '<!-- figures: KIND ARGS -->' markers but {len(blocks)} blocks: "
+                                "close each with '<!-- /figures -->'")
         changed, kept = [], []
 
         def refill(m):
@@ -760,7 +765,7 @@ def refill_figures(paths, check=False):
             try:
                 body = figure_block(m.group(2)) + "\n"
             except (ValueError, FileNotFoundError) as e:
-                raise SystemExit(f"{path}: block '{m.group(2)}': {e}") from None
+                raise cli.UserError(f"{path}: block '{m.group(2)}': {e}") from None
             if body != m.group(3):
                 changed.append(m.group(2))
             return m.group(1) + body + m.group(4)

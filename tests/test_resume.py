@@ -422,3 +422,19 @@ def test_resume_refuses_what_another_run_wrote(data_copy, tiny_base, tmp_path):
         json.dump(recs, f)
     with pytest.raises(UserError, match=r"meta.json: written by a run that read other data or another base"):
         run()
+
+
+def test_resume_refuses_a_finished_stage_without_its_scores(reference, mini_data, tiny_base, tmp_path):
+    """A run goes on from the last finished stage's weights: a finished earlier stage whose scores are gone (a lost
+    results.json) cannot be scored with its own weights any more, so the run refuses instead of scoring it with the
+    later stage's; once the later stage's checkpoint is deleted, that stage trains again and both are scored."""
+    out = str(tmp_path / "run")
+    shutil.copytree(reference, out)
+    os.remove(os.path.join(out, "results.json"))
+    with pytest.raises(UserError, match=r"results.json: no scores for stage 1, whose checkpoint exists; the run goes "
+                                        r"on from stage 2's weights .* delete the checkpoint folders of stages 2-2"):
+        coin.main(args(mini_data, tiny_base, out))
+    shutil.rmtree(stage(out, 1))
+    coin.main(args(mini_data, tiny_base, out))
+    assert json.load(open(os.path.join(out, "results.json")))["matrix"] == \
+        json.load(open(os.path.join(reference, "results.json")))["matrix"]

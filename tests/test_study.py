@@ -8,6 +8,7 @@ from PIL import Image
 
 import eval as E
 import study as S
+from cli import UserError
 
 TASKS = ["ScienceQA", "TextVQA"]
 # (folder, multitask, experts, instructions, seed, IF matrix, GK matrix). Folder names are deliberately unhelpful:
@@ -362,7 +363,7 @@ def test_readme_blocks_refill_and_check(study, tmp_path, capsys):
     assert readme.read_text() == stale and f"would change: diagonal {lora} {moe}" in capsys.readouterr().out
     os.makedirs(tmp_path / "unfinished")
     readme.write_text(f"<!-- figures: compare {tmp_path / 'unfinished'} -->\n<!-- /figures -->\n")
-    with pytest.raises(SystemExit, match=r"block 'compare .*unfinished': no .*unfinished/results.json"):
+    with pytest.raises(UserError, match=r"block 'compare .*unfinished': no .*unfinished/results.json"):
         E.main([f"--readme={readme}"])
     # a block whose run folders are not there (yet) keeps its figures, and says so
     kept = f"<!-- figures: compare {tmp_path / 'not-run'} -->\n| old |\n<!-- /figures -->\n"
@@ -371,8 +372,8 @@ def test_readme_blocks_refill_and_check(study, tmp_path, capsys):
     E.main([f"--readme={readme}", "--check"])
     assert readme.read_text() == kept and "kept as they are: compare" in capsys.readouterr().out
     readme.write_text(f"<!-- figures: diagonal {lora} -->\nnever closed\n")
-    with pytest.raises(SystemExit, match="close each with"):
+    with pytest.raises(UserError, match="close each with"):
         E.main([f"--readme={readme}"])
     readme.write_text(f"<!-- figures: heatmap {lora} -->\n<!-- /figures -->\n")
-    with pytest.raises(SystemExit, match="expected 'diagonal RUN...'"):
+    with pytest.raises(UserError, match="expected 'diagonal RUN...'"):
         E.main([f"--readme={readme}"])
