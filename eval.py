@@ -923,10 +923,6 @@ def compare(runs):
 
 def main(argv):
     opts = parse_options(argv)
-    if opts["predictions"] and os.path.isdir(opts["predictions"]):
-        opts, test_ids = run_test_settings(opts)
-    else:
-        test_ids = {}
     if opts["compare"]:
         print(compare([r for r in opts["compare"].split(",") if r]))
         return
@@ -936,6 +932,8 @@ def main(argv):
         print(study.write_study(opts["study"]))
         print(f"wrote {os.path.join(opts['study'], 'study.md')} and study_curves.png")
         return
+    # a coin run folder: its own test subset and ground truth (run_test_settings)
+    opts, test_ids = run_test_settings(opts) if os.path.isdir(opts["predictions"]) else (opts, {})
     if not os.path.exists(opts["predictions"]):
         raise cli.MissingFile(f"--predictions={opts['predictions']!r}: no such folder or file (give a run folder, the "
                               "official results folder, or one file with --task; or --compare=RUN1,RUN2; see --help)")
