@@ -120,7 +120,16 @@ def summarise_run(res):
                       "MFN": mean_of_all(matrix[-1]), **{k: r.get(k) for k in ("MAA", "BWT", "final_average")}}
     if zero_shot:
         out["zero_shot"] = {w: [zero_shot[t][w] if t in zero_shot else None for t in tasks] for w in ("if", "gk")}
+    out["seconds"] = run_seconds(res.get("timing"))
     return out
+
+
+def run_seconds(timing):
+    """The seconds a run spent training and evaluating, summed over its results.json's timing (stages, zero-shot);
+    None without timing. A resumed run's lost partial stage is not in it: a lower bound then."""
+    if not timing:
+        return None
+    return sum(run_seconds(v) or 0 if isinstance(v, dict) else v for v in timing.values())
 
 
 def finished(res):
@@ -296,6 +305,22 @@ def study_ablation(groups, keys, label, first_column, zero_shot=False):
         lines.append(f"| {first_column(key)} | {len(runs)} | {seed_list(runs)} | "
                      + (f"{mean_pm_std(zero_shot_averages)} | " if zero_shot else "")
                      + " | ".join(mean_pm_std(r[w][k] for r in runs) for w, k in cols) + " |")
+    return "\n".join(lines)
+
+
+def study_cost(groups):
+    """Minutes per run (train and evaluation, from each results.json's timing: wall time of the run's process) per
+    method, and the study's total; runs without timing are left out and said."""
+    lines = ["| method | n | minutes per run | minutes in all |", "|---|---|---|---|"]
+    total, untimed = 0.0, []
+    for key, runs in sorted(groups.items(), key=lambda kv: method_order(kv[0])):
+        minutes = [r["seconds"] / 60 for r in runs if r["seconds"] is not None]
+        untimed += [r["name"] for r in runs if r["seconds"] is None]
+        total += sum(minutes)
+        lines.append(f"| {method_name(key)} | {len(minutes)} | {mean_pm_std(minutes)} | {sum(minutes):.0f} |")
+    lines += ["", f"All timed runs: {total:.0f} minutes of one process each ({total / 60:.1f} h; run.sh runs "
+              "STUDY_JOBS = 2 at a time, one thread each, so the study's wall time is about half of it on 2 cores)."
+              + (f" No timing in: {', '.join(untimed)}." if untimed else "")]
     return "\n".join(lines)
 
 
@@ -634,6 +659,7 @@ def write_study(root):
            f"For claim 3 to be resolved when MoELoRA's BWT gain is the paper's ({PAPER_BWT_GAIN:+.1f} at E = 8), "
            "given the spreads above: n >= (2 + z)^2 (sd_a^2 + sd_b^2) / difference^2 seeds per method, z = 0 for an "
            "even chance, 0.84 for 80%, 1.28 for 90% (study.py, seeds_needed).", ""] + study_seeds(groups)
+    md += ["", "## Cost", "", study_cost(groups)]
     flagged = {r["name"] for runs in groups.values() for r in runs if not_learned(r, tasks, chance)}
     md += ["", "## Runs", "", "| method | seeds | folders" + (" (†: a task not learned)" if chance else "") + " |",
            "|---|---|---|"]

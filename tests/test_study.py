@@ -26,7 +26,7 @@ RUNS = [
 ZERO_SHOT = {"ScienceQA": {"if": 20.0, "gk": 30.0}, "TextVQA": {"if": 0.0, "gk": 10.0}}
 
 
-def write_run(root, name, multitask, experts, instructions, seed, if_m, gk_m, stages=None, **config):
+def write_run(root, name, multitask, experts, instructions, seed, if_m, gk_m, stages=None, timing=None, **config):
     cfg = {"tasks": ",".join(TASKS), "max_train": 1500, "lora_r": 16, "lr": 1e-3, "out": os.path.join(root, name),
            "threads": 1, "seed": seed, "multitask": multitask, "experts": experts, "instructions": instructions,
            **config}
@@ -35,6 +35,8 @@ def write_run(root, name, multitask, experts, instructions, seed, if_m, gk_m, st
            "config": cfg, "zero_shot": ZERO_SHOT}
     if stages is not None:
         res["stages"] = stages
+    if timing is not None:
+        res["timing"] = timing
     os.makedirs(os.path.join(root, name))
     with open(os.path.join(root, name, "results.json"), "w") as f:
         json.dump(res, f)
@@ -377,3 +379,18 @@ def test_readme_blocks_refill_and_check(study, tmp_path, capsys):
     readme.write_text(f"<!-- figures: heatmap {lora} -->\n<!-- /figures -->\n")
     with pytest.raises(UserError, match="expected 'diagonal RUN...'"):
         E.main([f"--readme={readme}"])
+
+
+def test_cost_sums_each_runs_timing(tmp_path):
+    root = str(tmp_path / "study")
+    timing = {"zero_shot_eval": 30.0, "stage1-ScienceQA": {"train": 240.0, "eval": 6.0},
+              "stage2-TextVQA": {"train": 120.0, "eval": 4.0}}  # 400 s
+    for name, seed, seconds in (("a", 0, 1.0), ("b", 1, 2.0)):  # 400 s and 800 s: 6.7 and 13.3 minutes
+        write_run(root, name, False, 1, "Original", seed, *RUNS[0][5:], timing={
+            k: ({kk: vv * seconds for kk, vv in v.items()} if isinstance(v, dict) else v * seconds)
+            for k, v in timing.items()})
+    write_run(root, "c", False, 2, "Original", 0, *RUNS[3][5:])  # no timing
+    E.main([f"--study={root}"])
+    md = open(os.path.join(root, "study.md")).read()
+    assert "| LoRA | 2 | 10.0 ± 4.7 | 20 |" in md and "| MoELoRA E=2 | 0 |  | 0 |" in md
+    assert "All timed runs: 20 minutes" in md and "No timing in: c." in md
