@@ -281,14 +281,27 @@ def read_records(data_dir, task, split, instructions="Original", path=None):
     return path, out
 
 
+def repeated_ids(recs):
+    """{index: index of the first record with the same question_id} for each later test record that repeats one
+    (the scorers pair a reply with its record by question_id, so each must be unique)."""
+    first, repeats = {}, {}
+    for i, rec, _ in recs:
+        if rec is not None and first.setdefault(str(rec["question_id"]), i) != i:
+            repeats[i] = first[str(rec["question_id"])]
+    return repeats
+
+
+def repeated_id_problem(i, rec, first):
+    return (f"record {i} (question_id {rec['question_id']!r}): question_id already used by record {first} "
+            "(make it unique)")
+
+
 def read_or_raise(data_dir, task, split, instructions, path=None):
     """The records of one task file (or of `path`); the first bad record raises, naming the file and the record."""
     path, recs = read_records(data_dir, task, split, instructions, path)
     bad = [p for _, _, p in recs if p]
     if split != "train":
-        first = {}
-        bad += [f"record {i}: question_id {ex['question_id']!r} already used by record {first[str(ex['question_id'])]}"
-                for i, ex, _ in recs if ex and first.setdefault(str(ex["question_id"]), i) != i]
+        bad += [repeated_id_problem(i, recs[i][1], first) for i, first in repeated_ids(recs).items()]
     if bad:
         raise cli.UserError(f"{path}: {bad[0]}")
     return [ex for _, ex, _ in recs]
@@ -346,15 +359,13 @@ def check_split(data_dir, task, split, instructions, image_dir, open_images=True
     loss to learn from; a blank test answer would score any reply right or wrong by accident). Decoding every image
     takes minutes at CoIN's size; reading headers takes seconds."""
     path, recs = read_records(data_dir, task, split, instructions)
-    good, problems, seen = [], [], {}
+    good, problems = [], []
+    repeats = repeated_ids(recs) if split != "train" else {}
     for i, rec, problem in recs:
         kind = "malformed" if problem else None
         name = f"record {i}" + (f" (question_id {rec['question_id']!r})" if rec and "question_id" in rec else "")
-        if rec is not None and split != "train":
-            qid = str(rec["question_id"])
-            if qid in seen:
-                kind, problem = "malformed", f"{name}: question_id already used by record {seen[qid]} (make it unique)"
-            seen.setdefault(qid, i)
+        if i in repeats:
+            kind, problem = "malformed", repeated_id_problem(i, rec, repeats[i])
         if kind is None and rec is not None and not rec.get("image") and task not in TEXT_ONLY_ALLOWED:
             kind, problem = "malformed", f"{name}: no `image`; every {task} question is about an image (add its path)"
         if kind is None and rec is not None and rec.get("image"):

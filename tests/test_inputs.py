@@ -351,4 +351,5 @@ def test_one_prediction_file_with_a_bad_test_file(mini_data, tmp_path, capsys):
     assert status == 2 and f"{test_file}: holds an object, not a list of records" in err, err
     test_file.write_text(json.dumps(recs + recs[:1]))
     status, err = refused(E.main, [f"--predictions={preds}", "--task=GQA", f"--test_file={test_file}"], capsys)
-    assert status == 2 and f"question_id {recs[0]['question_id']!r} already used by record 0" in err, err
+    assert status == 2 and (f"(question_id {recs[0]['question_id']!r}): question_id already used by record 0 "
+                            "(make it unique)") in err, err
