@@ -24,8 +24,8 @@ from torch.distributed.tensor import DTensor, distribute_tensor
 import cli
 import data
 from base_model import projector
-from methods import load_olora_state_dict, olora_layers, olora_state_dict
-from moelora import load_moelora_state_dict, moelora_parameters, moelora_state_dict
+from methods import olora_layers, olora_state_dict
+from moelora import load_weights, moelora_parameters
 
 # -----------------------------------------------------------------------------
 # Checkpoints: adapter + projector as safetensors with a readable meta.json, written atomically
@@ -131,16 +131,19 @@ def as_held_by(t, param):
     return distribute_tensor(t.to(param.device), param.device_mesh, param.placements, src_data_rank=None)
 
 
+def adapter_parameters(model):
+    """{checkpoint key: parameter} of the adapter: MoELoRA's, or O-LoRA's every subspace (the frozen ones too)."""
+    return olora_state_dict(model) if olora_layers(model) else dict(moelora_parameters(model))
+
+
 def trainable_parameters(model):
-    """{checkpoint key: parameter} of the adapter (O-LoRA: every subspace) and the projector."""
-    return {**(olora_state_dict(model) if olora_layers(model) else dict(moelora_parameters(model))),
-            **{f"projector.{k}": p for k, p in projector(model).named_parameters()}}
+    """{checkpoint key: parameter} of the adapter and the projector."""
+    return {**adapter_parameters(model), **{f"projector.{k}": p for k, p in projector(model).named_parameters()}}
 
 
 def trainable_state_dict(model):
     """The adapter's and projector's weights, whole, on the CPU (every rank calls it: a sharded model gathers)."""
-    sd = olora_state_dict(model) if olora_layers(model) else moelora_state_dict(model)  # O-LoRA: every subspace
-    sd.update({f"projector.{k}": v for k, v in projector(model).state_dict().items()})
+    sd = {**adapter_parameters(model), **{f"projector.{k}": v for k, v in projector(model).state_dict().items()}}
     return {k: whole(v).detach().cpu().contiguous() for k, v in sd.items()}
 
 
@@ -222,9 +225,9 @@ def load_trainable(model, sd, path):
     own = trainable_parameters(model)
     sd = {k: as_held_by(v, own[k]) if k in own else v for k, v in sd.items()}  # --shard: this rank's shards
     proj = {k.removeprefix("projector."): v for k, v in sd.items() if k.startswith("projector.")}
-    load_adapter = load_olora_state_dict if olora_layers(model) else load_moelora_state_dict
     try:
-        load_adapter(model, {k: v for k, v in sd.items() if not k.startswith("projector.")})
+        load_weights(adapter_parameters(model), {k: v for k, v in sd.items() if not k.startswith("projector.")},
+                     "the model's adapter")
         projector(model).load_state_dict(proj, strict=True)
     except (KeyError, ValueError, RuntimeError) as e:
         raise cli.UserError(f"{path}: not a checkpoint of this model (another --base, --lora_r, --experts or "

@@ -22,6 +22,8 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
+from moelora import load_weights
+
 METHODS = ("sequential", "replay", "ewc", "lwf", "olora")
 
 
@@ -216,13 +218,8 @@ def olora_state_dict(model):
 
 def load_olora_state_dict(model, sd):
     """Strict: `sd` must hold exactly the model's subspaces (rebuild as many with add_olora_subspace first), of the
-    same shapes (torch's load_state_dict checks them: a RuntimeError naming the weight)."""
-    own = olora_state_dict(model)
-    missing, unexpected = sorted(own.keys() - sd.keys()), sorted(sd.keys() - own.keys())
-    if missing or unexpected:
-        raise KeyError(f"O-LoRA state dict does not match the model's subspaces: {len(missing)} missing "
-                       f"{missing[:5]}, {len(unexpected)} unexpected {unexpected[:5]} (first 5 of each shown)")
-    model.load_state_dict(sd, strict=False)  # strict=False: sd holds the subspaces only, not the base
+    same shapes."""
+    load_weights(olora_state_dict(model), sd, "the model's O-LoRA subspaces")
 
 
 def olora_orthogonality(model):

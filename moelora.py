@@ -323,10 +323,15 @@ def moelora_state_dict(model):
 
 def load_moelora_state_dict(model, sd):
     """Strict load: sd must hold exactly the model's adapter weights, with the same shapes."""
-    own = dict(moelora_parameters(model))
+    load_weights(dict(moelora_parameters(model)), sd, "the model's MoELoRA layers")
+
+
+def load_weights(own, sd, what):
+    """Copy sd into own ({name: parameter}, e.g. the adapter's), strictly: the same names, the same shapes.
+    what: whose weights own are, for the error."""
     missing, unexpected = sorted(own.keys() - sd.keys()), sorted(sd.keys() - own.keys())
     if missing or unexpected:
-        raise KeyError(f"adapter state dict does not match the model's MoELoRA layers: {len(missing)} missing "
+        raise KeyError(f"adapter state dict does not match {what}: {len(missing)} missing "
                        f"{missing[:5]}, {len(unexpected)} unexpected {unexpected[:5]} (first 5 of each shown)")
     for name, p in own.items():
         if p.shape != sd[name].shape:
