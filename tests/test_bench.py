@@ -36,3 +36,17 @@ def test_methods_bench_runs(tmp_path):
     for method in ("sequential", "replay", "ewc", "lwf", "olora"):
         assert f"| {method} | " in proc.stdout, proc.stdout
     assert "EWC's Fisher, once per task: 2 records" in proc.stdout
+
+
+def test_moelora_bench_at_tiny_shapes():
+    """bench/moelora.py, two rounds at a toy shape: every variant's row and every target's verdict are printed (the
+    verdicts themselves are about timings: not asserted); a bad setting is one error line."""
+    proc = subprocess.run([sys.executable, "bench/moelora.py", "--shapes=64x96", "--tokens=8", "--r=8", "--rounds=2",
+                           "--threads=1", "--dropout=0.05"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for row in ("base linear alone", "LoRA r=8 (moelora.py, E=1)", "MoELoRA E=8 r=8 (moelora.py)",
+                "per-expert loop E=8 r=8", "MoE / LoRA time", "MoE / LoRA saved activations"):
+        assert row in proc.stdout, proc.stdout
+    bad = subprocess.run([sys.executable, "bench/moelora.py", "--shapes=64", "--dropout=1"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and bad.stderr.startswith("error: --dropout=1.0: must be in [0, 1)"), bad.stderr
