@@ -38,7 +38,6 @@ import time
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -110,8 +109,7 @@ def train_step(model, opt, params, b):
     """coin.py's optimizer step on one micro-batch: sum of answer-token CE / answer tokens, backward, clip, AdamW."""
     logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"],
                    pixel_values=b["pixel_values"]).logits  # (B, T, vocab)
-    ce = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), b["labels"][:, 1:].flatten(), reduction="sum")
-    (ce / (b["labels"] != -100).sum()).backward()
+    (coin.answer_ce(logits, b["labels"]) / (b["labels"][:, 1:] != -100).sum()).backward()
     torch.nn.utils.clip_grad_norm_(params, 1.0)
     opt.step()
     opt.zero_grad(set_to_none=True)

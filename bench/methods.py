@@ -26,12 +26,12 @@ import time
 # passive OpenMP waits on a shared machine (see bench/moelora.py); set before torch loads OpenMP
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 
 # the repository first: `import methods` is the top-level methods.py, not this script (Python puts bench/ first)
 sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.append(os.path.dirname(os.path.abspath(__file__)))  # bench/train_step.py's tiny model and batch
 import cli  # noqa: E402
+import coin  # noqa: E402
 import methods  # noqa: E402
 from moelora import language_model_linears  # noqa: E402
 from train_step import SIZES, batch_for, build, prepare  # noqa: E402
@@ -55,9 +55,8 @@ def prepare_olora(tasks_before, dropout):
 
 
 def answer_ce(logits, labels):
-    """Sum of answer-token cross-entropies over the batch's answer-token count: coin's loss for one micro-batch."""
-    ce = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), reduction="sum")
-    return ce / (labels[:, 1:] != -100).sum()
+    """coin's loss for one micro-batch: the sum of answer-token cross-entropies over the answer-token count."""
+    return coin.answer_ce(logits, labels) / (labels[:, 1:] != -100).sum()
 
 
 def step(method, model, opt, b, state):
