@@ -60,6 +60,8 @@ SEQUENTIAL = "sequential"  # plain sequential tuning: the paper's LoRA and MoELo
 METHOD_NAMES = {"lwf": "LwF", "ewc": "EWC", "replay": "Replay", "olora": "O-LoRA"}
 METHOD_ORDER = (SEQUENTIAL, *METHOD_NAMES)
 CHANCE_TIMES = 3  # a task is learned when its score right after training reaches 3 x chance
+FLAG_NOTE = (f"† k: k of the method's runs score some task under {CHANCE_TIMES} x chance right after training it: "
+             "not learned, so BWT there measures the loss of a format never learned.")
 Method = collections.namedtuple("Method", STUDY_FACTORS)  # what a run's config says it is; runs are grouped by it
 LORA = Method(multitask=False, experts=1, instructions=ORIGINAL, method=SEQUENTIAL)  # sequential LoRA, the baseline
 
@@ -267,8 +269,30 @@ def study_main_table(groups, tasks, which, chance=None):
         flagged += count
         lines.append(f"| {method_name(key)} | {len(summaries)} | " + " | ".join(cells) + " |")
     if flagged:
-        lines += ["", f"† k: k of the method's runs score some task under {CHANCE_TIMES} x chance right after "
-                      "training it: not learned, so BWT there measures the loss of a format never learned."]
+        lines += ["", FLAG_NOTE]
+    return "\n".join(lines)
+
+
+def study_summary_table(groups, tasks, chance=None):
+    """The main table's aggregates only, Instruction Following then General Knowledge: a row per method (Original
+    instructions), MFT, MFN, MAA and BWT, each mean ± std over seeds; zero-shot and multi-task have MFN only. † k on
+    the MFT as in study_main_table."""
+    keys = ("MFT", "MFN", "MAA", "BWT")
+    lines = ["| method | n | " + " | ".join(keys) + " | GK " + " | GK ".join(keys) + " |", "|---" * 10 + "|"]
+    zero_shots = zero_shot_rows(groups)
+    if zero_shots:
+        lines.append(f"| zero-shot | {len(zero_shots)} |  | {mean_pm_std(mean_of_all(z['if']) for z in zero_shots)}"
+                     f" |  |  |  | {mean_pm_std(mean_of_all(z['gk']) for z in zero_shots)} |  |  |")
+    flagged = 0
+    for key in sorted((k for k in groups if k.instructions == ORIGINAL), key=method_order):
+        runs = groups[key]
+        cells = [mean_pm_std(r[which][k] for r in runs) for which in ("if", "gk") for k in keys]
+        count = sum(1 for r in runs if not_learned(r, tasks, chance))
+        cells[0] += flag_mark(count)
+        flagged += count
+        lines.append(f"| {method_name(key)} | {len(runs)} | " + " | ".join(cells) + " |")
+    if flagged:
+        lines += ["", FLAG_NOTE]
     return "\n".join(lines)
 
 
@@ -680,7 +704,7 @@ def write_study(root):
 #   diagonal RUN...  each run's diagonal (Instruction Following) and its mean, under a 3 x chance row and the first
 #                    run's zero-shot row
 #   compare RUN...   what python eval.py --compare=RUN,... prints
-#   study DIR        the study's Instruction Following main table and its findings in two columns
+#   study DIR        the study's aggregates (study_summary_table) and its findings in two columns
 #   study-full DIR   DIR/study.md (python eval.py --study=DIR writes it) after its title, without its plot
 
 FIGURES = re.compile(r"(<!-- figures: ([^\n]*?) -->\n)(.*?)(<!-- /figures -->)", re.S)
@@ -731,13 +755,14 @@ def diagonal_block(runs):
 
 
 def study_block(root):
-    """The study's Instruction Following main table and its findings in two columns."""
+    """The study's aggregates (MFT, MFN, MAA, BWT; Instruction Following and General Knowledge) and its findings in
+    two columns."""
     groups, shared, _ = read_study(root)
     if not groups:
         raise cli.UserError(f"{root}: no finished run (python eval.py --study={root} says more)")
     tasks = next(iter(groups.values()))[0]["tasks"]
     chance, note = chance_levels(shared, tasks)
-    return study_main_table(groups, tasks, "if", chance) + "\n\n" + claims_table(groups, tasks, chance or note)
+    return study_summary_table(groups, tasks, chance) + "\n\n" + claims_table(groups, tasks, chance or note)
 
 
 def study_full_block(root):
