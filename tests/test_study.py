@@ -316,6 +316,31 @@ def test_groups_by_method_and_names_the_rows(method_study):
     assert "| **not resolved**: +10.8 ± 3.0 (E=8) |" not in compact and "| **yes**: -18.3 ± 2.9 |" in compact
 
 
+def test_robustness_rows_of_claim_5_and_the_peers(tmp_path):
+    """Claim 5 and the peers' ordering again on BWT over the tasks each run learned: an O-LoRA that never learns
+    TextVQA (diagonal 5 < 3 x chance 30) looks as if it forgot little, and over what it learned forgets the most."""
+    root, data_dir = str(tmp_path / "study"), data_dir_with_chance(tmp_path)
+    for run in RUNS[:3]:
+        write_run(root, *run, data_dir=data_dir)
+    for name, experts, method, seed, m in METHOD_RUNS[:8]:
+        write_run(root, name, False, experts, "Original", seed, m, m, method=method, data_dir=data_dir)
+    for seed, kept in ((0, 40), (1, 50)):  # BWT -20 and -15; over ScienceQA alone -40 and -30
+        m = [[80, None], [kept, 5]]
+        write_run(root, f"olora-{seed}", False, 1, "Original", seed, m, m, method="olora", data_dir=data_dir)
+    groups, shared, _ = S.read_study(root)
+    claims = S.study_claims(groups, TASKS, S.chance_levels(shared, TASKS)[0])
+    assert ("- **Robustness**, claim 5, MoELoRA E=8 forgets less than LwF and EWC: BWT over the tasks each run learned "
+            "minus LwF (LoRA) +17.5 ± 5.6 (**higher**: forgets less), EWC (LoRA) +5.0 ± 3.5 (**not resolved**, within "
+            "2 spreads of 0)") in claims  # every run of these learned both tasks: as claim 5
+    # O-LoRA -40, -30: -35 ± 7.07, minus MoELoRA E=8 -7.5 ± 3.54: -27.5, se sqrt(50 / 2 + 12.5 / 2) = 5.6
+    assert ("- **Robustness**, the peers, Replay and O-LoRA forget least: BWT over the tasks each run learned means, "
+            "highest first: Replay (LoRA) -1.5, MoELoRA E=8 -7.5, EWC (LoRA) -12.5, LoRA -18.3, LwF (LoRA) -25.0, "
+            "O-LoRA -35.0; Replay (LoRA) and O-LoRA above every other: **no**; minus the best other, MoELoRA E=8: "
+            "Replay +6.0 ± 2.5 (**higher**: forgets less), O-LoRA -27.5 ± 5.6 (**lower**: forgets more)") in claims
+    assert any(c.startswith("- **Peers**, Replay and O-LoRA forget least: BWT means, highest first: Replay (LoRA) "
+                            "-1.5, MoELoRA E=8 -7.5, EWC (LoRA) -12.5, O-LoRA -17.5,") for c in claims)
+
+
 def test_claim_5_says_when_it_cannot_be_tested(study):
     claims = S.study_claims(S.read_study(study)[0])
     assert ("- **Claim 5**, MoELoRA forgets less than LwF and EWC: not tested, no finished LwF or EWC "
