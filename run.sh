@@ -53,14 +53,11 @@ phase "4. comparison"
 # Every task's train records, as section 3 trains them (STUDY_MAX_TRAIN=0): the tiny model learns ScienceQA's letter
 # from ~6,000 records and Grounding's box from ~9,000, so on fewer a run's diagonal sits near chance there and its
 # BWT measures the loss of a format never learned (eval.py --study flags such runs with a †).
-# Cost, estimated from section 3: the pair there, one thread each side by side, takes ~520 s on idle cores, so one
-# full-size run takes ~500 s of one core (two study runs side by side measured ~11 min with other jobs running); 11
-# runs per seed at STUDY_JOBS=2 take ~46 min per seed, and the 4 seeds ~3.1 h (44 runs), plus what LwF (a teacher
-# forward), EWC (a Fisher per task), Replay (10% more records) and O-LoRA (a subspace per task) add per step. 4 seeds:
-# with the spreads of 3 seeds at 1,500 records per task (STUDY_SEEDS="0 1 2" STUDY_MAX_TRAIN=1500; BWT sd LoRA 3.9,
-# MoELoRA E=8 2.0), a BWT gain as large as the paper's (+6.7) is resolved beyond 2 standard errors with 80%
-# probability (2 seeds: an even chance; E=2 and E=4 spread more and need 6 and 12). study.md
-# recomputes this from the spreads it measures ("Seeds the MoELoRA claim needs").
+# Cost, measured (study.md's "Cost"): a run takes 6-8 min of one core beside another, 305 min for the 44 runs; at
+# STUDY_JOBS=2 on 2 cores the study took 2 h 45 min (~40-45 min a seed). 4 seeds: with the BWT spreads the study
+# measured (sd LoRA 4.5, MoELoRA E=8 2.7), a BWT gain as large as the paper's (+6.7 at E = 8) is resolved beyond 2
+# standard errors with an even chance from 3 seeds, 80% from 5; the measured gains (+8.5 to +11.4) are, at every E.
+# study.md recomputes this from the spreads it measures ("Seeds the MoELoRA claim needs").
 # Interrupted? Run the same command again: every run resumes into its folder (a finished one is skipped).
 # Sizes are settings of the runs: to change STUDY_MAX_TRAIN use another STUDY_OUT. Each run logs to
 # <out>/<run>/log.txt; then eval.py --study (study.py) writes out/study/study.md and study_curves.png.
