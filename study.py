@@ -33,7 +33,9 @@ when its mean lies more than 2 std from 0; a comparison of two methods (3, 5, th
 means lies more than 2 standard errors of that difference from 0 (difference_of_means). seeds_needed turns that rule
 around: the seeds per method that resolve a difference of a given size, given the spreads.
 """
+import ast
 import collections
+import functools
 import itertools
 import math
 import os
@@ -45,7 +47,11 @@ from PIL import Image, ImageDraw, ImageFont
 import cli
 import data
 
-STUDY_FACTORS = ("multitask", "experts", "instructions", "method")  # the settings that tell the methods apart
+STUDY_FACTORS = ("multitask", "experts", "instructions", "method", "strength")  # what tells the methods apart
+# each method's own settings (coin.py): they act under that method only. A run that changes one from coin.py's default
+# is a method of its own (its `strength`, named in its row), so one study can hold, e.g., EWC at two lambdas.
+METHOD_SETTINGS = {"replay": ("replay_ratio",), "ewc": ("ewc_lambda", "ewc_samples"),
+                   "lwf": ("lwf_alpha", "lwf_temperature"), "olora": ("olora_lambda1", "olora_lambda2")}
 # settings that cannot change the scores; the seed is what the spread is over. Every other setting must be the same
 # in all runs of a study (a study changes one thing at a time).
 STUDY_FREE = ("out", "seed", "threads", "resume", "save_every", "eval_batch", "grad_ckpt", "zero_shot")
@@ -62,7 +68,8 @@ METHOD_ORDER = (SEQUENTIAL, *METHOD_NAMES)
 CHANCE_TIMES = 3  # a task is learned when its score right after training reaches 3 x chance
 FLAG_NOTE = (f"† k: k of the method's runs score some task under {CHANCE_TIMES} x chance right after training it: "
              "not learned, so BWT there measures the loss of a format never learned.")
-Method = collections.namedtuple("Method", STUDY_FACTORS)  # what a run's config says it is; runs are grouped by it
+# what a run's config says it is; runs are grouped by it. strength: ((setting, value), ...) where not the default
+Method = collections.namedtuple("Method", STUDY_FACTORS, defaults=((),))
 LORA = Method(multitask=False, experts=1, instructions=ORIGINAL, method=SEQUENTIAL)  # sequential LoRA, the baseline
 
 
@@ -89,25 +96,36 @@ def mean_of_all(values):
 
 
 def method_name(key):
-    multitask, experts, instructions, method = key
+    multitask, experts, instructions, method, strength = key
     name = "LoRA" if experts == 1 else f"MoELoRA E={experts}"
     if method == "olora":
         name = "O-LoRA"  # its own adapter, a LoRA per task
     elif method != SEQUENTIAL:
         name = f"{METHOD_NAMES.get(method, method)} ({name})"
     name = f"multi-task ({name})" if multitask else name
-    return name if instructions == ORIGINAL else f"{name}, {instructions}"
+    name = name if instructions == ORIGINAL else f"{name}, {instructions}"
+    return ", ".join([name] + [f"--{k}={v:g}" for k, v in strength])
 
 
 def method_order(key):
     """Table order: multi-task first, then sequential LoRA and MoELoRA by E, then LwF, EWC, Replay, O-LoRA."""
     rank = METHOD_ORDER.index(key.method) if key.method in METHOD_ORDER else len(METHOD_ORDER)
-    return not key.multitask, rank, key.method, key.experts
+    return not key.multitask, rank, key.method, key.experts, key.strength
 
 
 def run_key(cfg):
     """A run's Method from its config: one without `multitask` is not multi-task, one without `method` sequential."""
-    return Method(cfg.get("multitask", False), cfg["experts"], cfg["instructions"], cfg.get("method", SEQUENTIAL))
+    method = cfg.get("method", SEQUENTIAL)
+    defaults = method_defaults()
+    strength = tuple((k, cfg[k]) for k in METHOD_SETTINGS.get(method, ()) if k in cfg and cfg[k] != defaults[k])
+    return Method(cfg.get("multitask", False), cfg["experts"], cfg["instructions"], method, strength)
+
+
+@functools.cache
+def method_defaults():
+    """{setting: coin.py's default} of every METHOD_SETTINGS setting, read from coin.py's source (no torch import)."""
+    docs = cli.read_setting_docs(os.path.join(os.path.dirname(os.path.abspath(__file__)), "coin.py"), "Config")
+    return {d.name: ast.literal_eval(d.default) for d in docs if any(d.name in v for v in METHOD_SETTINGS.values())}
 
 
 def summarise_run(res):
@@ -155,15 +173,16 @@ def read_study(root):
         if not finished(res):
             unfinished.append(name if key.multitask else f"{name} ({res['stages']}/{T} stages)")
             continue
-        rest = {k: v for k, v in cfg.items() if k not in STUDY_FACTORS + STUDY_FREE}
+        own = tuple(itertools.chain(*METHOD_SETTINGS.values()))  # in the key where the run's method reads them
+        rest = {k: v for k, v in cfg.items() if k not in STUDY_FACTORS + STUDY_FREE + own}
         if shared is None:
             shared, first = rest, name
         for k in shared.keys() | rest.keys():
             if shared.get(k) != rest.get(k):
                 raise cli.UserError(f"{path}: --{k}={rest.get(k)!r}, but {first} has --{k}={shared.get(k)!r}; a "
                                     "study compares runs that differ only in --multitask, --experts, --instructions, "
-                                    "--method and --seed (move that run out of the folder, or give it a study of its "
-                                    "own)")
+                                    "--method and its settings, and --seed (move that run out of the folder, or give "
+                                    "it a study of its own)")
         run = {"name": name, **summarise_run(res)}
         twin = [r["name"] for r in groups.get(key, []) if r["seed"] == run["seed"]]
         if twin:
@@ -493,7 +512,7 @@ def method_findings(groups, value=None):
     claim, line = ("robustness: ", "- **Robustness**, ") if robust else ("", "- ")
     over = " over the tasks each run learned" if robust else ""
     found, moes = [], [k for k in sequential_methods(groups) if k.experts > 1]
-    by_method = {k.method: k for k in other_methods(groups) if k.experts == 1}
+    by_method = {k.method: k for k in other_methods(groups) if k.experts == 1 and not k.strength}  # the defaults
     baselines = [by_method[m] for m in ("lwf", "ewc") if m in by_method]
     if moes and baselines:
         moe, items, parts = moes[-1], [], []

@@ -53,8 +53,8 @@ def study(tmp_path):
 
 def test_groups_by_config_and_skips_unfinished(study):
     groups, shared, unfinished = S.read_study(study)
-    assert sorted(groups) == [(False, 1, "Diverse", "sequential"), (False, 1, "Original", "sequential"),
-                              (False, 2, "Original", "sequential"), (True, 1, "Original", "sequential")]
+    assert sorted(groups) == [(False, 1, "Diverse", "sequential", ()), (False, 1, "Original", "sequential", ()),
+                              (False, 2, "Original", "sequential", ()), (True, 1, "Original", "sequential", ())]
     assert [r["name"] for r in groups[S.LORA]] == ["a", "b", "c"] and [r["seed"] for r in groups[S.LORA]] == [0, 1, 2]
     assert unfinished == ["unfinished (1/2 stages)"] and shared["max_train"] == 1500
 
@@ -339,6 +339,30 @@ def test_robustness_rows_of_claim_5_and_the_peers(tmp_path):
             "Replay +6.0 ± 2.5 (**higher**: forgets less), O-LoRA -27.5 ± 5.6 (**lower**: forgets more)") in claims
     assert any(c.startswith("- **Peers**, Replay and O-LoRA forget least: BWT means, highest first: Replay (LoRA) "
                             "-1.5, MoELoRA E=8 -7.5, EWC (LoRA) -12.5, O-LoRA -17.5,") for c in claims)
+
+
+def test_a_method_at_another_strength_is_a_row_of_its_own(tmp_path):
+    """EWC at coin.py's default lambda and at 1e4 in one study: two rows, the second named by its setting; the claims
+    compare with the default one; a setting of another method (lwf_alpha in an EWC run) does not split a study."""
+    root = str(tmp_path / "study")
+    for run in RUNS[:5]:  # LoRA and MoELoRA E=2 (BWT -10, -5)
+        write_run(root, *run)
+    ewc = [(0, -15, 0.1), (1, -10, 0.1), (0, -2, 1e4), (1, -4, 1e4)]
+    for i, (seed, bwt, lam) in enumerate(ewc):
+        m = [[80, None], [80 + 2 * bwt, 70]]
+        write_run(root, f"ewc{i}", False, 1, "Original", seed, m, m, method="ewc", ewc_lambda=lam, ewc_samples=1000,
+                  lwf_alpha=0.1 if i else 0.5)
+    groups = S.read_study(root)[0]
+    default = S.Method(False, 1, "Original", "ewc")
+    strong = S.Method(False, 1, "Original", "ewc", (("ewc_lambda", 1e4),))
+    assert [r["name"] for r in groups[default]] == ["ewc0", "ewc1"] and [r["name"] for r in groups[strong]] == [
+        "ewc2", "ewc3"]
+    assert S.method_name(strong) == "EWC (LoRA), --ewc_lambda=10000"
+    table = S.study_main_table(groups, TASKS, "if")
+    assert table.index("| EWC (LoRA) | 2 |") < table.index("| EWC (LoRA), --ewc_lambda=10000 | 2 |")
+    claim_5 = S.method_findings(groups)[0]  # E=2 -7.5 ± 3.54 minus the default EWC's -12.5 ± 3.54 (1e4's: -3.0)
+    assert claim_5["claim"].startswith("5. ") and claim_5["result"] == "**not resolved**: +5.0 ± 3.5 (EWC)"
+    assert S.method_defaults()["ewc_lambda"] == 0.1  # read from coin.py's Config, as coin.py --help shows it
 
 
 def test_claim_5_says_when_it_cannot_be_tested(study):
