@@ -225,9 +225,9 @@ def load_trainable(model, sd, path):
     own = trainable_parameters(model)
     sd = {k: as_held_by(v, own[k]) if k in own else v for k, v in sd.items()}  # --shard: this rank's shards
     proj = {k.removeprefix("projector."): v for k, v in sd.items() if k.startswith("projector.")}
+    adapter = {k: p for k, p in own.items() if not k.startswith("projector.")}
     try:
-        load_weights(adapter_parameters(model), {k: v for k, v in sd.items() if not k.startswith("projector.")},
-                     "the model's adapter")
+        load_weights(adapter, {k: v for k, v in sd.items() if not k.startswith("projector.")}, "the model's adapter")
         projector(model).load_state_dict(proj, strict=True)
     except (KeyError, ValueError, RuntimeError) as e:
         raise cli.UserError(f"{path}: not a checkpoint of this model (another --base, --lora_r, --experts or "

@@ -22,8 +22,6 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from moelora import load_weights
-
 METHODS = ("sequential", "replay", "ewc", "lwf", "olora")
 
 
@@ -214,12 +212,6 @@ def olora_state_dict(model):
     """Every subspace of every O-LoRA layer, the frozen ones too, keyed as in model.state_dict()."""
     return {f"{module_name}.{name}": p for module_name, m in model.named_modules() if isinstance(m, OLoRALinear)
             for name, p in m.named_parameters() if not name.startswith("base.")}
-
-
-def load_olora_state_dict(model, sd):
-    """Strict: `sd` must hold exactly the model's subspaces (rebuild as many with add_olora_subspace first), of the
-    same shapes."""
-    load_weights(olora_state_dict(model), sd, "the model's O-LoRA subspaces")
 
 
 def olora_orthogonality(model):

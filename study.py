@@ -52,6 +52,7 @@ STUDY_FACTORS = ("multitask", "experts", "instructions", "method", "strength")  
 # is a method of its own (its `strength`, named in its row), so one study can hold, e.g., EWC at two lambdas.
 METHOD_SETTINGS = {"replay": ("replay_ratio",), "ewc": ("ewc_lambda", "ewc_samples"),
                    "lwf": ("lwf_alpha", "lwf_temperature"), "olora": ("olora_lambda1", "olora_lambda2")}
+METHOD_SETTING_NAMES = tuple(itertools.chain(*METHOD_SETTINGS.values()))
 # settings that cannot change the scores; the seed is what the spread is over. Every other setting must be the same
 # in all runs of a study (a study changes one thing at a time).
 STUDY_FREE = ("out", "seed", "threads", "resume", "save_every", "eval_batch", "grad_ckpt", "zero_shot")
@@ -125,7 +126,7 @@ def run_key(cfg):
 def method_defaults():
     """{setting: coin.py's default} of every METHOD_SETTINGS setting, read from coin.py's source (no torch import)."""
     docs = cli.read_setting_docs(os.path.join(os.path.dirname(os.path.abspath(__file__)), "coin.py"), "Config")
-    return {d.name: ast.literal_eval(d.default) for d in docs if any(d.name in v for v in METHOD_SETTINGS.values())}
+    return {d.name: ast.literal_eval(d.default) for d in docs if d.name in METHOD_SETTING_NAMES}
 
 
 def summarise_run(res):
@@ -173,8 +174,8 @@ def read_study(root):
         if not finished(res):
             unfinished.append(name if key.multitask else f"{name} ({res['stages']}/{T} stages)")
             continue
-        own = tuple(itertools.chain(*METHOD_SETTINGS.values()))  # in the key where the run's method reads them
-        rest = {k: v for k, v in cfg.items() if k not in STUDY_FACTORS + STUDY_FREE + own}
+        # a method's own settings are in the key where the run's method reads them, and act nowhere else
+        rest = {k: v for k, v in cfg.items() if k not in STUDY_FACTORS + STUDY_FREE + METHOD_SETTING_NAMES}
         if shared is None:
             shared, first = rest, name
         for k in shared.keys() | rest.keys():

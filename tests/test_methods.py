@@ -10,6 +10,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import methods
+from moelora import load_weights
 
 
 # -----------------------------------------------------------------------------
@@ -203,11 +204,11 @@ def test_olora_subspaces_are_seeded_by_stage_and_round_trip():
     sd = {k: v.detach().clone() for k, v in methods.olora_state_dict(a).items()}
     assert sorted(sd) == sorted(f"{layer}.lora_{m}.{i}" for layer in "02" for m in "AB" for i in range(2))
     with pytest.raises(KeyError, match="4 unexpected"):  # b has one subspace: rebuild two before loading
-        methods.load_olora_state_dict(b, sd)
+        load_weights(methods.olora_state_dict(b), sd, "b's subspaces")
     methods.add_olora_subspace(b, seed=5, stage=2)
     with pytest.raises(ValueError, match=r"adapter weight 0.lora_A.0: checkpoint shape \(3, 5\)"):
-        methods.load_olora_state_dict(b, {**sd, "0.lora_A.0": torch.zeros(3, 5)})
-    methods.load_olora_state_dict(b, sd)
+        load_weights(methods.olora_state_dict(b), {**sd, "0.lora_A.0": torch.zeros(3, 5)}, "b's subspaces")
+    load_weights(methods.olora_state_dict(b), sd, "b's subspaces")  # what checkpoint.load_trainable does
     x = torch.randn(2, 5)
     assert torch.equal(a(x), b(x))
 
