@@ -267,6 +267,20 @@ def flag_mark(count):
 # Tables
 
 
+def method_rows(groups, tasks, chance, cells, flag_at):
+    """The method rows of the main and summary tables: one per method with Original instructions, in method order,
+    | name | n | cells(runs) |, with † k on cell flag_at when k of its runs left a task under 3 x chance; then
+    FLAG_NOTE when any did."""
+    rows, flagged = [], 0
+    for key in sorted((k for k in groups if k.instructions == ORIGINAL), key=method_order):
+        runs = groups[key]
+        row, count = cells(runs), sum(1 for r in runs if not_learned(r, tasks, chance))
+        row[flag_at] += flag_mark(count)
+        flagged += count
+        rows.append(f"| {method_name(key)} | {len(runs)} | " + " | ".join(row) + " |")
+    return rows + (["", FLAG_NOTE] if flagged else [])
+
+
 def study_main_table(groups, tasks, which, chance=None):
     """The paper's main table for one metric ('if' or 'gk'): a row per method (Original instructions), the final row
     of the matrix per task, then MFT, MFN, MAA and BWT, each mean ± std over seeds. Zero-shot is the base before
@@ -279,18 +293,12 @@ def study_main_table(groups, tasks, which, chance=None):
         lines.append(f"| zero-shot | {len(zero_shots)} | "
                      + " | ".join(mean_pm_std(z[i] for z in zero_shots) for i in range(len(tasks)))
                      + f" |  | {mean_pm_std(mean_of_all(z) for z in zero_shots)} |  |  |")
-    flagged = 0
-    for key in sorted((k for k in groups if k.instructions == ORIGINAL), key=method_order):
-        summaries = [r[which] for r in groups[key]]
-        cells = [mean_pm_std(r["final"][i] for r in summaries) for i in range(len(tasks))]
-        cells += [mean_pm_std(r[k] for r in summaries) for k in ("MFT", "MFN", "MAA", "BWT")]
-        count = sum(1 for r in groups[key] if not_learned(r, tasks, chance))
-        cells[len(tasks)] += flag_mark(count)
-        flagged += count
-        lines.append(f"| {method_name(key)} | {len(summaries)} | " + " | ".join(cells) + " |")
-    if flagged:
-        lines += ["", FLAG_NOTE]
-    return "\n".join(lines)
+
+    def cells(runs):
+        summaries = [r[which] for r in runs]
+        return ([mean_pm_std(r["final"][i] for r in summaries) for i in range(len(tasks))]
+                + [mean_pm_std(r[k] for r in summaries) for k in ("MFT", "MFN", "MAA", "BWT")])
+    return "\n".join(lines + method_rows(groups, tasks, chance, cells, flag_at=len(tasks)))
 
 
 def study_summary_table(groups, tasks, chance=None):
@@ -303,17 +311,10 @@ def study_summary_table(groups, tasks, chance=None):
     if zero_shots:
         lines.append(f"| zero-shot | {len(zero_shots)} |  | {mean_pm_std(mean_of_all(z['if']) for z in zero_shots)}"
                      f" |  |  |  | {mean_pm_std(mean_of_all(z['gk']) for z in zero_shots)} |  |  |")
-    flagged = 0
-    for key in sorted((k for k in groups if k.instructions == ORIGINAL), key=method_order):
-        runs = groups[key]
-        cells = [mean_pm_std(r[which][k] for r in runs) for which in ("if", "gk") for k in keys]
-        count = sum(1 for r in runs if not_learned(r, tasks, chance))
-        cells[0] += flag_mark(count)
-        flagged += count
-        lines.append(f"| {method_name(key)} | {len(runs)} | " + " | ".join(cells) + " |")
-    if flagged:
-        lines += ["", FLAG_NOTE]
-    return "\n".join(lines)
+
+    def cells(runs):
+        return [mean_pm_std(r[which][k] for r in runs) for which in ("if", "gk") for k in keys]
+    return "\n".join(lines + method_rows(groups, tasks, chance, cells, flag_at=0))
 
 
 def study_diagonal_table(groups, tasks, which, chance=None):
