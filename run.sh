@@ -8,6 +8,11 @@ cd "$(dirname "$0")"
 export TOKENIZERS_PARALLELISM=false
 T0=$(date +%s); TSTART=$T0; PHASES=""
 phase() { PHASES+="$(printf '%-34s %5d s' "$1" $(( $(date +%s) - T0 )))\n"; T0=$(date +%s); }  # wall time per section
+STUDY_NAMES="multitask lora moelora-e2 moelora-e4 moelora-e8 lora-diverse lora-10type lwf ewc replay olora"
+for m in ${STUDY_METHODS:-}; do  # section 5's run names, checked before any work
+  [[ " $STUDY_NAMES " == *" $m "* ]] ||
+    { echo "STUDY_METHODS: no study run is named '$m'; the names: $STUDY_NAMES" >&2; exit 1; }
+done
 
 # --- 1. CoIN-mini: eight synthetic tasks in the official CoIN layout, plus the stage-0 caption corpus.
 # Seeded and deterministic (pillow only). ~35 s, ~360 MB in data/coin-mini. Kept if the folder already holds this
@@ -28,7 +33,8 @@ phase "2. tiny base"
 # One thread each on the 2 cores: a tiny model's step is mostly Python and small kernels, so one thread is only
 # ~12% slower than two (measured side by side: the pair took 524 s, LoRA alone at two threads 303 s). LoRA's
 # progress shows here; MoELoRA writes its own to out/moelora/log.txt. Adapter dropout off in both runs (official:
-# 0.05): on a CPU, the tiny model's MoELoRA step with per-expert dropout takes ~1.8x LoRA's (docs/performance.md).
+# 0.05): on a CPU, per-expert dropout makes a MoELoRA run take ~16 min instead of ~7 (LoRA ~10.5; docs/performance.md),
+# and on CoIN-mini it takes away MoELoRA's BWT gain over LoRA (docs/study.md, "With the paper's adapter dropout").
 mkdir -p out/moelora
 python coin.py --tasks=all --experts=8 --lora_dropout=0 --threads=1 --out=out/moelora > out/moelora/log.txt 2>&1 &
 MOE=$!
@@ -67,6 +73,7 @@ if [ "${STUDY:-0}" = 1 ] || [ "${1:-}" = study ]; then
   STUDY_MAX_TRAIN=${STUDY_MAX_TRAIN:-0}            # the first N train records of each task (0 = all): the study's size
   STUDY_JOBS=${STUDY_JOBS:-2}                      # runs at a time, --threads=1 each
   STUDY_ARGS=${STUDY_ARGS:-}                       # more coin.py settings for every run, e.g. "--max_test=100"
+  STUDY_METHODS=${STUDY_METHODS:-}                 # only these runs, named without -s<seed>, e.g. "lora moelora-e8"
   study_runs=()
   for s in $STUDY_SEEDS; do  # seed by seed, so a partial study already has every method
     study_runs+=("multitask-s$s --multitask=true --experts=1 --seed=$s --zero_shot=false" "lora-s$s --experts=1 --seed=$s"
@@ -78,6 +85,11 @@ if [ "${STUDY:-0}" = 1 ] || [ "${1:-}" = study ]; then
                  "replay-s$s --experts=1 --method=replay --seed=$s --zero_shot=false"
                  "olora-s$s --experts=1 --method=olora --seed=$s --zero_shot=false")
   done
+  if [ -n "$STUDY_METHODS" ]; then  # keep the runs whose name, less its -s<seed>, is listed
+    kept=()
+    for r in "${study_runs[@]}"; do name=${r%% *}; [[ " $STUDY_METHODS " == *" ${name%-s*} "* ]] && kept+=("$r"); done
+    study_runs=("${kept[@]}")
+  fi
   study_run() {  # <run name> <coin.py settings...>: one run, its output to its log
     local out="$STUDY_OUT/$1"; shift
     # a finished run (the last row of its results.json filled) is not started again: the tables need only its
