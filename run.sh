@@ -33,7 +33,7 @@ phase "2. tiny base"
 # One thread each on the 2 cores: a tiny model's step is mostly Python and small kernels, so one thread is only
 # ~12% slower than two (measured side by side: the pair took 524 s, LoRA alone at two threads 303 s). LoRA's
 # progress shows here; MoELoRA writes its own to out/moelora/log.txt. Adapter dropout off in both runs (official:
-# 0.05): on a CPU, per-expert dropout makes a MoELoRA run take ~16 min instead of ~7 (LoRA ~10.5; docs/performance.md),
+# 0.05): on a CPU, per-expert dropout makes a MoELoRA run take ~15 min instead of ~7 (LoRA ~10; docs/performance.md),
 # and on CoIN-mini it takes away MoELoRA's BWT gain over LoRA (docs/study.md, "With the paper's adapter dropout").
 mkdir -p out/moelora
 python coin.py --tasks=all --experts=8 --lora_dropout=0 --threads=1 --out=out/moelora > out/moelora/log.txt 2>&1 &

@@ -534,7 +534,7 @@ def method_findings(groups, value=None):
                       "lines": [f"- **Claim 5**, MoELoRA forgets less than LwF and EWC: not tested, no finished "
                                 f"{missing} runs"]})
     best = [by_method[m] for m in ("replay", "olora") if m in by_method]
-    others = [k for k in sequential_methods(groups) + other_methods(groups) if k not in best]
+    others = [k for k in sequential_methods(groups) + other_methods(groups) if k not in best and not k.strength]
     means = {k: mean_std(value(r) for r in groups[k])[0] for k in best + others}
     means = {k: m for k, m in means.items() if m is not None}  # none for a method that learned no task
     if best and any(k in means for k in others):

@@ -352,6 +352,9 @@ def test_a_method_at_another_strength_is_a_row_of_its_own(tmp_path):
         m = [[80, None], [80 + 2 * bwt, 70]]
         write_run(root, f"ewc{i}", False, 1, "Original", seed, m, m, method="ewc", ewc_lambda=lam, ewc_samples=1000,
                   lwf_alpha=0.1 if i else 0.5)
+    for seed, bwt in ((0, -1), (1, -2)):
+        m = [[80, None], [80 + 2 * bwt, 70]]
+        write_run(root, f"replay{seed}", False, 1, "Original", seed, m, m, method="replay", replay_ratio=0.1)
     groups = S.read_study(root)[0]
     default = S.Method(False, 1, "Original", "ewc")
     strong = S.Method(False, 1, "Original", "ewc", (("ewc_lambda", 1e4),))
@@ -360,8 +363,10 @@ def test_a_method_at_another_strength_is_a_row_of_its_own(tmp_path):
     assert S.method_name(strong) == "EWC (LoRA), --ewc_lambda=10000"
     table = S.study_main_table(groups, TASKS, "if")
     assert table.index("| EWC (LoRA) | 2 |") < table.index("| EWC (LoRA), --ewc_lambda=10000 | 2 |")
-    claim_5 = S.method_findings(groups)[0]  # E=2 -7.5 ± 3.54 minus the default EWC's -12.5 ± 3.54 (1e4's: -3.0)
+    claim_5, peers = S.method_findings(groups)  # E=2 -7.5 ± 3.54 minus the default EWC's -12.5 ± 3.54 (1e4's: -3.0)
     assert claim_5["claim"].startswith("5. ") and claim_5["result"] == "**not resolved**: +5.0 ± 3.5 (EWC)"
+    # the peers' ordering too: Replay (-1.5) against the best other default (E=2, -7.5), not against EWC at 1e4
+    assert peers["result"] == "**yes**; **higher**: Replay +6.0 ± 2.5 against MoELoRA E=2", peers["result"]
     assert S.method_defaults()["ewc_lambda"] == 0.1  # read from coin.py's Config, as coin.py --help shows it
 
 
