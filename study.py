@@ -514,7 +514,8 @@ def method_findings(groups, value=None):
     claim, line = ("robustness: ", "- **Robustness**, ") if robust else ("", "- ")
     over = " over the tasks each run learned" if robust else ""
     found, moes = [], [k for k in sequential_methods(groups) if k.experts > 1]
-    by_method = {k.method: k for k in other_methods(groups) if k.experts == 1 and not k.strength}  # the defaults
+    defaults = [k for k in other_methods(groups) if not k.strength]  # the claims compare coin.py's default strengths
+    by_method = {k.method: k for k in defaults if k.experts == 1}
     baselines = [by_method[m] for m in ("lwf", "ewc") if m in by_method]
     if moes and baselines:
         moe, items, parts = moes[-1], [], []
@@ -534,7 +535,7 @@ def method_findings(groups, value=None):
                       "lines": [f"- **Claim 5**, MoELoRA forgets less than LwF and EWC: not tested, no finished "
                                 f"{missing} runs"]})
     best = [by_method[m] for m in ("replay", "olora") if m in by_method]
-    others = [k for k in sequential_methods(groups) + other_methods(groups) if k not in best and not k.strength]
+    others = [k for k in sequential_methods(groups) + defaults if k not in best]
     means = {k: mean_std(value(r) for r in groups[k])[0] for k in best + others}
     means = {k: m for k, m in means.items() if m is not None}  # none for a method that learned no task
     if best and any(k in means for k in others):
