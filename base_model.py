@@ -19,6 +19,7 @@ from transformers import (AutoTokenizer, CLIPVisionConfig, CLIPVisionModel, Llam
 
 import cli
 import data
+from cli import print0
 
 # -----------------------------------------------------------------------------
 # The projector: the module that maps vision features into the language model's space (it trains with the adapter)
@@ -118,10 +119,10 @@ def corpus_texts(data_dir):
 # -----------------------------------------------------------------------------
 # Stage 0: pretrain the tiny base on captions (full fine-tuning, the same loop), as LLaVA's base saw captions only
 
-def pretrain_base(cfg, rank, world, device):
-    """Build the tiny base at --base, then train all its weights on the stage-0 captions with coin's own loop
-    (--stage0_epochs at --stage0_lr, cosine schedule) and save it over the random one."""
-    from coin import load_base, print0, train_one_task  # coin imports this module: its loop is imported on use
+def pretrain_base(cfg, rank, world, device, load_base, train_one_task):
+    """Build the tiny base at --base, then train all its weights on the stage-0 captions with coin's own loop (coin.py
+    passes its load_base and train_one_task) at --stage0_epochs, --stage0_lr, cosine schedule, and save it over the
+    random one."""
     cfg = dataclasses.replace(cfg, epochs=cfg.stage0_epochs, lr=cfg.stage0_lr, schedule="cosine")
     texts = corpus_texts(cfg.data_dir)
     if rank == 0:

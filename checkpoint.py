@@ -24,8 +24,8 @@ from torch.distributed.tensor import DTensor, distribute_tensor
 import cli
 import data
 from base_model import projector
-from methods import olora_layers, olora_state_dict
-from moelora import load_weights, moelora_parameters
+from methods import METHODS
+from moelora import adapter_parameters, load_weights
 
 # -----------------------------------------------------------------------------
 # Checkpoints: adapter + projector as safetensors with a readable meta.json, written atomically
@@ -35,8 +35,9 @@ from moelora import load_weights, moelora_parameters
 # renamed, so a kill at any moment leaves the previous version or the new one, never half a file. --out must be one
 # folder that every rank sees (shared storage on several nodes): rank 0 writes, all ranks read.
 MIDSTAGE = "midstage.pt"
-# EWC (--method=ewc): the Fisher summed over the tasks so far, saved with the stage that adds its task's (not the last)
-FISHER = "fisher.safetensors"
+# The continual-learning method's state after the stage (what its end_stage returned, e.g. EWC's Fisher summed over
+# the tasks so far), handed to the next stage's start; absent when the method keeps nothing
+METHOD_STATE = "method_state.safetensors"
 
 # A finished stage's meta.json and a mid-stage file carry a checksum of their tensors (tensor_checksum): a file
 # damaged on disk is refused on resume, naming the stage that deleting it retrains, instead of training on garbage.
@@ -88,8 +89,9 @@ def run_info(cfg, world, inputs, global_batch):
 
 def setting_defaults(cfg):
     """{setting: the value a run written before that setting existed had in effect}: its default in cfg's dataclass,
-    or what BEFORE_ADDED says."""
-    return {f.name: BEFORE_ADDED.get(f.name, f.default) for f in dataclasses.fields(cfg)}
+    or what BEFORE_ADDED or its method's class (methods.Method.before_added) says."""
+    before = {**BEFORE_ADDED, **{k: v for cls in METHODS.values() for k, v in cls.before_added.items()}}
+    return {f.name: before.get(f.name, f.default) for f in dataclasses.fields(cfg)}
 
 
 def check_same_run(saved, info, path, defaults):
@@ -131,19 +133,16 @@ def as_held_by(t, param):
     return distribute_tensor(t.to(param.device), param.device_mesh, param.placements, src_data_rank=None)
 
 
-def adapter_parameters(model):
-    """{checkpoint key: parameter} of the adapter: MoELoRA's, or O-LoRA's every subspace (the frozen ones too)."""
-    return olora_state_dict(model) if olora_layers(model) else dict(moelora_parameters(model))
-
-
 def trainable_parameters(model):
-    """{checkpoint key: parameter} of the adapter and the projector."""
-    return {**adapter_parameters(model), **{f"projector.{k}": p for k, p in projector(model).named_parameters()}}
+    """{checkpoint key: parameter} of the adapter (every AdapterLayer's weights, frozen ones too) and the projector."""
+    return {**dict(adapter_parameters(model)),
+            **{f"projector.{k}": p for k, p in projector(model).named_parameters()}}
 
 
 def trainable_state_dict(model):
     """The adapter's and projector's weights, whole, on the CPU (every rank calls it: a sharded model gathers)."""
-    sd = {**adapter_parameters(model), **{f"projector.{k}": v for k, v in projector(model).state_dict().items()}}
+    sd = {**dict(adapter_parameters(model)),
+          **{f"projector.{k}": v for k, v in projector(model).state_dict().items()}}
     return {k: whole(v).detach().cpu().contiguous() for k, v in sd.items()}
 
 
@@ -199,22 +198,24 @@ def finite_or_raise(sd, path, step):
                             f"{step}; the last good checkpoint stays (try a lower --lr)")
 
 
-def save_checkpoint(model, stage_dir, meta, rank, tensors=None):
-    """The end of a stage: adapter.safetensors and a method's state for the stages after it (`tensors`: {file name:
-    {name: tensor}}, EWC's Fisher), then meta.json with their checksums (the stage is finished), then the mid-stage
-    file goes. Every rank calls it (a sharded model's weights are gathered from all); rank 0 writes."""
+def save_checkpoint(model, stage_dir, meta, rank, state=None):
+    """The end of a stage: adapter.safetensors and the method's state for the stages after it (`state`: {name:
+    tensor}, what its end_stage returned; no file when empty), then meta.json with their checksums (the stage is
+    finished), then the mid-stage file goes. Every rank calls it (a sharded model's weights are gathered from all);
+    rank 0 writes."""
     path = os.path.join(stage_dir, "adapter.safetensors")
     sd = trainable_state_dict(model)
     finite_or_raise(sd, path, meta["step"])
     if rank:
         return
     os.makedirs(stage_dir, exist_ok=True)
-    files = {"adapter.safetensors": sd, **{f: {k: v.detach().cpu().contiguous() for k, v in state.items()}
-                                           for f, state in (tensors or {}).items()}}
-    for file, state in files.items():
-        save_file(state, os.path.join(stage_dir, file) + ".tmp")
+    files = {"adapter.safetensors": sd}
+    if state:
+        files[METHOD_STATE] = {k: v.detach().cpu().contiguous() for k, v in state.items()}
+    for file, tensors in files.items():
+        save_file(tensors, os.path.join(stage_dir, file) + ".tmp")
         os.replace(os.path.join(stage_dir, file) + ".tmp", os.path.join(stage_dir, file))
-    checksums = {f"checksum_{file}": tensor_checksum(state) for file, state in files.items() if file in (tensors or {})}
+    checksums = {f"checksum_{METHOD_STATE}": tensor_checksum(files[METHOD_STATE])} if state else {}
     data.write_json(os.path.join(stage_dir, "meta.json"), {**meta, "checksum": tensor_checksum(sd), **checksums})
     if os.path.exists(os.path.join(stage_dir, MIDSTAGE)):
         os.remove(os.path.join(stage_dir, MIDSTAGE))
@@ -249,23 +250,17 @@ def read_stage_file(path, meta, checksum_key):
     return sd, checked
 
 
-def load_checkpoint(model, path, meta=None):
-    """Load a stage's adapter.safetensors into `model`, checked against the checksum in its `meta` (meta.json's
-    content) when given; returns the file's description (verify_checksum) for later messages."""
+def load_checkpoint(model, folder, meta=None):
+    """Load a stage's adapter.safetensors (in `folder`) into `model`, checked against the checksum in its `meta`
+    (meta.json's content) when given, and read the method's state it saved (checked the same way; {} when the stage
+    saved none). Returns (the adapter file's description (verify_checksum) for later messages, the state on the CPU)."""
+    path = os.path.join(folder, "adapter.safetensors")
     sd, checked = read_stage_file(path, meta, "checksum")
     load_trainable(model, sd, path)
-    return checked
-
-
-def load_fisher(cfg, stages, done, device):
-    """EWC: the Fisher the last finished stage saved, checked against its meta.json (none before the first stage, and
-    none after the last)."""
-    if not done or done == len(stages):
-        return None
-    folder = stage_dir(cfg, done - 1, stages[done - 1][0])
-    fisher, _ = read_stage_file(os.path.join(folder, FISHER), read_json_file(os.path.join(folder, "meta.json")),
-                                f"checksum_{FISHER}")
-    return {name: f.to(device) for name, f in fisher.items()}
+    state, key = {}, f"checksum_{METHOD_STATE}"
+    if meta is not None and key in meta:
+        state, _ = read_stage_file(os.path.join(folder, METHOD_STATE), meta, key)
+    return checked, state
 
 
 def save_midstage(path, model, opt, step, losses, info, rank, world, device):

@@ -26,6 +26,12 @@ class MissingFile(UserError, FileNotFoundError):
     """A user error about a file or folder that does not exist."""
 
 
+def print0(*a, **k):
+    """print, on rank 0 only (torchrun sets RANK), flushed."""
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(*a, **k, flush=True)
+
+
 def run(main, argv):
     """Call an entry point's main(argv); a UserError becomes its message on stderr (rank 0 only under torchrun: every
     rank checks the same inputs and would print the same lines) and exit status 2. main's return value is the exit
@@ -59,6 +65,53 @@ def read_setting_docs(path, class_name):
         source = f.read()
     node = next((n for n in ast.parse(source).body if isinstance(n, ast.ClassDef) and n.name == class_name), None)
     assert node is not None, f"{path} has no class {class_name}"
+    return docs_of_class(node, source)
+
+
+def read_method_settings(path):
+    """{method name: ([SettingDoc] of its Settings, its before_added)} of every class in the Python file `path` (coin's
+    methods.py) that sets `name = "..."`, read from the source as read_setting_docs does; a method without settings
+    has an empty list."""
+    with open(path) as f:
+        source = f.read()
+    out = {}
+    for node in ast.parse(source).body:
+        if not isinstance(node, ast.ClassDef):
+            continue
+        values = {t.id: n.value for n in node.body if isinstance(n, ast.Assign) for t in n.targets
+                  if isinstance(t, ast.Name)}
+        if "name" not in values:
+            continue
+        name = ast.literal_eval(values["name"])
+        settings = next((n for n in node.body if isinstance(n, ast.ClassDef) and n.name == "Settings"), None)
+        docs = docs_of_class(settings, source) if settings else []
+        for d in docs:
+            d.group = f"--method={name}"
+        out[name] = (docs, ast.literal_eval(values["before_added"]) if "before_added" in values else {})
+    return out
+
+
+def setting_docs(path, class_name, methods_path):
+    """[SettingDoc] of a command's whole settings: the dataclass `class_name` in `path`, then each method's own
+    (read_method_settings of `methods_path`, a path beside `path`'s file)."""
+    methods = read_method_settings(os.path.join(os.path.dirname(os.path.abspath(path)), methods_path))
+    return read_setting_docs(path, class_name) + [d for docs, _ in methods.values() for d in docs]
+
+
+def extend_settings(cls, more):
+    """A dataclass named as `cls`, in its module, with its fields then those of each dataclass in `more`: how
+    coin.py's Config takes in the methods' own settings. A name defined twice is an error."""
+    fields = [(f.name, f.type, dataclasses.field(default=f.default)) for c in [cls, *more]
+              for f in dataclasses.fields(c)]
+    names = [f[0] for f in fields]
+    assert len(set(names)) == len(names), f"a setting is defined twice: {sorted(n for n in names if names.count(n) > 1)}"
+    extended = dataclasses.make_dataclass(cls.__name__, fields)
+    extended.__module__ = cls.__module__
+    return extended
+
+
+def docs_of_class(node, source):
+    """[SettingDoc] of the dataclass whose ast.ClassDef is `node` in `source` (read_setting_docs)."""
     lines = source.splitlines()
     docs, group, block = [], "", []
     fields = {n.lineno: n for n in node.body if isinstance(n, ast.AnnAssign)}
@@ -100,9 +153,9 @@ def wants_help(argv):
     return any(a in ("-h", "--help") for a in argv)
 
 
-def exit_with_help(path, class_name, usage):
-    """Print `usage` and the help of the settings dataclass `class_name` written in `path`, then exit 0."""
-    print(help_text(read_setting_docs(path, class_name), usage))
+def exit_with_help(docs, usage):
+    """Print `usage` and the help of the settings `docs` ([SettingDoc]), then exit 0."""
+    print(help_text(docs, usage))
     sys.exit(0)
 
 
@@ -138,13 +191,14 @@ def convert(key, typ, text):
     return value, None
 
 
-def parse(cls, argv, usage, rules=None):
+def parse(cls, argv, usage, rules=None, docs=None):
     """(settings, the keys the command line gave) from `argv` over the dataclass `cls` (whose defaults give the
     types), each value checked against its rule in `rules` ({setting: Rule}, see check). `--help` prints `usage` and
-    every setting's help line, then exits. Every problem found, of any setting, goes into one UserError."""
+    every setting's help line (`docs`, default: read from `cls`'s source), then exits. Every problem found, of any
+    setting, goes into one UserError."""
     fields = {f.name: f for f in dataclasses.fields(cls)}
     if wants_help(argv):
-        exit_with_help(sys.modules[cls.__module__].__file__, cls.__name__, usage)
+        exit_with_help(docs or read_setting_docs(sys.modules[cls.__module__].__file__, cls.__name__), usage)
     values, problems, args = {}, [], list(argv)
     hint = f"`python {os.path.basename(sys.modules[cls.__module__].__file__)} --help` lists the settings"
     while args:

@@ -1,11 +1,11 @@
 """
 coin: continual instruction tuning of a multimodal LLM (CoIN, arXiv 2403.08350), from scratch.
 
-Reads top to bottom: config -> DDP setup -> load the base -> inject MoELoRA -> for each task: train one epoch, save,
-evaluate on every task seen so far -> results. `python coin.py --help` lists the settings. Running the same command
+Reads top to bottom: config -> DDP setup -> load the base -> inject the adapter -> for each task: the method's start,
+train one epoch, the method's end, save, evaluate on every task seen so far -> results. `python coin.py --help` lists the settings. Running the same command
 into the same --out again continues where it stopped (killed, Ctrl-C, a lost rank), to the same weights and scores:
 checkpoint.py holds what a stage writes and how a run continues; base_model.py builds the bases (stage 0, assemble);
-methods.py the continual-learning baselines besides plain sequential fine-tuning (--method: replay, ewc, lwf, olora).
+methods.py the continual-learning methods (--method), each one class whose hooks this loop calls.
 """
 import contextlib
 import dataclasses
@@ -21,8 +21,8 @@ import warnings
 import cli
 
 if __name__ == "__main__" and sys.argv[1:2] != ["assemble"] and cli.wants_help(sys.argv[1:]):
-    # answered here, from the Config block's source, before torch and transformers load (seconds)
-    cli.exit_with_help(__file__, "Config", __doc__)
+    # answered here, from the sources of the Config block and the methods' settings, before torch loads (seconds)
+    cli.exit_with_help(cli.setting_docs(__file__, "Config", "methods.py"), __doc__)
 
 import torch
 import torch.distributed as dist
@@ -36,13 +36,12 @@ from transformers import AutoModelForImageTextToText, AutoProcessor
 import data
 import eval as evaluate
 from base_model import assemble_main, pretrain_base, projector
-from checkpoint import (FISHER, MIDSTAGE, NonFiniteLoss, finished_stages, inputs_hash, load_checkpoint, load_fisher,
-                        load_midstage, load_results, read_json_file, run_info, save_checkpoint, save_midstage,
-                        setting_defaults, stage_dir)
+from checkpoint import (MIDSTAGE, NonFiniteLoss, finished_stages, inputs_hash, load_checkpoint, load_midstage,
+                        load_results, read_json_file, run_info, save_checkpoint, save_midstage, setting_defaults,
+                        stage_dir)
+from cli import print0
 from data import collate
-from methods import (METHODS, add_olora, add_olora_subspace, ewc_accumulate, ewc_fisher, ewc_penalty, ewc_sample,
-                     lwf_distillation, olora_orthogonality, olora_penalty, replay_records, teacher_logits)
-from moelora import add_moelora, language_model_linears, mark_only_moelora_trainable
+from methods import METHODS, Method, Stage
 
 # -----------------------------------------------------------------------------
 # Config: one setting a line, its comment is its --help line; override any with --key=value or --key value (unknown
@@ -86,15 +85,9 @@ class Config:
     warmup_ratio: float = 0.03            # linear warmup over this fraction of a stage's steps (official: 0.03)
     schedule: str = "constant"            # constant (what the official DeepSpeed config runs) | cosine
     max_grad_norm: float = 1.0            # gradients clipped to this global norm (official: 1.0)
-    # --- continual-learning method (methods.py; the paper's LoRA and MoELoRA rows are `sequential`)
-    method: str = "sequential"            # sequential | replay | ewc | lwf | olora (O-LoRA takes --experts=1)
-    replay_ratio: float = 0.1             # replay: earlier tasks' records added to each task, x its size (TRACE: 0.1)
-    ewc_lambda: float = 0.1               # ewc: penalty weight (CoIN's 0.1 by a third-party reading; peers 0.5-1e4)
-    ewc_samples: int = 1000               # ewc: records of each task its Fisher is estimated on (capped by its size)
-    lwf_alpha: float = 0.1                # lwf: loss = CE + lwf_alpha * KD (CoIN's 0.1 by a third-party reading)
-    lwf_temperature: float = 2.0          # lwf: distillation temperature T
-    olora_lambda1: float = 0.5            # olora: weight of the orthogonality term (TRACE, PRISM: 0.5)
-    olora_lambda2: float = 0.0            # olora: weight of the L2 term on the newest subspace
+    # --- continual-learning method (methods.py; its own settings are listed under it below)
+    method: str = "sequential"            # sequential: the paper's LoRA and MoELoRA rows; or a method of methods.py,
+                                          # listed below with its own settings
     # --- eval
     eval_batch: int = 64                  # test records per generation batch, per rank
     max_new_tokens: int = 24              # generation stops at eos or here; 0 = each task's official length (1024
@@ -141,10 +134,8 @@ RULES = {
                              "'', 'official' or a whole number > 0"),
     "epochs": cli.at_least(1), "weight_decay": cli.at_least(0), "warmup_ratio": cli.between(0, 1),
     "schedule": cli.one_of("constant", "cosine"), "max_grad_norm": cli.POSITIVE,
-    # --- continual-learning method
-    "method": cli.one_of(*METHODS), "replay_ratio": cli.at_least(0), "ewc_lambda": cli.at_least(0),
-    "ewc_samples": cli.at_least(1), "lwf_alpha": cli.at_least(0), "lwf_temperature": cli.POSITIVE,
-    "olora_lambda1": cli.at_least(0), "olora_lambda2": cli.at_least(0),
+    # --- continual-learning method (each method's own settings: its class's rules, methods.py)
+    "method": cli.one_of(*METHODS), **{k: rule for cls in METHODS.values() for k, rule in cls.rules.items()},
     # --- eval
     "eval_batch": cli.at_least(1), "max_new_tokens": cli.at_least(0), "eval_images": cli.one_of(*data.EVAL_IMAGES),
     "scoring": cli.one_of("official", "fixed"), "ground_truth": cli.ANY, "answers_from_test": cli.ANY,
@@ -153,12 +144,14 @@ RULES = {
     "out": cli.Rule(bool, "a folder name"), "seed": cli.ANY, "threads": cli.at_least(0), "resume": cli.ANY,
     "save_every": cli.at_least(0), "stage0": cli.ANY, "stage0_epochs": cli.at_least(1), "stage0_lr": cli.POSITIVE,
 }
+# The settings a run takes: the block above, then each method's own (its class's Settings, methods.py)
+Config = cli.extend_settings(Config, [cls.Settings for cls in METHODS.values() if cls.Settings])
 
 
 def parse_config(argv):
     """The Config of a command line, with every setting checked (RULES, then check_config): all problems at once,
     as one UserError, before anything is read, loaded or written (main then checks the folders: check_folders)."""
-    cfg, _ = cli.parse(Config, argv, __doc__, RULES)  # the combinations below assume each setting is in range
+    cfg, _ = cli.parse(Config, argv, __doc__, RULES, docs=cli.setting_docs(__file__, "Config", "methods.py"))  # the combinations below assume each setting is in range
     problems = check_config(cfg, int(os.environ.get("WORLD_SIZE", 1)))
     if problems:
         raise cli.UserError("\n".join(problems))
@@ -175,14 +168,13 @@ def check_config(cfg, world):
         tasks = []
     if cfg.shard and cfg.stage0:
         problems.append("--shard with --stage0: stage 0 trains the whole tiny base unsharded; drop --shard")
-    if cfg.method == "olora" and cfg.experts != 1:
-        problems.append(f"--method=olora --experts={cfg.experts}: O-LoRA trains one plain LoRA per task; give "
-                        "--experts=1")
-    if cfg.multitask and cfg.method != "sequential":
-        problems.append(f"--multitask --method={cfg.method}: one stage has no earlier task to work on; use "
+    method = METHODS[cfg.method]
+    problems += method.check(cfg)
+    if cfg.multitask and method is not Method:
+        problems.append(f"--multitask --method={method.name}: one stage has no earlier task to work on; use "
                         "--method=sequential with --multitask")
-    if cfg.shard and cfg.method not in ("sequential", "replay"):
-        problems.append(f"--shard --method={cfg.method}: the method's state (methods.py) is kept whole, not sharded; "
+    if cfg.shard and not method.shardable:
+        problems.append(f"--shard --method={method.name}: the method's state (methods.py) is kept whole, not sharded; "
                         "run it without --shard")
     if cfg.lora_r % cfg.experts:
         problems.append(f"--lora_r={cfg.lora_r} --experts={cfg.experts}: the rank is split evenly over the experts; "
@@ -272,11 +264,6 @@ def compute_init(cfg):
     return rank, world, device
 
 
-def print0(*a, **k):
-    if int(os.environ.get("RANK", 0)) == 0:
-        print(*a, **k, flush=True)
-
-
 def all_reduce_(t):
     if dist.is_initialized():
         dist.all_reduce(t)
@@ -346,27 +333,16 @@ def answer_ce(logits, labels):
 
 
 def train_one_task(model, dataset, params, cfg, rank, world, device, seed, desc, midstage=None, info=None,
-                   started_from="the base model", teacher=None, penalty=None):
-    """One pass (cfg.epochs) over `dataset`, updating `params` with AdamW; returns the list of step losses.
-    Loss = sum of answer-token cross-entropies / answer tokens in the whole global batch, so that 1 x N ranks,
-    2 x N/2 and gradient accumulation give the same step. NOTE(fidelity): the official trainer averages per
-    micro-batch instead (mean over that micro-batch's tokens, then mean over micro-batches and ranks).
-    With `midstage` (a file; `info` is run_info) the stage can stop and go on: the state is saved there every
-    cfg.save_every steps and on Ctrl-C, and a run that finds the file continues the stage from it, exactly.
-    `started_from` names the weights the stage starts from (and their checksum's state), for the non-finite loss.
-    The methods (methods.py): with `teacher` (LwF: the previous stage's trainable weights by name) the loss adds
-    lwf_alpha * KD, normalised as the cross-entropy; `penalty` (EWC, O-LoRA: a function returning a scalar) is added
-    once per optimizer step, on every rank after the gradients are summed. The step losses are the cross-entropy's."""
-    pad_id = dataset.tok.pad_token_id
-    sharded = cfg.shard and world > 1
-    # two groups, the projector's with an lr of its own: lr_scale multiplies the schedule's lr for the group (stage 0
-    # trains the whole model at one lr)
-    proj = set() if cfg.stage0 else {id(p) for p in projector(model).parameters()}
-    groups = [{"params": [p for p in params if id(p) not in proj], "lr_scale": 1.0},
-              {"params": [p for p in params if id(p) in proj], "lr_scale": cfg.projector_lr_scale}]
-    opt = torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, weight_decay=cfg.weight_decay)
-    global_batch = cfg.micro_batch * world * cfg.grad_accum
-    steps = list(global_batches(len(dataset), global_batch, seed, cfg.epochs))
+                   started_from="the base model", method=None):
+    """One pass (cfg.epochs) over `dataset`, updating `params` with AdamW; returns the list of step losses (the
+    cross-entropy per answer token of each global batch). `method` (methods.py; None: plain fine-tuning) adds its
+    loss term and penalty (accumulate_gradients). With `midstage` (a file; `info` is run_info) the stage can stop and
+    go on: the state is saved there every cfg.save_every steps and on Ctrl-C, and a run that finds the file continues
+    the stage from it, exactly. `started_from` names the weights the stage starts from (and their checksum's state),
+    for the non-finite loss message."""
+    method = method or Method(cfg)
+    opt, pad_id, sharded = adamw(model, params, cfg), dataset.tok.pad_token_id, cfg.shard and world > 1
+    steps = list(global_batches(len(dataset), cfg.micro_batch * world * cfg.grad_accum, seed, cfg.epochs))
     # the dropout masks depend on (seed, stage) only: a resumed run that skips finished stages draws the same ones
     torch.manual_seed(seed)
     start, losses, last_checkpoint = 0, [], started_from
@@ -382,78 +358,87 @@ def train_one_task(model, dataset, params, cfg, rank, world, device, seed, desc,
             micro = [collate([dataset[i] for i in mine[k:k + cfg.micro_batch]], pad_id)
                      for k in range(0, len(mine), cfg.micro_batch)]
             # one all_reduce: the global batch's answer-token count, and whether any rank was sent Ctrl-C
-            counts = all_reduce_(torch.tensor([float(sum((m["labels"] != -100).sum() for m in micro)),
-                                               float(len(stop))]))
-            n_tokens = counts[0]
-            if counts[1] > 0:  # every rank sees it at the same step: all save together, then stop
+            n_tokens, stopping = all_reduce_(torch.tensor([float(sum((m["labels"] != -100).sum() for m in micro)),
+                                                           float(len(stop))]))
+            if stopping:  # every rank sees it at the same step: all save together, then stop
                 save_midstage(midstage, model, opt, step, losses, info, rank, world, device)
                 print0(f"{desc}: interrupted before step {step + 1} of {len(steps)}; saved {midstage}. Run the same "
                        "command again to continue from there.")
                 raise SystemExit(130)
             if sharded:
                 micro += fsdp_fillers(dataset, steps[step], cfg.micro_batch, world, len(micro), pad_id)
-            loss_sum, term = torch.zeros(2), 0.0  # (cross-entropy, LwF's alpha * KD) sums; a penalty's value
-            for i, m in enumerate(micro):
-                if sharded:  # FSDP reduce-scatters once a step, after the last backward: all_reduce_grads' sum
-                    model.set_requires_gradient_sync(i == len(micro) - 1)
-                inputs = model_inputs(m, model, device)
-                if teacher is not None:  # LwF: the previous stage's model on the same inputs (eval mode, no grad)
-                    old_logits = teacher_logits(model, teacher, inputs)  # (B, T, vocab)
-                logits = model(**inputs).logits  # (B, T, vocab)
-                labels = m["labels"].to(device)
-                ce = answer_ce(logits, labels)
-                objective = ce
-                if teacher is not None:
-                    kd = cfg.lwf_alpha * lwf_distillation(logits, old_logits, labels, cfg.lwf_temperature)
-                    objective = ce + kd
-                    loss_sum[1] += kd.detach().cpu()
-                (objective / n_tokens).backward()
-                loss_sum[0] += ce.detach().cpu()
-            if world > 1 and not sharded:
-                all_reduce_grads(params)  # a sum: each rank already divided by the global batch's token count
-            if penalty is not None:  # every rank adds the same gradient to the same summed one: once per step
-                value = penalty()
-                value.backward()
-                term = value.item()
-            sums = all_reduce_(loss_sum)
-            loss, term = sums[0].item() / n_tokens.item(), term + sums[1].item() / n_tokens.item()
+            loss, term = accumulate_gradients(model, micro, n_tokens, params, method, sharded, world, device)
             if not math.isfinite(loss + term):  # raise before the step: no weight and no checkpoint sees it
                 raise NonFiniteLoss(f"{desc}: the loss is {loss + term} at step {step + 1} of {len(steps)}; stopped "
                                     f"without saving, the last good checkpoint stays ({last_checkpoint}); the "
                                     f"stage started from {started_from}; try a lower --lr (now {cfg.lr})")
+            # the optimizer step: clip the global batch's gradient, set this step's lr, AdamW
             torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
             for group in opt.param_groups:
                 group["lr"] = lr_at(step, len(steps), cfg) * group["lr_scale"]
             opt.step()
             opt.zero_grad(set_to_none=True)
             losses.append(loss)
-            bar.set_postfix(loss=f"{sum(losses[-20:]) / len(losses[-20:]):.3f}",
-                            **({"method_term": f"{term:.3g}"} if teacher is not None or penalty is not None else {}))
+            bar.set_postfix(ce_last20=f"{recent_loss(losses):.3f}",
+                            **({"method_term": f"{term:.3g}"} if type(method) is not Method else {}))
             if midstage and cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < len(steps):
                 save_midstage(midstage, model, opt, step + 1, losses, info, rank, world, device)
                 last_checkpoint = f"{midstage}, saved by this run after step {step + 1}, checksum recorded"
     return losses
 
 
-def task_fisher(model, dataset, cfg, rank, world, device, stage):
-    """EWC: the diagonal empirical Fisher of the trainable weights on --ewc_samples of the task's training records
-    (methods.ewc_fisher), each record's loss its answer tokens' mean cross-entropy, striped over the ranks. In eval
-    mode: the Fisher of the trained model itself, and no random numbers drawn. Costs one forward and backward per
-    record at batch 1, where a training step of 8 records costs one of each at batch 8 (bench/methods.py prints the
-    ratio)."""
-    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    pad_id = dataset.tok.pad_token_id
+def recent_loss(losses, n=20):
+    """What the progress line and a stage's summary call ce_last20: the mean of the last n steps' cross-entropy per
+    answer token (one step's is noisy)."""
+    return sum(losses[-n:]) / len(losses[-n:])
 
-    def record_loss(i):
-        batch = collate([dataset[i]], pad_id)
-        labels = batch["labels"].to(device)
-        return answer_ce(model(**model_inputs(batch, model, device)).logits, labels) / (labels[:, 1:] != -100).sum()
-    was_training = model.training
-    model.eval()
-    try:
-        return ewc_fisher(named, record_loss, ewc_sample(len(dataset), cfg.ewc_samples, cfg.seed, stage), rank, world)
-    finally:
-        model.train(was_training)
+
+def adamw(model, params, cfg):
+    """AdamW over `params` in two groups, the projector's with an lr of its own: lr_scale multiplies the schedule's lr
+    for the group (stage 0 trains the whole model at one lr)."""
+    proj = set() if cfg.stage0 else {id(p) for p in projector(model).parameters()}
+    groups = [{"params": [p for p in params if id(p) not in proj], "lr_scale": 1.0},
+              {"params": [p for p in params if id(p) in proj], "lr_scale": cfg.projector_lr_scale}]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def accumulate_gradients(model, micro, n_tokens, params, method, sharded, world, device):
+    """The global batch's gradient in `params`' .grad: each of this rank's micro-batches' loss (the answer tokens'
+    cross-entropy sum, plus the method's loss term) divided by the global batch's answer-token count `n_tokens`, then
+    summed over micro-batches and ranks, so that 1 x N ranks, 2 x N/2 and gradient accumulation give the same step.
+    Then the method's penalty, once, on every rank after the sum (the same gradient added to the same sum). Returns
+    (the cross-entropy per answer token, the method's loss terms and penalty on that scale).
+    NOTE(fidelity): the official trainer averages per micro-batch instead (mean over that micro-batch's tokens, then
+    mean over micro-batches and ranks)."""
+    sums, penalty_value = torch.zeros(2), 0.0  # (cross-entropy, the method's loss term), summed over answer tokens
+    for i, m in enumerate(micro):
+        if sharded:  # FSDP reduce-scatters once a step, after the last backward: all_reduce_grads' sum
+            model.set_requires_gradient_sync(i == len(micro) - 1)
+        inputs = model_inputs(m, model, device)
+        logits = model(**inputs).logits  # (B, T, vocab)
+        labels = m["labels"].to(device)
+        ce = answer_ce(logits, labels)
+        term = method.loss_term(model, inputs, logits, labels)
+        ((ce if term is None else ce + term) / n_tokens).backward()
+        sums[0] += ce.detach().cpu()
+        if term is not None:
+            sums[1] += term.detach().cpu()
+    if world > 1 and not sharded:
+        all_reduce_grads(params)  # a sum: each rank already divided by the global batch's token count
+    penalty = method.penalty(model)
+    if penalty is not None:
+        penalty.backward()
+        penalty_value = penalty.item()
+    sums = all_reduce_(sums)
+    return sums[0].item() / n_tokens.item(), penalty_value + sums[1].item() / n_tokens.item()
+
+
+def record_loss(model, device, dataset, i):
+    """Record i's own training loss, its answer tokens' mean cross-entropy (the loss a global batch of that one record
+    gives), with its graph: what EWC's Fisher is estimated from (methods.Stage.record_loss)."""
+    batch = collate([dataset[i]], dataset.tok.pad_token_id)
+    labels = batch["labels"].to(device)
+    return answer_ce(model(**model_inputs(batch, model, device)).logits, labels) / (labels[:, 1:] != -100).sum()
 
 
 @contextlib.contextmanager
@@ -503,23 +488,19 @@ def load_base(cfg, device, processor=None):
     return model, processor
 
 
-def add_adapter(model, cfg, device):
-    """Freeze the base, wrap its language model's linears with MoELoRA (whose init draws from the global RNG), or with
-    O-LoRA (--method=olora: no subspace yet, each stage adds its own), and let the projector train along
-    (--train_projector); returns (trainable parameters, number of wrapped linears)."""
+def add_adapter(model, method, cfg, device, n_stages):
+    """Freeze the base, let the method wrap its language model's linears (methods.Method.add_adapter: MoELoRA, whose
+    init draws from the global RNG, or the method's own adapter), and let the projector train along
+    (--train_projector); returns the number of wrapped linears."""
     for p in model.parameters():
         p.requires_grad_(False)
-    if cfg.method == "olora":
-        wrapped = add_olora(model, language_model_linears(model), cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout)
-    else:
-        wrapped = add_moelora(model, None, cfg.lora_r, cfg.lora_alpha, cfg.experts, cfg.lora_dropout)
-        mark_only_moelora_trainable(model)
+    wrapped = method.add_adapter(model, n_stages)
     for p in projector(model).parameters():
         p.requires_grad_(cfg.train_projector)
     if cfg.train_projector:
         train_in_fp32(projector(model))  # the adapters are fp32 already (moelora.py)
     model.to(device)
-    return [p for p in model.parameters() if p.requires_grad], len(wrapped)
+    return len(wrapped)
 
 
 def train_in_fp32(module):
@@ -679,40 +660,16 @@ def record_scores(cfg, tasks, row, scores, if_matrix, gk_matrix, extra):
     return evaluate.write_results(cfg.out, tasks, if_matrix, gk_matrix, extra)
 
 
-def load_last_finished_stage(model, cfg, stages, done):
-    """--resume: load the adapter and projector of the last stage an earlier run finished, checked against its
-    meta.json's checksum (none finished: nothing to load, the adapter starts fresh). Returns what the model now holds,
-    for the non-finite loss message."""
+def load_last_finished_stage(model, cfg, stages, done, device):
+    """--resume: load the adapter and projector of the last stage an earlier run finished, and the method's state it
+    saved, each checked against its meta.json's checksum (none finished: nothing to load, the adapter starts fresh, the
+    state is empty). Returns (what the model now holds, for the non-finite loss message; the state, on `device`)."""
     if not done:
-        return "the base model, with a fresh adapter"
+        return "the base model, with a fresh adapter", {}
     folder = stage_dir(cfg, done - 1, stages[done - 1][0])
-    checked = load_checkpoint(model, os.path.join(folder, "adapter.safetensors"),
-                              read_json_file(os.path.join(folder, "meta.json")))
+    checked, state = load_checkpoint(model, folder, read_json_file(os.path.join(folder, "meta.json")))
     print0(f"{cfg.out}: an earlier run finished {done} of {len(stages)} stages; continuing after stage {done}")
-    return checked
-
-
-def start_method_stage(cfg, model, j, tasks, train_sets, records, fisher):
-    """The continual-learning method's part of stage j (methods.py), before it trains on `records`. What each needs
-    at a stage's start is on disk already, so a resumed run rebuilds it: the replay sample is a function of (seed,
-    stage), the previous stage's weights are its adapter.safetensors, EWC's Fisher so far (`fisher`) is in its folder.
-    Returns (the records to train on, LwF's teacher weights, the penalty added once per step, notes for meta.json)."""
-    teacher, penalty, notes = None, None, {}
-    if cfg.method == "replay":
-        replayed = replay_records(train_sets, tasks[:j], len(records), cfg.replay_ratio, cfg.seed, j)
-        records, notes["replayed"] = records + replayed, len(replayed)
-    if cfg.method == "olora":  # this task's subspace; the earlier ones are frozen from now on
-        add_olora_subspace(model, cfg.seed, j)
-        if j > 0 or cfg.olora_lambda2:
-            penalty = functools.partial(olora_penalty, model, cfg.olora_lambda1, cfg.olora_lambda2)
-    if cfg.method in ("lwf", "ewc") and j > 0:  # the previous stage's weights: LwF's teacher, EWC's anchor
-        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-        previous = {n: p.detach().clone() for n, p in named}
-        if cfg.method == "lwf":
-            teacher = previous
-        else:
-            penalty = functools.partial(ewc_penalty, named, fisher, previous, cfg.ewc_lambda)
-    return records, teacher, penalty, notes
+    return checked, {k: v.to(device) for k, v in state.items()}
 
 
 # -----------------------------------------------------------------------------
@@ -730,45 +687,34 @@ def describe_evaluation(extra, cfg, tasks, test_sets, dropped):
     extra["test_records"] = {task: evaluate.test_set_id(recs) for task, recs in test_sets.items()}
 
 
-def continue_after(model, cfg, stages, done, device):
-    """--resume: the model as the last finished stage left it (O-LoRA: its `done` subspaces rebuilt first, then the
-    checkpoint loaded), and EWC's Fisher summed over the finished stages. Returns (what the model now holds, for the
-    non-finite loss message; the Fisher or None)."""
-    if cfg.method == "olora":
-        for j in range(done):
-            add_olora_subspace(model, cfg.seed, j)
-    started_from = load_last_finished_stage(model, cfg, stages, done)
-    return started_from, load_fisher(cfg, stages, done, device) if cfg.method == "ewc" else None
+def stage_of(cfg, stages, tasks, j, train_sets, model, rank, world, device):
+    """What the method's hooks are told about stage j (methods.Stage)."""
+    return Stage(index=j, name=stages[j][0], count=len(stages), earlier=tasks[:j], train_sets=train_sets,
+                 seed=cfg.seed, rank=rank, world=world, device=device,
+                 record_loss=functools.partial(record_loss, model, device))
 
 
-def train_stage(model, processor, params, cfg, j, stages, tasks, train_sets, accum, info, started_from, fisher, rank,
+def train_stage(model, processor, method, cfg, stage, stages, train_sets, accum, info, started_from, state, rank,
                 world, device):
-    """Stage j: the method's set-up (start_method_stage), one epoch (train_one_task), the method's state after it
-    (EWC: this task's Fisher added), the checkpoint. Returns (the Fisher so far, what the model now holds)."""
-    t0, (name, train_tasks, _, _) = time.time(), stages[j]
-    records = [ex for t in train_tasks for ex in train_sets[t]]
-    records, teacher, penalty, notes = start_method_stage(cfg, model, j, tasks, train_sets, records, fisher)
-    if cfg.method == "olora":  # this stage's subspace
-        params = [p for p in model.parameters() if p.requires_grad]
+    """One stage: the method's start (its records), one epoch (train_one_task), the method's end (the state the later
+    stages need), the checkpoint (weights and that state). Returns (the state, what the model now holds)."""
+    t0, j, (name, train_tasks, _, _) = time.time(), stage.index, stages[stage.index]
+    records = method.start_stage(model, stage, [ex for t in train_tasks for ex in train_sets[t]], state)
+    params = [p for p in model.parameters() if p.requires_grad]  # the method may have changed what trains
     dataset = data.InstructionDataset(records, processor, data.image_root(cfg.data_dir, cfg.image_dir))
     losses = train_one_task(model, dataset, params, dataclasses.replace(cfg, grad_accum=accum[name]), rank, world,
                             device, cfg.seed + j, f"stage {j + 1}/{len(stages)} train {name}",
-                            os.path.join(stage_dir(cfg, j, name), MIDSTAGE), info, started_from, teacher, penalty)
+                            os.path.join(stage_dir(cfg, j, name), MIDSTAGE), info, started_from, method)
     with torch.no_grad():  # the method's penalty at the stage's final weights, to see its scale
-        if penalty is not None:
-            notes["final_penalty"] = penalty().item()
-        if cfg.method == "olora":
-            notes["orthogonality"] = olora_orthogonality(model).item()  # sum |A_t A_i^T|, before lambda1
-    tensors = {}
-    if cfg.method == "ewc" and j + 1 < len(stages):  # this task's Fisher, for the stages after it
-        fisher = ewc_accumulate(fisher, task_fisher(model, dataset, cfg, rank, world, device, j))
-        tensors[FISHER] = fisher
+        penalty = method.penalty(model)
+        notes = {**({"final_penalty": penalty.item()} if penalty is not None else {}), **method.notes(model)}
+    state = method.end_stage(model, stage, dataset, state)
     save_checkpoint(model, stage_dir(cfg, j, name), {"stage": j + 1, "task": name, "step": len(losses),
-                                                     "final_loss": losses[-1], **notes, **info}, rank, tensors)
-    print0(f"stage {j + 1} {name}: {len(losses)} steps, loss {losses[-1]:.3f}, {time.time() - t0:.0f}s"
-           + "".join(f", {k} {v:.4g}" for k, v in notes.items()))
+                                                     "final_loss": losses[-1], **notes, **info}, rank, state)
+    print0(f"stage {j + 1} {name}: {len(losses)} steps, ce_last20 {recent_loss(losses):.3f}, "
+           f"{time.time() - t0:.0f}s" + "".join(f", {k} {v:.4g}" for k, v in notes.items()))
     written = os.path.join(stage_dir(cfg, j, name), "adapter.safetensors")
-    return fisher, f"{written}, written by this run, checksum recorded"
+    return state, f"{written}, written by this run, checksum recorded"
 
 
 def main(argv):
@@ -777,8 +723,8 @@ def main(argv):
     check_folders(cfg)
     rank, world, device = compute_init(cfg)
     torch.manual_seed(cfg.seed)
-    if cfg.stage0:  # build and pretrain the tiny base instead (base_model.py)
-        return pretrain_base(cfg, rank, world, device)
+    if cfg.stage0:  # build and pretrain the tiny base instead (base_model.py), with this file's loop
+        return pretrain_base(cfg, rank, world, device, load_base, train_one_task)
     tasks = data.parse_tasks(cfg.tasks)
     stages = plan_stages(cfg, tasks)
     # read and check every file first (processor only: a 7B model takes minutes to load): a problem fails now
@@ -788,13 +734,14 @@ def main(argv):
     accum, global_batch = plan_batches(cfg, stages, world)
     info = run_info(cfg, world, inputs_hash(train_sets, test_sets, model), global_batch)
     done = finished_stages(cfg, stages, info, rank)  # stages an earlier run into --out finished (checkpoint.py)
-    params, n_wrapped = add_adapter(model, cfg, device)
+    method = METHODS[cfg.method](cfg)  # the continual-learning method (methods.py): its hooks below
+    n_wrapped = add_adapter(model, method, cfg, device, len(stages))
     if cfg.shard and world > 1:  # one rank has nothing to shard over
-        params = shard_model(model)
-    adapter = f"O-LoRA r={cfg.lora_r} per task" if cfg.method == "olora" else f"MoELoRA E={cfg.experts} r={cfg.lora_r}"
-    print0(f"{adapter}, method {cfg.method}, on {n_wrapped} linears; trainable "
-           f"{sum(p.numel() for p in params):,} of {sum(p.numel() for p in model.parameters()):,} parameters; "
-           f"global batch {global_batch} on {world} rank(s)" + (", sharded (FSDP2)" if cfg.shard and world > 1 else ""))
+        shard_model(model)
+    trains = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    print0(f"{method.describe()}, method {method.name}, on {n_wrapped} linears; trainable {trains:,} of "
+           f"{sum(p.numel() for p in model.parameters()):,} parameters before the first stage; global batch "
+           f"{global_batch} on {world} rank(s)" + (", sharded (FSDP2)" if cfg.shard and world > 1 else ""))
     # the General Knowledge judge, built once, on rank 0 (which does all the scoring)
     judge = None if rank else evaluate.ExactJudge() if cfg.judge == "exact" else evaluate.LMJudge(cfg.judge)
     if_matrix, gk_matrix, extra = load_results(cfg, tasks, [row for *_, row in stages[:done]], info)
@@ -806,19 +753,21 @@ def main(argv):
         extra["timing"]["zero_shot_eval"] = time.time() - t0
     if rank == 0:
         table = evaluate.write_results(cfg.out, tasks, if_matrix, gk_matrix, extra)
-    started_from, fisher = continue_after(model, cfg, stages, done, device)
-    # the paper's loop: for each task, train it, then evaluate every task seen so far
+    # a resumed run: the weights and the method's state the last finished stage left (checkpoint.py)
+    started_from, state = load_last_finished_stage(model, cfg, stages, done, device)
+    # the paper's loop: for each task, the method's start, train, the method's end, save, evaluate every task seen so far
     for j, (name, train_tasks, eval_tasks, row) in enumerate(stages):
         stage_name = f"stage{j + 1}-{name}"
         if j < done and if_matrix[row][tasks.index(eval_tasks[-1])] is not None:
             continue  # trained and scored by an earlier run
-        t0 = time.time()
+        t0, stage = time.time(), stage_of(cfg, stages, tasks, j, train_sets, model, rank, world, device)
         if j >= done:  # (from the stage's mid-stage checkpoint, if an earlier run left one)
-            fisher, started_from = train_stage(model, processor, params, cfg, j, stages, tasks, train_sets, accum,
-                                               info, started_from, fisher, rank, world, device)
+            state, started_from = train_stage(model, processor, method, cfg, stage, stages, train_sets, accum, info,
+                                              started_from, state, rank, world, device)
         t_train, t0 = time.time() - t0, time.time()
-        scores = evaluate_stage(model, processor, judge, cfg, {t: test_sets[t] for t in eval_tasks}, rank, world,
-                                stage_name)
+        with method.evaluating(model, stage, state):
+            scores = evaluate_stage(model, processor, judge, cfg, {t: test_sets[t] for t in eval_tasks}, rank, world,
+                                    stage_name)
         extra["timing"][stage_name] = {"train": t_train, "eval": time.time() - t0}
         if rank == 0:
             print0(f"stage {j + 1} {name} scores: " + ", ".join(f"{t} {s[0]:.1f}" for t, s in scores.items()))

@@ -1,20 +1,38 @@
 """
-The continual-learning baselines that coin.py trains besides plain sequential fine-tuning (--method). Each is a few
-plain functions (or one small module class) that the training loop calls explicitly; the maths is in each docstring.
+The continual-learning methods: each is one small class behind one API, and the training loop (coin.py) knows none
+of them by name. `--method` picks a class from METHODS; the maths is in each docstring.
 
-    --method=sequential   plain sequential fine-tuning, the paper's LoRA / MoELoRA rows (nothing from this file)
+    --method=sequential   plain sequential fine-tuning, the paper's LoRA / MoELoRA rows: the base class, Method
     --method=replay       Replay: a seeded sample of earlier tasks' training records mixed into each later task
     --method=ewc          EWC (Kirkpatrick et al. 2017, arXiv 1612.00796): a Fisher-weighted pull to the last weights
     --method=lwf          LwF (Li & Hoiem 2016, arXiv 1606.09282): distil the previous stage's model on the new inputs
     --method=olora        O-LoRA (Wang et al. 2023, arXiv 2310.14152): one LoRA subspace per task, kept orthogonal
 
 CoIN (arXiv 2403.08350) compares MoELoRA with LwF and EWC; Replay and O-LoRA are what later CL benchmarks of
-multimodal LLMs ship besides them. Replay, EWC and LwF work on any adapter (--experts=1 LoRA, >1 MoELoRA); O-LoRA is
-its own adapter (OLoRALinear below), a LoRA per task. Every regulariser here is normalised like coin's task loss: a
-term added once per optimizer step (EWC, O-LoRA) is on the scale of the per-answer-token cross-entropy, and LwF's
-distillation is summed over answer tokens and divided by the global batch's answer-token count, as the cross-entropy.
+multimodal LLMs ship besides them. Replay, EWC and LwF work on any adapter (--experts=1 LoRA, >1 MoELoRA); O-LoRA
+builds its own (OLoRALinear below), a LoRA per task.
+
+The loop calls a method's hooks at five points (docs/methods.md, "Write your own method"):
+
+    method.add_adapter(model, n_stages)                  once, on the frozen base: wrap its linears (MoELoRA here)
+    for each stage j:
+        records = method.start_stage(model, stage, records, state)     the model holds stage j-1's weights
+        per micro-batch:  loss += method.loss_term(model, inputs, logits, labels)   (a sum over answer tokens)
+        per step:         loss += method.penalty(model)     once, after the ranks' gradients are summed
+        state = method.end_stage(model, stage, dataset, state)   tensors to keep; may rewrite the weights
+        save the stage's weights and `state` (checksummed); on resume `state` is read back from there
+        with method.evaluating(model, stage, state):  evaluate every task seen so far
+
+Rules a method keeps, so that a resumed run and N ranks give the weights of one uninterrupted run: it draws no number
+from torch's global random stream (seed its own generator from (seed, stage)); what it needs in a later stage goes
+through end_stage's state (or is a function of the seed and the stage), never a file of its own; its penalty is added
+once per optimizer step; its loss terms are normalised as the cross-entropy (summed over answer tokens, the loop
+divides by the global batch's answer-token count), so a strength means the same at any batch split.
 """
+import contextlib
+import dataclasses
 import hashlib
+import math
 import random
 
 import torch
@@ -22,7 +40,110 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-METHODS = ("sequential", "replay", "ewc", "lwf", "olora")
+import cli
+from base_model import projector
+from moelora import AdapterLayer, adapter_parameters, add_moelora, target_linears
+
+
+@dataclasses.dataclass
+class Stage:
+    """What a method's hooks are told about the stage they run in."""
+    index: int           # j: 0 for the first stage
+    name: str            # its task (or "MultiTask")
+    count: int           # the stages of the run
+    earlier: list        # the tasks trained before this stage, in order
+    train_sets: dict     # {task: train records} of every task of the run (Replay samples the earlier ones)
+    seed: int            # the run's --seed
+    rank: int
+    world: int
+    device: torch.device
+    record_loss: object  # (dataset, i) -> record i's mean answer-token cross-entropy, with its graph (coin.py)
+
+    @property
+    def last(self):
+        return self.index == self.count - 1
+
+
+def seeded_generator(seed, method, stage):
+    """A CPU generator seeded by (seed, method, stage) alone: what a method draws does not touch torch's global stream
+    (the dropout masks) and is drawn again the same on resume."""
+    return torch.Generator().manual_seed(int(hashlib.sha1(f"{seed}-{method}-{stage}".encode()).hexdigest()[:15], 16))
+
+
+def trainable(model):
+    """[(name, parameter)] that train now, in the model's order."""
+    return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+
+
+# -----------------------------------------------------------------------------
+# The base class: plain sequential fine-tuning (the paper's LoRA and MoELoRA rows)
+
+class Method:
+    """Plain sequential fine-tuning: one MoELoRA (--experts=1: LoRA) carried from task to task, nothing else. The base
+    of every method: each hook is a no-op here, so a method overrides only the points it changes.
+
+    Class attributes a method sets: `name` (its --method), `Settings` (a dataclass of its own settings, each line's
+    comment its --help line; coin.py's Config takes them in), `rules` ({setting: cli.Rule}), `before_added`
+    ({setting: the value runs written before it existed had in effect}, when that is not its default), `shardable`
+    (whether it may run under --shard: its state kept whole is fine only if it holds no weight-sized tensor)."""
+    name = "sequential"
+    Settings = None
+    rules = {}
+    before_added = {}
+    shardable = True
+
+    def __init__(self, cfg):
+        self.cfg = cfg
+
+    @classmethod
+    def check(cls, cfg):
+        """Problems of the method's settings taken with the run's (one line each), before any work."""
+        return []
+
+    def describe(self):
+        cfg = self.cfg
+        return f"MoELoRA E={cfg.experts} r={cfg.lora_r}"
+
+    def add_adapter(self, model, n_stages):
+        """Wrap the frozen base's language-model linears in the run's adapter and make it trainable; returns the
+        wrapped names. Called once, before any stage, on a fresh and a resumed run alike (a resumed run then loads
+        the last finished stage's weights into the same structure: build every stage's part now)."""
+        cfg = self.cfg
+        names = add_moelora(model, None, cfg.lora_r, cfg.lora_alpha, cfg.experts, cfg.lora_dropout)
+        for _, p in adapter_parameters(model):
+            p.requires_grad_(True)
+        return names
+
+    def start_stage(self, model, stage, records, state):
+        """Before stage `stage` trains on `records`; the model holds the previous stage's weights (read from its
+        checkpoint on a resumed run), `state` is what the previous stage's end_stage returned ({} before the first).
+        Returns the records to train on. The loop trains the parameters that require a gradient after this hook."""
+        return records
+
+    def loss_term(self, model, inputs, logits, labels):
+        """A term added to each micro-batch's loss (None: nothing), summed over its answer tokens as the cross-entropy
+        is: the loop divides both by the global batch's answer-token count. logits (B, T, vocab), labels (B, T)."""
+        return None
+
+    def penalty(self, model):
+        """A scalar added once per optimizer step, after the ranks' gradients are summed (None: nothing)."""
+        return None
+
+    def end_stage(self, model, stage, dataset, state):
+        """After stage `stage` trained (on `dataset`): the tensors the later stages need ({name: tensor}; the loop
+        saves them with the stage's checkpoint, checksummed, and hands them to the next start_stage, from disk on a
+        resumed run). May rewrite the model's weights: the stage's checkpoint holds what the model holds after it."""
+        return {}
+
+    def evaluating(self, model, stage, state):
+        """A context the loop evaluates stage `stage` in (after its end_stage; `state` what that returned): a method
+        that evaluates other weights than it trains on (a merge), or routes at test time, sets that up on entry and
+        undoes it on exit."""
+        return contextlib.nullcontext()
+
+    def notes(self, model):
+        """Numbers about the stage that just trained, for its meta.json and the stage's summary line."""
+        return {}
 
 
 # -----------------------------------------------------------------------------
@@ -48,6 +169,26 @@ def replay_records(train_sets, earlier_tasks, n_current, ratio, seed, stage):
         pool = train_sets[task]
         out += [pool[i] for i in sorted(rng.sample(range(len(pool)), min(share, len(pool))))]
     return out
+
+
+class Replay(Method):
+    """Replay: each stage trains on its task's records plus a seeded sample of the earlier tasks' (replay_records).
+    The sample is a function of (seed, stage): nothing to keep between stages, and it shards as sequential does."""
+    name = "replay"
+
+    @dataclasses.dataclass
+    class Settings:
+        replay_ratio: float = 0.1         # replay: earlier tasks' records added to each task, x its size (TRACE: 0.1)
+    rules = {"replay_ratio": cli.at_least(0)}
+
+    def start_stage(self, model, stage, records, state):
+        replayed = replay_records(stage.train_sets, stage.earlier, len(records), self.cfg.replay_ratio, stage.seed,
+                                  stage.index)
+        self.replayed = len(replayed)
+        return records + replayed
+
+    def notes(self, model):
+        return {"replayed": self.replayed}
 
 
 # -----------------------------------------------------------------------------
@@ -108,6 +249,47 @@ def ewc_penalty(named_params, fisher, anchor, lam):
     return 0.5 * lam * total
 
 
+class EWC(Method):
+    """EWC: after each stage the diagonal empirical Fisher of the trainable weights on --ewc_samples of its records,
+    summed over the stages so far (ewc_accumulate), is the state; the next stage adds ewc_penalty, pulling every weight
+    to where the previous stage left it (its anchor, the weights the stage starts from)."""
+    name = "ewc"
+    shardable = False
+
+    @dataclasses.dataclass
+    class Settings:
+        ewc_lambda: float = 0.1           # ewc: penalty weight (CoIN's 0.1 by a third-party reading; peers 0.5-1e4)
+        ewc_samples: int = 1000           # ewc: records of each task its Fisher is estimated on (capped by its size)
+    rules = {"ewc_lambda": cli.at_least(0), "ewc_samples": cli.at_least(1)}
+
+    def start_stage(self, model, stage, records, state):
+        self.named, self.anchor, self.fisher = trainable(model), None, state
+        if stage.index > 0:  # the weights the stage starts from: the previous stage's
+            self.anchor = {n: p.detach().clone() for n, p in self.named}
+        return records
+
+    def penalty(self, model):
+        if self.anchor is None:
+            return None
+        return ewc_penalty(self.named, self.fisher, self.anchor, self.cfg.ewc_lambda)
+
+    def end_stage(self, model, stage, dataset, state):
+        """The Fisher summed over the stages so far; none after the last stage (no stage reads it). In eval mode: the
+        Fisher of the trained model itself, and no random numbers drawn. Costs one forward and backward per record at
+        batch 1, where a training step of 8 records costs one of each at batch 8 (bench/methods.py prints the ratio)."""
+        if stage.last:
+            return {}
+        was_training = model.training
+        model.eval()
+        try:
+            fisher = ewc_fisher(trainable(model), lambda i: stage.record_loss(dataset, i),
+                                ewc_sample(len(dataset), self.cfg.ewc_samples, stage.seed, stage.index), stage.rank,
+                                stage.world)
+        finally:
+            model.train(was_training)
+        return ewc_accumulate(state or None, fisher)
+
+
 # -----------------------------------------------------------------------------
 # LwF: learning without forgetting (Li & Hoiem 2016, arXiv 1606.09282)
 
@@ -146,43 +328,61 @@ def lwf_distillation(student_logits, teacher_logits, labels, temperature):
     return F.kl_div(student, teacher, log_target=True, reduction="sum") * temperature ** 2
 
 
-# -----------------------------------------------------------------------------
-# O-LoRA: orthogonal subspace learning (Wang et al. 2023, arXiv 2310.14152)
+class LwF(Method):
+    """LwF: from the second stage on, each micro-batch's loss adds lwf_alpha * KD between the model and the previous
+    stage's model (its trainable weights, copied at the stage's start) on the same inputs."""
+    name = "lwf"
+    shardable = False
 
-class OLoRALinear(nn.Module):
-    """A frozen nn.Linear (self.base) plus one LoRA per task seen so far; only the newest trains:
+    @dataclasses.dataclass
+    class Settings:
+        lwf_alpha: float = 0.1            # lwf: loss = CE + lwf_alpha * KD (CoIN's 0.1 by a third-party reading)
+        lwf_temperature: float = 2.0      # lwf: distillation temperature T
+    rules = {"lwf_alpha": cli.at_least(0), "lwf_temperature": cli.POSITIVE}
+
+    def start_stage(self, model, stage, records, state):
+        self.teacher = {n: p.detach().clone() for n, p in trainable(model)} if stage.index > 0 else None
+        return records
+
+    def loss_term(self, model, inputs, logits, labels):
+        if self.teacher is None:
+            return None
+        old_logits = teacher_logits(model, self.teacher, inputs)  # (B, T, vocab), eval mode, no graph
+        return self.cfg.lwf_alpha * lwf_distillation(logits, old_logits, labels, self.cfg.lwf_temperature)
+
+
+# -----------------------------------------------------------------------------
+# O-LoRA: orthogonal subspace learning (Wang et al. 2023, arXiv 2310.14152; official code github.com/cmnfriend/O-LoRA)
+
+class OLoRALinear(AdapterLayer):
+    """A frozen nn.Linear (self.base) plus one LoRA per task; the first `active` of them contribute, only the newest
+    trains:
 
         y = W0 x + (alpha / r) * sum_{i=1..t} B_i A_i dropout(x)        A_i: (r, d_in), B_i: (d_out, r)
 
-    add_subspace() starts task t's (A_t ~ N(0, 0.01^2), B_t = 0, so the model is unchanged) and freezes A_i, B_i of
-    the earlier tasks, which keep contributing. State-dict keys <name>.lora_A.<i>, <name>.lora_B.<i>, i = 0..t-1.
-    NOTE(fidelity): A_t is drawn as coin's LoRA draws its A (the official MoELoRA's N(0, 0.01^2)), not PEFT's
-    Kaiming-uniform that O-LoRA's code inherits, so that O-LoRA differs from coin's LoRA row only in the method; one
-    dropout mask is shared by all subspaces."""
+    Every task's LoRA is built at once (init_subspaces), so a checkpoint of any stage loads into the same structure;
+    B_i = 0 until task i trains, so a subspace changes nothing before. State-dict keys <name>.lora_A.<i>,
+    <name>.lora_B.<i>, i = 0..tasks-1. One dropout mask is shared by all subspaces, as the official layer's one
+    nn.Dropout (src/peft/tuners/lora.py, forward)."""
 
-    def __init__(self, base, r, alpha, dropout=0.0):
+    def __init__(self, base, r, alpha, dropout, tasks):
         super().__init__()
         assert isinstance(base, nn.Linear), f"OLoRALinear wraps an nn.Linear, got {type(base).__name__}"
         self.base = base.requires_grad_(False)
-        self.r, self.scaling, self.dropout = r, alpha / r, dropout
-        self.lora_A, self.lora_B = nn.ParameterList(), nn.ParameterList()
-
-    def add_subspace(self, generator):
-        for p in self.parameters():
-            p.requires_grad_(False)
-        d_in, d_out, device = self.base.in_features, self.base.out_features, self.base.weight.device
-        self.lora_A.append(nn.Parameter((torch.randn(self.r, d_in, generator=generator) * 0.01).to(device)))
-        self.lora_B.append(nn.Parameter(torch.zeros(d_out, self.r, device=device)))
+        self.r, self.scaling, self.dropout, self.active = r, alpha / r, dropout, 0
+        d_in, d_out, device = base.in_features, base.out_features, base.weight.device
+        self.lora_A = nn.ParameterList([nn.Parameter(torch.zeros(r, d_in, device=device)) for _ in range(tasks)])
+        self.lora_B = nn.ParameterList([nn.Parameter(torch.zeros(d_out, r, device=device)) for _ in range(tasks)])
 
     def forward(self, x):  # x: (..., d_in)
         y = self.base(x)  # (..., d_out)
-        if not len(self.lora_A):
+        if not self.active:
             return y
         h = x.to(self.lora_A[0].dtype)
         if self.training and self.dropout > 0:
             h = F.dropout(h, self.dropout)
-        A = torch.cat(list(self.lora_A))  # (t r, d_in): every subspace in one product
-        B = torch.cat(list(self.lora_B), dim=1)  # (d_out, t r)
+        A = torch.cat(list(self.lora_A)[:self.active])  # (t r, d_in): every active subspace in one product
+        B = torch.cat(list(self.lora_B)[:self.active], dim=1)  # (d_out, t r)
         return y + ((h @ A.t()) @ B.t() * self.scaling).to(y.dtype)
 
 
@@ -190,47 +390,130 @@ def olora_layers(model):
     return [m for m in model.modules() if isinstance(m, OLoRALinear)]
 
 
-def add_olora(model, names, r, alpha, dropout):
-    """Wrap the nn.Linear layers `names` (coin wraps moelora.language_model_linears(model)) in OLoRALinear, with no
-    subspace yet (the model computes as the base until add_olora_subspace)."""
+def add_olora(model, names, r, alpha, dropout, tasks):
+    """Wrap the nn.Linear layers `names` in OLoRALinear with `tasks` subspaces, none active yet (the model computes
+    as the base until set_active)."""
     assert not olora_layers(model), "the model has O-LoRA layers already: add_olora runs once"
     for name in names:
         parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent), child, OLoRALinear(model.get_submodule(name), r, alpha, dropout))
+        setattr(model.get_submodule(parent), child, OLoRALinear(model.get_submodule(name), r, alpha, dropout, tasks))
     return names
 
 
-def add_olora_subspace(model, seed, stage):
-    """Task `stage`'s subspace in every O-LoRA layer, earlier ones frozen. Drawn from a generator seeded by
-    (seed, stage) alone, so a resumed run draws the same A_t as one that never stopped."""
-    g = torch.Generator().manual_seed(int(hashlib.sha1(f"{seed}-olora-{stage}".encode()).hexdigest()[:15], 16))
+def init_subspaces(model, seed, init):
+    """Every task's A_t, B_t = 0. Task t's A_t in every layer is drawn from a generator seeded by (seed, t) alone,
+    so it does not depend on the number of tasks. init: "kaiming" is PEFT's default, Kaiming-uniform with a = sqrt(5)
+    (what the official code's new LoRA starts from: src/peft/tuners/lora.py, reset_lora_parameters); "normal" is
+    N(0, 0.01^2), how coin's LoRA starts."""
+    layers = olora_layers(model)
+    for t in range(len(layers[0].lora_A) if layers else 0):
+        g = seeded_generator(seed, "olora", t)
+        for m in layers:
+            A = torch.empty(m.lora_A[t].shape)
+            if init == "kaiming":
+                nn.init.kaiming_uniform_(A, a=math.sqrt(5), generator=g)
+            else:
+                A = torch.randn(A.shape, generator=g) * 0.01
+            with torch.no_grad():
+                m.lora_A[t].copy_(A)
+                m.lora_B[t].zero_()
+
+
+def set_active(model, tasks):
+    """The first `tasks` subspaces contribute; only the newest trains (its A_t and B_t), the earlier ones are frozen."""
     for m in olora_layers(model):
-        m.add_subspace(g)
-
-
-def olora_state_dict(model):
-    """Every subspace of every O-LoRA layer, the frozen ones too, keyed as in model.state_dict()."""
-    return {f"{module_name}.{name}": p for module_name, m in model.named_modules() if isinstance(m, OLoRALinear)
-            for name, p in m.named_parameters() if not name.startswith("base.")}
+        m.active = tasks
+        for i, (A, B) in enumerate(zip(m.lora_A, m.lora_B)):
+            A.requires_grad_(i == tasks - 1)
+            B.requires_grad_(i == tasks - 1)
 
 
 def olora_orthogonality(model):
     """sum over adapted layers, over earlier tasks i < t, of sum_{j,k} |(A_t A_i^T)_{jk}|: A_t A_i^T is (r, r), zero
-    when the rows of A_t (the directions task t reads) are orthogonal to task i's. A scalar tensor (0 at task 1)."""
-    terms = [(m.lora_A[-1] @ A_i.t()).abs().sum() for m in olora_layers(model) for A_i in list(m.lora_A)[:-1]]
+    when the rows of A_t (the directions task t reads) are orthogonal to task i's. A scalar tensor (0 at task 1).
+    The official code's sum over its one matrix of the earlier tasks' rows is the same sum (uie_trainer_lora.py)."""
+    terms = [(m.lora_A[m.active - 1] @ A_i.t()).abs().sum() for m in olora_layers(model)
+             for A_i in list(m.lora_A)[:m.active - 1]]
     return sum(terms) if terms else torch.zeros(())
 
 
-def olora_penalty(model, lambda1, lambda2):
+def olora_penalty(model, lambda1, lambda2, l2="norm"):
     """O-LoRA's regulariser of task t's subspace:
 
-        lambda1 * olora_orthogonality(model)  +  lambda2 * sum_layers (||A_t||^2 + ||B_t||^2)
+        lambda1 * olora_orthogonality(model)  +  lambda2 * sum_layers (||A_t||_F + ||B_t||_F)     (l2 = "norm")
 
-    The element-wise absolute sum is how TRACE and PRISM implement the paper's orthogonality loss; lambda1 = 0.5,
-    lambda2 = 0 are their defaults. Only A_t, B_t get a gradient (the earlier subspaces are frozen). coin adds it once
-    per optimizer step to the per-answer-token cross-entropy, from task 2 on (from task 1 with lambda2 > 0)."""
+    as the official code adds it (src/uie_trainer_lora.py, training_step: the element-wise absolute sum of A_i A_t^T
+    and torch.norm(param, p=2) of the new A and B, not squared); l2 = "squared" sums ||A_t||^2 + ||B_t||^2, the
+    paper's and TRACE's reading. lambda1 = 0.5, lambda2 = 0 are the official scripts' values. Only A_t, B_t get a
+    gradient. coin adds it once per optimizer step to the per-answer-token cross-entropy (the official code adds it to
+    each micro-batch's loss: the same at one micro-batch a step)."""
     total = lambda1 * olora_orthogonality(model)
     if lambda2:
-        newest = [p for m in olora_layers(model) for p in (m.lora_A[-1], m.lora_B[-1])]
-        total = total + lambda2 * sum(p.pow(2).sum() for p in newest)
+        newest = [p for m in olora_layers(model) for p in (m.lora_A[m.active - 1], m.lora_B[m.active - 1])]
+        total = total + lambda2 * sum(p.norm() if l2 == "norm" else p.pow(2).sum() for p in newest)
     return total
+
+
+class OLoRA(Method):
+    """O-LoRA: a LoRA per task in each adapted linear (OLoRALinear); stage t trains only its own, the earlier ones
+    frozen and summed in, and its penalty keeps A_t's rows orthogonal to the earlier tasks' (olora_penalty). Its
+    defaults are the official code's: q and v adapted, A Kaiming-uniform, the L2 term a sum of norms, nothing but
+    the newest LoRA trains (docs/methods.md: each is a setting, and what the other choice does)."""
+    name = "olora"
+    shardable = False
+
+    @dataclasses.dataclass
+    class Settings:
+        olora_lambda1: float = 0.5        # olora: weight of the orthogonality term (the official scripts: 0.5)
+        olora_lambda2: float = 0.0        # olora: weight of the L2 term on the newest subspace (official: 0)
+        olora_targets: str = "q_proj,v_proj"  # olora: the linears it adapts, name suffixes (official: q and v,
+                                          # PEFT's default for Llama) | all (every linear of the language model)
+        olora_init: str = "kaiming"       # olora: A_t's init: kaiming (PEFT's, the official code) | normal (N(0, 0.01^2))
+        olora_l2: str = "norm"            # olora: the L2 term: norm (sum of Frobenius norms, the official code) | squared
+        olora_projector: bool = False     # olora: the projector trains too (official: only the newest LoRA trains)
+    rules = {"olora_lambda1": cli.at_least(0), "olora_lambda2": cli.at_least(0),
+             "olora_targets": cli.Rule(bool, "'all' or comma-separated name suffixes (q_proj,v_proj)"),
+             "olora_init": cli.one_of("kaiming", "normal"), "olora_l2": cli.one_of("norm", "squared")}
+    # what O-LoRA runs did before these settings existed
+    before_added = {"olora_targets": "all", "olora_init": "normal", "olora_l2": "squared", "olora_projector": True}
+
+    @classmethod
+    def check(cls, cfg):
+        if cfg.experts != 1:
+            return [f"--method=olora --experts={cfg.experts}: O-LoRA trains one plain LoRA per task; give --experts=1"]
+        return []
+
+    def describe(self):
+        return f"O-LoRA r={self.cfg.lora_r} per task"
+
+    def add_adapter(self, model, n_stages):
+        cfg = self.cfg
+        targets = None if cfg.olora_targets == "all" else cfg.olora_targets.split(",")
+        names = add_olora(model, target_linears(model, targets), cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout,
+                          n_stages)
+        init_subspaces(model, cfg.seed, cfg.olora_init)
+        return names
+
+    def start_stage(self, model, stage, records, state):
+        set_active(model, stage.index + 1)  # this task's subspace; the earlier ones are frozen from now on
+        if not self.cfg.olora_projector:
+            projector(model).requires_grad_(False)
+        return records
+
+    def penalty(self, model):
+        if olora_layers(model)[0].active == 1 and not self.cfg.olora_lambda2:
+            return None  # nothing to be orthogonal to yet
+        return olora_penalty(model, self.cfg.olora_lambda1, self.cfg.olora_lambda2, self.cfg.olora_l2)
+
+    def evaluating(self, model, stage, state):
+        set_active(model, stage.index + 1)  # as after this stage's start (a resumed run may evaluate without it)
+        return contextlib.nullcontext()
+
+    def notes(self, model):
+        return {"orthogonality": olora_orthogonality(model).item()}  # sum |A_t A_i^T|, before lambda1
+
+
+# -----------------------------------------------------------------------------
+# The registry: --method's choices
+
+METHODS = {cls.name: cls for cls in (Method, Replay, EWC, LwF, OLoRA)}

@@ -37,7 +37,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 
-class MoELoRALinear(nn.Module):
+class AdapterLayer(nn.Module):
+    """What every adapter layer is (MoELoRALinear, and a method's own, e.g. methods.OLoRALinear): a module holding a
+    frozen nn.Linear as self.base, whose other parameters are the adapter's: what a checkpoint saves
+    (adapter_parameters), trains and loads back."""
+
+
+class MoELoRALinear(AdapterLayer):
     """A frozen nn.Linear (self.base) plus E LoRA experts of rank r/E mixed per token by a softmax router."""
 
     def __init__(self, base, r, alpha, num_experts, dropout=0.0):
@@ -280,24 +286,41 @@ def language_model_linears(model):
     return [n for n in (in_lm or names) if not set(n.split(".")) & set(NOT_LANGUAGE_MODEL)]
 
 
-def add_moelora(model, targets=None, r=128, alpha=256.0, num_experts=8, dropout=0.05):
-    """Wrap the language model's nn.Linear layers in MoELoRALinear, in place: all of them (targets=None) or those
-    whose name ends with one of `targets` (e.g. ["q_proj", "v_proj"]). Never lm_head, the vision tower or the
-    projector. Defaults are the official E = 8, r = 128, alpha = 256, dropout 0.05. Returns the wrapped names."""
-    wrapped = [n for n, m in model.named_modules() if isinstance(m, MoELoRALinear)]
-    assert not wrapped, f"the model already has MoELoRA layers ({wrapped[0]}, ...): add_moelora runs once"
+def target_linears(model, targets=None):
+    """Names of the language model's nn.Linear layers to adapt: all of them (targets=None) or those whose name ends with
+    one of `targets` (e.g. ["q_proj", "v_proj"]). Never lm_head, the vision tower or the projector."""
     names = language_model_linears(model)
     targets = [targets] if isinstance(targets, str) else targets
     if targets is not None:
         names = [n for n in names if any(n == t or n.endswith("." + t) for t in targets)]
     if not names:
-        raise ValueError(f"add_moelora: no nn.Linear of the language model of {type(model).__name__} matches "
-                         f"targets={targets}; pass name suffixes such as ['q_proj', 'v_proj'] or None for all")
+        raise ValueError(f"no nn.Linear of the language model of {type(model).__name__} matches targets={targets}; "
+                         "pass name suffixes such as ['q_proj', 'v_proj'] or None for all")
+    return names
+
+
+def add_moelora(model, targets=None, r=128, alpha=256.0, num_experts=8, dropout=0.05):
+    """Wrap the language model's nn.Linear layers in MoELoRALinear, in place: all of them (targets=None) or those
+    whose name ends with one of `targets` (target_linears). Defaults are the official E = 8, r = 128, alpha = 256,
+    dropout 0.05. Returns the wrapped names."""
+    wrapped = [n for n, m in model.named_modules() if isinstance(m, MoELoRALinear)]
+    assert not wrapped, f"the model already has MoELoRA layers ({wrapped[0]}, ...): add_moelora runs once"
+    names = target_linears(model, targets)
     for name in names:
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent), child,
                 MoELoRALinear(model.get_submodule(name), r, alpha, num_experts, dropout))
     return names
+
+
+def adapter_parameters(model):
+    """(name, parameter) of every adapter weight of the model, keyed as in model.state_dict(): the parameters of each
+    AdapterLayer but its frozen base's (frozen adapter weights too, e.g. O-LoRA's earlier tasks')."""
+    for module_name, m in model.named_modules():
+        if isinstance(m, AdapterLayer):
+            for name, p in m.named_parameters():
+                if not name.startswith("base."):
+                    yield f"{module_name}.{name}", p
 
 
 def moelora_parameters(model):
