@@ -35,7 +35,7 @@ from moelora import adapter_parameters, load_weights
 # renamed, so a kill at any moment leaves the previous version or the new one, never half a file. --out must be one
 # folder that every rank sees (shared storage on several nodes): rank 0 writes, all ranks read.
 MIDSTAGE = "midstage.pt"
-# The continual-learning method's state after the stage (what its end_stage returned, e.g. EWC's Fisher summed over
+# The continual-learning method's state after the stage (what its end_stage returned, e.g. a Fisher summed over
 # the tasks so far), handed to the next stage's start; absent when the method keeps nothing
 METHOD_STATE = "method_state.safetensors"
 
@@ -82,7 +82,10 @@ def inputs_hash(train_sets, test_sets, model):
 
 def run_info(cfg, world, inputs, global_batch):
     """What every checkpoint and results.json record about the run that wrote them."""
+    own = METHODS[cfg.method].Settings
     return {"config": dataclasses.asdict(cfg), "seed": cfg.seed, "world_size": world,
+            # the method's own settings and their defaults: how a study tells its strengths apart (study.run_key)
+            "method_settings": {f.name: f.default for f in dataclasses.fields(own)} if own else {},
             "global_batch": global_batch, "inputs": inputs, "git": git_commit(),
             "torch": str(torch.__version__), "transformers": transformers.__version__}
 

@@ -134,8 +134,7 @@ RULES = {
                              "'', 'official' or a whole number > 0"),
     "epochs": cli.at_least(1), "weight_decay": cli.at_least(0), "warmup_ratio": cli.between(0, 1),
     "schedule": cli.one_of("constant", "cosine"), "max_grad_norm": cli.POSITIVE,
-    # --- continual-learning method (each method's own settings: its class's rules, methods.py)
-    "method": cli.one_of(*METHODS), **{k: rule for cls in METHODS.values() for k, rule in cls.rules.items()},
+    # --- continual-learning method: "method" and each method's own settings, from the registry (run_settings)
     # --- eval
     "eval_batch": cli.at_least(1), "max_new_tokens": cli.at_least(0), "eval_images": cli.one_of(*data.EVAL_IMAGES),
     "scoring": cli.one_of("official", "fixed"), "ground_truth": cli.ANY, "answers_from_test": cli.ANY,
@@ -144,14 +143,21 @@ RULES = {
     "out": cli.Rule(bool, "a folder name"), "seed": cli.ANY, "threads": cli.at_least(0), "resume": cli.ANY,
     "save_every": cli.at_least(0), "stage0": cli.ANY, "stage0_epochs": cli.at_least(1), "stage0_lr": cli.POSITIVE,
 }
-# The settings a run takes: the block above, then each method's own (its class's Settings, methods.py)
-Config = cli.extend_settings(Config, [cls.Settings for cls in METHODS.values() if cls.Settings])
+
+
+def run_settings():
+    """(the settings dataclass, its rules) of a run: Config and RULES above, then each registered method's own
+    settings (its class's Settings and rules, methods.py), so a method's settings are written once, in its class."""
+    cls = cli.extend_settings(Config, [m.Settings for m in METHODS.values() if m.Settings])
+    return cls, {**RULES, "method": cli.one_of(*METHODS), **{k: r for m in METHODS.values() for k, r in m.rules.items()}}
 
 
 def parse_config(argv):
-    """The Config of a command line, with every setting checked (RULES, then check_config): all problems at once,
-    as one UserError, before anything is read, loaded or written (main then checks the folders: check_folders)."""
-    cfg, _ = cli.parse(Config, argv, __doc__, RULES, docs=cli.setting_docs(__file__, "Config", "methods.py"))  # the combinations below assume each setting is in range
+    """The settings of a command line (run_settings), every one checked (the rules, then check_config): all problems
+    at once, as one UserError, before anything is read, loaded or written (main then checks the folders)."""
+    settings, rules = run_settings()
+    # each setting in range first (the combinations below assume it), then check_config
+    cfg, _ = cli.parse(settings, argv, __doc__, rules, docs=cli.setting_docs(__file__, "Config", "methods.py"))
     problems = check_config(cfg, int(os.environ.get("WORLD_SIZE", 1)))
     if problems:
         raise cli.UserError("\n".join(problems))
@@ -435,7 +441,7 @@ def accumulate_gradients(model, micro, n_tokens, params, method, sharded, world,
 
 def record_loss(model, device, dataset, i):
     """Record i's own training loss, its answer tokens' mean cross-entropy (the loss a global batch of that one record
-    gives), with its graph: what EWC's Fisher is estimated from (methods.Stage.record_loss)."""
+    gives), with its graph: for a method that needs per-record gradients (methods.Stage.record_loss)."""
     batch = collate([dataset[i]], dataset.tok.pad_token_id)
     labels = batch["labels"].to(device)
     return answer_ce(model(**model_inputs(batch, model, device)).logits, labels) / (labels[:, 1:] != -100).sum()
@@ -488,19 +494,20 @@ def load_base(cfg, device, processor=None):
     return model, processor
 
 
-def add_adapter(model, method, cfg, device, n_stages):
-    """Freeze the base, let the method wrap its language model's linears (methods.Method.add_adapter: MoELoRA, whose
-    init draws from the global RNG, or the method's own adapter), and let the projector train along
-    (--train_projector); returns the number of wrapped linears."""
+def add_adapter(model, cfg, device, method=None, n_stages=1):
+    """Freeze the base, let the method wrap its language model's linears for a run of `n_stages` stages
+    (methods.Method.add_adapter: MoELoRA, whose init draws from the global RNG, or the method's own adapter; None:
+    MoELoRA), and let the projector train along (--train_projector); returns (the parameters that train now, the
+    number of wrapped linears)."""
     for p in model.parameters():
         p.requires_grad_(False)
-    wrapped = method.add_adapter(model, n_stages)
+    wrapped = (method or Method(cfg)).add_adapter(model, n_stages)
     for p in projector(model).parameters():
         p.requires_grad_(cfg.train_projector)
     if cfg.train_projector:
         train_in_fp32(projector(model))  # the adapters are fp32 already (moelora.py)
     model.to(device)
-    return len(wrapped)
+    return [p for p in model.parameters() if p.requires_grad], len(wrapped)
 
 
 def train_in_fp32(module):
@@ -735,7 +742,7 @@ def main(argv):
     info = run_info(cfg, world, inputs_hash(train_sets, test_sets, model), global_batch)
     done = finished_stages(cfg, stages, info, rank)  # stages an earlier run into --out finished (checkpoint.py)
     method = METHODS[cfg.method](cfg)  # the continual-learning method (methods.py): its hooks below
-    n_wrapped = add_adapter(model, method, cfg, device, len(stages))
+    _, n_wrapped = add_adapter(model, cfg, device, method, len(stages))
     if cfg.shard and world > 1:  # one rank has nothing to shard over
         shard_model(model)
     trains = sum(p.numel() for p in model.parameters() if p.requires_grad)

@@ -516,4 +516,16 @@ class OLoRA(Method):
 # -----------------------------------------------------------------------------
 # The registry: --method's choices
 
-METHODS = {cls.name: cls for cls in (Method, Replay, EWC, LwF, OLoRA)}
+METHODS = {}
+
+
+def register(cls):
+    """Make the Method subclass `cls` a choice of --method (its name); usable as a class decorator. Its Settings join
+    coin.py's settings when a command line is parsed (coin.run_settings)."""
+    assert issubclass(cls, Method) and cls.name not in METHODS, f"{cls.name!r}: not a new Method subclass"
+    METHODS[cls.name] = cls
+    return cls
+
+
+for _cls in (Method, Replay, EWC, LwF, OLoRA):
+    register(_cls)

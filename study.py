@@ -48,11 +48,8 @@ import cli
 import data
 
 STUDY_FACTORS = ("multitask", "experts", "instructions", "method", "strength")  # what tells the methods apart
-# each method's own settings (coin.py): they act under that method only. A run that changes one from coin.py's default
-# is a method of its own (its `strength`, named in its row), so one study can hold, e.g., EWC at two lambdas.
-METHOD_SETTINGS = {"replay": ("replay_ratio",), "ewc": ("ewc_lambda", "ewc_samples"),
-                   "lwf": ("lwf_alpha", "lwf_temperature"), "olora": ("olora_lambda1", "olora_lambda2")}
-METHOD_SETTING_NAMES = tuple(itertools.chain(*METHOD_SETTINGS.values()))
+# Each method's own settings (its class in methods.py) act under that method only. A run that changes one from its
+# default is a method of its own (its `strength`, named in its row), so one study can hold, e.g., EWC at two lambdas.
 # settings that cannot change the scores; the seed is what the spread is over. Every other setting must be the same
 # in all runs of a study (a study changes one thing at a time).
 STUDY_FREE = ("out", "seed", "threads", "resume", "save_every", "eval_batch", "grad_ckpt", "zero_shot")
@@ -105,7 +102,7 @@ def method_name(key):
         name = f"{METHOD_NAMES.get(method, method)} ({name})"
     name = f"multi-task ({name})" if multitask else name
     name = name if instructions == ORIGINAL else f"{name}, {instructions}"
-    return ", ".join([name] + [f"--{k}={v:g}" for k, v in strength])
+    return ", ".join([name] + [f"--{k}={v:g}" if isinstance(v, float) else f"--{k}={v}" for k, v in strength])
 
 
 def method_order(key):
@@ -114,19 +111,38 @@ def method_order(key):
     return not key.multitask, rank, key.method, key.experts, key.strength
 
 
-def run_key(cfg):
-    """A run's Method from its config: one without `multitask` is not multi-task, one without `method` sequential."""
+def run_key(res):
+    """A run's Method from its results.json: one without `multitask` is not multi-task, one without `method`
+    sequential; its strength: its method's own settings where they differ from their defaults (a setting the run
+    predates reads as the value it had in effect then: the method's before_added, else the default)."""
+    cfg = res["config"]
     method = cfg.get("method", SEQUENTIAL)
-    defaults = method_defaults()
-    strength = tuple((k, cfg[k]) for k in METHOD_SETTINGS.get(method, ()) if k in cfg and cfg[k] != defaults[k])
+    own = method_settings(res)
+    strength = tuple((k, cfg.get(k, was)) for k, (default, was) in own.items() if cfg.get(k, was) != default)
     return Method(cfg.get("multitask", False), cfg["experts"], cfg["instructions"], method, strength)
 
 
+def method_settings(res):
+    """{setting: (default, value before it existed)} of the run's method's own settings: as results.json records them
+    (coin.py writes `method_settings`), else as methods.py declares them (runs written before that record)."""
+    recorded = res.get("method_settings")
+    if recorded is not None:
+        return {k: (v, v) for k, v in recorded.items()}
+    docs, before = declared_method_settings().get(res["config"].get("method", SEQUENTIAL), ([], {}))
+    return {d.name: (ast.literal_eval(d.default), before.get(d.name, ast.literal_eval(d.default))) for d in docs}
+
+
 @functools.cache
-def method_defaults():
-    """{setting: coin.py's default} of every METHOD_SETTINGS setting, read from coin.py's source (no torch import)."""
+def declared_method_settings():
+    """{method: ([SettingDoc], before_added)} as methods.py declares them, read from its source (no torch import)."""
+    return cli.read_method_settings(os.path.join(os.path.dirname(os.path.abspath(__file__)), "methods.py"))
+
+
+@functools.cache
+def setting_defaults():
+    """{setting: its default} of coin.py's Config, read from its source: how a run reads a setting it predates."""
     docs = cli.read_setting_docs(os.path.join(os.path.dirname(os.path.abspath(__file__)), "coin.py"), "Config")
-    return {d.name: ast.literal_eval(d.default) for d in docs if d.name in METHOD_SETTING_NAMES}
+    return {d.name: ast.literal_eval(d.default) for d in docs}
 
 
 def summarise_run(res):
@@ -170,12 +186,16 @@ def read_study(root):
             continue
         res = data.read_json(path)
         cfg, T = res["config"], len(res["tasks"])
-        key = run_key(cfg)
+        key = run_key(res)
         if not finished(res):
             unfinished.append(name if key.multitask else f"{name} ({res['stages']}/{T} stages)")
             continue
-        # a method's own settings are in the key where the run's method reads them, and act nowhere else
-        rest = {k: v for k, v in cfg.items() if k not in STUDY_FACTORS + STUDY_FREE + METHOD_SETTING_NAMES}
+        # a method's own settings are in the key where the run's method reads them, and act nowhere else; a setting
+        # a run predates reads as its default, so a setting added to coin.py never splits a study
+        method_own = {d.name for docs, _ in declared_method_settings().values() for d in docs} | set(
+            res.get("method_settings", {}))
+        rest = {k: v for k, v in {**setting_defaults(), **cfg}.items()
+                if k not in STUDY_FACTORS + STUDY_FREE and k not in method_own}
         if shared is None:
             shared, first = rest, name
         for k in shared.keys() | rest.keys():
@@ -746,9 +766,10 @@ def read_run(run):
     return data.read_json(path)
 
 
-def run_label(cfg):
-    """A run's row in a diagonal block, from its config: 'LoRA (E=1)', 'MoELoRA (E=8)', 'LwF (LoRA)', 'O-LoRA'..."""
-    key = run_key(cfg)
+def run_label(res):
+    """A run's row in a diagonal block, from its results.json: 'LoRA (E=1)', 'MoELoRA (E=8)', 'LwF (LoRA)',
+    'O-LoRA'..."""
+    key = run_key(res)
     if key.multitask or key.method != SEQUENTIAL:
         return method_name(key)
     name = "LoRA (E=1)" if key.experts == 1 else f"MoELoRA (E={key.experts})"
@@ -776,7 +797,7 @@ def diagonal_block(runs):
     zero_shot = results[0].get("zero_shot")
     lines.append(row("base, zero-shot", [zero_shot[t]["if"] if t in zero_shot else None for t in tasks])
                  if zero_shot else row(f"base, zero-shot: not evaluated in {runs[0]}", [None] * T, mean=False))
-    labels = [run_label(res["config"]) for res in results]
+    labels = [run_label(res) for res in results]
     for label, res in zip(labels, results):
         label += f", seed {res['config']['seed']}" if labels.count(label) > 1 else ""
         lines.append(row(label, [res["matrix"][i][i] for i in range(T)]))

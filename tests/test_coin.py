@@ -10,6 +10,7 @@ from transformers import AutoProcessor, LlavaForConditionalGeneration
 
 import checkpoint
 import coin
+import moelora
 import data
 from cli import UserError
 
@@ -94,8 +95,8 @@ def test_training_moves_only_adapter_and_projector(mini_data, tiny_base, tmp_pat
     run(mini_data, tiny_base, out, "--tasks=VQAv2", "--experts=2", "--zero_shot=false", "--max_test=4")
     base = LlavaForConditionalGeneration.from_pretrained(tiny_base)
     model = LlavaForConditionalGeneration.from_pretrained(tiny_base)
-    coin.add_moelora(model, None, 8, 32.0, 2, 0.05)
-    checkpoint.load_checkpoint(model, os.path.join(out, "checkpoints", "stage1-VQAv2", "adapter.safetensors"))
+    moelora.add_moelora(model, None, 8, 32.0, 2, 0.05)
+    checkpoint.load_checkpoint(model, os.path.join(out, "checkpoints", "stage1-VQAv2"))
     sd = load_file(os.path.join(out, "checkpoints", "stage1-VQAv2", "adapter.safetensors"))
     base_proj = base.model.multi_modal_projector.state_dict()
     assert any(not torch.equal(sd[f"projector.{k}"], v) for k, v in base_proj.items()), "projector did not train"
@@ -123,8 +124,8 @@ def test_projector_lr_scales_only_the_projectors_steps(mini_data, tiny_base, tmp
 def test_continuing_checks_settings_added_since():
     """A run written before --projector_lr_scale existed trained the projector at lr: continuing it at the new
     default would change its results, so it is refused; the value it had passes."""
-    cfg = dataclasses.asdict(coin.Config())
-    defaults = checkpoint.setting_defaults(coin.Config())
+    cfg = dataclasses.asdict(coin.parse_config([]))
+    defaults = checkpoint.setting_defaults(coin.parse_config([]))
     saved = {"config": {k: v for k, v in cfg.items() if k != "projector_lr_scale"}, "global_batch": 8, "inputs": "x"}
     with pytest.raises(UserError, match="--projector_lr_scale=1.0, this one has --projector_lr_scale=0.1"):
         checkpoint.check_same_run(saved, {"config": cfg, "global_batch": 8, "inputs": "x"}, "meta.json", defaults)

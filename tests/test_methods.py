@@ -10,7 +10,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import methods
-from moelora import load_weights
+from moelora import adapter_parameters, load_weights
 
 
 # -----------------------------------------------------------------------------
@@ -162,77 +162,141 @@ def test_teacher_logits_swap_in_weights_without_dropout_or_side_effects():
 
 
 # -----------------------------------------------------------------------------
-# O-LoRA
+# O-LoRA, against transcriptions of the official code (github.com/cmnfriend/O-LoRA, the repository's last commit)
 
-def olora_net(r=2):
+def olora_net(r=2, tasks=3, seed=0, init="kaiming"):
     torch.manual_seed(0)
     net = nn.Sequential(nn.Linear(5, 6), nn.ReLU(), nn.Linear(6, 3))
     for p in net.parameters():
         p.requires_grad_(False)
-    methods.add_olora(net, ["0", "2"], r=r, alpha=4.0, dropout=0.0)
+    methods.add_olora(net, ["0", "2"], r=r, alpha=4.0, dropout=0.0, tasks=tasks)
+    methods.init_subspaces(net, seed, init)
     return net
 
 
-def test_olora_adapter_sums_every_subspace_and_trains_only_the_newest():
+def official_olora_layer(x, weight, bias, lora_A, lora_B, loranew_A, loranew_B, scaling):
+    """src/peft/tuners/lora.py, Linear.forward (lines 570-597), transcribed: the earlier tasks' LoRA (their A's and
+    B's concatenated into one lora_A, lora_B) and the new one, each through its nn.Linear, one dropout (here p = 0)."""
+    result = F.linear(x, weight, bias=bias)
+    result += F.linear(F.linear(x, lora_A), lora_B) * scaling
+    result += F.linear(F.linear(x, loranew_A), loranew_B) * scaling
+    return result
+
+
+def official_olora_regulariser(named_parameters, lamda_1, lamda_2):
+    """src/uie_trainer_lora.py, UIETrainer.training_step (lines 90-109), transcribed."""
+    orthogonal_loss = 0.
+    for name, param in named_parameters:
+        if "lora_A" in name:
+            for name_, param_ in named_parameters:
+                if "loranew_A" in name_ and name.split("lora_A")[0] == name_.split("loranew_A")[0]:
+                    orthogonal_loss += torch.abs(torch.mm(param, param_.T)).sum()  # [r * dim] * [dim * r]
+                    break
+    l2_loss = 0.
+    for name, param in named_parameters:
+        if "loranew_" in name:
+            l2_loss += torch.norm(param, p=2)
+    return orthogonal_loss * lamda_1 + l2_loss * lamda_2
+
+
+def official_layout(net):
+    """coin's O-LoRA layers as the official model names them: lora_A/B the earlier tasks' concatenated, loranew_A/B
+    the newest task's (the same tensors: gradients flow back to coin's)."""
+    named = []
+    for name, m in (("0", net[0]), ("2", net[2])):
+        t = m.active - 1
+        named += [(f"{name}.lora_A", torch.cat(list(m.lora_A)[:t])), (f"{name}.lora_B", torch.cat(
+            list(m.lora_B)[:t], dim=1)), (f"{name}.loranew_A", m.lora_A[t]), (f"{name}.loranew_B", m.lora_B[t])]
+    return named
+
+
+def test_olora_layer_equals_the_official_layer_and_trains_only_the_newest():
     net = olora_net()
     x = torch.randn(4, 5)
     base = nn.Sequential(net[0].base, nn.ReLU(), net[2].base)
-    torch.testing.assert_close(net(x), base(x))  # no subspace: the base
-    for stage in range(3):
-        methods.add_olora_subspace(net, seed=0, stage=stage)
-        with torch.no_grad():  # B = 0 starts each subspace at no change; give them values to check the sum
-            for m in methods.olora_layers(net):
-                m.lora_B[-1].normal_()
-    assert [len(m.lora_A) for m in methods.olora_layers(net)] == [3, 3]
+    torch.testing.assert_close(net(x), base(x))  # no subspace active: the base
+    with torch.no_grad():  # B = 0 starts each subspace at no change; give them values to check the sum
+        for m in methods.olora_layers(net):
+            for B in m.lora_B:
+                B.normal_()
+    methods.set_active(net, 3)
     trainable = [n for n, p in net.named_parameters() if p.requires_grad]
     assert trainable == ["0.lora_A.2", "0.lora_B.2", "2.lora_A.2", "2.lora_B.2"]
-
-    def written_out(m, h):
-        return m.base(h) + sum(m.scaling * h @ A.t() @ B.t() for A, B in zip(m.lora_A, m.lora_B))
-    torch.testing.assert_close(net(x), written_out(net[2], torch.relu(written_out(net[0], x))))
+    m = net[0]
+    got = m(x)
+    want = official_olora_layer(x, m.base.weight, m.base.bias, torch.cat(list(m.lora_A)[:2]),
+                                torch.cat(list(m.lora_B)[:2], dim=1), m.lora_A[2], m.lora_B[2], m.scaling)
+    torch.testing.assert_close(got, want)
+    methods.set_active(net, 2)  # the third task's LoRA does not count before its stage
+    want = official_olora_layer(x, m.base.weight, m.base.bias, m.lora_A[0], m.lora_B[0], m.lora_A[1], m.lora_B[1],
+                                m.scaling)
+    torch.testing.assert_close(m(x), want)
     net(x).sum().backward()
     assert all((p.grad is not None) == p.requires_grad for p in net.parameters())
 
 
-def test_olora_subspaces_are_seeded_by_stage_and_round_trip():
-    a, b = olora_net(), olora_net()
-    for stage in range(2):
-        methods.add_olora_subspace(a, seed=5, stage=stage)
-    methods.add_olora_subspace(b, seed=5, stage=1)
-    assert torch.equal(a[0].lora_A[1], b[0].lora_A[0])  # stage 1's draw, whatever came before it
+def test_olora_init_is_peft_kaiming_seeded_by_stage_alone():
+    a, b = olora_net(tasks=2, seed=5), olora_net(tasks=3, seed=5)
+    for t in range(2):  # the same draws whatever the number of tasks
+        assert torch.equal(a[0].lora_A[t], b[0].lora_A[t]) and torch.equal(a[2].lora_A[t], b[2].lora_A[t])
     assert not torch.equal(a[0].lora_A[0], a[0].lora_A[1])
-    sd = {k: v.detach().clone() for k, v in methods.olora_state_dict(a).items()}
-    assert sorted(sd) == sorted(f"{layer}.lora_{m}.{i}" for layer in "02" for m in "AB" for i in range(2))
-    with pytest.raises(KeyError, match="4 unexpected"):  # b has one subspace: rebuild two before loading
-        load_weights(methods.olora_state_dict(b), sd, "b's subspaces")
-    methods.add_olora_subspace(b, seed=5, stage=2)
+    assert not torch.equal(a[0].lora_A[0], olora_net(tasks=2, seed=6)[0].lora_A[0])
+    assert all(not B.any() for m in methods.olora_layers(b) for B in m.lora_B)
+    # PEFT's reset_lora_parameters (the official src/peft/tuners/lora.py, line 505): kaiming_uniform_(a=sqrt(5)), i.e.
+    # uniform in +-1/sqrt(d_in); drawn here from task t's own generator, layer after layer
+    g = methods.seeded_generator(5, "olora", 1)
+    want = [torch.nn.init.kaiming_uniform_(torch.empty(2, d), a=math.sqrt(5), generator=g) for d in (5, 6)]
+    assert torch.equal(b[0].lora_A[1], want[0]) and torch.equal(b[2].lora_A[1], want[1])
+    assert b[0].lora_A[1].abs().max() <= 1 / math.sqrt(5)
+    g = methods.seeded_generator(5, "olora", 1)
+    normal = olora_net(tasks=2, seed=5, init="normal")  # coin's LoRA init: N(0, 0.01^2)
+    assert torch.equal(normal[0].lora_A[1], torch.randn(2, 5, generator=g) * 0.01)
+
+
+def test_olora_subspaces_round_trip_through_a_checkpoint():
+    a, b = olora_net(seed=5), olora_net(seed=7)
+    with torch.no_grad():
+        a[0].lora_B[1].normal_()
+    sd = {k: v.detach().clone() for k, v in adapter_parameters(a)}
+    assert sorted(sd) == sorted(f"{layer}.lora_{m}.{i}" for layer in "02" for m in "AB" for i in range(3))
     with pytest.raises(ValueError, match=r"adapter weight 0.lora_A.0: checkpoint shape \(3, 5\)"):
-        load_weights(methods.olora_state_dict(b), {**sd, "0.lora_A.0": torch.zeros(3, 5)}, "b's subspaces")
-    load_weights(methods.olora_state_dict(b), sd, "b's subspaces")  # what checkpoint.load_trainable does
+        load_weights(dict(adapter_parameters(b)), {**sd, "0.lora_A.0": torch.zeros(3, 5)}, "b's subspaces")
+    load_weights(dict(adapter_parameters(b)), sd, "b's subspaces")  # what checkpoint.load_trainable does
+    methods.set_active(a, 2)
+    methods.set_active(b, 2)
     x = torch.randn(2, 5)
     assert torch.equal(a(x), b(x))
 
 
-def test_olora_penalty_against_written_out_sums():
+@pytest.mark.parametrize("lambda1, lambda2", [(0.5, 0.0), (0.5, 0.3), (0.0, 1.0)])
+def test_olora_penalty_and_gradient_equal_the_official_code(lambda1, lambda2):
     net = olora_net(r=3)
-    assert methods.olora_orthogonality(olora_net()).item() == 0  # nothing to be orthogonal to yet
-    for stage in range(3):
-        methods.add_olora_subspace(net, seed=0, stage=stage)
     with torch.no_grad():
         for m in methods.olora_layers(net):
-            m.lora_B[-1].normal_()
-    total, orth = methods.olora_penalty(net, 0.5, 0.25), methods.olora_orthogonality(net).item()
-    want_orth = want_l2 = 0.0
-    for m in (net[0], net[2]):
-        A = [a.detach() for a in m.lora_A]
-        for i in range(2):
-            want_orth += sum(abs(float(A[2][j] @ A[i][k])) for j in range(3) for k in range(3))
-        want_l2 += float((A[2] ** 2).sum() + (m.lora_B[2].detach() ** 2).sum())
-    assert math.isclose(orth, want_orth, rel_tol=1e-5)
-    assert math.isclose(total.item(), 0.5 * want_orth + 0.25 * want_l2, rel_tol=1e-5)
-    total.backward()
+            for B in m.lora_B:
+                B.normal_()
+    methods.set_active(net, 3)
+    got = methods.olora_penalty(net, lambda1, lambda2)  # l2="norm", the default
+    got.backward()
+    newest = [p for p in net.parameters() if p.requires_grad]
+    got_grads = [torch.zeros_like(p) if p.grad is None else p.grad.clone() for p in newest]
+    net.zero_grad()
+    want = official_olora_regulariser(official_layout(net), lambda1, lambda2)
+    want.backward()
+    torch.testing.assert_close(got, want)
+    for g, p in zip(got_grads, newest):
+        torch.testing.assert_close(g, torch.zeros_like(p) if p.grad is None else p.grad)
     assert all(p.grad is None for n, p in net.named_parameters() if not n.endswith(".2"))
-    sign = torch.sign(net[0].lora_A[2].detach() @ net[0].lora_A[0].detach().t())  # d|A_t A_0^T| / dA_t, + A_1's
-    want_grad = 0.5 * (sign @ net[0].lora_A[0].detach()
-                       + torch.sign(net[0].lora_A[2].detach() @ net[0].lora_A[1].detach().t()) @ net[0].lora_A[1])
-    torch.testing.assert_close(net[0].lora_A[2].grad, want_grad + 0.25 * 2 * net[0].lora_A[2].detach())
+    # the paper's squared reading is a switch, and differs
+    squared = methods.olora_penalty(net, lambda1, lambda2, l2="squared").item()
+    assert (squared != pytest.approx(want.item())) == bool(lambda2)
+
+
+def test_olora_defaults_are_the_official_ones():
+    """The official scripts run --lamda_1 0.5 --lamda_2 0 (scripts/order_1.sh, lines 42-43), adapt Llama's q_proj and
+    v_proj (PEFT's default targets, src/peft/utils/other.py line 202) and train only loranew_ (src/run_uie_lora.py,
+    lines 406-416)."""
+    defaults = methods.OLoRA.Settings()
+    assert (defaults.olora_lambda1, defaults.olora_lambda2) == (0.5, 0.0)
+    assert defaults.olora_targets == "q_proj,v_proj" and defaults.olora_init == "kaiming"
+    assert defaults.olora_l2 == "norm" and defaults.olora_projector is False

@@ -15,6 +15,7 @@ from transformers import AutoProcessor
 
 import base_model
 import coin
+import moelora
 import data
 from cli import UserError
 
@@ -200,7 +201,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(mini_data, tiny_base):
         cfg = coin.parse_config([f"--base={tiny_base}", f"--grad_ckpt={ckpt}"])
         model, _ = coin.load_base(cfg, torch.device("cpu"))
         assert model.model.language_model.gradient_checkpointing == ckpt
-        coin.add_moelora(model, None, 8, 16.0, 2, 0.1)
+        moelora.add_moelora(model, None, 8, 16.0, 2, 0.1)
         coin.mark_only_moelora_trainable(model)
         for p in model.model.language_model.parameters():
             if p.requires_grad:

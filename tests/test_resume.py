@@ -18,6 +18,8 @@ from transformers import LlavaForConditionalGeneration
 
 import checkpoint
 import coin
+import moelora
+import methods
 from cli import UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -238,7 +240,7 @@ def test_method_resumes_exactly_and_two_ranks_equal_one(method, mini_data, tiny_
     assert not os.path.exists(os.path.join(stage(out, 2, METHOD_TASKS), "meta.json")), "stage 3 ended before the kill"
     coin.main(method_args(mini_data, tiny_base, out, method))
     assert_same_run(out, ref, METHOD_TASKS, steps=None)
-    files = ["adapter.safetensors"] + ([checkpoint.FISHER] if method == "ewc" else [])
+    files = ["adapter.safetensors"] + ([checkpoint.METHOD_STATE] if method == "ewc" else [])
     for j in range(2):
         for f in files:
             assert load_file(os.path.join(stage(out, j, METHOD_TASKS), f)).keys()  # written, and resumed from
@@ -260,13 +262,17 @@ def test_method_resumes_exactly_and_two_ranks_equal_one(method, mini_data, tiny_
                     torch.testing.assert_close(got[k], want[k], rtol=1e-4, atol=1e-4, msg=f"{other} {j + 1} {f}: {k}")
     if method == "ewc":  # the Fisher a resumed run reads is checked against its stage's meta.json
         cfg = coin.parse_config(method_args(mini_data, tiny_base, ref, method))
-        stages = coin.plan_stages(cfg, METHOD_TASKS)
-        path = os.path.join(stage(ref, 1, METHOD_TASKS), checkpoint.FISHER)
+        model, _ = coin.load_base(cfg, torch.device("cpu"))
+        coin.add_adapter(model, cfg, "cpu", methods.METHODS["ewc"](cfg), len(METHOD_TASKS))
+        folder = stage(ref, 1, METHOD_TASKS)
+        meta = json.load(open(os.path.join(folder, "meta.json")))
+        path = os.path.join(folder, checkpoint.METHOD_STATE)
         fisher = load_file(path)
-        assert all(torch.equal(v, fisher[k]) for k, v in checkpoint.load_fisher(cfg, stages, 2, "cpu").items())
+        _, state = checkpoint.load_checkpoint(model, folder, meta)
+        assert state.keys() == fisher.keys() and all(torch.equal(v, fisher[k]) for k, v in state.items())
         save_file({k: v * 2 for k, v in fisher.items()}, path)
         with pytest.raises(UserError, match=re.escape(path) + ": its tensors do not match their checksum"):
-            checkpoint.load_fisher(cfg, stages, 2, "cpu")
+            checkpoint.load_checkpoint(model, folder, meta)
 
 
 def test_method_settings_refused():
@@ -365,19 +371,19 @@ def test_answer_that_tokenises_to_nothing(data_copy, tiny_base, tmp_path):
 def test_checkpoint_of_another_model(reference, tiny_base, tmp_path):
     path = os.path.join(stage(reference, 0), "adapter.safetensors")
     model = LlavaForConditionalGeneration.from_pretrained(tiny_base)
-    coin.add_moelora(model, None, 16, 32.0, 2, 0.05)  # rank 16; the checkpoint's is 8
+    moelora.add_moelora(model, None, 16, 32.0, 2, 0.05)  # rank 16; the checkpoint's is 8
     with pytest.raises(ValueError, match=re.escape(path) + r": not a checkpoint of this model .*lora_A: checkpoint "
                                                            r"shape \(8, 128\) != model shape \(16, 128\)"):
-        checkpoint.load_checkpoint(model, path)
+        checkpoint.load_checkpoint(model, os.path.dirname(path))
     model = LlavaForConditionalGeneration.from_pretrained(tiny_base)
-    coin.add_moelora(model, ["q_proj"], 8, 32.0, 2, 0.05)  # adapters on q_proj only
+    moelora.add_moelora(model, ["q_proj"], 8, 32.0, 2, 0.05)  # adapters on q_proj only
     with pytest.raises(ValueError, match=r"not a checkpoint of this model .*0 missing \[\], 36 unexpected"):
-        checkpoint.load_checkpoint(model, path)
+        checkpoint.load_checkpoint(model, os.path.dirname(path))
     truncated = str(tmp_path / "adapter.safetensors")
     with open(truncated, "wb") as f:
         f.write(open(path, "rb").read()[:1000])
     with pytest.raises(ValueError, match=re.escape(truncated) + ": unreadable checkpoint"):
-        checkpoint.load_checkpoint(model, truncated)
+        checkpoint.load_checkpoint(model, os.path.dirname(truncated))
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(mini_data, tiny_base, tmp_path):
