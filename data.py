@@ -112,24 +112,29 @@ def vicuna_prompts(processor):
     return isinstance(processor, LlavaProcessor) and not chat_template(processor)
 
 
-def build_prompt(question, has_image, processor=None):
-    """The text the model sees before its answer; training appends answer_text(answer) + eos to it.
-    `question` has no <image> token; the image comes first, as LLaVA and the chat templates put it."""
-    if not vicuna_prompts(processor):
-        if not chat_template(processor):
-            raise cli.UserError(f"{type(processor).__name__} has no chat template, and only a LLaVA takes the Vicuna "
-                                "v1 prompt: give --base a model directory whose processor has a chat template")
-        content = ([{"type": "image"}] if has_image else []) + [{"type": "text", "text": question}]
-        return processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True,
-                                             tokenize=False)
+# The prompt in its three parts: `user`, the user's turn as LLaVA-1.5 writes it ("<image>\n<question>", the question
+# alone without an image), which prediction files store as `prompt` as the official ones do; `text`, everything the
+# model sees before its answer; `answer`, what training appends to `text` (encode puts the end of sequence after it),
+# None in evaluation.
+Prompt = collections.namedtuple("Prompt", "user text answer")
+
+
+def build_prompt(question, has_image, processor=None, answer=None):
+    """The one place a prompt is written, for training (with `answer`), evaluation and the prediction files: a Prompt.
+    LLaVA-1.5 (vicuna_prompts): text "<SYSTEM> USER: <user> ASSISTANT:", answer " <answer>" (the space ends the
+    separator " ASSISTANT: " at which preprocess_v1 cuts the conversation). Any other family: text from the processor's
+    chat template with its generation prompt, answer as given (the template's assistant header ends the text itself,
+    with a newline). `question` has no <image> token; the image comes first, as LLaVA and the chat templates put it."""
     user = f"{IMAGE_TOKEN}\n{question}" if has_image else question
-    return f"{SYSTEM} USER: {user} ASSISTANT:"
-
-
-def answer_text(answer, processor=None):
-    """The answer as it follows the prompt: Vicuna v1 has "ASSISTANT: <answer>"; a chat template's generation prompt
-    ends its assistant header itself (with a newline)."""
-    return " " + answer if vicuna_prompts(processor) else answer
+    if vicuna_prompts(processor):
+        return Prompt(user, f"{SYSTEM} USER: {user} ASSISTANT:", None if answer is None else " " + answer)
+    if not chat_template(processor):
+        raise cli.UserError(f"{type(processor).__name__} has no chat template, and only a LLaVA takes the Vicuna "
+                            "v1 prompt: give --base a model directory whose processor has a chat template")
+    content = ([{"type": "image"}] if has_image else []) + [{"type": "text", "text": question}]
+    text = processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True,
+                                         tokenize=False)
+    return Prompt(user, text, answer)
 
 
 def tokenizer_image_token(tokenizer, text, image_ids):
@@ -150,38 +155,39 @@ def tokenizer_image_token(tokenizer, text, image_ids):
 PER_TOKEN = ("mm_token_type_ids", "token_type_ids")
 
 
-def encode(processor, question, image=None, answer=None):
-    """One example as model inputs: {input_ids (T,), labels (T,) if `answer` is given (-100 on the prompt),
-    pixel_values (None without an image), the family's other image tensors, its per-token tensors}. `image`: a PIL
-    image as the model should see it (padded to a square or not: the caller decides)."""
+def encode(processor, prompt, image=None):
+    """One example as model inputs: {input_ids (T,), labels (T,) if the prompt has an answer (-100 on the rest),
+    pixel_values (None without an image), the family's other image tensors, its per-token tensors}. `prompt`: a Prompt
+    (build_prompt), with an image iff `image` is given; `image`: a PIL image as the model should see it (padded to a
+    square or not: the caller decides)."""
     import torch
+    assert prompt.user.startswith(IMAGE_TOKEN) == (image is not None), (prompt.user[:20], image)
     tok = processor.tokenizer
-    prompt = build_prompt(question, image is not None, processor)
     if vicuna_prompts(processor):
         images, image_ids = {}, []
         if image is not None:  # the processor's pixels, and its image token once per image feature
             enc = processor(text=IMAGE_TOKEN, images=image, add_special_tokens=False, return_tensors="pt")
             image_ids = enc.pop("input_ids")[0].tolist()
             images = {k: v for k, v in enc.items() if k not in ("attention_mask", *PER_TOKEN)}  # (1, 3, H, W)
-        if answer is None:
-            item = {"input_ids": torch.tensor(tokenizer_image_token(tok, prompt, image_ids)), **images}
+        if prompt.answer is None:
+            item = {"input_ids": torch.tensor(tokenizer_image_token(tok, prompt.text, image_ids)), **images}
         else:
             # preprocess_v1 (llava/train/train.py): the whole conversation tokenised at once, "</s>" last; the loss
-            # skips the tokens of the prompt with the space that follows it, less that space's own token
-            ids = tokenizer_image_token(tok, prompt + answer_text(answer, processor), image_ids) + [tok.eos_token_id]
-            n_prompt = len(tokenizer_image_token(tok, prompt + " ", image_ids)) - 1
+            # skips the tokens of the prompt with the space that opens the answer, less that space's own token
+            ids = tokenizer_image_token(tok, prompt.text + prompt.answer, image_ids) + [tok.eos_token_id]
+            n_prompt = len(tokenizer_image_token(tok, prompt.text + prompt.answer[:1], image_ids)) - 1
             item = {"input_ids": torch.tensor(ids), "labels": torch.tensor([-100] * n_prompt + ids[n_prompt:]),
                     **images}
     else:
-        enc = processor(text=prompt, images=image, return_tensors="pt") if image is not None else \
-            processor(text=prompt, return_tensors="pt")
+        enc = processor(text=prompt.text, images=image, return_tensors="pt") if image is not None else \
+            processor(text=prompt.text, return_tensors="pt")
         # the image tensors, with a leading image (pixel_values (1, 3, H, W)) or patch dimension (Qwen2-VL:
         # pixel_values (patches, C * t * p * p) and image_grid_thw (1, 3)); collate concatenates them along it
         images = {k: v for k, v in enc.items() if k not in ("input_ids", "attention_mask", *PER_TOKEN)}
         # per-token tensors beside input_ids (Qwen2-VL: mm_token_type_ids, 1 on image tokens, for its 3D rope)
         item = {"input_ids": enc["input_ids"][0], **images, **{k: enc[k][0] for k in PER_TOKEN if k in enc}}
-        if answer is not None:
-            answer_ids = tok(answer_text(answer, processor), add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+        if prompt.answer is not None:
+            answer_ids = tok(prompt.answer, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
             prompt_ids = item["input_ids"]
             item["input_ids"] = torch.cat([prompt_ids, torch.tensor(answer_ids)])
             item["labels"] = torch.cat([torch.full_like(prompt_ids, -100), torch.tensor(answer_ids)])
@@ -383,7 +389,8 @@ def check_split(data_dir, task, split, instructions, image_dir, open_images=True
             answer = record_answer(rec)
             empty = not isinstance(answer, str) or not answer.strip()
             if not empty and split == "train" and processor is not None:
-                empty = not processor.tokenizer(answer_text(answer, processor), add_special_tokens=False)["input_ids"]
+                appended = build_prompt("", False, processor, answer).answer  # the answer as training appends it
+                empty = not processor.tokenizer(appended, add_special_tokens=False)["input_ids"]
             if empty and split == "train":
                 kind, problem = "empty answer", (f"record {i} (id {rec['id']!r}): the answer {answer!r} "
                                                   "tokenises to nothing")
@@ -529,7 +536,8 @@ class InstructionDataset:
         # training pads every image to a square (the official scripts' --image_aspect_ratio pad)
         image = None if ex["image"] is None else expand2square(load_image(self.image_dir, ex["image"], ex["id"]),
                                                                 self.mean)
-        item = encode(self.processor, ex["question"], image, ex["answer"])
+        prompt = build_prompt(ex["question"], image is not None, self.processor, ex["answer"])
+        item = encode(self.processor, prompt, image)
         if (item["labels"] != -100).sum() < 2:  # eos alone
             raise cli.UserError(f"example {ex['id']}: answer {ex['answer']!r} tokenises to nothing")
         for k in ("input_ids", "labels", *PER_TOKEN):

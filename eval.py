@@ -118,11 +118,11 @@ def index_predictions(preds, records, where="predictions"):
 def generate(model, processor, records, image_dir, batch_size=64, max_new_tokens=32, rank=0, world_size=1,
              desc=None, pad_images=True, strip_question=False):
     """Greedy answers to `records` (data.test_examples), striped over ranks (record i goes to rank i % world_size)
-    and gathered on rank 0 in record order as merge.jsonl rows; other ranks get None. The prompt is the training
-    template (data.encode); `prompt` in the row is the user turn, as the official files store it. Images are padded to
-    a square first with `pad_images` (else the processor alone crops them), the question stripped with
-    `strip_question` (data.OFFICIAL_EVAL says what the official evaluation does per task). A row ends at the end of
-    sequence or after max_new_tokens."""
+    and gathered on rank 0 in record order as merge.jsonl rows; other ranks get None. The prompt is training's
+    (data.build_prompt, without the answer); `prompt` in the row is its user turn, as the official files store it.
+    Images are padded to a square first with `pad_images` (else the processor alone crops them), the question stripped
+    with `strip_question` (data.OFFICIAL_EVAL says what the official evaluation does per task). A row ends at the end
+    of sequence or after max_new_tokens."""
     import torch
     import torch.distributed as dist
     distributed = world_size > 1
@@ -141,12 +141,15 @@ def generate(model, processor, records, image_dir, batch_size=64, max_new_tokens
             for s in cli.progress(range(0, len(mine), batch_size), desc=desc, disable=rank != 0):
                 idx = mine[s:s + batch_size]
                 batch = [records[i] for i in idx]
-                items = []
+                items, users = [], []
                 for r in batch:  # text-only records (some ScienceQA items) carry no image
                     image = data.load_image(image_dir, r["image"], r["question_id"]) if r.get("image") else None
                     if image is not None and pad_images:
                         image = data.expand2square(image, mean)
-                    items.append(data.encode(processor, r["text"].strip() if strip_question else r["text"], image))
+                    question = r["text"].strip() if strip_question else r["text"]
+                    prompt = data.build_prompt(question, image is not None, processor)
+                    items.append(data.encode(processor, prompt, image))
+                    users.append(prompt.user)
                 enc = data.collate(items, pad_id, left=True)
                 enc = {k: v.to(model.device) for k, v in enc.items() if v is not None}
                 if "pixel_values" in enc:
@@ -154,9 +157,8 @@ def generate(model, processor, records, image_dir, batch_size=64, max_new_tokens
                 out = model.generate(**enc, do_sample=False, max_new_tokens=max_new_tokens, pad_token_id=pad_id,
                                      eos_token_id=tok.eos_token_id)
                 answers = tok.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)  # (B,)
-                for i, r, text in zip(idx, batch, answers):
+                for i, r, user, text in zip(idx, batch, users, answers):
                     text = text.strip()
-                    user = f"{data.IMAGE_TOKEN}\n{r['text']}" if r.get("image") else r["text"]
                     answer_id = hashlib.sha1(f"{model_id}/{r['question_id']}/{text}".encode()).hexdigest()[:22]
                     rows.append((i, {"question_id": r["question_id"], "prompt": user, "text": text,
                                      "answer_id": answer_id, "model_id": model_id, "metadata": {}}))
