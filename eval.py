@@ -7,9 +7,9 @@ torch: only generate() and the LM judge import torch and transformers, when they
     python eval.py --predictions=results/CoIN          # the official code's <Task>/<Stage>/merge.jsonl
     python eval.py --predictions=merge.jsonl --task=GQA [--test_file=PATH]
     python eval.py --compare=out/lora,out/moelora      # final numbers of several runs side by side
-    python eval.py --study=out/study                   # runs x seeds: the paper's tables, mean +- std (study.py)
-    python eval.py --readme=README.md,docs/study.md    # refill their generated blocks from out/ (--check: exit 1
-                                                       # if that would change them)
+
+The study over many runs and seeds is study.py's (`python study.py --out=out/study`), which imports this file; this
+file imports nothing of it, nor of the CoIN-mini generator.
 
 `python eval.py --help` lists the settings (--key=value; unknown keys are errors).
 
@@ -43,17 +43,16 @@ import hashlib
 import json
 import os
 import re
+import shlex
 import sys
 
 from PIL import Image, ImageDraw, ImageFont
 
 import cli
-import coin_mini
 import data
-import study
 
-# torch and transformers are imported inside generate() and LMJudge only, so that scoring prediction files, --compare
-# and --study run on a machine without them
+# torch and transformers are imported inside generate() and LMJudge only, so that scoring prediction files and
+# --compare (and study.py) run on a machine without them
 
 SCORINGS = ("official", "fixed")
 
@@ -535,7 +534,7 @@ def _says(phrase, text):
     return re.search(r"(?<!\w)" + re.escape(phrase) + r"(?!\w)", text) is not None
 
 
-_POSITION = re.compile(r"(?<!\w)(" + "|".join(sorted(coin_mini.POSITIONS, key=len, reverse=True)) + r")(?!\w)")
+_POSITION = re.compile(r"(?<!\w)(" + "|".join(sorted(data.POSITIONS, key=len, reverse=True)) + r")(?!\w)")
 _OPTION_LETTER = re.compile(r"(?<!\w)([B-E]|A(?!\s+[a-z]))(?!\w)")  # "B", "B.", "(B)"; not the article "A red.."
 
 
@@ -770,9 +769,6 @@ class Options:
                                           # run folder: the run's)
     out: str = "out/eval"                 # where results.json, results.md, heatmaps and judge files go
     compare: str = ""                     # run folders holding results.json, comma-separated: numbers side by side
-    study: str = ""                       # a folder of runs (out/study): tables over seeds -> study.md and curves
-    readme: str = ""                      # markdown files, comma-separated: refill their generated blocks (study.py)
-    check: bool = False                   # with --readme: change nothing, exit 1 if a block would change
 
 
 RULES = {"scoring": cli.one_of(*SCORINGS), "instructions": cli.one_of(*data.INSTRUCTIONS),
@@ -924,15 +920,13 @@ def compare(runs):
 
 
 def main(argv):
+    if any(a.split("=")[0] in ("--study", "--readme") for a in argv):  # the study's old settings here
+        new = [("--out" + a.removeprefix("--study")) if a.split("=")[0] == "--study" else a for a in argv]
+        raise cli.UserError(f"`python eval.py --study/--readme` is now `python study.py`: run python study.py "
+                            f"{shlex.join(new)}")
     opts = parse_options(argv)
     if opts["compare"]:
         print(compare([r for r in opts["compare"].split(",") if r]))
-        return
-    if opts["readme"]:
-        return study.refill_figures(opts["readme"], opts["check"])
-    if opts["study"]:
-        print(study.write_study(opts["study"]))
-        print(f"wrote {os.path.join(opts['study'], 'study.md')} and study_curves.png")
         return
     # a coin run folder: its own test subset and ground truth (run_test_settings)
     opts, test_ids = run_test_settings(opts) if os.path.isdir(opts["predictions"]) else (opts, {})
