@@ -158,6 +158,8 @@ def test_settings_and_the_old_commands(study, capsys):
     """--check goes with --readme only; eval.py's old --study and --readme name the study.py command instead."""
     with pytest.raises(UserError, match="--check: only with --readme"):
         S.main(["--check"])
+    with pytest.raises(UserError, match="--out=x with --readme: the blocks name their own folders"):
+        S.main(["--out=x", "--readme=README.md"])
     with pytest.raises(UserError, match=r"is now `python study.py`: run python study.py --out=out/x$"):
         E.main(["--study=out/x"])
     with pytest.raises(UserError, match=r"is now `python study.py`: run python study.py --readme=README.md --check$"):
