@@ -111,8 +111,8 @@ def corpus_texts(data_dir):
     for instruction_set in data.INSTRUCTIONS:
         for task in data.TASKS + ["Stage0"]:
             for ex in data.train_examples(data_dir, task, instruction_set):
-                texts.append(data.build_prompt(ex["question"], ex["image"] is not None))
-                texts.append(" " + ex["answer"])
+                prompt = data.build_prompt(ex["question"], ex["image"] is not None, answer=ex["answer"])
+                texts += [prompt.text, prompt.answer]
     return texts
 
 

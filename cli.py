@@ -1,7 +1,7 @@
 """
-The command line shared by coin's entry points (coin.py, data.py, eval.py): --key=value settings over a dataclass,
-one line of help per setting taken from the comment beside it, every bad setting reported at once, user errors as
-plain lines with exit status 2, and progress that stays quiet in log files.
+The command line shared by coin's entry points (coin.py, data.py, eval.py, coin_mini.py, study.py): --key=value
+settings over a dataclass, one line of help per setting taken from the comment beside it, every bad setting reported
+at once, user errors as plain lines with exit status 2, and progress that stays quiet in log files.
 
 It imports nothing heavy, so `--help` and a rejected setting answer in well under a second, before torch loads.
 """

@@ -7,9 +7,9 @@ torch: only generate() and the LM judge import torch and transformers, when they
     python eval.py --predictions=results/CoIN          # the official code's <Task>/<Stage>/merge.jsonl
     python eval.py --predictions=merge.jsonl --task=GQA [--test_file=PATH]
     python eval.py --compare=out/lora,out/moelora      # final numbers of several runs side by side
-    python eval.py --study=out/study                   # runs x seeds: the paper's tables, mean +- std (study.py)
-    python eval.py --readme=README.md,docs/study.md    # refill their generated blocks from out/ (--check: exit 1
-                                                       # if that would change them)
+
+The study over many runs and seeds is study.py's (`python study.py --out=out/study`), which imports this file; this
+file imports nothing of it, nor of the CoIN-mini generator.
 
 `python eval.py --help` lists the settings (--key=value; unknown keys are errors).
 
@@ -43,17 +43,16 @@ import hashlib
 import json
 import os
 import re
+import shlex
 import sys
 
 from PIL import Image, ImageDraw, ImageFont
 
 import cli
-import coin_mini
 import data
-import study
 
-# torch and transformers are imported inside generate() and LMJudge only, so that scoring prediction files, --compare
-# and --study run on a machine without them
+# torch and transformers are imported inside generate() and LMJudge only, so that scoring prediction files and
+# --compare (and study.py) run on a machine without them
 
 SCORINGS = ("official", "fixed")
 
@@ -118,11 +117,11 @@ def index_predictions(preds, records, where="predictions"):
 def generate(model, processor, records, image_dir, batch_size=64, max_new_tokens=32, rank=0, world_size=1,
              desc=None, pad_images=True, strip_question=False):
     """Greedy answers to `records` (data.test_examples), striped over ranks (record i goes to rank i % world_size)
-    and gathered on rank 0 in record order as merge.jsonl rows; other ranks get None. The prompt is the training
-    template (data.encode); `prompt` in the row is the user turn, as the official files store it. Images are padded to
-    a square first with `pad_images` (else the processor alone crops them), the question stripped with
-    `strip_question` (data.OFFICIAL_EVAL says what the official evaluation does per task). A row ends at the end of
-    sequence or after max_new_tokens."""
+    and gathered on rank 0 in record order as merge.jsonl rows; other ranks get None. The prompt is training's
+    (data.build_prompt, without the answer); `prompt` in the row is its user turn, as the official files store it.
+    Images are padded to a square first with `pad_images` (else the processor alone crops them), the question stripped
+    with `strip_question` (data.OFFICIAL_EVAL says what the official evaluation does per task). A row ends at the end
+    of sequence or after max_new_tokens."""
     import torch
     import torch.distributed as dist
     distributed = world_size > 1
@@ -141,12 +140,15 @@ def generate(model, processor, records, image_dir, batch_size=64, max_new_tokens
             for s in cli.progress(range(0, len(mine), batch_size), desc=desc, disable=rank != 0):
                 idx = mine[s:s + batch_size]
                 batch = [records[i] for i in idx]
-                items = []
+                items, users = [], []
                 for r in batch:  # text-only records (some ScienceQA items) carry no image
                     image = data.load_image(image_dir, r["image"], r["question_id"]) if r.get("image") else None
                     if image is not None and pad_images:
                         image = data.expand2square(image, mean)
-                    items.append(data.encode(processor, r["text"].strip() if strip_question else r["text"], image))
+                    question = r["text"].strip() if strip_question else r["text"]
+                    prompt = data.build_prompt(question, image is not None, processor)
+                    items.append(data.encode(processor, prompt, image))
+                    users.append(prompt.user)
                 enc = data.collate(items, pad_id, left=True)
                 enc = {k: v.to(model.device) for k, v in enc.items() if v is not None}
                 if "pixel_values" in enc:
@@ -154,9 +156,8 @@ def generate(model, processor, records, image_dir, batch_size=64, max_new_tokens
                 out = model.generate(**enc, do_sample=False, max_new_tokens=max_new_tokens, pad_token_id=pad_id,
                                      eos_token_id=tok.eos_token_id)
                 answers = tok.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)  # (B,)
-                for i, r, text in zip(idx, batch, answers):
+                for i, r, user, text in zip(idx, batch, users, answers):
                     text = text.strip()
-                    user = f"{data.IMAGE_TOKEN}\n{r['text']}" if r.get("image") else r["text"]
                     answer_id = hashlib.sha1(f"{model_id}/{r['question_id']}/{text}".encode()).hexdigest()[:22]
                     rows.append((i, {"question_id": r["question_id"], "prompt": user, "text": text,
                                      "answer_id": answer_id, "model_id": model_id, "metadata": {}}))
@@ -533,7 +534,7 @@ def _says(phrase, text):
     return re.search(r"(?<!\w)" + re.escape(phrase) + r"(?!\w)", text) is not None
 
 
-_POSITION = re.compile(r"(?<!\w)(" + "|".join(sorted(coin_mini.POSITIONS, key=len, reverse=True)) + r")(?!\w)")
+_POSITION = re.compile(r"(?<!\w)(" + "|".join(sorted(data.POSITIONS, key=len, reverse=True)) + r")(?!\w)")
 _OPTION_LETTER = re.compile(r"(?<!\w)([B-E]|A(?!\s+[a-z]))(?!\w)")  # "B", "B.", "(B)"; not the article "A red.."
 
 
@@ -768,9 +769,6 @@ class Options:
                                           # run folder: the run's)
     out: str = "out/eval"                 # where results.json, results.md, heatmaps and judge files go
     compare: str = ""                     # run folders holding results.json, comma-separated: numbers side by side
-    study: str = ""                       # a folder of runs (out/study): tables over seeds -> study.md and curves
-    readme: str = ""                      # markdown files, comma-separated: refill their generated blocks (study.py)
-    check: bool = False                   # with --readme: change nothing, exit 1 if a block would change
 
 
 RULES = {"scoring": cli.one_of(*SCORINGS), "instructions": cli.one_of(*data.INSTRUCTIONS),
@@ -922,15 +920,13 @@ def compare(runs):
 
 
 def main(argv):
+    if any(a.split("=")[0] in ("--study", "--readme") for a in argv):  # the study's old settings here
+        new = [("--out" + a.removeprefix("--study")) if a.split("=")[0] == "--study" else a for a in argv]
+        raise cli.UserError(f"`python eval.py --study/--readme` is now `python study.py`: run python study.py "
+                            f"{shlex.join(new)}")
     opts = parse_options(argv)
     if opts["compare"]:
         print(compare([r for r in opts["compare"].split(",") if r]))
-        return
-    if opts["readme"]:
-        return study.refill_figures(opts["readme"], opts["check"])
-    if opts["study"]:
-        print(study.write_study(opts["study"]))
-        print(f"wrote {os.path.join(opts['study'], 'study.md')} and study_curves.png")
         return
     # a coin run folder: its own test subset and ground truth (run_test_settings)
     opts, test_ids = run_test_settings(opts) if os.path.isdir(opts["predictions"]) else (opts, {})

@@ -17,7 +17,7 @@ done
 # --- 1. CoIN-mini: eight synthetic tasks in the official CoIN layout, plus the stage-0 caption corpus.
 # Seeded and deterministic (pillow only). ~35 s, ~360 MB in data/coin-mini. Kept if the folder already holds this
 # generator's CoIN-mini with these settings (its coin_mini.json says so), regenerated otherwise.
-python data.py mini --out=data/coin-mini
+python coin_mini.py --out=data/coin-mini
 phase "1. CoIN-mini data"
 
 # --- 2. The tiny base: a 1.9M-parameter LlavaForConditionalGeneration (CLIP tower, projector, Llama LM) with its
@@ -58,7 +58,7 @@ phase "4. comparison"
 # before their first stage (results.json: zero_shot; the others skip it: same base).
 # Every task's train records, as section 3 trains them (STUDY_MAX_TRAIN=0): the tiny model learns ScienceQA's letter
 # from ~6,000 records and Grounding's box from ~9,000, so on fewer a run's diagonal sits near chance there and its
-# BWT measures the loss of a format never learned (eval.py --study flags such runs with a †).
+# BWT measures the loss of a format never learned (study.py flags such runs with a †).
 # Cost, measured (study.md's "Cost"): a run takes 6-8 min of one core beside another, 305 min for the 44 runs; at
 # STUDY_JOBS=2 on 2 cores the study took 2 h 45 min (~40-45 min a seed). 4 seeds: with the BWT spreads the study
 # measured (sd LoRA 4.5, MoELoRA E=8 2.7), a BWT gain as large as the paper's (+6.7 at E = 8) is resolved beyond 2
@@ -66,7 +66,7 @@ phase "4. comparison"
 # study.md recomputes this from the spreads it measures ("Seeds the MoELoRA claim needs").
 # Interrupted? Run the same command again: every run resumes into its folder (a finished one is skipped).
 # Sizes are settings of the runs: to change STUDY_MAX_TRAIN use another STUDY_OUT. Each run logs to
-# <out>/<run>/log.txt; then eval.py --study (study.py) writes out/study/study.md and study_curves.png.
+# <out>/<run>/log.txt; then study.py writes out/study/study.md and study_curves.png.
 if [ "${STUDY:-0}" = 1 ] || [ "${1:-}" = study ]; then
   STUDY_OUT=${STUDY_OUT:-out/study}                # one folder per run under it
   STUDY_SEEDS=${STUDY_SEEDS:-"0 1 2 3"}
@@ -112,7 +112,7 @@ sys.exit(not study.finished(data.read_json(sys.argv[1])))" "$out/results.json"; 
   study_failed=0
   printf '%s\n' "${study_runs[@]}" | xargs -P "$STUDY_JOBS" -L 1 bash -c 'study_run "$@"' _ || study_failed=1
   # the tables over seeds, the claims, the plot: unfinished runs are left out
-  python eval.py --study="$STUDY_OUT" || study_failed=1
+  python study.py --out="$STUDY_OUT" || study_failed=1
   [ "$study_failed" = 0 ] || echo "some study runs failed (above): run the same command again to resume them" >&2
   phase "5. study (${#study_runs[@]} runs)"
 fi

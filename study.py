@@ -8,10 +8,11 @@ Knowledge, each task right after training it (the diagonal), the expert and inst
 findings checked against the spread, the seeds a finding needs, and one plot of every task's score after each stage.
 Run it as
 
-    python eval.py --study=out/study                   # -> out/study/study.md and study_curves.png
-    python eval.py --readme=README.md,docs/study.md    # refills their generated blocks (refill_figures below)
+    python study.py --out=out/study                      # -> out/study/study.md and study_curves.png
+    python study.py --readme=README.md,docs/study.md     # refills their generated blocks (refill_figures below)
 
-Like scoring prediction files, it reads results.json files only: no model, no torch.
+`python study.py --help` lists the settings. Like scoring prediction files, it reads results.json files only: no
+model, no torch.
 
 The aggregates, as multimodal continual instruction tuning papers name them (MCITlib, arXiv 2508.07307; HiDe-LLaVA,
 arXiv 2503.12941, calls MFN "Last"), for the T x T matrix a[j][i] = score on task i after training stage j (1-based):
@@ -35,17 +36,20 @@ around: the seeds per method that resolve a difference of a given size, given th
 """
 import ast
 import collections
+import dataclasses
 import functools
 import itertools
 import math
 import os
 import re
 import statistics
+import sys
 
 from PIL import Image, ImageDraw, ImageFont
 
 import cli
 import data
+import eval as evaluate
 
 STUDY_FACTORS = ("multitask", "experts", "instructions", "method", "strength")  # what tells the methods apart
 # Each method's own settings (its class in methods.py) act under that method only. A run that changes one from its
@@ -701,10 +705,10 @@ def study_curves(path, tasks, groups):
 def write_study(root):
     """Read every run under root, write root/study.md and root/study_curves.png; return the markdown."""
     if not os.path.isdir(root):
-        raise cli.MissingFile(f"--study={root}: no such folder (`STUDY=1 bash run.sh` writes the runs to out/study)")
+        raise cli.MissingFile(f"--out={root}: no such folder (`STUDY=1 bash run.sh` writes the runs to out/study)")
     groups, shared, unfinished = read_study(root)
     if not groups:
-        raise cli.UserError(f"--study={root}: no finished run (<run>/results.json with every stage scored)" +
+        raise cli.UserError(f"--out={root}: no finished run (<run>/results.json with every stage scored)" +
                             (f"; unfinished: {', '.join(unfinished)}" if unfinished else ""))
     tasks = next(iter(groups.values()))[0]["tasks"]  # the same in every run: --tasks is a shared setting
     chance, chance_note = chance_levels(shared, tasks)  # --data_dir and --max_test are shared settings too
@@ -747,14 +751,14 @@ def write_study(root):
 
 
 # -----------------------------------------------------------------------------
-# Generated blocks of markdown files (README.md, docs/*.md): python eval.py --readme=FILE[,FILE...] [--check]
+# Generated blocks of markdown files (README.md, docs/*.md): python study.py --readme=FILE[,FILE...] [--check]
 # A block opens with <!-- figures: KIND ARGS --> and closes with the next <!-- /figures -->; FOLDERS are relative to
-# where eval.py runs (the repository root). Kinds:
+# where study.py runs (the repository root). Kinds:
 #   diagonal RUN...  each run's diagonal (Instruction Following) and its mean, under a 3 x chance row and the first
 #                    run's zero-shot row
 #   compare RUN...   what python eval.py --compare=RUN,... prints
 #   study DIR        the study's aggregates (study_summary_table) and its findings in two columns
-#   study-full DIR   DIR/study.md (python eval.py --study=DIR writes it) after its title, without its plot
+#   study-full DIR   DIR/study.md (python study.py --out=DIR writes it) after its title, without its plot
 
 FIGURES = re.compile(r"(<!-- figures: ([^\n]*?) -->\n)(.*?)(<!-- /figures -->)", re.S)
 
@@ -809,7 +813,7 @@ def study_block(root):
     two columns."""
     groups, shared, _ = read_study(root)
     if not groups:
-        raise cli.UserError(f"{root}: no finished run (python eval.py --study={root} says more)")
+        raise cli.UserError(f"{root}: no finished run (python study.py --out={root} says more)")
     tasks = next(iter(groups.values()))[0]["tasks"]
     chance, note = chance_levels(shared, tasks)
     return study_summary_table(groups, tasks, chance) + "\n\n" + claims_table(groups, tasks, chance or note)
@@ -819,7 +823,7 @@ def study_full_block(root):
     """root/study.md after its title line, without the plot (its link is relative to root)."""
     path = os.path.join(root, "study.md")
     if not os.path.isfile(path):
-        raise cli.UserError(f"no {path} (python eval.py --study={root} writes it)")
+        raise cli.UserError(f"no {path} (python study.py --out={root} writes it)")
     lines = open(path).read().splitlines()
     if lines and lines[0].startswith("# "):
         lines = lines[1:]
@@ -829,7 +833,6 @@ def study_full_block(root):
 
 def figure_block(spec):
     """The text of the generated block `spec` ('KIND ARGS'), without its markers."""
-    import eval as evaluate  # eval.py imports this module, so its --compare table is imported when needed
     kind, *args = spec.split()
     makers = {"diagonal": diagonal_block, "compare": lambda runs: evaluate.compare(runs)}
     if kind in makers and args:
@@ -885,4 +888,32 @@ def refill_figures(paths, check=False):
             os.replace(path + ".tmp", path)
             print(f"{path}: refilled " + "; ".join(changed))
     if stale:
-        raise SystemExit(f"--check: {', '.join(stale)} would change; refill with python eval.py --readme={paths}")
+        raise SystemExit(f"--check: {', '.join(stale)} would change; refill with python study.py --readme={paths}")
+
+
+# -----------------------------------------------------------------------------
+# The command line
+
+@dataclasses.dataclass
+class StudySettings:
+    out: str = "out/study"                # the study's folder: its runs, one folder each (run.sh section 5), are read
+                                          # from it, study.md and study_curves.png written to it
+    readme: str = ""                      # instead: markdown files, comma-separated, whose generated blocks are
+                                          # refilled from the run folders they name
+    check: bool = False                   # with --readme: change nothing, exit 1 if a block would change
+
+
+def main(argv):
+    opts, given = cli.parse(StudySettings, argv, __doc__)
+    if opts.check and not opts.readme:
+        raise cli.UserError("--check: only with --readme (it checks the generated blocks of those files)")
+    if opts.readme:
+        if "out" in given:
+            raise cli.UserError(f"--out={opts.out} with --readme: the blocks name their own folders; give one of them")
+        return refill_figures(opts.readme, opts.check)
+    print(write_study(opts.out))
+    print(f"wrote {os.path.join(opts.out, 'study.md')} and study_curves.png")
+
+
+if __name__ == "__main__":
+    cli.run(main, sys.argv[1:])

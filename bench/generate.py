@@ -7,7 +7,7 @@ agree (left padding changes float rounding, so a few greedy answers may differ).
     python bench/generate.py [--base=assets/tiny-llava] [--data=data/coin-mini] [--n=96] [--batch=64] [--rounds=3]
                              [--threads=2] [--max_new_tokens=24]
 
-Target: batched at least 5x the one-at-a-time rate. Needs CoIN-mini (`python data.py mini`).
+Target: batched at least 5x the one-at-a-time rate. Needs CoIN-mini (`python coin_mini.py`).
 """
 import dataclasses
 import os
@@ -27,7 +27,7 @@ from transformers import AutoModelForImageTextToText, AutoProcessor  # noqa: E40
 @dataclasses.dataclass
 class Settings:
     base: str = "assets/tiny-llava"      # the model directory
-    data: str = "data/coin-mini"         # CoIN-mini (python data.py mini)
+    data: str = "data/coin-mini"         # CoIN-mini (python coin_mini.py)
     n: int = 96                          # prompts, the same number from every task
     batch: int = 64                      # the batched evaluator's batch size
     rounds: int = 3                      # interleaved rounds; figures are medians

@@ -56,7 +56,7 @@ def test_tiny_base_loads_like_a_real_llava(tiny_base):
     processor = AutoProcessor.from_pretrained(tiny_base)
     assert type(model).__name__ == "LlavaForConditionalGeneration"
     assert model.config.vision_feature_layer == -2 and model.config.vision_feature_select_strategy == "default"
-    enc = processor(text=data.build_prompt("What is it?", True), images=[data.Image.new("RGB", (48, 48))],
+    enc = processor(text=data.build_prompt("What is it?", True).text, images=[data.Image.new("RGB", (48, 48))],
                     return_tensors="pt")
     assert (enc["input_ids"] == model.config.image_token_index).sum() == model.config.image_seq_length
     assert processor.tokenizer.convert_ids_to_tokens(enc["input_ids"][0][:2].tolist())[1] == data.SYSTEM

@@ -3,6 +3,9 @@ import json
 import os
 import random
 
+import pytest
+
+import cli
 import coin_mini
 import data
 
@@ -53,21 +56,30 @@ def test_scaled_tasks_extend_the_same_stream(mini_data, tmp_path):
 
 def test_mini_is_regenerated_only_when_stale(tmp_path, capsys, monkeypatch):
     out = str(tmp_path / "mini")
-    args = ["mini", f"--out={out}", "--n_train=4", "--n_test=4", "--n_stage0=4"]
+    args = [f"--out={out}", "--n_train=4", "--n_test=4", "--n_stage0=4"]
     small = {"n_train": 4, "n_test": 4, "n_stage0": 4, "size": 48, "seed": 0}  # what args asks for
     assert not coin_mini.mini_is_current(out, **small)
-    data.main(args)
+    coin_mini.main(args)
     meta = os.path.join(out, "coin_mini.json")
     stamp = os.stat(meta).st_mtime_ns
     assert coin_mini.mini_is_current(out, **small)
     assert not coin_mini.mini_is_current(out, **dict(small, n_train=5))
-    data.main(args)  # same generator, same settings: kept as it is
+    coin_mini.main(args)  # same generator, same settings: kept as it is
     assert "is current" in capsys.readouterr().out and os.stat(meta).st_mtime_ns == stamp
     monkeypatch.setattr(coin_mini, "MINI_VERSION", coin_mini.MINI_VERSION + 1)  # a newer generator: regenerated
-    data.main(args)
+    coin_mini.main(args)
     assert "wrote CoIN-mini" in capsys.readouterr().out and json.load(open(meta))["version"] == coin_mini.MINI_VERSION
     os.remove(meta)  # an interrupted generation (the meta file is written last) is never current
     assert not coin_mini.mini_is_current(out, **small)
+
+
+def test_generator_command_and_the_old_one():
+    """`python coin_mini.py` refuses a bad setting in one line; data.py's old `mini` command names the new one."""
+    with pytest.raises(cli.UserError, match=r"^--n_test=0: must be at least 1 \(default: 200\)$"):
+        coin_mini.main(["--n_test=0"])
+    with pytest.raises(cli.UserError, match=r"^`python data.py mini` is now `python coin_mini.py`: run python "
+                                            r"coin_mini.py --out=x --seed=1$"):
+        data.main(["mini", "--out=x", "--seed=1"])
 
 
 def test_scienceqa_has_text_only_items_and_letters(mini_data):

@@ -20,10 +20,13 @@ def test_parse_tasks():
 
 
 def test_prompt_template_is_vicuna_v1():
-    p = data.build_prompt("What is it?\nAnswer the question using a single word or phrase.", has_image=True)
-    assert p.startswith("A chat between a curious user and an artificial intelligence assistant.")
-    assert p.endswith(" USER: <image>\nWhat is it?\nAnswer the question using a single word or phrase. ASSISTANT:")
-    assert "<image>" not in data.build_prompt("Text only?", has_image=False)
+    question = "What is it?\nAnswer the question using a single word or phrase."
+    p = data.build_prompt(question, has_image=True, answer="red")
+    assert p.text.startswith("A chat between a curious user and an artificial intelligence assistant.")
+    assert p.text.endswith(f" USER: <image>\n{question} ASSISTANT:") and p.answer == " red"
+    assert p.user == f"<image>\n{question}" and data.build_prompt(question, True) == p._replace(answer=None)
+    text_only = data.build_prompt("Text only?", has_image=False)
+    assert "<image>" not in text_only.text and text_only.user == "Text only?"
     assert data.split_question("Q?\nA. x\nInstr.") == ("Q?\nA. x", "Instr.")
 
 

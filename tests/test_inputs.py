@@ -324,7 +324,7 @@ HIDE_TORCH = ("import runpy, sys; sys.modules['torch'] = sys.modules['transforme
               "sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')")
 
 
-@pytest.mark.parametrize("script", ["coin.py", "data.py", "eval.py"])
+@pytest.mark.parametrize("script", ["coin.py", "data.py", "eval.py", "coin_mini.py", "study.py"])
 def test_help_answers_without_torch_and_describes_every_setting(script):
     """--help needs neither torch nor transformers (so it answers in well under 2 s) and exits 0."""
     proc = subprocess.run([sys.executable, "-c", HIDE_TORCH, script, "--help"], cwd=ROOT, capture_output=True,

@@ -95,8 +95,9 @@ def test_vicuna_prompts_are_llava15s_tokens(legacy):
     space, newline, image_id = tok.convert_tokens_to_ids(["▁", "<0x0A>", data.IMAGE_TOKEN])
     assert newline == 13
     for question in QUESTIONS:
-        got = data.encode(processor, question, Image.new("RGB", (40, 30), "red"))["input_ids"].tolist()
-        prompt = data.build_prompt(question, True)
+        prompt = data.build_prompt(question, True, processor).text
+        got = data.encode(processor, data.build_prompt(question, True, processor),
+                          Image.new("RGB", (40, 30), "red"))["input_ids"].tolist()
         assert got == official_ids(tok, prompt, 4)
         after = got.index(image_id) + 4
         assert got[after - 4:after + 2] == [image_id] * 4 + [space, newline]
@@ -106,8 +107,8 @@ def test_vicuna_prompts_are_llava15s_tokens(legacy):
             assert one_call == got
         else:  # "▁" before the first piece only: one call has no "▁" after the image
             assert one_call == got[:after] + got[after + 1:]
-        text_only = data.encode(processor, question)
-        assert text_only["input_ids"].tolist() == official_ids(tok, data.build_prompt(question, False), 4)
+        text_only = data.encode(processor, data.build_prompt(question, False, processor))
+        assert text_only["input_ids"].tolist() == official_ids(tok, data.build_prompt(question, False).text, 4)
         assert text_only["pixel_values"] is None
 
 
@@ -121,12 +122,13 @@ def test_vicuna_training_items_are_preprocess_v1s(legacy, answer):
     processor = llava_processor(tok)
     for question in QUESTIONS:
         for image in (Image.new("RGB", (28, 28), "blue"), None):
-            item = data.encode(processor, question, image, answer)
-            prompt = data.build_prompt(question, image is not None)
+            item = data.encode(processor, data.build_prompt(question, image is not None, processor, answer), image)
+            prompt = data.build_prompt(question, image is not None).text
             want_ids, want_labels = official_training_item(tok, prompt, answer, 4)
             assert item["input_ids"].tolist() == want_ids and item["labels"].tolist() == want_labels
-            n_prompt = len(data.encode(processor, question, image)["input_ids"])
-            assert want_ids[:n_prompt] == data.encode(processor, question, image)["input_ids"].tolist()
+            evaluation = data.encode(processor, data.build_prompt(question, image is not None, processor), image)
+            n_prompt = len(evaluation["input_ids"])
+            assert want_ids[:n_prompt] == evaluation["input_ids"].tolist()
             assert want_labels[n_prompt - 1] == -100 and want_labels[n_prompt] != -100
             assert want_ids[-1] == want_labels[-1] == tok.eos_token_id
 
@@ -140,9 +142,9 @@ def test_tiny_base_prompts_keep_their_ids(tiny_base, mini_data):
     for task in ("ScienceQA", "Grounding"):
         for ex in data.train_examples(mini_data, task)[:6]:
             image = data.load_image(image_dir, ex["image"]) if ex["image"] else None
-            item = data.encode(processor, ex["question"], image, ex["answer"])
-            prompt = data.build_prompt(ex["question"], image is not None, processor)
-            enc = processor(text=prompt, images=image, return_tensors="pt")
+            prompt = data.build_prompt(ex["question"], image is not None, processor, ex["answer"])
+            item = data.encode(processor, prompt, image)
+            enc = processor(text=prompt.text, images=image, return_tensors="pt")
             prompt_ids = enc["input_ids"][0].tolist()
             answer_ids = processor.tokenizer(" " + ex["answer"], add_special_tokens=False)["input_ids"]
             assert item["input_ids"].tolist() == prompt_ids + answer_ids + [processor.tokenizer.eos_token_id]
@@ -151,6 +153,38 @@ def test_tiny_base_prompts_keep_their_ids(tiny_base, mini_data):
                 assert image.size[0] == image.size[1] and torch.equal(item["pixel_values"], enc["pixel_values"])
 
 
+
+def test_training_evaluation_and_prediction_file_share_one_prompt(tiny_base, mini_data, monkeypatch):
+    """Training (the dataset), evaluation (generation) and the prediction file take the prompt from the one builder,
+    data.build_prompt: for the same record, with and without an image, generation's ids are the training item's ids up
+    to its first labelled token, and the file's `prompt` is the prompt's user turn."""
+    import eval as E
+    from transformers import AutoModelForImageTextToText
+    processor = AutoProcessor.from_pretrained(tiny_base)
+    model = AutoModelForImageTextToText.from_pretrained(tiny_base)
+    image_dir = os.path.join(mini_data, "images")
+    tests = data.test_examples(mini_data, "ScienceQA")
+    records = [next(r for r in tests if r.get("image")), next(r for r in tests if not r.get("image"))]
+    examples = [{"id": r["question_id"], "image": r.get("image"), "question": r["text"], "answer": r["answer"]}
+                for r in records]  # the same records as train examples
+    built, encoded = [], []
+    build_prompt, encode = data.build_prompt, data.encode
+    monkeypatch.setattr(data, "build_prompt", lambda *a, **k: built.append(build_prompt(*a, **k)) or built[-1])
+    monkeypatch.setattr(data, "encode", lambda *a, **k: encoded.append(encode(*a, **k)) or encoded[-1])
+    dataset = data.InstructionDataset(examples, processor, image_dir)
+    training = [dataset[i] for i in range(len(examples))]
+    rows = E.generate(model, processor, records, image_dir, batch_size=2, max_new_tokens=1)
+    assert len(built) == len(encoded) == 4  # two records, each once for training and once for evaluation
+    for i, (record, row, item) in enumerate(zip(records, rows, training)):
+        train_prompt, eval_prompt = built[i], built[len(records) + i]
+        assert train_prompt.answer == " " + record["answer"] and eval_prompt == train_prompt._replace(answer=None)
+        assert row["prompt"] == eval_prompt.user == (f"{data.IMAGE_TOKEN}\n" if record.get("image") else "") + \
+            record["text"]
+        prefix = encoded[len(records) + i]["input_ids"].tolist()
+        n = len(prefix)
+        assert item["input_ids"][:n].tolist() == prefix and (item["labels"][:n] == -100).all()
+        assert item["labels"][n] != -100
+
 def test_chat_templates_for_other_families(tiny_base):
     """A LLaVA without a chat template takes the Vicuna v1 prompt, a processor with one takes its template; any other
     processor without one is an error naming it."""
@@ -158,7 +192,7 @@ def test_chat_templates_for_other_families(tiny_base):
     assert data.vicuna_prompts(AutoProcessor.from_pretrained(tiny_base)) and data.vicuna_prompts(None)
     templated = llava_processor(tok)  # a LLaVA directory that carries a chat template is prompted with it
     templated.chat_template = "chat: {{ messages[0]['content'][-1]['text'] }}"
-    assert not data.vicuna_prompts(templated) and data.build_prompt("What?", False, templated) == "chat: What?"
+    assert not data.vicuna_prompts(templated) and data.build_prompt("What?", False, templated).text == "chat: What?"
     with pytest.raises(ValueError, match=r"CLIPImageProcessor\w* has no chat template, and only a LLaVA takes"):
         data.build_prompt("What?", False, CLIPImageProcessor())
 
@@ -189,11 +223,12 @@ def test_cropped_and_padded_pixels():
     wide = Image.new("RGB", (56, 28), "white")
     wide.paste(Image.new("RGB", (14, 28), "black"), (0, 0))  # a black band on the left, cut off by the centre crop
     mean = data.image_mean_rgb(processor)
-    cropped = data.encode(processor, "What?", wide)["pixel_values"]
-    padded = data.encode(processor, "What?", data.expand2square(wide, mean))["pixel_values"]
+    prompt = data.build_prompt("What?", True, processor)
+    cropped = data.encode(processor, prompt, wide)["pixel_values"]
+    padded = data.encode(processor, prompt, data.expand2square(wide, mean))["pixel_values"]
     assert torch.equal(cropped, processor.image_processor(wide, return_tensors="pt")["pixel_values"])
     assert cropped.shape == padded.shape == (1, 3, 28, 28) and not torch.equal(cropped, padded)
     assert cropped.min() > 0 and padded.min() < 0  # no black left after the crop; the padded square keeps the band
     square = Image.new("RGB", (28, 28), "green")
-    assert torch.equal(data.encode(processor, "What?", square)["pixel_values"],
-                       data.encode(processor, "What?", data.expand2square(square, mean))["pixel_values"])
+    assert torch.equal(data.encode(processor, prompt, square)["pixel_values"],
+                       data.encode(processor, prompt, data.expand2square(square, mean))["pixel_values"])

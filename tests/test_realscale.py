@@ -282,7 +282,7 @@ def test_assembled_llava15_base_loads_and_trains(llava15_parts, mini_data, tmp_p
     processor = AutoProcessor.from_pretrained(out)
     assert processor.tokenizer.convert_tokens_to_ids("<image>") == c.image_token_index == n
     assert data.chat_template(processor) is None  # Vicuna v1 prompts
-    enc = processor(text=data.build_prompt("What is it?", True), images=[data.Image.new("RGB", (40, 30))],
+    enc = processor(text=data.build_prompt("What is it?", True).text, images=[data.Image.new("RGB", (40, 30))],
                     return_tensors="pt")
     assert (enc["input_ids"] == c.image_token_index).sum() == 4  # 2 x 2 patches, CLS dropped
     # the same loop trains and evaluates it
@@ -375,8 +375,9 @@ def test_assembly_reads_vicunas_sentencepiece_tokenizer(llava15_parts, tmp_path)
     processor = AutoProcessor.from_pretrained(out)
     assert data.vicuna_prompts(processor)
     question = "What colour is it?\nAnswer the question using a single word or phrase."
-    got = data.encode(processor, question, data.Image.new("RGB", (40, 30)))["input_ids"].tolist()
-    before, after = data.build_prompt(question, True).split(data.IMAGE_TOKEN)
+    prompt = data.build_prompt(question, True, processor)
+    got = data.encode(processor, prompt, data.Image.new("RGB", (40, 30)))["input_ids"].tolist()
+    before, after = prompt.text.split(data.IMAGE_TOKEN)
     image_id = processor.tokenizer.convert_tokens_to_ids(data.IMAGE_TOKEN)
     assert got == [1] + sp.encode(before) + [image_id] * 4 + sp.encode(after)
     assert sp.id_to_piece(got[got.index(image_id) + 4:got.index(image_id) + 6]) == ["▁", "<0x0A>"]

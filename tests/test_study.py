@@ -1,7 +1,9 @@
-"""study.py (eval.py --study): hand-made results.json files of known matrices (two tasks) against means, stds and claims
+"""study.py: hand-made results.json files of known matrices (two tasks) against means, stds and claims
 computed by hand; runs grouped by their config, not their folder names; the plot; and one tiny real study."""
 import json
 import os
+import subprocess
+import sys
 
 import pytest
 from PIL import Image
@@ -9,6 +11,7 @@ from PIL import Image
 import eval as E
 import study as S
 from cli import UserError
+from test_inputs import HIDE_TORCH, ROOT
 
 TASKS = ["ScienceQA", "TextVQA"]
 # (folder, multitask, experts, instructions, seed, IF matrix, GK matrix). Folder names are deliberately unhelpful:
@@ -139,12 +142,28 @@ def test_evaluation_settings_tell_runs_apart(tmp_path):
 
 
 def test_writes_study_md_and_a_png(study):
-    E.main([f"--study={study}"])
+    """`python study.py --out=DIR`, run as a command on a machine without torch and transformers."""
+    proc = subprocess.run([sys.executable, "-c", HIDE_TORCH, "study.py", f"--out={study}"], cwd=ROOT,
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
     md = open(os.path.join(study, "study.md")).read()
     assert md.startswith("# CoIN-mini study: 8 finished runs") and "Left out, not finished: unfinished" in md
+    assert md in proc.stdout and proc.stdout.endswith(f"wrote {os.path.join(study, 'study.md')} and study_curves.png\n")
     with Image.open(os.path.join(study, "study_curves.png")) as img:
         img.verify()
         assert img.format == "PNG" and img.size[0] > 300 and img.size[1] > 300
+
+
+def test_settings_and_the_old_commands(study, capsys):
+    """--check goes with --readme only; eval.py's old --study and --readme name the study.py command instead."""
+    with pytest.raises(UserError, match="--check: only with --readme"):
+        S.main(["--check"])
+    with pytest.raises(UserError, match="--out=x with --readme: the blocks name their own folders"):
+        S.main(["--out=x", "--readme=README.md"])
+    with pytest.raises(UserError, match=r"is now `python study.py`: run python study.py --out=out/x$"):
+        E.main(["--study=out/x"])
+    with pytest.raises(UserError, match=r"is now `python study.py`: run python study.py --readme=README.md --check$"):
+        E.main(["--readme=README.md", "--check"])
 
 
 def test_tiny_study_end_to_end(mini_data, tiny_base, tmp_path):
@@ -392,7 +411,7 @@ def test_readme_blocks_refill_and_check(study, tmp_path, capsys):
                       f"<!-- figures: compare {lora} {moe} -->\n<!-- /figures -->\n\n"
                       f"<!-- figures: study {study} -->\n| old |\n<!-- /figures -->\nthe end\n")
     docs.write_text(f"# study\n\n<!-- figures: study-full {study} -->\n<!-- /figures -->\n\n![plot](x.png)\n")
-    E.main([f"--readme={readme},{docs}"])
+    S.main([f"--readme={readme},{docs}"])
     text = readme.read_text()
     assert text.startswith(f"# title\n\n<!-- figures: diagonal {lora} {moe} -->\n"
                            "| | ScienceQA | TextVQA | mean |\n|---|---|---|---|\n"
@@ -413,29 +432,29 @@ def test_readme_blocks_refill_and_check(study, tmp_path, capsys):
     assert study_md.split("\n", 2)[2].split("\n![accuracy")[0].strip("\n") in full  # after the title, no plot
     assert "CoIN-mini study:" not in full and "study_curves.png" not in full and full.endswith("\n\n![plot](x.png)\n")
     capsys.readouterr()
-    E.main([f"--readme={readme},{docs}", "--check"])  # up to date: no exit
+    S.main([f"--readme={readme},{docs}", "--check"])  # up to date: no exit
     assert "README.md: 3 generated blocks, up to date" in capsys.readouterr().out
     readme.write_text(text.replace("| 80.0 | 70.0 | 75.0 |", "| 80.0 | 70.0 | 99.0 |"))
     stale = readme.read_text()
     with pytest.raises(SystemExit, match="--check: .*README.md would change"):
-        E.main([f"--readme={readme}", "--check=true"])
+        S.main([f"--readme={readme}", "--check=true"])
     assert readme.read_text() == stale and f"would change: diagonal {lora} {moe}" in capsys.readouterr().out
     os.makedirs(tmp_path / "unfinished")
     readme.write_text(f"<!-- figures: compare {tmp_path / 'unfinished'} -->\n<!-- /figures -->\n")
     with pytest.raises(UserError, match=r"block 'compare .*unfinished': no .*unfinished/results.json"):
-        E.main([f"--readme={readme}"])
+        S.main([f"--readme={readme}"])
     # a block whose run folders are not there (yet) keeps its figures, and says so
     kept = f"<!-- figures: compare {tmp_path / 'not-run'} -->\n| old |\n<!-- /figures -->\n"
     readme.write_text(kept)
     capsys.readouterr()
-    E.main([f"--readme={readme}", "--check"])
+    S.main([f"--readme={readme}", "--check"])
     assert readme.read_text() == kept and "kept as they are: compare" in capsys.readouterr().out
     readme.write_text(f"<!-- figures: diagonal {lora} -->\nnever closed\n")
     with pytest.raises(UserError, match="close each with"):
-        E.main([f"--readme={readme}"])
+        S.main([f"--readme={readme}"])
     readme.write_text(f"<!-- figures: heatmap {lora} -->\n<!-- /figures -->\n")
     with pytest.raises(UserError, match="expected 'diagonal RUN...'"):
-        E.main([f"--readme={readme}"])
+        S.main([f"--readme={readme}"])
 
 
 def test_cost_sums_each_runs_timing(tmp_path):
@@ -447,7 +466,7 @@ def test_cost_sums_each_runs_timing(tmp_path):
             k: ({kk: vv * seconds for kk, vv in v.items()} if isinstance(v, dict) else v * seconds)
             for k, v in timing.items()})
     write_run(root, "c", False, 2, "Original", 0, *RUNS[3][5:])  # no timing
-    E.main([f"--study={root}"])
+    S.main([f"--out={root}"])
     md = open(os.path.join(root, "study.md")).read()
     assert "| LoRA | 2 | 10.0 ± 4.7 | 20 |" in md and "| MoELoRA E=2 | 0 |  | 0 |" in md
     assert "All timed runs: 20 minutes" in md and "No timing in: c." in md
