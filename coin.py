@@ -50,7 +50,7 @@ from methods import METHODS, Method, Stage
 @dataclasses.dataclass
 class Config:
     # --- data
-    data_dir: str = "data/coin-mini"      # folder holding Instructions_*/ (`python data.py mini` writes CoIN-mini)
+    data_dir: str = "data/coin-mini"      # folder holding Instructions_*/ (`python coin_mini.py` writes CoIN-mini)
     image_dir: str = ""                   # image root; "" means <data_dir>/images
     instructions: str = "Original"        # instruction set: Original | Diverse | 10Type
     tasks: str = "all"                    # all | alphabet | comma-separated task names, in training order
@@ -199,7 +199,7 @@ def check_folders(cfg):
     problems = []
     if not os.path.isdir(cfg.data_dir):
         problems.append(f"--data_dir={cfg.data_dir}: no such folder (the one holding Instructions_*/; "
-                        f"`python data.py mini --out={cfg.data_dir}` writes CoIN-mini there)")
+                        f"`python coin_mini.py --out={cfg.data_dir}` writes CoIN-mini there)")
     if cfg.image_dir and not os.path.isdir(cfg.image_dir):
         problems.append(f"--image_dir={cfg.image_dir}: no such folder (the image root; '' means <data_dir>/images)")
     if not cfg.stage0 and not os.path.isdir(cfg.base):

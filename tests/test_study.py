@@ -1,5 +1,6 @@
 """study.py: hand-made results.json files of known matrices (two tasks) against means, stds and claims
 computed by hand; runs grouped by their config, not their folder names; the plot; and one tiny real study."""
+import ast
 import json
 import os
 import subprocess
@@ -36,6 +37,9 @@ def write_run(root, name, multitask, experts, instructions, seed, if_m, gk_m, st
     res = {"tasks": TASKS, "matrix": if_m, **E.aggregates(if_m),
            "general_knowledge": {"tasks": TASKS, "matrix": gk_m, **E.aggregates(gk_m)},
            "config": cfg, "zero_shot": ZERO_SHOT}
+    # the method's own settings with their defaults, as coin.py records them (runs written before that lack it)
+    docs, _ = S.declared_method_settings().get(cfg.get("method", "sequential"), ([], {}))
+    res["method_settings"] = {d.name: ast.literal_eval(d.default) for d in docs}
     if stages is not None:
         res["stages"] = stages
     if timing is not None:
@@ -386,7 +390,8 @@ def test_a_method_at_another_strength_is_a_row_of_its_own(tmp_path):
     assert claim_5["claim"].startswith("5. ") and claim_5["result"] == "**not resolved**: +5.0 ± 3.5 (EWC)"
     # the peers' ordering too: Replay (-1.5) against the best other default (E=2, -7.5), not against EWC at 1e4
     assert peers["result"] == "**yes**; **higher**: Replay +6.0 ± 2.5 against MoELoRA E=2", peers["result"]
-    assert S.method_defaults()["ewc_lambda"] == 0.1  # read from coin.py's Config, as coin.py --help shows it
+    docs, _ = S.declared_method_settings()["ewc"]  # read from methods.py's EWC class, as coin.py --help shows it
+    assert {d.name: d.default for d in docs} == {"ewc_lambda": "0.1", "ewc_samples": "1000"}
 
 
 def test_claim_5_says_when_it_cannot_be_tested(study):
