@@ -33,23 +33,23 @@ sys.path.append(os.path.dirname(os.path.abspath(__file__)))  # bench/train_step.
 import cli  # noqa: E402
 import coin  # noqa: E402
 import methods  # noqa: E402
-from moelora import language_model_linears  # noqa: E402
+from moelora import target_linears  # noqa: E402
 from train_step import SIZES, batch_for, build, prepare  # noqa: E402
 
 
 def prepare_olora(tasks_before, dropout):
-    """The tiny model with O-LoRA at task tasks_before + 1: earlier subspaces frozen (given values), the newest
-    trained, the projector trainable, as coin.py trains it."""
+    """The tiny model with O-LoRA at task tasks_before + 1, as coin.py trains it by default (the official choices):
+    q and v adapted, earlier subspaces frozen (given values), only the newest trained."""
     model = build("tiny")
     model.requires_grad_(False)
     r = SIZES["tiny"][-1]
-    methods.add_olora(model, language_model_linears(model), r, 2.0 * r, dropout)
-    for stage in range(tasks_before + 1):
-        methods.add_olora_subspace(model, seed=0, stage=stage)
-        with torch.no_grad():
-            for m in methods.olora_layers(model):
-                m.lora_B[-1].normal_(std=0.01)
-    model.model.multi_modal_projector.requires_grad_(True)
+    methods.add_olora(model, target_linears(model, ["q_proj", "v_proj"]), r, 2.0 * r, dropout, tasks_before + 1)
+    methods.init_subspaces(model, seed=0, init="kaiming")
+    with torch.no_grad():
+        for m in methods.olora_layers(model):
+            for B in m.lora_B:
+                B.normal_(std=0.01)
+    methods.set_active(model, tasks_before + 1)
     model.train()
     return model, torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
 
