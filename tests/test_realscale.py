@@ -202,7 +202,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(mini_data, tiny_base):
         model, _ = coin.load_base(cfg, torch.device("cpu"))
         assert model.model.language_model.gradient_checkpointing == ckpt
         moelora.add_moelora(model, None, 8, 16.0, 2, 0.1)
-        coin.mark_only_moelora_trainable(model)
+        moelora.mark_only_moelora_trainable(model)
         for p in model.model.language_model.parameters():
             if p.requires_grad:
                 p.data.normal_(0, 0.05, generator=torch.Generator().manual_seed(p.numel()))  # B != 0
