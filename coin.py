@@ -684,22 +684,21 @@ def record_scores(cfg, tasks, row, scores, if_matrix, gk_matrix, extra):
     return evaluate.write_results(cfg.out, tasks, if_matrix, gk_matrix, extra)
 
 
-def load_last_finished_stage(model, cfg, stages, done, device):
-    """--resume: load the adapter and projector of the last stage an earlier run finished, and the method's state it
-    saved, each checked against its meta.json's checksum (none finished: nothing to load, the adapter starts fresh, the
-    state is empty). Returns (what the model now holds, for the non-finite loss message; the state, on `device`)."""
-    if not done:
+def load_stage(model, cfg, stages, j, device):
+    """Load the adapter and projector that finished stage j (-1: none, the adapter stays as it is, fresh) and the
+    method's state it saved, each checked against its meta.json's checksum. Returns (what the model now holds, for the
+    non-finite loss message; the state, on `device`)."""
+    if j < 0:
         return "the base model, with a fresh adapter", {}
-    folder = stage_dir(cfg, done - 1, stages[done - 1][0])
+    folder = stage_dir(cfg, j, stages[j][0])
     checked, state = load_checkpoint(model, folder, read_json_file(os.path.join(folder, "meta.json")))
-    print0(f"{cfg.out}: an earlier run finished {done} of {len(stages)} stages; continuing after stage {done}")
     return checked, {k: v.to(device) for k, v in state.items()}
 
 
 # -----------------------------------------------------------------------------
 # The task loop
 
-def describe_evaluation(extra, cfg, tasks, test_sets, dropped):
+def describe_evaluation(extra, cfg, tasks, test_records, dropped):
     """What results.json records about how the run evaluates: the records --skip_bad left out, each task's images and
     generation length, and the test records scored (so that `eval.py --predictions` rescores the same ones)."""
     if dropped:
@@ -708,7 +707,7 @@ def describe_evaluation(extra, cfg, tasks, test_sets, dropped):
     for task in tasks:
         pad, max_new_tokens, _ = evaluation_of(cfg, task)
         extra["evaluation"][task] = {"images": "pad" if pad else "crop", "max_new_tokens": max_new_tokens}
-    extra["test_records"] = {task: evaluate.test_set_id(recs) for task, recs in test_sets.items()}
+    extra["test_records"] = test_records
 
 
 def stage_of(cfg, stages, tasks, j, train_sets, model, rank, world, device):
@@ -772,8 +771,9 @@ def main(argv):
            "(the global batch is the experiment's, the same on any number of ranks: --global_batch)")
     # the General Knowledge judge, built once, on rank 0 (which does all the scoring)
     judge = None if rank else evaluate.ExactJudge() if cfg.judge == "exact" else evaluate.LMJudge(cfg.judge)
-    if_matrix, gk_matrix, extra = load_results(cfg, tasks, [row for *_, row in stages[:done]], info)
-    describe_evaluation(extra, cfg, tasks, test_sets, dropped)
+    test_records = {task: evaluate.test_set_id(recs) for task, recs in test_sets.items()}
+    if_matrix, gk_matrix, extra = load_results(cfg, tasks, [row for *_, row in stages[:done]], info, test_records)
+    describe_evaluation(extra, cfg, tasks, test_records, dropped)
     if cfg.zero_shot and "zero_shot" not in extra:  # the base on every task: the row before the first stage
         t0 = time.time()
         base_scores = evaluate_stage(model, processor, judge, cfg, test_sets, rank, world, "stage0-zeroshot")
@@ -782,16 +782,24 @@ def main(argv):
     if rank == 0:
         table = evaluate.write_results(cfg.out, tasks, if_matrix, gk_matrix, extra)
     # a resumed run: the weights and the method's state the last finished stage left (checkpoint.py)
-    started_from, state = load_last_finished_stage(model, cfg, stages, done, device)
+    if done:
+        print0(f"{cfg.out}: an earlier run finished {done} of {len(stages)} stages; continuing after stage {done}")
+    holds = done - 1  # the stage whose weights the model holds
+    started_from, state = load_stage(model, cfg, stages, holds, device)
     # the paper's loop: for each task, the method's start, train, the method's end, save, evaluate every task seen so far
     for j, (name, train_tasks, eval_tasks, row) in enumerate(stages):
         stage_name = f"stage{j + 1}-{name}"
         if j < done and if_matrix[row][tasks.index(eval_tasks[-1])] is not None:
             continue  # trained and scored by an earlier run
         t0, stage = time.time(), stage_of(cfg, stages, tasks, j, train_sets, model, rank, world, device)
+        wanted = j if j < done else j - 1  # a finished stage is scored with its own weights; a new one trains on
+        if holds != wanted:  # (only after finished stages were scored again under other evaluation settings)
+            holds = wanted
+            started_from, state = load_stage(model, cfg, stages, holds, device)
         if j >= done:  # (from the stage's mid-stage checkpoint, if an earlier run left one)
             state, started_from = train_stage(model, processor, method, cfg, stage, stages, train_sets, batches, info,
                                               started_from, state, rank, world, device)
+            holds = j
         t_train, t0 = time.time() - t0, time.time()
         with method.evaluating(model, stage, state):
             scores = evaluate_stage(model, processor, judge, cfg, {t: test_sets[t] for t in eval_tasks}, rank, world,
