@@ -46,6 +46,10 @@ METHOD_STATE = "method_state.safetensors"
 # settings that may change when a run is continued: where output goes and how the same global batch is split
 MAY_DIFFER = ("out", "resume", "save_every", "threads", "micro_batch", "grad_accum", "eval_batch", "grad_ckpt",
               "shard")
+# settings that change only how the stages are evaluated: continuing a run under other values scores its finished
+# stages again (each stage's weights are in its checkpoint) instead of refusing (coin.py: load_results)
+EVALUATION = ("max_test", "max_new_tokens", "eval_images", "scoring", "ground_truth", "answers_from_test", "judge",
+              "zero_shot")
 # settings added later, with the value that runs written before them had in effect (when it is not the default)
 BEFORE_ADDED = {"projector_lr_scale": 1.0, "eval_images": "pad"}
 
@@ -71,13 +75,29 @@ def git_commit():
 
 
 def inputs_hash(train_sets, test_sets, model):
-    """A hash of what a run reads besides its settings: the records it uses and a sample of every base weight. A
-    resumed run checks it, so a regenerated data set or a rebuilt base never mixes into an earlier run's stages."""
-    h = hashlib.sha1(json.dumps([train_sets, test_sets], sort_keys=True).encode())
-    for name, p in model.named_parameters():
-        h.update(name.encode())
-        h.update(p.detach().flatten()[:256].float().cpu().numpy().tobytes())
-    return h.hexdigest()
+    """Hashes of what a run trains on besides its settings: a sample of every base weight ("base") and each task's
+    train records ("train": {task: hash}). A resumed run checks them, so a regenerated data set or a rebuilt base
+    never mixes into an earlier run's stages, while other test records (--max_test) or more tasks may be added to a
+    finished run (check_same_run). "v1" is the one hash runs written before this split recorded (train and test
+    records and base together), so that those still continue."""
+    def with_base(h):  # a sample of every base weight, into hash h
+        for name, p in model.named_parameters():
+            h.update(name.encode())
+            h.update(p.detach().flatten()[:256].float().cpu().numpy().tobytes())
+        return h.hexdigest()
+    return {"base": with_base(hashlib.sha1()),
+            "train": {task: hashlib.sha1(json.dumps(recs, sort_keys=True).encode()).hexdigest()
+                      for task, recs in train_sets.items()},
+            "v1": with_base(hashlib.sha1(json.dumps([train_sets, test_sets], sort_keys=True).encode()))}
+
+
+def same_inputs(saved, inputs):
+    """Whether a file's recorded inputs (inputs_hash) are this run's: the same base, and the same train records for
+    every task the file's run had (this run may have more tasks)."""
+    if isinstance(saved, str):  # written before the split: train and test records and base in one hash
+        return saved == inputs["v1"]
+    return (isinstance(saved, dict) and saved.get("base") == inputs["base"]
+            and all(inputs["train"].get(task) == h for task, h in saved.get("train", {}).items()))
 
 
 def run_info(cfg, world, inputs, global_batch):
@@ -103,15 +123,23 @@ def check_same_run(saved, info, path, defaults):
     old, new = saved.get("config", {}), info["config"]
     for key in new:
         was = old.get(key, defaults[key])
-        if key not in MAY_DIFFER and was != new[key]:
-            raise cli.UserError(f"{path}: written by a run with --{key}={was!r}, this one has "
-                                f"--{key}={new[key]!r}; continue it with the same settings, or write to another --out")
+        if key in MAY_DIFFER + EVALUATION or was == new[key] or key == "tasks" and extends(was, new[key], new):
+            continue
+        raise cli.UserError(f"{path}: written by a run with --{key}={was!r}, this one has --{key}={new[key]!r}; "
+                            "continue it with the same settings (evaluation settings and more tasks after the "
+                            "finished ones may change), or write to another --out")
     if saved.get("global_batch") != info["global_batch"]:
         raise cli.UserError(f"{path}: written with a global batch of {saved.get('global_batch')}, this run has "
                             f"{info['global_batch']} (micro_batch x ranks x grad_accum); keep it to continue that run")
-    if saved.get("inputs") != info["inputs"]:
+    if not same_inputs(saved.get("inputs"), info["inputs"]):
         raise cli.UserError(f"{path}: written by a run that read other data or another base (regenerated data or a "
                             "rebuilt base?); write to another --out")
+
+
+def extends(old_tasks, new_tasks, cfg):
+    """Whether --tasks=new_tasks continues a sequential run of --tasks=old_tasks: the old tasks, in order, then more."""
+    old, new = data.parse_tasks(old_tasks), data.parse_tasks(new_tasks)
+    return not cfg.get("multitask") and len(new) > len(old) and new[:len(old)] == old
 
 
 def read_json_file(path):
@@ -332,27 +360,36 @@ def finished_stages(cfg, stages, info, rank):
     return done
 
 
-def load_results(cfg, tasks, rows, info):
+def load_results(cfg, tasks, rows, info, test_records):
     """The matrices and results.json extras this run extends: empty ones for a new --out, else the earlier run's
-    `rows` (of its finished stages), its zero-shot row and its timings (results.json is only ever extended)."""
+    `rows` (of its finished stages), its zero-shot row and its timings (results.json is only ever extended). A run
+    with more tasks than the earlier one (--tasks extended) gets its rows in larger matrices. Under other evaluation
+    settings (EVALUATION) or other test records (`test_records`: {task: its test set's id}) no score is kept: every
+    finished stage is scored again from its checkpoint, and `reevaluated` records what changed."""
     T = len(tasks)
     if_matrix, gk_matrix = [[None] * T for _ in range(T)], [[None] * T for _ in range(T)]
     extra = {**info, "timing": {}}
     path = os.path.join(cfg.out, "results.json")
-    if cfg.resume and os.path.exists(path):
-        old = read_json_file(path)
-        check_same_run(old, info, path, setting_defaults(cfg))
-        for r in rows:
-            if_matrix[r], gk_matrix[r] = old["matrix"][r], old["general_knowledge"]["matrix"][r]
-        extra["timing"] = old["timing"]
-        if "zero_shot" in old:
-            extra["zero_shot"] = old["zero_shot"]
-    # the run goes on from the last finished stage's weights, so an earlier finished stage without its scores (a lost
-    # or replaced results.json) cannot be scored again: its own weights are gone
-    unscored = [r for r in rows[:-1] if all(v is None for v in if_matrix[r])]
-    if unscored:
-        raise cli.UserError(f"{path}: no scores for stage {unscored[0] + 1}, whose checkpoint exists; the run goes on "
-                            f"from stage {len(rows)}'s weights and cannot score it: restore {path}, or delete the "
-                            f"checkpoint folders of stages {unscored[0] + 2}-{len(rows)} under {cfg.out}/checkpoints "
-                            "to train them again")
+    if not (cfg.resume and os.path.exists(path)):
+        return if_matrix, gk_matrix, extra
+    old = read_json_file(path)
+    check_same_run(old, info, path, setting_defaults(cfg))
+    defaults = setting_defaults(cfg)
+    changed = {k: [old["config"].get(k, defaults[k]), info["config"][k]] for k in EVALUATION
+               if old["config"].get(k, defaults[k]) != info["config"][k]}
+    if not changed:  # the same settings, but other test records (a regenerated test file)
+        changed = {f"test records of {t}": [was, test_records[t]] for t, was in old.get("test_records", {}).items()
+                   if t in test_records and was != test_records[t]}
+    extra["timing"] = old["timing"]
+    extra["reevaluated"] = old.get("reevaluated", [])
+    if changed:  # nothing of the old scores holds: the loop scores every finished stage again
+        extra["reevaluated"].append({"changed": changed, "stages": len(rows)})
+        return if_matrix, gk_matrix, extra
+    n = len(old["tasks"])  # the earlier run's tasks: the first n of these
+    for r in rows:
+        if r < n:
+            if_matrix[r][:n] = old["matrix"][r]
+            gk_matrix[r][:n] = old["general_knowledge"]["matrix"][r]
+    if "zero_shot" in old and all(t in old["zero_shot"] for t in tasks):
+        extra["zero_shot"] = old["zero_shot"]
     return if_matrix, gk_matrix, extra

@@ -77,9 +77,10 @@ class Config:
                                           # 2e-4 (their DeepSpeed config overrides it: 1.0 is what they run in effect)
     # --- optim
     lr: float = 1e-3                      # official 2e-4 at 7B; the tiny model's image features scramble at 2e-3
-    micro_batch: int = 8                  # per rank, per forward (CoIN-mini: 375 steps of 8 learn more than 188 of 16)
-    grad_accum: int = 1                   # global_batch = micro_batch * world_size * grad_accum
-    global_batch: str = ""                # "" = as above; N, or "official" (the per-task table): sets grad_accum
+    micro_batch: int = 8                  # records per forward, at most (CoIN-mini: 375 steps of 8 learn more than 188 of 16)
+    grad_accum: int = 1                   # accumulation steps on one rank: the global batch is micro_batch x this
+    global_batch: str = ""                # "" = micro_batch x grad_accum; N; or "official" (the per-task table). The
+                                          # same on any number of ranks: each takes global/ranks records a step
     epochs: int = 1                       # CoIN trains one epoch per task
     weight_decay: float = 0.0             # AdamW's decoupled weight decay (official: 0)
     warmup_ratio: float = 0.03            # linear warmup over this fraction of a stage's steps (official: 0.03)
@@ -187,7 +188,7 @@ def check_config(cfg, world):
                         f"give a --lora_r that is a multiple of {cfg.experts}")
     for name, *_ in plan_stages(cfg, tasks) if not cfg.stage0 else []:
         try:
-            grad_accum_for(cfg, name, world)
+            batch_plan(cfg, name, world)
         except cli.UserError as e:
             problems.append(str(e))
             break  # the same fix serves every stage
@@ -219,28 +220,44 @@ OFFICIAL_GLOBAL_BATCH = {"ScienceQA": 896, "TextVQA": 896, "ImageNet": 1024, "GQ
                          "Grounding": 384, "VQAv2": 512, "OCR-VQA": 640}
 
 
-def grad_accum_for(cfg, stage, world):
-    """The accumulation steps that make `stage`'s global batch: global_batch = micro_batch * world_size * grad_accum."""
-    if cfg.global_batch == "":
-        return cfg.grad_accum
+def batch_plan(cfg, stage, world):
+    """(global batch, micro-batch, accumulation steps) of `stage` on `world` ranks. The global batch is a setting of
+    the experiment, the same on any number of ranks: --global_batch (N, or the official table's for the stage), by
+    default --micro_batch x --grad_accum, what one rank runs. Each rank takes global / world records a step, in
+    micro-batches of --micro_batch (fewer if its share is smaller):
+
+        global_batch = micro_batch * world_size * grad_accum
+
+    so `torchrun --nproc_per_node=N coin.py ...` trains the experiment `python coin.py ...` trains, N times as fast.
+    A global batch that the ranks or the micro-batch cannot split is refused, naming what to set."""
     if cfg.global_batch == "official" and stage not in OFFICIAL_GLOBAL_BATCH:
         raise cli.UserError(f"--global_batch=official: the official table has no batch for stage {stage!r}; give "
                             "--global_batch=N")
-    want = OFFICIAL_GLOBAL_BATCH[stage] if cfg.global_batch == "official" else int(cfg.global_batch)
-    per_step = cfg.micro_batch * world
-    if want % per_step:
-        where = f"stage {stage}" if cfg.global_batch == "official" else f"--global_batch={want}"
-        raise cli.UserError(f"{where}: global batch {want} is not a multiple of micro_batch x ranks = "
-                            f"{cfg.micro_batch} x {world}; choose a --micro_batch that divides {want // world}")
-    return want // per_step
+    if cfg.global_batch == "official":
+        want, where = OFFICIAL_GLOBAL_BATCH[stage], f"stage {stage}'s official global batch"
+    elif cfg.global_batch:
+        want, where = int(cfg.global_batch), f"--global_batch={cfg.global_batch}"
+    else:
+        want, where = cfg.micro_batch * cfg.grad_accum, (f"the global batch --micro_batch x --grad_accum = "
+                                                         f"{cfg.micro_batch} x {cfg.grad_accum}")
+    if want % world:
+        raise cli.UserError(f"{where} ({want}) does not split over {world} ranks: give a --global_batch that {world} "
+                            f"divides, or run on a number of ranks that divides {want}")
+    share = want // world
+    micro = min(cfg.micro_batch, share)
+    if share % micro:
+        raise cli.UserError(f"{where} ({want}) on {world} rank(s) gives each {share} records a step, not a multiple "
+                            f"of --micro_batch={micro}: choose a --micro_batch that divides {share}")
+    return want, micro, share // micro
 
 
 def plan_batches(cfg, stages, world):
-    """grad_accum of each stage (fails now on a global batch that micro_batch x ranks cannot make), and the global
+    """{stage: (micro-batch, accumulation steps)} (fails now on a global batch the ranks cannot split), and the global
     batch the run records: one number if every stage has it (the usual case), else the table {stage: batch}."""
-    accum = {name: grad_accum_for(cfg, name, world) for name, *_ in stages}
-    batches = {name: cfg.micro_batch * world * steps for name, steps in accum.items()}
-    return accum, batches[stages[0][0]] if len(set(batches.values())) == 1 else batches
+    plans = {name: batch_plan(cfg, name, world) for name, *_ in stages}
+    batches = {name: plan[0] for name, plan in plans.items()}
+    return ({name: plan[1:] for name, plan in plans.items()},
+            batches[stages[0][0]] if len(set(batches.values())) == 1 else batches)
 
 
 # -----------------------------------------------------------------------------
@@ -667,22 +684,21 @@ def record_scores(cfg, tasks, row, scores, if_matrix, gk_matrix, extra):
     return evaluate.write_results(cfg.out, tasks, if_matrix, gk_matrix, extra)
 
 
-def load_last_finished_stage(model, cfg, stages, done, device):
-    """--resume: load the adapter and projector of the last stage an earlier run finished, and the method's state it
-    saved, each checked against its meta.json's checksum (none finished: nothing to load, the adapter starts fresh, the
-    state is empty). Returns (what the model now holds, for the non-finite loss message; the state, on `device`)."""
-    if not done:
+def load_stage(model, cfg, stages, j, device):
+    """Load the adapter and projector that finished stage j (-1: none, the adapter stays as it is, fresh) and the
+    method's state it saved, each checked against its meta.json's checksum. Returns (what the model now holds, for the
+    non-finite loss message; the state, on `device`)."""
+    if j < 0:
         return "the base model, with a fresh adapter", {}
-    folder = stage_dir(cfg, done - 1, stages[done - 1][0])
+    folder = stage_dir(cfg, j, stages[j][0])
     checked, state = load_checkpoint(model, folder, read_json_file(os.path.join(folder, "meta.json")))
-    print0(f"{cfg.out}: an earlier run finished {done} of {len(stages)} stages; continuing after stage {done}")
     return checked, {k: v.to(device) for k, v in state.items()}
 
 
 # -----------------------------------------------------------------------------
 # The task loop
 
-def describe_evaluation(extra, cfg, tasks, test_sets, dropped):
+def describe_evaluation(extra, cfg, tasks, test_records, dropped):
     """What results.json records about how the run evaluates: the records --skip_bad left out, each task's images and
     generation length, and the test records scored (so that `eval.py --predictions` rescores the same ones)."""
     if dropped:
@@ -691,7 +707,7 @@ def describe_evaluation(extra, cfg, tasks, test_sets, dropped):
     for task in tasks:
         pad, max_new_tokens, _ = evaluation_of(cfg, task)
         extra["evaluation"][task] = {"images": "pad" if pad else "crop", "max_new_tokens": max_new_tokens}
-    extra["test_records"] = {task: evaluate.test_set_id(recs) for task, recs in test_sets.items()}
+    extra["test_records"] = test_records
 
 
 def stage_of(cfg, stages, tasks, j, train_sets, model, rank, world, device):
@@ -701,7 +717,7 @@ def stage_of(cfg, stages, tasks, j, train_sets, model, rank, world, device):
                  record_loss=functools.partial(record_loss, model, device))
 
 
-def train_stage(model, processor, method, cfg, stage, stages, train_sets, accum, info, started_from, state, rank,
+def train_stage(model, processor, method, cfg, stage, stages, train_sets, batches, info, started_from, state, rank,
                 world, device):
     """One stage: the method's start (its records), one epoch (train_one_task), the method's end (the state the later
     stages need), the checkpoint (weights and that state). Returns (the state, what the model now holds)."""
@@ -709,8 +725,9 @@ def train_stage(model, processor, method, cfg, stage, stages, train_sets, accum,
     records = method.start_stage(model, stage, [ex for t in train_tasks for ex in train_sets[t]], state)
     params = [p for p in model.parameters() if p.requires_grad]  # the method may have changed what trains
     dataset = data.InstructionDataset(records, processor, data.image_root(cfg.data_dir, cfg.image_dir))
-    losses = train_one_task(model, dataset, params, dataclasses.replace(cfg, grad_accum=accum[name]), rank, world,
-                            device, cfg.seed + j, f"stage {j + 1}/{len(stages)} train {name}",
+    micro_batch, grad_accum = batches[name]  # this stage's split of its global batch over the ranks (batch_plan)
+    losses = train_one_task(model, dataset, params, dataclasses.replace(cfg, micro_batch=micro_batch,
+                                                                        grad_accum=grad_accum), rank, world, device, cfg.seed + j, f"stage {j + 1}/{len(stages)} train {name}",
                             os.path.join(stage_dir(cfg, j, name), MIDSTAGE), info, started_from, method)
     with torch.no_grad():  # the method's penalty at the stage's final weights, to see its scale
         penalty = method.penalty(model)
@@ -738,7 +755,7 @@ def main(argv):
     processor = load_processor(cfg)
     train_sets, test_sets, dropped = read_inputs(cfg, tasks, processor)
     model, processor = load_base(cfg, device, processor)
-    accum, global_batch = plan_batches(cfg, stages, world)
+    batches, global_batch = plan_batches(cfg, stages, world)
     info = run_info(cfg, world, inputs_hash(train_sets, test_sets, model), global_batch)
     done = finished_stages(cfg, stages, info, rank)  # stages an earlier run into --out finished (checkpoint.py)
     method = METHODS[cfg.method](cfg)  # the continual-learning method (methods.py): its hooks below
@@ -749,10 +766,14 @@ def main(argv):
     print0(f"{method.describe()}, method {method.name}, on {n_wrapped} linears; trainable {trains:,} of "
            f"{sum(p.numel() for p in model.parameters()):,} parameters before the first stage; global batch "
            f"{global_batch} on {world} rank(s)" + (", sharded (FSDP2)" if cfg.shard and world > 1 else ""))
+    micro_batch, grad_accum = batches[stages[0][0]]
+    print0(f"each optimizer step: {world} rank(s) x {grad_accum} micro-batch(es) of at most {micro_batch} records "
+           "(the global batch is the experiment's, the same on any number of ranks: --global_batch)")
     # the General Knowledge judge, built once, on rank 0 (which does all the scoring)
     judge = None if rank else evaluate.ExactJudge() if cfg.judge == "exact" else evaluate.LMJudge(cfg.judge)
-    if_matrix, gk_matrix, extra = load_results(cfg, tasks, [row for *_, row in stages[:done]], info)
-    describe_evaluation(extra, cfg, tasks, test_sets, dropped)
+    test_records = {task: evaluate.test_set_id(recs) for task, recs in test_sets.items()}
+    if_matrix, gk_matrix, extra = load_results(cfg, tasks, [row for *_, row in stages[:done]], info, test_records)
+    describe_evaluation(extra, cfg, tasks, test_records, dropped)
     if cfg.zero_shot and "zero_shot" not in extra:  # the base on every task: the row before the first stage
         t0 = time.time()
         base_scores = evaluate_stage(model, processor, judge, cfg, test_sets, rank, world, "stage0-zeroshot")
@@ -761,16 +782,24 @@ def main(argv):
     if rank == 0:
         table = evaluate.write_results(cfg.out, tasks, if_matrix, gk_matrix, extra)
     # a resumed run: the weights and the method's state the last finished stage left (checkpoint.py)
-    started_from, state = load_last_finished_stage(model, cfg, stages, done, device)
+    if done:
+        print0(f"{cfg.out}: an earlier run finished {done} of {len(stages)} stages; continuing after stage {done}")
+    holds = done - 1  # the stage whose weights the model holds
+    started_from, state = load_stage(model, cfg, stages, holds, device)
     # the paper's loop: for each task, the method's start, train, the method's end, save, evaluate every task seen so far
     for j, (name, train_tasks, eval_tasks, row) in enumerate(stages):
         stage_name = f"stage{j + 1}-{name}"
         if j < done and if_matrix[row][tasks.index(eval_tasks[-1])] is not None:
             continue  # trained and scored by an earlier run
         t0, stage = time.time(), stage_of(cfg, stages, tasks, j, train_sets, model, rank, world, device)
+        wanted = j if j < done else j - 1  # a finished stage is scored with its own weights; a new one trains on
+        if holds != wanted:  # (only after finished stages were scored again under other evaluation settings)
+            holds = wanted
+            started_from, state = load_stage(model, cfg, stages, holds, device)
         if j >= done:  # (from the stage's mid-stage checkpoint, if an earlier run left one)
-            state, started_from = train_stage(model, processor, method, cfg, stage, stages, train_sets, accum, info,
+            state, started_from = train_stage(model, processor, method, cfg, stage, stages, train_sets, batches, info,
                                               started_from, state, rank, world, device)
+            holds = j
         t_train, t0 = time.time() - t0, time.time()
         with method.evaluating(model, stage, state):
             scores = evaluate_stage(model, processor, judge, cfg, {t: test_sets[t] for t in eval_tasks}, rank, world,

@@ -147,7 +147,7 @@ def test_two_gloo_ranks_equal_one_process_and_grad_accum(mini_data, tiny_base, t
         coin.main(common + args + [f"--out={tmp_path / name}"])
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517",
-                    os.path.join(root, "coin.py"), *common, "--micro_batch=4", f"--out={tmp_path / '2x4'}"],
+                    os.path.join(root, "coin.py"), *common, f"--out={tmp_path / '2x4'}"],  # 1x8's command
                    check=True, env=env, cwd=root, capture_output=True)
     ckpt = lambda name: load_file(str(tmp_path / name / "checkpoints" / "stage1-VQAv2" / "adapter.safetensors"))
     ref = ckpt("1x8")

@@ -1,6 +1,7 @@
 """Real scale on tiny stand-ins: the official data layout and its check, --skip_bad, the baselines (multi-task, data
 fraction, zero-shot), the batch table, gradient checkpointing, the LLaVA-1.5 base assembly and a second backbone
 family (Qwen2-VL). Everything here is written by the tests themselves."""
+import dataclasses
 import json
 import os
 import shutil
@@ -140,13 +141,28 @@ def test_multitask_and_data_fraction(release, tiny_base, tmp_path):
 
 def test_global_batch_table_sets_grad_accum():
     cfg = coin.parse_config(["--global_batch=official", "--micro_batch=8"])
-    assert {t: coin.grad_accum_for(cfg, t, 8) for t in ("ScienceQA", "ImageNet", "GQA", "OCR-VQA")} == \
+    assert {t: coin.batch_plan(cfg, t, 8)[2] for t in ("ScienceQA", "ImageNet", "GQA", "OCR-VQA")} == \
         {"ScienceQA": 14, "ImageNet": 16, "GQA": 6, "OCR-VQA": 10}  # 8 GPUs: 896, 1024, 384, 640
-    assert coin.grad_accum_for(coin.parse_config(["--global_batch=64", "--micro_batch=4"]), "GQA", 2) == 8
-    with pytest.raises(UserError, match="global batch 384 is not a multiple of micro_batch x ranks = 5 x 8"):
-        coin.grad_accum_for(coin.Config(global_batch="official", micro_batch=5), "GQA", 8)
+    assert coin.batch_plan(coin.parse_config(["--global_batch=64", "--micro_batch=4"]), "GQA", 2) == (64, 4, 8)
+    with pytest.raises(UserError, match="gives each 48 records a step, not a multiple of --micro_batch=5"):
+        coin.batch_plan(dataclasses.replace(cfg, micro_batch=5), "GQA", 8)  # parse_config checks 1 rank: 896
     with pytest.raises(UserError, match="no batch for stage 'MultiTask'"):
-        coin.grad_accum_for(cfg, "MultiTask", 8)
+        coin.batch_plan(cfg, "MultiTask", 8)
+
+
+def test_torchrun_keeps_the_experiments_global_batch():
+    """The default global batch is what one rank runs (micro_batch x grad_accum), on any number of ranks: 2 ranks
+    take half of it each, in smaller micro-batches when the half is smaller; what cannot split is refused."""
+    cfg = coin.parse_config([])  # micro-batch 8: the README's run
+    assert coin.batch_plan(cfg, "GQA", 1) == (8, 8, 1) and coin.batch_plan(cfg, "GQA", 2) == (8, 4, 1)
+    assert coin.batch_plan(cfg, "GQA", 8) == (8, 1, 1)
+    cfg = coin.parse_config(["--micro_batch=2", "--grad_accum=4"])
+    assert coin.batch_plan(cfg, "GQA", 2) == (8, 2, 2)
+    with pytest.raises(UserError, match=r"the global batch --micro_batch x --grad_accum = 8 x 1 \(8\) does not split "
+                                        r"over 3 ranks: give a --global_batch that 3 divides"):
+        coin.batch_plan(coin.parse_config([]), "GQA", 3)
+    with pytest.raises(UserError, match="not a multiple of --micro_batch=3: choose a --micro_batch that divides 4"):
+        coin.batch_plan(dataclasses.replace(coin.parse_config(["--global_batch=8"]), micro_batch=3), "GQA", 2)
     with pytest.raises(UserError, match="--global_batch=big"):
         coin.parse_config(["--global_batch=big"])
 

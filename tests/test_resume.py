@@ -179,7 +179,7 @@ def test_torchrun_elastic_restart_after_a_rank_is_killed(mini_data, tiny_base, t
         with socket.socket() as s:  # a free port for this run's rendezvous
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
-        return start(args(mini_data, tiny_base, out, "--micro_batch=2", "--zero_shot=false", tasks=["GQA"]), log,
+        return start(args(mini_data, tiny_base, out, "--zero_shot=false", tasks=["GQA"]), log,
                      torchrun=["--nproc_per_node=2", "--max-restarts=1", f"--master_port={port}"])
 
     ref, out = str(tmp_path / "ref"), str(tmp_path / "run")
@@ -248,7 +248,7 @@ def test_method_resumes_exactly_and_two_ranks_equal_one(method, mini_data, tiny_
     with socket.socket() as s:  # a free port for the rendezvous
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    proc = start(method_args(mini_data, tiny_base, two, method, "--micro_batch=2"), str(tmp_path / "two.log"),
+    proc = start(method_args(mini_data, tiny_base, two, method), str(tmp_path / "two.log"),  # the same command
                  torchrun=["--nproc_per_node=2", f"--master_port={port}"])
     assert finish(proc, str(tmp_path / "two.log")) == 0, open(tmp_path / "two.log").read()[-3000:]
     coin.main(method_args(mini_data, tiny_base, accum, method, "--micro_batch=2", "--grad_accum=2"))

@@ -24,7 +24,7 @@ def torchrun(mini_data, tiny_base, out, log, *extra):
         port = s.getsockname()[1]
     # 47 records in global batches of 4 = 2 ranks x 2 micro-batches of 1: the twelfth batch has 3, so rank 1 runs
     # one micro-batch and a filler
-    return start(args(mini_data, tiny_base, out, "--micro_batch=1", "--grad_accum=2", "--max_train=47",
+    return start(args(mini_data, tiny_base, out, "--micro_batch=1", "--global_batch=4", "--max_train=47",
                       "--max_grad_norm=1e9", "--dtype=bfloat16", "--grad_ckpt", *extra, tasks=TASKS), log,
                  torchrun=["--nproc_per_node=2", f"--master_port={port}"])
 
