@@ -451,7 +451,9 @@ ASD_STYLES = {"short": SHORT, "mcq": LETTER, "yn": "Please answer yes or no.",
               "detail": "Answer the question with a detailed explanation."}
 # Each task's own style: ScienceQA multiple choice, the others a short answer (Grounding's box counted as one).
 NATIVE_STYLE = {"ScienceQA": "mcq"}
-# The brief explanation after the answer (`{}`: the answer in words); the detailed one adds the question.
+# The brief explanation after the answer (`{}`: the answer in words); the detailed one adds a sentence. Short ones
+# (8 and 14 tokens on average): the loss is a mean over a batch's answer tokens, and SEFE's explanations of ~20 and
+# ~50 words would crowd the one-word answers out of it at this size.
 ASD_REASONS = {"ScienceQA": "It is the right answer.", "TextVQA": "The sign says {}.", "ImageNet": "The big object "
                "is a {}.", "GQA": "The picture shows it.", "VizWiz": "The picture shows it.", "VQAv2": "The picture "
                "shows it.", "OCR-VQA": "The cover shows it."}
@@ -507,12 +509,12 @@ def restyle(task, item, style, rng, size):
         question = f"What is in the box {content}?"
         answer = f"It is {item['expression']}."
         if style == "detail":
-            answer += f" The box {content} holds it, and the other objects are elsewhere in the picture."
+            answer += f" So the box holds {item['expression']}."
     else:
         reason = UNCLEAR if content == "unanswerable" else ASD_REASONS[task].format(content)
         question, answer = asked, f"{content}. {reason}"
         if style == "detail":
-            answer += f" The question asks: {asked} Looking at the whole picture, the answer is {content}."
+            answer += f" So the answer is {content}."
     return f"{question}\n{ASD_STYLES[style]}", answer
 
 
