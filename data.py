@@ -300,7 +300,8 @@ def read_records(data_dir, task, split, instructions="Original", path=None):
     if asd_share(instructions) is not None and split == "train" and not os.path.isfile(path):
         raise cli.MissingFile(f"{path}: no such file; --instructions={instructions} trains on the CoIN-ASD release's "
                               f"{os.path.basename(path)}: download the dataset jinpeng0528/CoIN-ASD into "
-                              f"{os.path.dirname(os.path.dirname(path))}/ as it comes (docs/real-scale.md)")
+                              f"{os.path.dirname(os.path.dirname(path))}/ as it comes (docs/real-scale.md); CoIN-mini: "
+                              "`python coin_mini.py` writes it (generator version 5 and later)")
     parse = parse_train_record if split == "train" else parse_test_record
     records = read_json(path)
     if not isinstance(records, list):
