@@ -109,7 +109,8 @@ def corpus_texts(data_dir):
     """Every prompt and answer of CoIN-mini's train sets (all instruction sets) and its stage-0 corpus."""
     texts = []
     for instruction_set in data.INSTRUCTIONS:
-        for task in data.TASKS + ["Stage0"]:
+        restyled = data.asd_share(instruction_set) is not None  # an ASD set has no stage-0 corpus of its own
+        for task in data.TASKS + ["Stage0"] * (not restyled):
             for ex in data.train_examples(data_dir, task, instruction_set):
                 prompt = data.build_prompt(ex["question"], ex["image"] is not None, answer=ex["answer"])
                 texts += [prompt.text, prompt.answer]

@@ -52,7 +52,7 @@ class Config:
     # --- data
     data_dir: str = "data/coin-mini"      # folder holding Instructions_*/ (`python coin_mini.py` writes CoIN-mini)
     image_dir: str = ""                   # image root; "" means <data_dir>/images
-    instructions: str = "Original"        # instruction set: Original | Diverse | 10Type
+    instructions: str = "Original"        # instruction set: Original | Diverse | 10Type | ASD (ASD-x10 ... -x80)
     tasks: str = "all"                    # all | alphabet | comma-separated task names, in training order
     max_train: int = 0                    # use at most this many train records per task (0 = all)
     max_test: int = 0                     # evaluate on at most this many test records per task (0 = all)

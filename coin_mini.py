@@ -5,7 +5,8 @@ Eight seeded tasks that mirror CoIN's eight (arXiv 2403.08350) one for one, smal
 on a CPU: coloured shapes on a 3 x 3 grid, signs and book covers. They are written exactly as the official release
 lays out its files (Instructions_{Original,Diverse,10Type}/<task folder>/{train,test|val}.json, images and the
 official ground truth of ScienceQA, TextVQA and GQA under one root), so everything that reads the real CoIN reads
-CoIN-mini unchanged. A "stage-0" caption corpus pretrains the tiny base.
+CoIN-mini unchanged; SEFE's answer-style diversification as its CoIN-ASD release lays it out (Instructions_ASD/<task
+folder>/train_x{X}.json). A "stage-0" caption corpus pretrains the tiny base.
 
     python coin_mini.py --out=data/coin-mini    # ~35 s, ~360 MB; kept if the folder holds it with these settings
 
@@ -67,7 +68,9 @@ TEN_TYPE_TEMPLATES = ["{}", "Please: {}", "Note: {}", "{} Be brief.", "Instructi
                       "Rule: {}", "Remember: {}", "Format: {}"]
 FORMAT_INSTRUCTIONS["10Type"] = {task: [template.format(wording[0]) for template in TEN_TYPE_TEMPLATES]
                                  for task, wording in FORMAT_INSTRUCTIONS["Original"].items()}
-assert tuple(FORMAT_INSTRUCTIONS) == data.INSTRUCTIONS, (tuple(FORMAT_INSTRUCTIONS), data.INSTRUCTIONS)
+# the sets that reword the format instruction; the ASD sets (restyled answers) are written from Original's records
+assert tuple(FORMAT_INSTRUCTIONS) == tuple(s for s in data.INSTRUCTIONS if data.asd_share(s) is None), \
+    (tuple(FORMAT_INSTRUCTIONS), data.INSTRUCTIONS)
 
 # -----------------------------------------------------------------------------
 # Drawing
@@ -435,6 +438,115 @@ def make_item(task, rng, size):
 
 
 # -----------------------------------------------------------------------------
+# ASD: SEFE's answer-style diversification (arXiv 2505.02486), written from templates
+#
+# SEFE rewrites X% of each task's training records, in equal parts, into the four answer styles other than the task's
+# own, out of five: short answer, multiple choice, yes/no, brief explanation, detailed explanation. Its release
+# (CoIN-ASD) had an MLLM write the distractors and explanations (the prompts in SEFE's CoIN-ASD/prompts/); CoIN-mini
+# draws them from the task's own answers and writes the explanations from templates, which a 1.9M-parameter model can
+# learn. Each style is asked for by its own last line, as the tasks' formats are. Only the training records change.
+
+ASD_STYLES = {"short": SHORT, "mcq": LETTER, "yn": "Please answer yes or no.",
+              "brief": "Answer the question with a brief explanation.",
+              "detail": "Answer the question with a detailed explanation."}
+# Each task's own style: ScienceQA multiple choice, the others a short answer (Grounding's box counted as one).
+NATIVE_STYLE = {"ScienceQA": "mcq"}
+# The brief explanation after the answer (`{}`: the answer in words); the detailed one adds a sentence. Short ones
+# (8 and 14 tokens on average): the loss is a mean over a batch's answer tokens, and SEFE's explanations of ~20 and
+# ~50 words would crowd the one-word answers out of it at this size.
+ASD_REASONS = {"ScienceQA": "It is the right answer.", "TextVQA": "The sign says {}.", "ImageNet": "The big object "
+               "is a {}.", "GQA": "The picture shows it.", "VizWiz": "The picture shows it.", "VQAv2": "The picture "
+               "shows it.", "OCR-VQA": "The cover shows it."}
+UNCLEAR = "The picture is too unclear to see anything."
+
+
+def asd_styles(task):
+    """The four styles a task's records are restyled into: every style but its own."""
+    return [style for style in ASD_STYLES if style != NATIVE_STYLE.get(task, "short")]
+
+
+def answer_pool(task, item, size):
+    """(the item's answer in words, the answers of its kind in a fixed order): multiple choice and yes/no draw their
+    distractors from the pool, as SEFE's prompts ask an MLLM for plausible wrong answers of the same kind."""
+    question, answer = item["question"] or "", item["answer"]
+    if task == "ScienceQA":
+        choices = re.findall(r"^[A-E]\. (.+)$", question, re.M)
+        return choices["ABCDE".index(answer)], choices
+    if task == "Grounding":
+        return answer, [box_text(cell_box(size, pos), size) for pos in range(9)]
+    if task == "TextVQA":
+        return answer, WORDS
+    if task == "OCR-VQA":
+        return answer, TITLES if "title" in question else AUTHORS if "author" in question else list(GENRES)
+    if task == "VizWiz":
+        return answer, (list(COLORS) if "color" in question else SHAPES) + ["unanswerable"]
+    if answer in ("yes", "no"):
+        return answer, ["yes", "no"]
+    if answer.isdigit():
+        return answer, [str(k) for k in range(1, 5)]
+    return answer, SHAPES if answer in SHAPES else list(COLORS)
+
+
+def restyle(task, item, style, rng, size):
+    """A train item asked and answered in an ASD style -> (question, its last line the style's instruction; answer).
+    NOTE(fidelity): multiple-choice options keep their pool's order (four of them, or two for yes/no answers), as
+    CoIN-mini's ScienceQA keeps its own; the release's MLLM-written options have no fixed order."""
+    content, pool = answer_pool(task, item, size)
+    others = [p for p in pool if p != content]
+    asked = f"Where is {item['expression']}?" if task == "Grounding" else item["question"].split("\n")[0]
+    if style == "short":
+        question, answer = asked, content
+    elif style == "mcq":
+        drawn = {content, *rng.sample(others, min(3, len(others)))}
+        options = [p for p in pool if p in drawn]
+        lines = "\n".join(f"{letter}. {option}" for letter, option in zip("ABCD", options))
+        question, answer = f"{asked}\n{lines}", "ABCD"[options.index(content)]
+    elif style == "yn":  # half the candidates right, half a distractor (SEFE's yn.txt asks for one)
+        right = rng.random() < 0.5
+        question = f"{asked}\nIs the answer {content if right else rng.choice(others)}?"
+        answer = "yes" if right else "no"
+    elif task == "Grounding":  # SEFE's Grounding explanations describe the region of the box
+        question = f"What is in the box {content}?"
+        answer = f"It is {item['expression']}."
+        if style == "detail":
+            answer += f" So the box holds {item['expression']}."
+    else:
+        reason = UNCLEAR if content == "unanswerable" else ASD_REASONS[task].format(content)
+        question, answer = asked, f"{content}. {reason}"
+        if style == "detail":
+            answer += f" So the answer is {content}."
+    return f"{question}\n{ASD_STYLES[style]}", answer
+
+
+def asd_records(task, records, items, share, seed, size):
+    """The train records with `share` % of them restyled, in equal parts into asd_styles(task). The records to
+    restyle are the first ones of a seeded order of all of them, so a smaller share restyles a subset of a larger
+    one, each record the same way at every share (its own random stream)."""
+    order = random.Random(f"{seed}-{task}-asd").sample(range(len(records)), len(records))
+    styles = asd_styles(task)
+    out = list(records)
+    for j, i in enumerate(order[:round(share * len(records) / 100)]):
+        question, answer = restyle(task, items[i], styles[j % len(styles)], random.Random(f"{seed}-{task}-asd-{i}"),
+                                   size)
+        rec = records[i]
+        human = f"{IMAGE_TOKEN}\n{question}" if "image" in rec else question
+        out[i] = {**rec, "conversations": [{"from": "human", "value": human}, {"from": "gpt", "value": answer}]}
+    return out
+
+
+def write_asd(out, task, records, items, tests, seed, size):
+    """Instructions_ASD/<task folder>/ as the CoIN-ASD release lays it out: train_x{X}.json for X in
+    data.ASD_SHARES, train_ori.json (the records as they are) and test.json (the evaluation records, under the name
+    the release gives every task's)."""
+    folder = os.path.join(out, "Instructions_ASD", data.task_folder(task))
+    for share in data.ASD_SHARES:
+        data.write_json(os.path.join(folder, f"train_x{share}.json"),
+                        asd_records(task, records, items, share, seed, size))
+    data.write_json(os.path.join(folder, "train_ori.json"), records)
+    data.write_json(os.path.join(folder, "test.json"), tests)
+
+
+# -----------------------------------------------------------------------------
 # Stage 0: the caption corpus that pretrains the tiny base
 
 def stage0_item(rng, size):
@@ -524,7 +636,7 @@ def stage0_item(rng, size):
 TRAIN_SCALE = {"ScienceQA": 2, "Grounding": 3}
 # The generator's version: a new one whenever the generator writes different files for the same settings, so that
 # `python coin_mini.py` regenerates a folder written by another version and leaves a current one alone.
-MINI_VERSION = 4
+MINI_VERSION = 5
 
 
 def mini_settings(n_train, n_test, n_stage0, size, seed):
@@ -564,7 +676,9 @@ def add_ground_truth(task, qid, item, image, problems, gqa_questions):
 
 def generate_mini(out, n_train=3000, n_test=200, n_stage0=46000, size=48, seed=0, progress=True):
     """Write CoIN-mini under `out` in the official layout: out/Instructions_{Original,Diverse,10Type}/<task folder>/
-    {train,<eval split>}.json (OCR-VQA in OCRVQA/; val.json for TextVQA, VizWiz, VQAv2: data.task_file),
+    {train,<eval split>}.json (OCR-VQA in OCRVQA/; val.json for TextVQA, VizWiz, VQAv2: data.task_file), SEFE's
+    restyled train sets in the CoIN-ASD release's layout (out/Instructions_ASD/<task folder>/{train_x{X},train_ori,
+    test}.json: write_asd),
     out/images/<Task>/<split>/N.png, the official ground truth under the image root (out/images/ScienceQA/
     {problems,pid_splits}.json, out/images/TextVQA/TextVQA_0.5.1_val.json, out/images/GQA/
     testdev_balanced_questions.json: data.GROUND_TRUTH), out/Instructions_*/Stage0/train.json (caption corpus) and
@@ -577,9 +691,12 @@ def generate_mini(out, n_train=3000, n_test=200, n_stage0=46000, size=48, seed=0
             rng = random.Random(f"{seed}-{task}-{split}")
             os.makedirs(os.path.join(img_dir, task, split), exist_ok=True)
             sets = {iset: [] for iset in FORMAT_INSTRUCTIONS}
+            items = []  # the train items without their pictures, for ASD
             chance = 0.0
             for i in cli.progress(range(n), desc=f"CoIN-mini {task} {split}", disable=not progress):
                 item = make_item(task, rng, size)
+                if split == "train":
+                    items.append({k: v for k, v in item.items() if k != "image"})
                 rel = None
                 if item["image"] is not None:
                     rel = f"{task}/{split}/{i:06d}.png"
@@ -611,8 +728,11 @@ def generate_mini(out, n_train=3000, n_test=200, n_stage0=46000, size=48, seed=0
                     textvqa_ann.append({"question_id": f"{task}_{split}_{i}", "answers": answers})
             for iset, recs in sets.items():
                 data.write_json(data.task_file(out, task, "eval" if split == "test" else split, iset), recs)
-            if split == "test":
+            if split == "train":
+                train_records, train_items = sets["Original"], items
+            else:
                 meta["chance"][task] = 100 * chance / n
+                write_asd(out, task, train_records, train_items, sets["Original"], seed, size)
     (problems_file, splits_file), (textvqa_file,), (gqa_file,) = (
         [os.path.join(img_dir, rel) for rel in data.GROUND_TRUTH[task]] for task in ("ScienceQA", "TextVQA", "GQA"))
     data.write_json(problems_file, problems)

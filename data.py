@@ -41,7 +41,13 @@ ORDERS = {
 }
 # The release's instruction sets, the values of --instructions: Instructions_<set>/ holds the same records with the
 # format instruction (the last line of every question) worded otherwise; 10Type draws one of ten wordings per record.
-INSTRUCTIONS = ("Original", "Diverse", "10Type")
+# ASD is SEFE's answer-style diversification (arXiv 2505.02486; the CoIN-ASD release, jinpeng0528/CoIN-ASD on Hugging
+# Face): X% of each task's training records rewritten into the other answer styles (yes/no, multiple choice, short
+# answer, brief or detailed explanation), as <task folder>/train_x{X}.json, X in ASD_SHARES. Kept as downloaded under
+# Instructions_ASD/; `ASD` trains on X = 20 (the paper's default), `ASD-x<X>` on another X. Only the training answers
+# are restyled: an ASD run is evaluated on Instructions_Original's test and val files, with their scorers.
+ASD_SHARES = (10, 20, 40, 60, 80)
+INSTRUCTIONS = ("Original", "Diverse", "10Type", "ASD") + tuple(f"ASD-x{x}" for x in ASD_SHARES if x != 20)
 # The tasks with text-only items (no `image`): ScienceQA's source has questions without a picture. Every question of
 # the other tasks is about its image, so a record without one is malformed.
 TEXT_ONLY_ALLOWED = ("ScienceQA",)
@@ -225,9 +231,24 @@ def eval_split(task):
     return EVAL_SPLITS.get(task, "test")
 
 
+def asd_share(instructions):
+    """The X of an ASD instruction set (`ASD`: 20, `ASD-x40`: 40), None for a set that restyles nothing."""
+    if instructions == "ASD":
+        return 20
+    return int(instructions[len("ASD-x"):]) if instructions.startswith("ASD-x") else None
+
+
 def task_file(data_dir, task, split, instructions="Original"):
-    """Instructions_<set>/<task folder>/<split>.json; split 'eval' is the task's evaluation split (val or test)."""
+    """Instructions_<set>/<task folder>/<split>.json; split 'eval' is the task's evaluation split (val or test).
+    An ASD set (asd_share) reads its train file as the CoIN-ASD release names it, Instructions_ASD/<task folder>/
+    train_x{X}.json, and everything else (test and val files, the stage-0 corpus) from Instructions_Original/: SEFE
+    restyles training answers only, so its runs are scored on the same test records as any other."""
     split = eval_split(task) if split == "eval" else split
+    share = asd_share(instructions)
+    if share is not None and split == "train" and task in TASKS:
+        return os.path.join(data_dir, "Instructions_ASD", task_folder(task), f"train_x{share}.json")
+    if share is not None:
+        instructions = "Original"
     return os.path.join(data_dir, f"Instructions_{instructions}", task_folder(task), f"{split}.json")
 
 
@@ -276,6 +297,11 @@ def read_records(data_dir, task, split, instructions="Original", path=None):
     """(path, [(index, parsed record or None, problem or None)]) of one task file (or of `path`): train files parse
     to examples, test and val files stay as stored. Only an unreadable file raises; a bad record is reported."""
     path = path or task_file(data_dir, task, split, instructions)
+    if asd_share(instructions) is not None and split == "train" and not os.path.isfile(path):
+        raise cli.MissingFile(f"{path}: no such file; --instructions={instructions} trains on the CoIN-ASD release's "
+                              f"{os.path.basename(path)}: download the dataset jinpeng0528/CoIN-ASD into "
+                              f"{os.path.dirname(os.path.dirname(path))}/ as it comes (docs/real-scale.md); CoIN-mini: "
+                              "`python coin_mini.py` writes it (generator version 5 and later)")
     parse = parse_train_record if split == "train" else parse_test_record
     records = read_json(path)
     if not isinstance(records, list):
@@ -449,7 +475,7 @@ def check_table(checked):
 @dataclasses.dataclass
 class CheckSettings:
     data: str = "data/coin-mini"          # the release folder holding Instructions_*/
-    instructions: str = "Original"        # instruction set: Original | Diverse | 10Type
+    instructions: str = "Original"        # instruction set: Original | Diverse | 10Type | ASD (ASD-x10 ... -x80)
     image_dir: str = ""                   # image root; "" means <data>/images
     tasks: str = "all"                    # all | alphabet | comma-separated task names
     ground_truth: str = ""                # folder of the official ground-truth files; "" means the image root

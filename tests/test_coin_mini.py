@@ -2,6 +2,7 @@
 import json
 import os
 import random
+import re
 
 import pytest
 
@@ -116,3 +117,75 @@ def test_instruction_sets(mini_data):
         assert all(r["text"] != b["text"] for r, b in zip(recs, base)) or iset == "10Type"
     ten = json.load(open(data.task_file(mini_data, "VQAv2", "train", "10Type")))
     assert len({data.split_question(r["conversations"][0]["value"])[1] for r in ten}) > 3
+
+
+def test_asd_restyles_the_stated_share_of_training_answers(mini_data, tmp_path):
+    """Instructions_ASD/ as the CoIN-ASD release lays it out: train_x{X}.json restyles X% of each task's train records,
+    in equal parts, into the four answer styles other than the task's own, each asked for by its last line; a smaller
+    X restyles a subset of a larger one, the same way; train_ori.json and test.json are Original's records; the same
+    seed writes the same files."""
+    again = str(tmp_path / "again")
+    coin_mini.generate_mini(again, n_train=48, n_test=12, n_stage0=4, seed=0, progress=False)
+    original_style = {"ScienceQA": coin_mini.LETTER, "Grounding": coin_mini.BOX}
+    for task in data.TASKS:
+        folder = os.path.join(mini_data, "Instructions_ASD", data.task_folder(task))
+        assert sorted(os.listdir(folder)) == ["test.json", "train_ori.json"] + [f"train_x{x}.json" for x in
+                                                                                 (10, 20, 40, 60, 80)]
+        original = json.load(open(data.task_file(mini_data, task, "train")))
+        assert json.load(open(os.path.join(folder, "train_ori.json"))) == original
+        assert json.load(open(os.path.join(folder, "test.json"))) == json.load(open(data.task_file(mini_data, task,
+                                                                                                    "eval")))
+        restyled_before = set()
+        for x in data.ASD_SHARES:
+            path = os.path.join(folder, f"train_x{x}.json")
+            recs = json.load(open(path))
+            assert recs == json.load(open(os.path.join(again, "Instructions_ASD", data.task_folder(task),
+                                                       f"train_x{x}.json")))
+            assert [r["id"] for r in recs] == [r["id"] for r in original]
+            assert all(r.get("image") == o.get("image") for r, o in zip(recs, original))
+            restyled = {i: r for i, (r, o) in enumerate(zip(recs, original)) if r != o}
+            assert len(restyled) == round(x * len(recs) / 100), (task, x)
+            assert restyled_before <= set(restyled)  # nested: X = 10 restyles a subset of X = 20, ...
+            restyled_before = set(restyled)
+            styles = {}
+            for i, r in restyled.items():
+                human, answer = r["conversations"][0]["value"], r["conversations"][1]["value"]
+                question, instruction = data.split_question(human)
+                style = {v: k for k, v in coin_mini.ASD_STYLES.items()}[instruction]
+                styles[style] = styles.get(style, 0) + 1
+                assert instruction != original_style.get(task, coin_mini.SHORT)  # never the task's own style
+                if style == "mcq":
+                    letters = re.findall(r"^([A-D])\. ", question, re.M)
+                    assert answer in letters and len(letters) in (2, 4)
+                elif style == "yn":
+                    assert answer in ("yes", "no") and "\nIs the answer " in question
+                elif style == "short":  # ScienceQA's option, asked without the options
+                    assert not re.search(r"^[A-E]\. ", question, re.M) and " " not in answer
+                else:
+                    assert answer.endswith(".") and answer.count(". ") >= (style == "detail"), answer
+            assert sorted(styles) == sorted(coin_mini.asd_styles(task))
+            assert max(styles.values()) - min(styles.values()) <= 1, (task, x, styles)  # equal parts
+
+
+def test_asd_answers_are_right():
+    """A restyled answer says what the original one says: the right letter, yes exactly when the candidate is the
+    answer, the answer first in an explanation."""
+    rng = random.Random(0)
+    for task in data.TASKS:
+        for _ in range(40):
+            item = coin_mini.make_item(task, rng, 48)
+            content, pool = coin_mini.answer_pool(task, item, 48)
+            assert content in pool
+            for style in coin_mini.asd_styles(task):
+                question, answer = coin_mini.restyle(task, item, style, rng, 48)
+                body = question.split("\n")[:-1]
+                if style == "mcq":
+                    assert f"{answer}. {content}" in body
+                elif style == "yn":
+                    assert (answer == "yes") == (body[-1] == f"Is the answer {content}?")
+                elif style == "short":
+                    assert answer == content
+                elif task != "Grounding":
+                    assert answer.startswith(f"{content}. ")
+                else:
+                    assert item["expression"] in answer and content in question

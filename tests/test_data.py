@@ -1,4 +1,5 @@
 """data.py: the task list, the prompt template, the official format and the dataset."""
+import json
 import os
 import subprocess
 import sys
@@ -72,3 +73,39 @@ def test_data_and_coin_mini_import_without_torch():
     for module in ("data", "coin_mini"):
         subprocess.run([sys.executable, "-c", hide + f"import {module}"], check=True,
                        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def test_asd_reads_the_release_layout_and_trains(mini_data, tiny_base, tmp_path, capsys):
+    """--instructions=ASD trains on Instructions_ASD/<task folder>/train_x20.json (ASD-x<X> on another X), as the
+    CoIN-ASD release names its files, and evaluates on Instructions_Original's test and val files; `data.py check`
+    reads it, and one training step runs on its restyled records."""
+    import coin
+    assert data.asd_share("ASD") == 20 and data.asd_share("ASD-x40") == 40 and data.asd_share("Diverse") is None
+    assert data.task_file("D", "OCR-VQA", "train", "ASD") == os.path.join("D", "Instructions_ASD", "OCRVQA",
+                                                                         "train_x20.json")
+    assert data.task_file("D", "VQAv2", "train", "ASD-x80").endswith(os.path.join("Instructions_ASD", "VQAv2",
+                                                                                  "train_x80.json"))
+    for split in ("eval", "test", "val"):
+        assert data.task_file("D", "VQAv2", split, "ASD") == data.task_file("D", "VQAv2", split)
+    assert data.task_file("D", "Stage0", "train", "ASD") == data.task_file("D", "Stage0", "train")
+    restyled = [ex for ex, o in zip(data.train_examples(mini_data, "TextVQA", "ASD"),
+                                    data.train_examples(mini_data, "TextVQA")) if ex != o]
+    assert len(restyled) == round(0.2 * 48)
+    assert data.check_main([f"--data={mini_data}", "--instructions=ASD"]) == 0
+    assert "no problems" in capsys.readouterr().out
+    with pytest.raises(FileNotFoundError, match=r"train_x20.json: no such file; --instructions=ASD trains on the "
+                                                r"CoIN-ASD release's train_x20.json: download the dataset "
+                                                r"jinpeng0528/CoIN-ASD"):
+        data.train_examples(str(tmp_path), "GQA", "ASD")
+    # one step: the ASD records (a restyled one among them) through coin's loop, scored on the Original tests
+    first = [i for i, (ex, o) in enumerate(zip(data.train_examples(mini_data, "TextVQA", "ASD"),
+                                               data.train_examples(mini_data, "TextVQA"))) if ex != o][0]
+    out = str(tmp_path / "run")
+    coin.main([f"--data_dir={mini_data}", f"--base={tiny_base}", f"--out={out}", "--tasks=TextVQA",
+               "--instructions=ASD", f"--max_train={first + 1}", f"--micro_batch={first + 1}", "--max_test=4",
+               "--eval_batch=4", "--max_new_tokens=4", "--lora_r=8", "--threads=1", "--zero_shot=false"])
+    res = json.load(open(os.path.join(out, "results.json")))
+    assert isinstance(res["matrix"][0][0], float)
+    preds = [json.loads(line) for line in open(os.path.join(out, "predictions", "stage1-TextVQA", "TextVQA.jsonl"))]
+    originals = {r["question_id"]: r["text"] for r in data.test_examples(mini_data, "TextVQA")}
+    assert len(preds) == 4 and all(originals[p["question_id"]] in p["prompt"] for p in preds)
