@@ -35,22 +35,23 @@ PINS = {
 OPT_OUT = "COIN_PINS"                 # COIN_PINS=0: no pins
 
 
-def wanted(environ=os.environ):
-    return environ.get(OPT_OUT, "1") != "0"
+_applied = False  # apply() ran in this process before torch loaded
 
 
 def apply(environ=os.environ):
     """Put the pins into `environ` (a variable already set is kept), unless COIN_PINS=0. Call before importing torch:
     a library that has already read its variable ignores a later change."""
+    global _applied
     assert "torch" not in sys.modules, "pins.apply() after torch was imported: the pins would not take effect"
-    if wanted(environ):
+    if environ.get(OPT_OUT, "1") != "0":
         for key, value in PINS.items():
             environ.setdefault(key, value)
+        _applied = True
 
 
-def active(environ=os.environ):
-    """True when every pin is in the environment with its pinned value (what apply() leaves, unless overridden)."""
-    return wanted(environ) and all(environ.get(k) == v for k, v in PINS.items())
+def active():
+    """True when apply() pinned this process (coin.py run as a program; not coin.main() called from a test)."""
+    return _applied
 
 
 def cpu_model():
