@@ -2,7 +2,7 @@
 What the numerics pins (pins.py) hold and what they cost, on the CPU at hand. Two parts:
 
     python bench/pins.py check --data_dir=data/coin-mini   # ~4 min on 2 cores: the same short run in 7 environments
-    python bench/pins.py cost [--rounds=5]                  # ~4 min: one training step, pinned against unpinned
+    python bench/pins.py cost --data_dir=data/coin-mini    # ~6 min: a short run and a step, pinned and not
 
 check: the same short coin.py run (ScienceQA then TextVQA, 200 train and 40 test records each, one thread) under each
 environment below, each into its own folder, then a table of each run's stage checksums (a sha256 of the adapter and
@@ -11,12 +11,15 @@ would impose (MKL_ENABLE_INSTRUCTIONS=AVX2 caps MKL's dispatch on Intel CPUs; AT
 already) and must all agree: a CPU with more than AVX2 computes what an AVX2-only one does. The unpinned runs show
 what each library changes when left to pick its kernels.
 
-cost: `python bench/train_step.py --only=tiny --threads=1` in subprocesses, pinned (pins.apply(), oneDNN off, as
-coin.py runs) and unpinned (COIN_PINS=0) alternately, --rounds times each; prints each run's median step time and
-the pinned/unpinned ratio per alternation. Also wall time of the check's first two runs (pinned, unpinned).
+cost: CPU seconds (user + system, steadier than wall time on a shared machine) of a short coin.py run (ScienceQA, 200
+train and 40 test records, one thread), pinned and unpinned (COIN_PINS=0) alternately, --runs times each; then
+`python bench/train_step.py --only=tiny --threads=1 --dropout=0 --clock=cpu` in subprocesses, pinned (pins.apply(),
+oneDNN off, as coin.py runs) and unpinned alternately, --rounds times each. Prints the pinned/unpinned ratio of each
+alternation's times: median and range.
 """
 import json
 import os
+import resource
 import shutil
 import statistics
 import subprocess
@@ -102,7 +105,27 @@ def step_ms(pinned, opts):
     return {cells[2]: float(cells[4]) for cells in rows}
 
 
+def run_cpu_seconds(pinned, opts, out):
+    """CPU seconds (user + system) of one short coin.py run (ScienceQA, 200 train and 40 test records, one thread)."""
+    shutil.rmtree(out, ignore_errors=True)
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    subprocess.run([sys.executable, "coin.py", f"--data_dir={opts['data_dir']}", "--tasks=ScienceQA", "--max_train=200",
+                    "--max_test=40", "--threads=1", "--zero_shot=false", f"--out={out}"], cwd=ROOT,
+                   env=env_for({} if pinned else {"COIN_PINS": "0"}), check=True, capture_output=True)
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
+
+
 def cost(opts):
+    runs = {True: [], False: []}
+    for r in range(opts["runs"]):
+        for p in ([True, False] if r % 2 == 0 else [False, True]):
+            runs[p].append(run_cpu_seconds(p, opts, os.path.join(opts["out"], "cost")))
+        print(f"short run {r + 1}: pinned {runs[True][-1]:.1f} s, unpinned {runs[False][-1]:.1f} s CPU", flush=True)
+    rs = [a / b for a, b in zip(runs[True], runs[False])]
+    print(f"short coin.py run, CPU seconds: pinned {statistics.median(runs[True]):.1f}, unpinned "
+          f"{statistics.median(runs[False]):.1f}; pinned / unpinned median {statistics.median(rs):.2f} "
+          f"(range {min(rs):.2f}-{max(rs):.2f}, {len(rs)} alternations)")
     ratios = {}
     for r in range(opts["rounds"]):
         order = [True, False] if r % 2 == 0 else [False, True]
@@ -119,7 +142,7 @@ if __name__ == "__main__":
     what = sys.argv[1] if len(sys.argv) > 1 else ""
     if what not in ("check", "cost"):
         sys.exit("usage: python bench/pins.py check|cost [--key=value ...] (see the docstring)")
-    known = {"out": "out/pins-check", "data_dir": "data/coin-mini", "rounds": 5, "inner_rounds": 3}
+    known = {"out": "out/pins-check", "data_dir": "data/coin-mini", "rounds": 5, "inner_rounds": 3, "runs": 3}
     opts, rest = {}, []
     for a in sys.argv[2:]:
         key = a[2:].split("=", 1)[0]
