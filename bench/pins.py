@@ -11,7 +11,7 @@ would impose (MKL_ENABLE_INSTRUCTIONS=AVX2 caps MKL's dispatch on Intel CPUs; AT
 already) and must all agree: a CPU with more than AVX2 computes what an AVX2-only one does. The unpinned runs show
 what each library changes when left to pick its kernels.
 
-cost: CPU seconds (user + system, steadier than wall time on a shared machine) of a short coin.py run (ScienceQA, 200
+cost: CPU seconds (user + system, steadier than wall time on a shared machine) of a short coin.py run (ScienceQA, 800
 train and 40 test records, one thread), pinned and unpinned (COIN_PINS=0) alternately, --runs times each; then
 `python bench/train_step.py --only=tiny --threads=1 --dropout=0 --clock=cpu` in subprocesses, pinned (pins.apply(),
 oneDNN off, as coin.py runs) and unpinned alternately, --rounds times each. Prints the pinned/unpinned ratio of each
@@ -105,37 +105,42 @@ def step_ms(pinned, opts):
     return {cells[2]: float(cells[4]) for cells in rows}
 
 
-def run_cpu_seconds(pinned, opts, out):
-    """CPU seconds (user + system) of one short coin.py run (ScienceQA, 200 train and 40 test records, one thread)."""
+def short_run(pinned, opts, out):
+    """One short coin.py run (ScienceQA, 800 train and 40 test records, one thread): its CPU seconds (user + system,
+    interpreter start included) and its training stage's wall seconds (results.json's timing)."""
     shutil.rmtree(out, ignore_errors=True)
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
-    subprocess.run([sys.executable, "coin.py", f"--data_dir={opts['data_dir']}", "--tasks=ScienceQA", "--max_train=200",
+    subprocess.run([sys.executable, "coin.py", f"--data_dir={opts['data_dir']}", "--tasks=ScienceQA", "--max_train=800",
                     "--max_test=40", "--threads=1", "--zero_shot=false", f"--out={out}"], cwd=ROOT,
                    env=env_for({} if pinned else {"COIN_PINS": "0"}), check=True, capture_output=True)
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
+    train = json.load(open(os.path.join(out, "results.json")))["timing"]["stage1-ScienceQA"]["train"]
+    return after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime, train
+
+
+def ratio_line(what, pinned, unpinned):
+    rs = [a / b for a, b in zip(pinned, unpinned)]
+    return (f"{what}: pinned {statistics.median(pinned):.1f}, unpinned {statistics.median(unpinned):.1f}; pinned / "
+            f"unpinned median {statistics.median(rs):.2f} (range {min(rs):.2f}-{max(rs):.2f}, {len(rs)} alternations)")
 
 
 def cost(opts):
     runs = {True: [], False: []}
     for r in range(opts["runs"]):
         for p in ([True, False] if r % 2 == 0 else [False, True]):
-            runs[p].append(run_cpu_seconds(p, opts, os.path.join(opts["out"], "cost")))
-        print(f"short run {r + 1}: pinned {runs[True][-1]:.1f} s, unpinned {runs[False][-1]:.1f} s CPU", flush=True)
-    rs = [a / b for a, b in zip(runs[True], runs[False])]
-    print(f"short coin.py run, CPU seconds: pinned {statistics.median(runs[True]):.1f}, unpinned "
-          f"{statistics.median(runs[False]):.1f}; pinned / unpinned median {statistics.median(rs):.2f} "
-          f"(range {min(rs):.2f}-{max(rs):.2f}, {len(rs)} alternations)")
-    ratios = {}
+            runs[p].append(short_run(p, opts, os.path.join(opts["out"], "cost")))
+        print(f"short run {r + 1}: pinned {runs[True][-1]}, unpinned {runs[False][-1]} (CPU s, train s)", flush=True)
+    for i, what in enumerate(["short coin.py run, CPU seconds", "its training stage, wall seconds"]):
+        print(ratio_line(what, [t[i] for t in runs[True]], [t[i] for t in runs[False]]))
+    steps = {True: [], False: []}
     for r in range(opts["rounds"]):
         order = [True, False] if r % 2 == 0 else [False, True]
         got = {p: step_ms(p, opts) for p in order}
-        for row in got[True]:
-            ratios.setdefault(row, []).append(got[True][row] / got[False][row])
+        for p in order:
+            steps[p].append(got[p])
         print(f"round {r + 1}: pinned {got[True]}  unpinned {got[False]}", flush=True)
-    for row, rs in ratios.items():
-        print(f"{row}: pinned / unpinned step time, median {statistics.median(rs):.2f} "
-              f"(range {min(rs):.2f}-{max(rs):.2f}, {len(rs)} alternations)")
+    for row in steps[True][0] if steps[True] else []:
+        print(ratio_line(f"tiny step, {row}, ms", [t[row] for t in steps[True]], [t[row] for t in steps[False]]))
 
 
 if __name__ == "__main__":
