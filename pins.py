@@ -6,7 +6,7 @@ differently in the last bit; a training run grows that into another matrix. The 
 set every x86-64 CPU with AVX2 has (Intel since 2013, AMD since 2015), and they must be in the environment before
 torch is imported (the libraries read them once, at their first call):
 
-- torch's own vectorised kernels (softmax, AdamW, layer norm, sums, exp, random numbers): ATEN_CPU_CAPABILITY=avx2
+- torch's own vectorised kernels (softmax, AdamW, layer norm, SiLU, sums, exp): ATEN_CPU_CAPABILITY=avx2
   (PyTorch's CI runs its no-AVX-512 jobs with this variable);
 - MKL, which computes every fp32 matmul of the torch CPU wheel (BLAS_INFO=mkl): MKL_CBWR=COMPATIBLE, its conditional
   numerical reproducibility (CNR) on the SSE2 branch. oneMKL's developer guide: "on non-Intel CPUs, only the
@@ -19,8 +19,9 @@ torch is imported (the libraries read them once, at their first call):
   it to AVX2.
 
 The thread count changes reduction orders too: pinned, a run with --threads=0 uses one thread per rank.
-COIN_PINS=0 in the environment leaves every library its widest kernels (faster, other bits on another CPU); a
-variable already set in the environment is kept (and recorded), so one pin can be changed alone.
+COIN_PINS=0 in the environment leaves every library its widest kernels (a run ~1.3x faster, almost all of it MKL's:
+docs/performance.md; other bits on another CPU); a variable already set in the environment is kept (and recorded), so
+one pin can be changed alone.
 """
 import os
 import sys
@@ -33,8 +34,6 @@ PINS = {
     "ONEDNN_MAX_CPU_ISA": "AVX2",     # oneDNN, should anything call it with torch.backends.mkldnn off
 }
 OPT_OUT = "COIN_PINS"                 # COIN_PINS=0: no pins
-
-
 _applied = False  # apply() ran in this process before torch loaded
 
 
@@ -42,7 +41,7 @@ def apply(environ=os.environ):
     """Put the pins into `environ` (a variable already set is kept), unless COIN_PINS=0. Call before importing torch:
     a library that has already read its variable ignores a later change."""
     global _applied
-    assert "torch" not in sys.modules, "pins.apply() after torch was imported: the pins would not take effect"
+    assert sys.modules.get("torch") is None, "pins.apply() after torch was imported: the pins would not take effect"
     if environ.get(OPT_OUT, "1") != "0":
         for key, value in PINS.items():
             environ.setdefault(key, value)
