@@ -30,8 +30,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import pins  # noqa: E402
 
-# name: (environment added to the pinned default, expected to equal the pinned run?)
+# what a CPU with AVX2 and nothing wider lets each library use
 AVX2_CPU = {"MKL_ENABLE_INSTRUCTIONS": "AVX2", "ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
+# name: (environment added to what coin.py pins by itself, expected to equal the pinned run?)
 RUNS = {
     "pinned": ({}, True),
     "unpinned (COIN_PINS=0): every library at its widest": ({"COIN_PINS": "0"}, False),
@@ -100,7 +101,8 @@ def step_ms(pinned, opts):
     if proc.returncode != 0:
         sys.exit(f"bench/train_step.py failed\n{proc.stderr[-2000:]}")
     # the table's rows "| tiny | 1.9M | LoRA E=1 | 1216 | 186 | ...": adapter -> step ms
-    rows = [[c.strip() for c in line.split("|")[1:-1]] for line in proc.stdout.splitlines() if line.startswith("| tiny")]
+    rows = [[c.strip() for c in line.split("|")[1:-1]] for line in proc.stdout.splitlines()
+            if line.startswith("| tiny")]
     assert rows, proc.stdout
     return {cells[2]: float(cells[4]) for cells in rows}
 
@@ -155,6 +157,9 @@ if __name__ == "__main__":
             opts[key] = type(known[key])(a.split("=", 1)[1])
         else:
             rest.append(a)  # passed on to coin.py (check)
+    if what == "cost" and rest:
+        sys.exit(f"unknown settings {rest}; cost takes --{', --'.join(known)}")
     opts = {**known, **opts}
-    opts["out"], opts["data_dir"] = os.path.abspath(opts["out"]), os.path.abspath(opts["data_dir"])  # coin.py runs in ROOT
+    # coin.py runs in ROOT
+    opts["out"], opts["data_dir"] = os.path.abspath(opts["out"]), os.path.abspath(opts["data_dir"])
     check(opts, rest) if what == "check" else cost(opts)
