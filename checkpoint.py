@@ -23,6 +23,7 @@ from torch.distributed.tensor import DTensor, distribute_tensor
 
 import cli
 import data
+import pins
 from base_model import projector
 from methods import METHODS
 from moelora import adapter_parameters, load_weights
@@ -107,7 +108,7 @@ def run_info(cfg, world, inputs, global_batch):
             # the method's own settings and their defaults: how a study tells its strengths apart (study.run_key)
             "method_settings": {f.name: f.default for f in dataclasses.fields(own)} if own else {},
             "global_batch": global_batch, "inputs": inputs, "git": git_commit(),
-            "torch": str(torch.__version__), "transformers": transformers.__version__}
+            "torch": str(torch.__version__), "transformers": transformers.__version__, "numerics": pins.record()}
 
 
 def setting_defaults(cfg):
@@ -131,6 +132,11 @@ def check_same_run(saved, info, path, defaults):
     if saved.get("global_batch") != info["global_batch"]:
         raise cli.UserError(f"{path}: written with a global batch of {saved.get('global_batch')}, this run has "
                             f"{info['global_batch']} (micro_batch x ranks x grad_accum); keep it to continue that run")
+    was = saved.get("numerics", {}).get("pins")  # None: written before the pins were recorded
+    if was is not None and was != info["numerics"]["pins"]:
+        raise cli.UserError(f"{path}: written under the numerics pins {was}, this run has {info['numerics']['pins']} "
+                            "(pins.py); set the same variables (COIN_PINS=0: none) to continue it, or write to another "
+                            "--out")
     if not same_inputs(saved.get("inputs"), info["inputs"]):
         raise cli.UserError(f"{path}: written by a run that read other data or another base (regenerated data or a "
                             "rebuilt base?); write to another --out")

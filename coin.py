@@ -19,10 +19,13 @@ import time
 import warnings
 
 import cli
+import pins
 
 if __name__ == "__main__" and sys.argv[1:2] != ["assemble"] and cli.wants_help(sys.argv[1:]):
     # answered here, from the sources of the Config block and the methods' settings, before torch loads (seconds)
     cli.exit_with_help(cli.setting_docs(__file__, "Config", "methods.py"), __doc__)
+if __name__ == "__main__":
+    pins.apply()  # the same bits on every x86-64 CPU with AVX2 (pins.py); COIN_PINS=0 opts out. Before torch loads
 
 import torch
 import torch.distributed as dist
@@ -105,7 +108,7 @@ class Config:
     # --- run
     out: str = "out/run"                  # the run's folder: checkpoints/, predictions/, results.json
     seed: int = 0                         # data order, adapter init, dropout masks, --data_fraction's draw
-    threads: int = 0                      # torch threads per rank; 0 = cores / ranks
+    threads: int = 0                      # torch threads per rank; 0 = cores / ranks (pinned, on a CPU: 1)
     # Re-running a command into the same --out continues it: finished stages are kept (checkpoint and results rows),
     # a stage stopped part-way goes on from its mid-stage checkpoint, and a resumed run ends with the same weights
     # and scores. Settings, data and base must be the same (checked); --resume=false refuses an --out with a run.
@@ -283,7 +286,11 @@ def compute_init(cfg):
         # the adapter computes in fp32 on a bf16 base: TF32 tensor cores instead of plain fp32 (~8x the FLOP rate on
         # A100/H100), still finer than the bf16 the official DeepSpeed runs compute the adapter in
         torch.backends.cuda.matmul.allow_tf32 = True
-    torch.set_num_threads(cfg.threads or max(1, (os.cpu_count() or 1) // world))
+    pinned = device.type == "cpu" and pins.active()
+    if pinned:  # oneDNN (convolutions, GELU) promises the same bits on the same CPU only; MKL's matmul is pinned
+        torch.backends.mkldnn.enabled = False
+    # pinned, one thread per rank unless --threads says otherwise: the thread count changes reduction orders
+    torch.set_num_threads(cfg.threads or (1 if pinned else max(1, (os.cpu_count() or 1) // world)))
     return rank, world, device
 
 

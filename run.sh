@@ -2,7 +2,7 @@
 # coin, end to end on a laptop CPU: the CoIN experiment in miniature.
 # A tiny LLaVA is instruction-tuned on eight tasks in sequence (ScienceQA, TextVQA, ImageNet, GQA, VizWiz,
 # Grounding, VQAv2, OCR-VQA), evaluated after each task on every task seen so far, once with plain LoRA and once
-# with MoELoRA (8 experts, same total rank). About 10 minutes on 2 cores. Everything lands under out/.
+# with MoELoRA (8 experts, same total rank). About 12 minutes on 2 cores. Everything lands under out/.
 set -euo pipefail
 cd "$(dirname "$0")"
 export TOKENIZERS_PARALLELISM=false
@@ -28,7 +28,10 @@ phase "1. CoIN-mini data"
 phase "2. tiny base"
 
 # --- 3. Sequential instruction tuning, two runs side by side: plain LoRA (E = 1, r = 16), the baseline, and MoELoRA
-# (E = 8 experts of rank 2, total r = 16, a dense softmax router per linear). ~9 min for both.
+# (E = 8 experts of rank 2, total r = 16, a dense softmax router per linear). ~11 min for both.
+# coin.py pins the CPU numerics before torch loads (pins.py): torch's kernels at AVX2, MKL's matmul on its CNR branch
+# for every x86-64 CPU, oneDNN off, one thread: these figures to the last digit on any x86-64 CPU with AVX2 (torch
+# 2.13.0), at ~1.3x the time of unpinned runs. COIN_PINS=0 bash run.sh: faster, other digits on another CPU.
 # Each evaluates the base zero-shot first, then trains each task one epoch and evaluates every task seen so far.
 # One thread each on the 2 cores: a tiny model's step is mostly Python and small kernels, so one thread is only
 # ~12% slower than two (measured side by side: the pair took 524 s, LoRA alone at two threads 303 s). LoRA's

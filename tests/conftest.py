@@ -6,6 +6,9 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# unpinned (pins.py): the tests compare coin.py's child processes with coin.main() run in this process, which torch
+# has loaded unpinned; tests/test_pins.py runs its children pinned
+os.environ["COIN_PINS"] = "0"
 
 import coin_mini  # noqa: E402
 from base_model import build_tiny_base, corpus_texts  # noqa: E402

@@ -1,0 +1,59 @@
+"""The numerics pins (pins.py): a pinned run computes what an AVX2-only CPU would, bit for bit; unpinned, the
+libraries' wider kernels give other bits; a run resumes only under the pins it was written with."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+import checkpoint
+import cli
+import pins
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def toy_run(mini_data, tiny_base, out, **env):
+    """Three optimizer steps and a 4-record evaluation of the tiny model, in a fresh process (the pins act only
+    before torch loads). Returns the stage's checksum and results.json's record of the numerics."""
+    clean = {k: v for k, v in os.environ.items() if k not in pins.PINS and k != pins.OPT_OUT}
+    subprocess.run([sys.executable, "coin.py", f"--data_dir={mini_data}", f"--base={tiny_base}", f"--out={out}",
+                    "--tasks=GQA", "--max_train=24", "--max_test=4", "--eval_batch=4", "--zero_shot=false"],
+                   cwd=ROOT, env={**clean, "TOKENIZERS_PARALLELISM": "false", **env}, check=True, capture_output=True)
+    meta = json.load(open(os.path.join(out, "checkpoints", "stage1-GQA", "meta.json")))
+    return meta["checksum"], json.load(open(os.path.join(out, "results.json")))["numerics"]
+
+
+@pytest.fixture(scope="module")
+def pinned(mini_data, tiny_base, tmp_path_factory):
+    return toy_run(mini_data, tiny_base, tmp_path_factory.mktemp("pinned"))
+
+
+def test_pinned_run_is_what_an_avx2_cpu_computes(pinned, mini_data, tiny_base, tmp_path):
+    checksum, numerics = pinned
+    # the pins took effect: torch at AVX2, MKL on its CNR branch for every x86-64 CPU, oneDNN off, one thread
+    assert (numerics["pinned"], numerics["torch_cpu_capability"], numerics["onednn"], numerics["threads"]) == \
+        (True, "AVX2", False, 1), numerics
+    assert numerics["mkl_cbwr"] in ("COMPATIBLE", None), numerics  # None: a torch build without MKL
+    # MKL capped at AVX2 as on an Intel CPU without AVX-512 (ATen and oneDNN are capped by the pins already)
+    assert toy_run(mini_data, tiny_base, tmp_path, MKL_ENABLE_INSTRUCTIONS="AVX2")[0] == checksum
+
+
+def test_unpinned_run_differs(pinned, mini_data, tiny_base, tmp_path):
+    checksum, _ = pinned
+    other, numerics = toy_run(mini_data, tiny_base, tmp_path, COIN_PINS="0")
+    assert not numerics["pinned"] and numerics["onednn"], numerics
+    if numerics["torch_cpu_capability"] == "AVX2" and numerics["mkl_cbwr"] is None:
+        pytest.skip("this CPU offers torch nothing beyond AVX2 and torch has no MKL: unpinned is pinned here")
+    # AVX-512 in torch's kernels, or MKL's own dispatch (AVX2 with FMA or wider) instead of its SSE2 branch
+    assert other != checksum, numerics
+
+
+def test_resume_needs_the_same_pins():
+    info = {"config": {}, "global_batch": 8, "inputs": "h", "numerics": {"pins": {"MKL_CBWR": "COMPATIBLE"}}}
+    checkpoint.check_same_run(dict(info), info, "meta.json", {})
+    old = {k: v for k, v in info.items() if k != "numerics"}  # written before the pins were recorded: resumes
+    checkpoint.check_same_run(old, info, "meta.json", {})
+    with pytest.raises(cli.UserError, match="numerics pins"):
+        checkpoint.check_same_run({**info, "numerics": {"pins": {"MKL_CBWR": None}}}, info, "meta.json", {})
