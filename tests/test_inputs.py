@@ -333,12 +333,23 @@ def test_help_answers_without_torch_and_describes_every_setting(script):
     assert settings and all(len(line.split(None, 1)) == 2 for line in settings), proc.stdout
 
 
-def test_progress_in_a_log_file_is_a_few_plain_lines(capsys):
+def test_progress_in_a_log_file_is_a_few_plain_lines(capsys, monkeypatch):
     bar = cli.progress(range(1000), desc="train GQA")  # stderr is not a terminal under pytest
     for _ in bar:
         bar.set_postfix(loss="0.5")
     err = capsys.readouterr().err
-    assert "\r" not in err and 1 <= len(err.splitlines()) <= 11 and err.endswith("train GQA: 1000/1000 loss=0.5\n")
+    assert "\r" not in err and len(err.splitlines()) == 10 and err.endswith("train GQA: 1000/1000 loss=0.5\n")
+    # every tenth of the loop however fast it runs (a 30-step stage: 3/30, 6/30, ...), and after a slow step at
+    # least a line a minute
+    clock = iter(range(0, 10 ** 6, 25))  # each step takes 25 s
+    monkeypatch.setattr(cli.time, "time", lambda: next(clock))
+    for _ in cli.progress(range(30), desc="train GQA"):
+        pass
+    assert capsys.readouterr().err.splitlines() == [f"train GQA: {i}/30" for i in range(3, 31, 3)]
+    for _ in cli.progress(range(100), desc="eval GQA"):
+        pass
+    steps = [int(line.split()[-1].split("/")[0]) for line in capsys.readouterr().err.splitlines()]
+    assert set(range(10, 101, 10)) <= set(steps) and max(b - a for a, b in zip([0] + steps, steps)) == 3, steps
 
 
 def test_one_prediction_file_with_a_bad_test_file(mini_data, tmp_path, capsys):
