@@ -39,6 +39,17 @@ def run(main, argv):
     sys.exit(status or 0)
 
 
+def out_folder_problem(path, setting="--out"):
+    """Why `path` cannot be the folder an entry point writes into (it, or a folder above it, is a file), or None."""
+    above = os.path.abspath(path)
+    while not os.path.exists(above):
+        above = os.path.dirname(above)
+    if os.path.isdir(above):
+        return None
+    where = "" if above == os.path.abspath(path) else f"{above}, a folder above it, "
+    return f"{setting}={path}: {where}is a file, not a folder: give a folder to write into (made if missing)"
+
+
 # -----------------------------------------------------------------------------
 # Help from the source: each setting's comment, read from the file the dataclass is written in
 

@@ -197,7 +197,8 @@ def check_config(cfg, world):
 
 
 def check_folders(cfg):
-    """Every folder the settings name must exist: all missing ones in one UserError."""
+    """Every folder the settings name must exist, and --out must be one or not exist yet: all problems in one
+    UserError."""
     problems = []
     if not os.path.isdir(cfg.data_dir):
         problems.append(f"--data_dir={cfg.data_dir}: no such folder (the one holding Instructions_*/; "
@@ -212,6 +213,8 @@ def check_folders(cfg):
                         "ScienceQA/problems.json, TextVQA/TextVQA_0.5.1_val.json, GQA/testdev_balanced_questions.json)")
     if cfg.judge != "exact" and not os.path.isdir(cfg.judge):
         problems.append(f"--judge={cfg.judge}: no such folder (give 'exact' or a Hugging Face causal LM folder)")
+    if out := cli.out_folder_problem(cfg.out):
+        problems.append(out)
     if problems:
         raise cli.UserError("\n".join(problems))
 
@@ -804,9 +807,11 @@ def main(argv):
         base_scores = evaluate_stage(model, processor, judge, cfg, test_sets, rank, world, "stage0-zeroshot")
         extra["zero_shot"] = {task: {"if": s[0], "gk": s[1]} for task, s in base_scores.items()}
         extra["timing"]["zero_shot_eval"] = time.time() - t0
+    # the checkpoint to go on from loads (and checks) before results.json is written: a run that cannot go on leaves
+    # an earlier run's results as they were
+    started_from, fisher = continue_after(model, cfg, stages, done, device)
     if rank == 0:
         table = evaluate.write_results(cfg.out, tasks, if_matrix, gk_matrix, extra)
-    started_from, fisher = continue_after(model, cfg, stages, done, device)
     # the paper's loop: for each task, train it, then evaluate every task seen so far
     for j, (name, train_tasks, eval_tasks, row) in enumerate(stages):
         stage_name = f"stage{j + 1}-{name}"

@@ -38,9 +38,15 @@ def snapshot(folder):
             for d, _, files in os.walk(folder) for f in files}
 
 
+# what args() reads: the Original instructions of GQA and ScienceQA, their images and ground truth
+NOT_READ = ({t for t in data.TASKS if t not in ("GQA", "ScienceQA")} | set(data.TASK_FOLDERS.values())
+            | {"Stage0", "Instructions_Diverse", "Instructions_10Type"})
+
+
 @pytest.fixture
 def data_copy(mini_data, tmp_path):
-    return shutil.copytree(mini_data, tmp_path / "data", dirs_exist_ok=True).as_posix()
+    """A copy of the CoIN-mini files that args() reads, to break."""
+    return shutil.copytree(mini_data, tmp_path / "data", ignore=lambda folder, names: NOT_READ & set(names)).as_posix()
 
 
 # -----------------------------------------------------------------------------
@@ -139,6 +145,29 @@ def drop_field(i, key):
     return change
 
 
+def set_turn(i, turn, value):
+    def change(recs):
+        recs[i]["conversations"][turn]["value"] = value
+        return recs
+    return change
+
+
+def set_turns(i, *turns):
+    return set_field(i, "conversations", [{"from": who, "value": "cross"} for who in turns])
+
+
+def image_path(data_dir, task="GQA", split="test", i=0):
+    """The path of record i's image."""
+    return os.path.join(data_dir, "images", json.load(open(data.task_file(data_dir, task, split)))[i]["image"])
+
+
+def save_test_image(data_dir, mode):
+    """Record 0 of GQA's test file gets an image of `mode` (a TIFF, under the record's .png name: pillow goes by the
+    content)."""
+    from PIL import Image
+    Image.new(mode, (8, 8), 1).save(image_path(data_dir), format="TIFF")
+
+
 def truncate_image(data_dir, task, i):
     rec = json.load(open(data.task_file(data_dir, task, "test")))[i]
     path = os.path.join(data_dir, "images", rec["image"])
@@ -172,6 +201,57 @@ FILES = [
      "GQA/test.json: record 0 lacks text"),
     ("every test record bad, --skip_bad", lambda d: edit(d, "GQA", "test", lambda r: [{"x": 1}]), ["--skip_bad"],
      "GQA/test.json: no usable records (all bad)"),
+    # train records: the conversation
+    ("train question null", lambda d: edit(d, "GQA", "train", set_turn(1, 0, None)), [],
+     "GQA/train.json: record 1 has a human turn whose value is None, not text: give the question as a string"),
+    ("train answer null", lambda d: edit(d, "GQA", "train", set_turn(1, 1, None)), [],
+     "GQA/train.json: record 1 has a gpt turn whose value is None, not text: give the answer as a string"),
+    ("train answer a number", lambda d: edit(d, "GQA", "train", set_turn(1, 1, 3)), [],
+     "record 1 has a gpt turn whose value is 3, not text"),
+    ("train answer a list", lambda d: edit(d, "GQA", "train", set_turn(1, 1, ["cross"])), [],
+     "record 1 has a gpt turn whose value is ['cross'], not text"),
+    ("train record without conversations", lambda d: edit(d, "GQA", "train", drop_field(1, "conversations")), [],
+     "GQA/train.json: record 1 is not a LLaVA conversation"),
+    ("train record a string", lambda d: edit(d, "GQA", "train", lambda r: r[:1] + ["cross"] + r[2:]), [],
+     "GQA/train.json: record 1 is not a LLaVA conversation"),
+    ("train conversation empty", lambda d: edit(d, "GQA", "train", set_turns(1)), [],
+     "record 1 has turns from [], not one question and its answer (['human', 'gpt'])"),
+    ("train conversation of three turns", lambda d: edit(d, "GQA", "train", set_turns(1, "human", "gpt", "human")),
+     [], "record 1 has turns from ['human', 'gpt', 'human'], not one question and its answer"),
+    ("train conversation of two exchanges", lambda d: edit(d, "GQA", "train", set_turns(
+        1, "human", "gpt", "human", "gpt")), [], "record 1 has turns from ['human', 'gpt', 'human', 'gpt']"),
+    ("train turns the wrong way round", lambda d: edit(d, "GQA", "train", set_turns(1, "gpt", "human")), [],
+     "record 1 has turns from ['gpt', 'human']"),
+    ("<image> in an answer", lambda d: edit(d, "GQA", "train", set_turn(1, 1, "<image>\ncross")), [],
+     "GQA/train.json: record 1 has <image> in its answer (the gpt turn)"),
+    ("<image> in a text-only question", lambda d: edit(d, "ScienceQA", "train", drop_field(1, "image")), [],
+     "ScienceQA/train.json: record 1: <image> in the question, but no `image`: add the image's path, or remove"),
+    # test records
+    ("test text null", lambda d: edit(d, "GQA", "test", set_field(0, "text", None)), [],
+     "GQA/test.json: record 0 has text None: give the question"),
+    ("test text a number", lambda d: edit(d, "GQA", "test", set_field(0, "text", 7)), [], "record 0 has text 7"),
+    ("test text blank", lambda d: edit(d, "GQA", "test", set_field(0, "text", "\n")), [], "record 0 has text '\\n'"),
+    ("<image> in a test text", lambda d: edit(d, "GQA", "test", lambda r: set_field(0, "text", "<image>\n" + r[0][
+        "text"])(r)), [], "GQA/test.json: record 0 has <image> in its text: the evaluator puts the image"),
+    ("test question_id null", lambda d: edit(d, "GQA", "test", set_field(0, "question_id", None)), [],
+     "GQA/test.json: record 0 has question_id None"),
+    ("test question_id a list", lambda d: edit(d, "GQA", "test", set_field(0, "question_id", [1])), [],
+     "record 0 has question_id [1]"),
+    # image paths and files
+    ("absolute image path", lambda d: edit(d, "GQA", "test", set_field(0, "image", image_path(d))), [],
+     "GQA/test.json: record 0 has an absolute image path"),
+    ("image path out of the image root", lambda d: edit(d, "GQA", "train", lambda r: set_field(
+        1, "image", "../images/" + r[1]["image"])(r)), [], "record 1 has image '../images/GQA/train/"),
+    ("image path a number", lambda d: edit(d, "GQA", "test", set_field(0, "image", 5)), [],
+     "record 0 has image 5, not a path"),
+    ("image path empty", lambda d: edit(d, "ScienceQA", "test", lambda r: set_field(
+        next(i for i, x in enumerate(r) if x.get("image")), "image", "")(r)), [], "has image '', not a path"),
+    ("image a folder", lambda d: edit(d, "GQA", "test", set_field(0, "image", "GQA/test")), [],
+     "record 0 (question_id 'GQA_test_0'): image"),
+    ("float image", lambda d: save_test_image(d, "F"), [],
+     "000000.png: mode F (32-bit floating-point pixels) has no standard 8-bit scale"),
+    ("32-bit integer image", lambda d: save_test_image(d, "I"), [],
+     "000000.png: mode I (32-bit integer pixels) has no standard 8-bit scale"),
 ]
 
 
@@ -204,6 +284,66 @@ def test_data_check_command_names_the_file(data_copy, capsys):
     assert "GQA/test.json: holds a number, not a list of records" in capsys.readouterr().out
     status, err = refused(data.main, ["check", "--dta=x"], capsys)
     assert status == 2 and "did you mean --data?" in err
+
+
+def test_data_check_lists_bad_conversations_and_skip_bad_drops_them(data_copy, tiny_base, tmp_path, capsys):
+    edit(data_copy, "GQA", "train", lambda r: set_turn(1, 0, None)(set_turn(2, 1, None)(set_turn(3, 1, "<image>")(r))))
+    folder = image_path(data_copy, i=4)
+    os.remove(folder)
+    os.makedirs(folder)  # an image that is a folder
+    assert data.check_main([f"--data={data_copy}", "--tasks=GQA"]) == 1
+    out = capsys.readouterr().out
+    assert "GQA/train.json: record 1 has a human turn whose value is None" in out, out
+    assert "GQA/train.json: record 2 has a gpt turn whose value is None" in out
+    assert "GQA/train.json: record 3 has <image> in its answer" in out
+    assert f"record 4 (question_id 'GQA_test_4'): image {folder} is a folder, not an image file" in out
+    assert "4 problem(s)" in out
+    coin.main(args(data_copy, tiny_base, tmp_path / "run", "--tasks=GQA", "--skip_bad"))
+    assert json.load(open(tmp_path / "run" / "results.json"))["dropped_records"] == {"GQA/train": 3, "GQA/test": 1}
+
+
+def test_image_token_twice_with_an_image_is_taken_out_as_the_official_code_does():
+    rec = {"id": 1, "image": "a.png", "conversations": [{"from": "human", "value": "<image>\nWhat is <image> here?"},
+                                                        {"from": "gpt", "value": "a cat"}]}
+    assert data.parse_train_record(rec)["question"] == "What is  here?"  # preprocess_multimodal: all taken out
+    assert data.parse_train_record({**rec, "image": "sub/../a.png"})["image"] == "sub/../a.png"  # inside the root
+
+
+def png16(pixels, mode):
+    """PNG bytes at 16 bits a channel of 8-bit `pixels` ((H, W) or (H, W, C) uint8, C by `mode`: L, LA, RGB, RGBA),
+    each value v written as v * 257 (v in the top byte and in the bottom one): pillow writes no 16-bit colour PNG."""
+    import struct
+    import zlib
+    import numpy as np
+    rows = (pixels.astype(np.uint16) * 257).astype(">u2").reshape(pixels.shape[0], -1)
+    raw = b"".join(b"\x00" + row.tobytes() for row in rows)
+
+    def chunk(kind, body):
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+    colour_type = {"L": 0, "RGB": 2, "LA": 4, "RGBA": 6}[mode]
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", pixels.shape[1], pixels.shape[0], 16,
+                                                                colour_type, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b""))
+
+
+@pytest.mark.parametrize("mode", ["L", "LA", "RGB", "RGBA"])
+def test_16_bit_images_read_as_the_same_image_at_8_bits(mode, tmp_path):
+    import numpy as np
+    from PIL import Image
+    channels = len(mode)
+    pixels = np.random.default_rng(0).integers(0, 256, (6, 9, channels) if channels > 1 else (6, 9), dtype=np.uint8)
+    Image.fromarray(pixels, mode).save(tmp_path / "8.png")
+    (tmp_path / "16.png").write_bytes(png16(pixels, mode))
+    files = ["16.png"]
+    if mode == "L":  # 16-bit grey, as pillow writes it: a PNG, and a little-endian TIFF (I;16)
+        for name, fmt in (("16w.png", "PNG"), ("16.tif", "TIFF")):
+            Image.fromarray(pixels.astype(np.uint16) * 257).save(tmp_path / name, format=fmt)
+            files.append(name)
+    want = np.asarray(data.load_image(str(tmp_path), "8.png"))
+    for name in files:
+        with Image.open(tmp_path / name) as im:
+            assert im.mode.startswith("I") == (mode == "L"), im.mode  # 16-bit grey reads as I;16: the case to handle
+        assert np.array_equal(np.asarray(data.load_image(str(tmp_path), name)), want), name
 
 
 def test_truncated_image_names_its_record(data_copy, tiny_base):
@@ -243,9 +383,14 @@ def test_damaged_checkpoint_is_refused_and_old_ones_still_resume(mini_data, tiny
     raw[-64:] = bytes(64)  # the last tensor's bytes: the header stays intact and the file loads
     open(last / "adapter.safetensors", "wb").write(bytes(raw))
     capsys.readouterr()
+    finished = open(out / "results.json", "rb").read()
     status, err = refused(coin.main, args(mini_data, tiny_base, out), capsys)
     assert status == 2 and "stage2-ScienceQA/adapter.safetensors: its tensors do not match their checksum" in err, err
     assert f"delete {last} and run the same command again: stage 2 (ScienceQA) is retrained" in err
+    os.remove(last / "adapter.safetensors")  # (--eval_batch may differ in a run that goes on: its config is rewritten)
+    status, err = refused(coin.main, args(mini_data, tiny_base, out, "--eval_batch=2"), capsys)
+    assert status == 2 and "stage2-ScienceQA/adapter.safetensors: unreadable checkpoint" in err, err
+    assert open(out / "results.json", "rb").read() == finished  # a run that cannot go on leaves the results alone
     # as the message says; and stage 1 as a run written before checksums: loaded unchecked, said once
     shutil.rmtree(last)
     meta = json.load(open(first / "meta.json"))
@@ -255,6 +400,17 @@ def test_damaged_checkpoint_is_refused_and_old_ones_still_resume(mini_data, tiny
     said = capsys.readouterr().out
     assert said.count("was written before checkpoints carried a checksum") == 1, said
     assert None not in json.load(open(out / "results.json"))["matrix"][1]
+
+
+@pytest.mark.parametrize("where", ["out", "out/run"])
+def test_out_that_is_a_file_is_refused(where, mini_data, tiny_base, tmp_path, capsys):
+    (tmp_path / "out").write_text("a file")
+    status, err = refused(coin.main, args(mini_data, tiny_base, tmp_path / where), capsys)
+    above = "" if where == "out" else f"{tmp_path / 'out'}, a folder above it, "
+    assert status == 2 and f"--out={tmp_path / where}: {above}is a file, not a folder" in err, err
+    status, err = refused(E.main, [f"--predictions={tmp_path}", f"--data_dir={mini_data}", f"--out={tmp_path / where}"],
+                          capsys)
+    assert status == 2 and f"--out={tmp_path / where}: {above}is a file, not a folder" in err, err
 
 
 def test_non_finite_loss_names_where_the_stage_started(mini_data, tiny_base, tmp_path):
