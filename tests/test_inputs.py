@@ -443,9 +443,43 @@ def test_rescoring_a_run_uses_its_test_subset(mini_data, tiny_base, tmp_path, ca
     assert "does not record which test records the run scored" in capsys.readouterr().out
     assert json.load(open(tmp_path / "scored-old" / "results.json"))["matrix"] == matrix
     data.write_json(str(out / "results.json"), res)
+    # one file of the run: the run's test records too, named in the first line
+    preds = out / "predictions" / "stage1-GQA" / "GQA.jsonl"
+    E.main([f"--predictions={preds}", "--task=GQA"])
+    first = capsys.readouterr().out.splitlines()[0]
+    assert first.startswith(f"{preds}: GQA {matrix[0][0]:.2f}") and first.endswith(
+        f"; test records: {data.task_file(data_dir, 'GQA', 'eval')}, the first 4"), first
+    alone = shutil.copy(preds, tmp_path / "GQA.jsonl")  # elsewhere: which test records is for the user to say
+    status, err = refused(E.main, [f"--predictions={alone}", "--task=GQA"], capsys)
+    assert status == 2 and err == (f"error: --predictions={alone}: which test records does it answer? Give --data_dir "
+                                   "(the folder holding Instructions_*/) or --test_file (the task's test JSON); only a "
+                                   "coin run's own files name theirs (in its results.json)\n"), err
+    status, err = refused(E.main, [f"--predictions={tmp_path / 'data'}"], capsys)  # no run there either
+    assert status == 2 and "which test records does it answer? Give --data_dir (the folder holding " \
+        "Instructions_*/); only" in err, err
+    test_file = data.task_file(data_dir, "GQA", "eval")
+    E.main([f"--predictions={alone}", "--task=GQA", f"--test_file={test_file}", "--answers_from_test=true"])
+    assert capsys.readouterr().out.splitlines()[0].endswith(f"; test records: {test_file}, all 12")
+    # a prediction for a question the test file lacks: the error names both files, in either scoring
+    E.write_jsonl(str(alone), E.read_predictions(str(preds)) + [{"question_id": "GQA_test_99", "text": "red"}])
+    for scoring in E.SCORINGS:
+        status, err = refused(E.main, [f"--predictions={alone}", "--task=GQA", f"--data_dir={data_dir}",
+                                       f"--scoring={scoring}"], capsys)
+        assert status == 2 and f"error: {alone} (test records: {test_file}, all 12): 1 " in err, err
+        assert "GQA_test_99" in err
     edit(data_dir, "GQA", "test", lambda r: r[1:])  # the data changed since the run
     status, err = refused(E.main, [f"--predictions={out}", f"--out={tmp_path / 'scored2'}"], capsys)
     assert status == 2 and "GQA: the test records under --data_dir" in err and "are not the 4" in err, err
+
+
+def test_zero_shot_scienceqa_is_said_not_to_be_skill(tmp_path):
+    assert E.score_scienceqa("A poetry book called sea", "A") == E.score_scienceqa("it has a tail", "A") == 1.0
+    matrix = [[90.0, None], [50.0, 70.0]]
+    base = {"zero_shot": {"ScienceQA": {"if": 20.0, "gk": 0.0}, "GQA": {"if": 0.0, "gk": 0.0}}}
+    md = E.write_results(str(tmp_path), ["ScienceQA", "GQA"], matrix, None, base)
+    assert "| 0 zero-shot | 20.00 | 0.00 |" in md and E.ZERO_SHOT_SCIENCEQA in md
+    assert open(tmp_path / "results.md").read() == md
+    assert E.ZERO_SHOT_SCIENCEQA not in E.write_results(str(tmp_path), ["ScienceQA", "GQA"], matrix, None)
 
 
 def test_no_score_on_zero_records():
