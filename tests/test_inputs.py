@@ -497,11 +497,8 @@ def test_user_error_has_no_traceback_and_a_bug_keeps_it(tmp_path):
                           capture_output=True, text=True)
     assert proc.returncode == 2 and proc.stderr == "error: --lr=-1.0: must be greater than 0 (default: 0.001)\n", \
         proc.stderr
-    assert proc.stdout == ""
-    proc = subprocess.run([sys.executable, "coin.py", f"--data_dir={tmp_path / 'no'}"], cwd=ROOT,
-                          capture_output=True, text=True)  # imports torch and transformers: no torchvision warning
-    assert proc.returncode == 2 and proc.stderr.startswith("error: --data_dir=") and len(proc.stderr.splitlines()) \
-        == 1, proc.stderr
+    assert proc.stdout == ""  # coin.py imported torch and transformers first: no warning of theirs either (an error
+    # found later, --data_dir=nowhere, is one line too: SETTINGS)
 
     def bug(argv):
         raise KeyError("a bug in coin")
