@@ -13,6 +13,7 @@ Run `python data.py mini --out=DIR` to generate CoIN-mini, `python data.py check
 """
 import collections
 import dataclasses
+import functools
 import json
 import os
 import sys
@@ -258,10 +259,10 @@ def parse_train_record(rec):
     return {"id": rec.get("id"), "image": image, "question": question, "answer": gpt}
 
 
-def parse_test_record(rec):
-    """An official test record, as stored ({question_id, image, text, answer, ...}); ValueError if a field lacks or
-    is not what the evaluator reads. A Grounding record may have no `answer`: its box is `answer_bbox` (with
-    `size`), what eval_grounding.py reads."""
+def parse_test_record(rec, task=None):
+    """An official test record of `task`, as stored ({question_id, image, text, answer, ...}); ValueError if a field
+    lacks or is not what the evaluator reads. A Grounding record may have no `answer`: its box is `answer_bbox`
+    (with `size`), what eval_grounding.py reads."""
     missing = [k for k in ("question_id", "text") if not isinstance(rec, dict) or k not in rec]
     if not missing and "answer" not in rec and "answer_bbox" not in rec:
         missing = ["answer"]
@@ -276,6 +277,18 @@ def parse_test_record(rec):
         raise ValueError(f"has {IMAGE_TOKEN} in its text: the evaluator puts the image before the question itself, as "
                          "the official model_vqa.py does; remove the token")
     image_field(rec)
+    if task == "Grounding":  # eval_grounding.py scales both boxes by max(size)
+        size, box = rec.get("size"), rec.get("answer_bbox", rec.get("answer"))
+        if not (isinstance(size, list) and len(size) == 2
+                and all(isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 for v in size)):
+            raise ValueError(f"has size {size!r}: give the image's [width, height], by which Grounding scales the boxes")
+        numbers = box.replace("[", "").replace("]", "").split(",") if isinstance(box, str) else []
+        try:
+            [float(v) for v in numbers]
+        except ValueError:
+            numbers = []
+        if len(numbers) != 4:
+            raise ValueError(f"has the box {box!r}: give it as \"[x1, y1, x2, y2]\", four numbers")
     return rec
 
 
@@ -306,7 +319,7 @@ def read_records(data_dir, task, split, instructions="Original", path=None):
     """(path, [(index, parsed record or None, problem or None)]) of one task file (or of `path`): train files parse
     to examples, test and val files stay as stored. Only an unreadable file raises; a bad record is reported."""
     path = path or task_file(data_dir, task, split, instructions)
-    parse = parse_train_record if split == "train" else parse_test_record
+    parse = parse_train_record if split == "train" else functools.partial(parse_test_record, task=task)
     records = read_json(path)
     if not isinstance(records, list):
         kind = {dict: "an object", str: "a string", int: "a number", float: "a number", bool: "true/false"}.get(
@@ -439,7 +452,8 @@ def check_split(data_dir, task, split, instructions, image_dir, open_images=True
                 kind, problem = "empty answer", (f"record {i} (id {rec['id']!r}): the answer {answer!r} "
                                                   "tokenises to nothing")
             elif empty:
-                kind, problem = "empty answer", f"{name}: the answer {answer!r} is empty (nothing to score against)"
+                kind, problem = "empty answer", f"{name}: the answer {answer!r} is " + (
+                    "empty (nothing to score against)" if isinstance(answer, str) else "not text: give it as a string")
         if kind:
             problems.append((kind, problem))
         else:

@@ -192,7 +192,7 @@ FILES = [
     ("empty test answer", lambda d: edit(d, "GQA", "test", set_field(3, "answer", " ")), [],
      "GQA/test.json: record 3 (question_id 'GQA_test_3'): the answer ' ' is empty"),
     ("test answer not a string", lambda d: edit(d, "ScienceQA", "test", set_field(0, "answer", None)), [],
-     "the answer None is empty"),
+     "the answer None is not text: give it as a string"),
     ("repeated question_id", lambda d: edit(d, "GQA", "test", set_field(1, "question_id", "GQA_test_0")), [],
      "GQA/test.json: record 1 (question_id 'GQA_test_0'): question_id already used by record 0"),
     ("image that is not an image", lambda d: open(os.path.join(d, "images", json.load(open(data.task_file(
@@ -261,6 +261,35 @@ def test_bad_file_is_refused_before_any_work(why, breaks, extra, message, data_c
     status, err = refused(coin.main, args(data_copy, tiny_base, tmp_path / "run", *extra), capsys)
     assert status == 2 and message in err and "Traceback" not in err, err
     assert not os.path.exists(tmp_path / "run")
+
+
+GROUNDING = [
+    (lambda r: r.pop("size"), "has size None: give the image's [width, height], by which Grounding scales the boxes"),
+    (lambda r: r.update(size=[48]), "has size [48]"),
+    (lambda r: r.update(size=[0, 48]), "has size [0, 48]"),
+    (lambda r: r.update(size="48x48"), "has size '48x48'"),
+    (lambda r: r.update(answer_bbox="[0.1, 0.2, 0.3]"), "has the box '[0.1, 0.2, 0.3]': give it as \"[x1, y1, x2, y2]\""),
+    (lambda r: r.update(answer_bbox="[a, b, c, d]"), "has the box '[a, b, c, d]'"),
+    (lambda r: r.pop("answer_bbox") and r.update(answer=None), "has the box None"),
+]
+
+
+@pytest.mark.parametrize("change, message", GROUNDING, ids=[m.split(":")[0] for _, m in GROUNDING])
+def test_grounding_records_that_cannot_be_scored_are_refused(change, message, mini_data, tmp_path, capsys):
+    """eval_grounding.py reads `answer_bbox` and `size`: a record without them is refused before training (coin.py,
+    data.py check) and before scoring (eval.py), not when its stage is scored."""
+    recs = data.test_examples(mini_data, "Grounding")
+    change(recs[0])
+    path = data.task_file(str(tmp_path), "Grounding", "test")
+    data.write_json(path, recs)
+    _, good, problems = data.check_split(str(tmp_path), "Grounding", "test", "Original",
+                                         os.path.join(mini_data, "images"))
+    assert [kind for kind, _ in problems] == ["malformed"] and problems[0][1].startswith(f"record 0 {message}")
+    assert len(good) == len(recs) - 1
+    preds = tmp_path / "merge.jsonl"
+    E.write_jsonl(str(preds), [{"question_id": r["question_id"], "text": "[0, 0, 1, 1]"} for r in recs])
+    status, err = refused(E.main, [f"--predictions={preds}", "--task=Grounding", f"--test_file={path}"], capsys)
+    assert status == 2 and f"error: {path}: record 0 {message}" in err, err
 
 
 def test_several_bad_records_are_all_listed(data_copy, tiny_base, tmp_path, capsys):
