@@ -808,13 +808,13 @@ RUN_LOCATIONS = ("data_dir", "image_dir", "ground_truth", "answers_from_test")
 
 
 def run_of(predictions):
-    """The coin run folder (it holds results.json) that --predictions is, or that one file of its
-    predictions/<stage>/<Task>.jsonl lies in; None for anything else (the official results tree, a file elsewhere)."""
-    if os.path.isdir(predictions):
-        run = predictions
-    else:
-        stage_folders = os.path.dirname(os.path.dirname(predictions))
-        run = os.path.dirname(stage_folders) if os.path.basename(stage_folders) == "predictions" else None
+    """The coin run folder (it holds results.json) that --predictions is, or whose predictions/ it is, or in whose
+    predictions/<stage>/<Task>.jsonl it is one file; None for anything else (the official results tree, a file
+    elsewhere)."""
+    folder = os.path.abspath(predictions if os.path.isdir(predictions) else os.path.dirname(os.path.dirname(
+        os.path.abspath(predictions))))
+    run = os.path.dirname(folder) if os.path.basename(folder) == "predictions" else (
+        folder if os.path.isdir(predictions) else None)
     return run if run is not None and os.path.isfile(os.path.join(run, "results.json")) else None
 
 

@@ -472,6 +472,8 @@ def test_rescoring_a_run_uses_its_test_subset(mini_data, tiny_base, tmp_path, ca
     assert "does not record which test records the run scored" in capsys.readouterr().out
     assert json.load(open(tmp_path / "scored-old" / "results.json"))["matrix"] == matrix
     data.write_json(str(out / "results.json"), res)
+    E.main([f"--predictions={out / 'predictions'}", f"--out={tmp_path / 'scored-p'}"])  # its predictions/: the same
+    assert json.load(open(tmp_path / "scored-p" / "results.json"))["matrix"] == matrix
     # one file of the run: the run's test records too, named in the first line
     preds = out / "predictions" / "stage1-GQA" / "GQA.jsonl"
     E.main([f"--predictions={preds}", "--task=GQA"])
