@@ -651,6 +651,8 @@ def main(argv):
     opts, _ = cli.parse(MiniSettings, argv, data.USAGE)
     problems = [f"--{k}={v}: must be at least 1" for k, v in dataclasses.asdict(opts).items()
                 if (k.startswith("n_") or k == "size") and v < 1]
+    if out := cli.out_folder_problem(opts.out):
+        problems.append(out)
     if problems:
         raise cli.UserError("\n".join(problems))
     opts = dataclasses.asdict(opts)

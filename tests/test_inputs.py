@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 import checkpoint
 import cli
 import coin
+import coin_mini
 import data
 import eval as E
 
@@ -439,6 +440,8 @@ def test_out_that_is_a_file_is_refused(where, mini_data, tiny_base, tmp_path, ca
     assert status == 2 and f"--out={tmp_path / where}: {above}is a file, not a folder" in err, err
     status, err = refused(E.main, [f"--predictions={tmp_path}", f"--data_dir={mini_data}", f"--out={tmp_path / where}"],
                           capsys)
+    assert status == 2 and f"--out={tmp_path / where}: {above}is a file, not a folder" in err, err
+    status, err = refused(coin_mini.main, [f"--out={tmp_path / where}"], capsys)
     assert status == 2 and f"--out={tmp_path / where}: {above}is a file, not a folder" in err, err
 
 
