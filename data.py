@@ -242,8 +242,9 @@ def parse_train_record(rec):
         raise ValueError(f"is not a LLaVA conversation ({CONVERSATION})")
     turns = [turn.get("from") for turn in conv]
     if turns != ["human", "gpt"]:
-        raise ValueError(f"has turns from {turns}, not one question and its answer (['human', 'gpt']): coin trains "
-                         f"one-turn records, as CoIN's are ({CONVERSATION}); split it into such records")
+        raise ValueError(f"is not a LLaVA conversation of one question and its answer: its turns are from {turns}, "
+                         f"not ['human', 'gpt'] (coin trains one-turn records, as CoIN's are: {CONVERSATION}; split "
+                         "it into such records)")
     human, gpt = conv[0].get("value"), conv[1].get("value")
     for turn, value, what in (("human", human, "question"), ("gpt", gpt, "answer")):
         if not isinstance(value, str):

@@ -216,13 +216,14 @@ FILES = [
     ("train record a string", lambda d: edit(d, "GQA", "train", lambda r: r[:1] + ["cross"] + r[2:]), [],
      "GQA/train.json: record 1 is not a LLaVA conversation"),
     ("train conversation empty", lambda d: edit(d, "GQA", "train", set_turns(1)), [],
-     "record 1 has turns from [], not one question and its answer (['human', 'gpt'])"),
+     "record 1 is not a LLaVA conversation of one question and its answer: its turns are from [], not "
+     "['human', 'gpt']"),
     ("train conversation of three turns", lambda d: edit(d, "GQA", "train", set_turns(1, "human", "gpt", "human")),
-     [], "record 1 has turns from ['human', 'gpt', 'human'], not one question and its answer"),
+     [], "its turns are from ['human', 'gpt', 'human'], not"),
     ("train conversation of two exchanges", lambda d: edit(d, "GQA", "train", set_turns(
-        1, "human", "gpt", "human", "gpt")), [], "record 1 has turns from ['human', 'gpt', 'human', 'gpt']"),
+        1, "human", "gpt", "human", "gpt")), [], "its turns are from ['human', 'gpt', 'human', 'gpt']"),
     ("train turns the wrong way round", lambda d: edit(d, "GQA", "train", set_turns(1, "gpt", "human")), [],
-     "record 1 has turns from ['gpt', 'human']"),
+     "its turns are from ['gpt', 'human']"),
     ("<image> in an answer", lambda d: edit(d, "GQA", "train", set_turn(1, 1, "<image>\ncross")), [],
      "GQA/train.json: record 1 has <image> in its answer (the gpt turn)"),
     ("<image> in a text-only question", lambda d: edit(d, "ScienceQA", "train", drop_field(1, "image")), [],
