@@ -556,21 +556,23 @@ def test_help_answers_without_torch_and_describes_every_setting(script):
 
 
 def test_progress_in_a_log_file_is_a_few_plain_lines(capsys, monkeypatch):
-    bar = cli.progress(range(1000), desc="train GQA")  # stderr is not a terminal under pytest
-    for _ in bar:
-        bar.set_postfix(loss="0.5")
-    err = capsys.readouterr().err
-    assert "\r" not in err and len(err.splitlines()) == 10 and err.endswith("train GQA: 1000/1000 loss=0.5\n")
-    # every tenth of the loop however fast it runs (a 30-step stage: 3/30, 6/30, ...), and after a slow step at
-    # least a line a minute
-    clock = iter(range(0, 10 ** 6, 25))  # each step takes 25 s
-    monkeypatch.setattr(cli.time, "time", lambda: next(clock))
-    for _ in cli.progress(range(30), desc="train GQA"):
-        pass
-    assert capsys.readouterr().err.splitlines() == [f"train GQA: {i}/30" for i in range(3, 31, 3)]
-    for _ in cli.progress(range(100), desc="eval GQA"):
-        pass
-    steps = [int(line.split()[-1].split("/")[0]) for line in capsys.readouterr().err.splitlines()]
+    """Under pytest stderr is not a terminal: plain lines, a clock standing in for the loop's time."""
+    def loop(n, step_seconds, desc="train GQA"):
+        clock = iter(range(0, 10 ** 12, int(step_seconds * 10 ** 6)))  # microseconds
+        monkeypatch.setattr(cli.time, "time", lambda: next(clock) / 10 ** 6)
+        bar = cli.progress(range(n), desc=desc)
+        for _ in bar:
+            bar.set_postfix(loss="0.5")
+        err = capsys.readouterr().err
+        assert "\r" not in err and err.endswith(f"{desc}: {n}/{n} loss=0.5\n"), err
+        return [int(line.split()[-2].split("/")[0]) for line in err.splitlines()]
+    # every tenth of the loop (a 30-step stage: 3/30, 6/30, ...) ...
+    assert loop(30, 2) == list(range(3, 31, 3))
+    assert loop(1000, 0.2) == list(range(100, 1001, 100))
+    # ... but a loop over within a second is one line, not ten
+    assert loop(1000, 0.0005) == [1000]
+    # and after a slow step, a line at least a minute after the last (25 s a step: 3 steps)
+    steps = loop(100, 25, "eval GQA")
     assert set(range(10, 101, 10)) <= set(steps) and max(b - a for a, b in zip([0] + steps, steps)) == 3, steps
 
 
