@@ -256,8 +256,8 @@ class LogLines:
 
 
 def progress(iterable, desc=None, total=None, disable=False, initial=0, lines=10):
-    """A progress bar over `iterable`: tqdm on a terminal; else (a log file) about `lines` plain lines in all (LogLines),
-    and one at least every minute."""
+    """A progress bar over `iterable`: tqdm on a terminal; else (a log file, LogLines) about `lines` plain lines in
+    all, and one at least every minute."""
     total = len(iterable) + initial if total is None else total
     if disable or desc is None:
         return LogLines(iterable, desc, total, initial, every=None)

@@ -282,7 +282,8 @@ def parse_test_record(rec, task=None):
         size, box = rec.get("size"), rec.get("answer_bbox", rec.get("answer"))
         if not (isinstance(size, list) and len(size) == 2
                 and all(isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 for v in size)):
-            raise ValueError(f"has size {size!r}: give the image's [width, height], by which Grounding scales the boxes")
+            raise ValueError(f"has size {size!r}: give the image's [width, height], by which Grounding scales the "
+                             "boxes")
         numbers = box.replace("[", "").replace("]", "").split(",") if isinstance(box, str) else []
         try:
             [float(v) for v in numbers]

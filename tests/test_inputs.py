@@ -270,7 +270,8 @@ GROUNDING = [
     (lambda r: r.update(size=[48]), "has size [48]"),
     (lambda r: r.update(size=[0, 48]), "has size [0, 48]"),
     (lambda r: r.update(size="48x48"), "has size '48x48'"),
-    (lambda r: r.update(answer_bbox="[0.1, 0.2, 0.3]"), "has the box '[0.1, 0.2, 0.3]': give it as \"[x1, y1, x2, y2]\""),
+    (lambda r: r.update(answer_bbox="[0.1, 0.2, 0.3]"),
+     "has the box '[0.1, 0.2, 0.3]': give it as \"[x1, y1, x2, y2]\""),
     (lambda r: r.update(answer_bbox="[a, b, c, d]"), "has the box '[a, b, c, d]'"),
     (lambda r: r.pop("answer_bbox") and r.update(answer=None), "has the box None"),
 ]
