@@ -45,6 +45,17 @@ def run(main, argv):
     sys.exit(status or 0)
 
 
+def out_folder_problem(path, setting="--out"):
+    """Why `path` cannot be the folder an entry point writes into (it, or a folder above it, is a file), or None."""
+    above = os.path.abspath(path)
+    while not os.path.exists(above):
+        above = os.path.dirname(above)
+    if os.path.isdir(above):
+        return None
+    where = "" if above == os.path.abspath(path) else f"{above}, a folder above it, "
+    return f"{setting}={path}: {where}is a file, not a folder: give a folder to write into (made if missing)"
+
+
 # -----------------------------------------------------------------------------
 # Help from the source: each setting's comment, read from the file the dataclass is written in
 
@@ -273,12 +284,14 @@ def check(settings, rules):
 
 class LogLines:
     """A stand-in for a tqdm bar when stderr is not a terminal: iterates `iterable`, printing `desc: i/total` (with
-    the last postfix) every `every` items but at most one line a `min_seconds`, and a line at the end; `every=None`
-    prints nothing."""
+    the last postfix) every `every` items unless the last line is under `min_seconds` old (a loop of a few seconds
+    does not fill the log), after any item that ends `seconds` or more since the last line (a slow loop still shows
+    where it is), and at the end; `every=None` prints nothing."""
 
-    def __init__(self, iterable, desc, total, initial, every, min_seconds=10):
+    def __init__(self, iterable, desc, total, initial, every, min_seconds=1, seconds=60):
         self.iterable, self.desc, self.total, self.done = iterable, desc, total, initial
-        self.every, self.min_seconds, self.postfix, self.last = every, min_seconds, "", 0.0
+        self.every, self.min_seconds, self.seconds = every, min_seconds, seconds
+        self.postfix, self.last = "", time.time()
 
     def set_postfix(self, **kw):
         self.postfix = " " + " ".join(f"{k}={v}" for k, v in kw.items())
@@ -290,13 +303,15 @@ class LogLines:
             if self.every is None:
                 continue
             now = time.time()
-            if self.done == self.total or self.done % self.every == 0 and now - self.last >= self.min_seconds:
+            if (self.done == self.total or self.done % self.every == 0 and now - self.last >= self.min_seconds
+                    or now - self.last >= self.seconds):
                 self.last = now
                 print(f"{self.desc}: {self.done}/{self.total}{self.postfix}", file=sys.stderr, flush=True)
 
 
 def progress(iterable, desc=None, total=None, disable=False, initial=0, lines=10):
-    """A progress bar over `iterable`: tqdm on a terminal; else (a log file) about `lines` plain lines in all."""
+    """A progress bar over `iterable`: tqdm on a terminal; else (a log file, LogLines) about `lines` plain lines in
+    all, and one at least every minute."""
     total = len(iterable) + initial if total is None else total
     if disable or desc is None:
         return LogLines(iterable, desc, total, initial, every=None)

@@ -199,7 +199,8 @@ def check_config(cfg, world):
 
 
 def check_folders(cfg):
-    """Every folder the settings name must exist: all missing ones in one UserError."""
+    """Every folder the settings name must exist, and --out must be one or not exist yet: all problems in one
+    UserError."""
     problems = []
     if not os.path.isdir(cfg.data_dir):
         problems.append(f"--data_dir={cfg.data_dir}: no such folder (the one holding Instructions_*/; "
@@ -214,6 +215,8 @@ def check_folders(cfg):
                         "ScienceQA/problems.json, TextVQA/TextVQA_0.5.1_val.json, GQA/testdev_balanced_questions.json)")
     if cfg.judge != "exact" and not os.path.isdir(cfg.judge):
         problems.append(f"--judge={cfg.judge}: no such folder (give 'exact' or a Hugging Face causal LM folder)")
+    if out := cli.out_folder_problem(cfg.out):
+        problems.append(out)
     if problems:
         raise cli.UserError("\n".join(problems))
 
@@ -786,13 +789,14 @@ def main(argv):
         base_scores = evaluate_stage(model, processor, judge, cfg, test_sets, rank, world, "stage0-zeroshot")
         extra["zero_shot"] = {task: {"if": s[0], "gk": s[1]} for task, s in base_scores.items()}
         extra["timing"]["zero_shot_eval"] = time.time() - t0
-    if rank == 0:
-        table = evaluate.write_results(cfg.out, tasks, if_matrix, gk_matrix, extra)
-    # a resumed run: the weights and the method's state the last finished stage left (checkpoint.py)
+    # the checkpoint to go on from (the weights and the method's state the last finished stage left) loads and is
+    # checked before results.json is written: a run that cannot go on leaves an earlier run's results as they were
     if done:
         print0(f"{cfg.out}: an earlier run finished {done} of {len(stages)} stages; continuing after stage {done}")
     holds = done - 1  # the stage whose weights the model holds
     started_from, state = load_stage(model, cfg, stages, holds, device)
+    if rank == 0:
+        table = evaluate.write_results(cfg.out, tasks, if_matrix, gk_matrix, extra)
     # the paper's loop: for each task, the method's start, train, the method's end, save, evaluate every task seen so far
     for j, (name, train_tasks, eval_tasks, row) in enumerate(stages):
         stage_name = f"stage{j + 1}-{name}"

@@ -773,6 +773,8 @@ RULES = {"n_train": cli.at_least(1), "n_test": cli.at_least(1), "n_stage0": cli.
 def main(argv):
     """Generate CoIN-mini with --key=value settings, unless `--out` already holds it with these settings."""
     opts, _ = cli.parse(MiniSettings, argv, __doc__, RULES)
+    if out := cli.out_folder_problem(opts.out):
+        raise cli.UserError(out)
     opts = dataclasses.asdict(opts)
     if mini_is_current(**opts):
         print(f"CoIN-mini in {opts['out']} is current (generator version {MINI_VERSION}, same settings): kept")

@@ -14,6 +14,7 @@ Run `python data.py check --data=DIR` to check a release.
 """
 import collections
 import dataclasses
+import functools
 import json
 import os
 import shlex
@@ -262,30 +263,86 @@ def read_json(path):
         raise cli.UserError(f"{path}: malformed JSON at line {e.lineno}, column {e.colno}: {e.msg}") from None
 
 
+CONVERSATION = ("{'conversations': [{'from': 'human', 'value': '<image>\\n<question>'}, "
+                "{'from': 'gpt', 'value': '<answer>'}]}")
+
+
 def parse_train_record(rec):
-    """An official train record -> {id, image (rel path or None), question, answer}; ValueError saying what is wrong."""
-    try:
-        conv = rec["conversations"]
-        human, gpt = conv[0]["value"], conv[1]["value"]
-        assert conv[0]["from"] == "human" and conv[1]["from"] == "gpt" and isinstance(gpt, str)
-    except (KeyError, IndexError, TypeError, AssertionError):
-        raise ValueError("is not a LLaVA conversation ({'conversations': [{'from': 'human', ...}, "
-                         "{'from': 'gpt', ...}]})") from None
-    # preprocess_multimodal (llava/train/train.py): <image> taken out and the rest stripped; a question without
-    # <image> stays as written
-    question = human.replace(IMAGE_TOKEN, "").strip() if IMAGE_TOKEN in human else human
-    return {"id": rec.get("id"), "image": rec.get("image"), "question": question, "answer": gpt}
+    """An official train record -> {id, image (rel path or None), question, answer}; ValueError saying what is wrong.
+    One question and its answer a record, as CoIN's records are: a conversation of more turns is refused, not cut."""
+    conv = rec.get("conversations") if isinstance(rec, dict) else None
+    if not isinstance(conv, list) or not all(isinstance(turn, dict) for turn in conv):
+        raise ValueError(f"is not a LLaVA conversation ({CONVERSATION})")
+    turns = [turn.get("from") for turn in conv]
+    if turns != ["human", "gpt"]:
+        raise ValueError(f"is not a LLaVA conversation of one question and its answer: its turns are from {turns}, "
+                         f"not ['human', 'gpt'] (coin trains one-turn records, as CoIN's are: {CONVERSATION}; split "
+                         "it into such records)")
+    human, gpt = conv[0].get("value"), conv[1].get("value")
+    for turn, value, what in (("human", human, "question"), ("gpt", gpt, "answer")):
+        if not isinstance(value, str):
+            raise ValueError(f"has a {turn} turn whose value is {value!r}, not text: give the {what} as a string")
+    if IMAGE_TOKEN in gpt:
+        raise ValueError(f"has {IMAGE_TOKEN} in its answer (the gpt turn): the token stands for the image's features "
+                         "and belongs to the question only; remove it from the answer")
+    image = image_field(rec)
+    # preprocess_multimodal (llava/train/train.py), on a record with an image: every <image> taken out and the rest
+    # stripped (the image goes first, once); any other question stays as written (check_split refuses a text-only
+    # one that holds <image>)
+    question = human.replace(IMAGE_TOKEN, "").strip() if image is not None and IMAGE_TOKEN in human else human
+    return {"id": rec.get("id"), "image": image, "question": question, "answer": gpt}
 
 
-def parse_test_record(rec):
-    """An official test record, as stored ({question_id, image, text, answer, ...}); ValueError if a field lacks.
-    A Grounding record may have no `answer`: its box is `answer_bbox` (with `size`), what eval_grounding.py reads."""
+def parse_test_record(rec, task=None):
+    """An official test record of `task`, as stored ({question_id, image, text, answer, ...}); ValueError if a field
+    lacks or is not what the evaluator reads. A Grounding record may have no `answer`: its box is `answer_bbox`
+    (with `size`), what eval_grounding.py reads."""
     missing = [k for k in ("question_id", "text") if not isinstance(rec, dict) or k not in rec]
     if not missing and "answer" not in rec and "answer_bbox" not in rec:
         missing = ["answer"]
     if missing:
         raise ValueError(f"lacks {', '.join(missing)}")
+    qid, text = rec["question_id"], rec["text"]
+    if isinstance(qid, bool) or not isinstance(qid, (str, int)) or qid == "":
+        raise ValueError(f"has question_id {qid!r}: give each question a text or a whole number")
+    if not isinstance(text, str) or not text.strip():
+        raise ValueError(f"has text {text!r}: give the question (its last line the format instruction) as text")
+    if IMAGE_TOKEN in text:
+        raise ValueError(f"has {IMAGE_TOKEN} in its text: the evaluator puts the image before the question itself, as "
+                         "the official model_vqa.py does; remove the token")
+    image_field(rec)
+    if task == "Grounding":  # eval_grounding.py scales both boxes by max(size)
+        size, box = rec.get("size"), rec.get("answer_bbox", rec.get("answer"))
+        if not (isinstance(size, list) and len(size) == 2
+                and all(isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 for v in size)):
+            raise ValueError(f"has size {size!r}: give the image's [width, height], by which Grounding scales the "
+                             "boxes")
+        numbers = box.replace("[", "").replace("]", "").split(",") if isinstance(box, str) else []
+        try:
+            [float(v) for v in numbers]
+        except ValueError:
+            numbers = []
+        if len(numbers) != 4:
+            raise ValueError(f"has the box {box!r}: give it as \"[x1, y1, x2, y2]\", four numbers")
     return rec
+
+
+def image_field(rec):
+    """A record's `image`: None (absent or null: a text-only question) or a path under the image root; ValueError for
+    anything else (not text, empty, absolute, or out of the image root by '..')."""
+    image = rec.get("image")
+    if image is None:
+        return None
+    if not isinstance(image, str) or not image.strip():
+        raise ValueError(f"has image {image!r}, not a path: give the image's path under the image root (--image_dir), "
+                         "or leave `image` out for a text-only question")
+    if os.path.isabs(image) or os.path.splitdrive(image)[0]:
+        raise ValueError(f"has an absolute image path {image!r}: give it relative to the image root (--image_dir), as "
+                         "the release does")
+    if os.path.normpath(image).split(os.sep)[0] == "..":
+        raise ValueError(f"has image {image!r}, which leads out of the image root by '..': give a path inside it "
+                         "(--image_dir)")
+    return image
 
 
 def record_answer(rec):
@@ -302,7 +359,7 @@ def read_records(data_dir, task, split, instructions="Original", path=None):
                               f"{os.path.basename(path)}: download the dataset jinpeng0528/CoIN-ASD into "
                               f"{os.path.dirname(os.path.dirname(path))}/ as it comes (docs/real-scale.md); CoIN-mini: "
                               "`python coin_mini.py` writes it (generator version 5 and later)")
-    parse = parse_train_record if split == "train" else parse_test_record
+    parse = parse_train_record if split == "train" else functools.partial(parse_test_record, task=task)
     records = read_json(path)
     if not isinstance(records, list):
         kind = {dict: "an object", str: "a string", int: "a number", float: "a number", bool: "true/false"}.get(
@@ -404,17 +461,26 @@ def check_split(data_dir, task, split, instructions, image_dir, open_images=True
         name = f"record {i}" + (f" (question_id {rec['question_id']!r})" if rec and "question_id" in rec else "")
         if i in repeats:
             kind, problem = "malformed", repeated_id_problem(i, rec, repeats[i])
-        if kind is None and rec is not None and not rec.get("image") and task not in TEXT_ONLY_ALLOWED:
+        text_only = rec is not None and not rec.get("image")
+        if kind is None and text_only and task not in TEXT_ONLY_ALLOWED:
             kind, problem = "malformed", f"{name}: no `image`; every {task} question is about an image (add its path)"
+        if kind is None and text_only and split == "train" and IMAGE_TOKEN in rec["question"]:
+            kind, problem = "malformed", (f"{name}: {IMAGE_TOKEN} in the question, but no `image`: add the image's "
+                                          "path, or remove the token (a text-only question)")
         if kind is None and rec is not None and rec.get("image"):
             img = os.path.join(image_dir, rec["image"])
-            if not os.path.isfile(img):
+            if os.path.isdir(img):
+                kind, problem = "image unreadable", f"{name}: image {img} is a folder, not an image file"
+            elif not os.path.isfile(img):
                 kind, problem = "image missing", f"{name}: image {rec['image']!r} missing under {image_dir}"
             else:
                 try:
                     with Image.open(img) as im:  # reads the header only
                         if open_images:
                             im.verify()
+                        scale = no_8bit_reading(im)
+                    if scale:
+                        kind, problem = "image unreadable", f"{name}: image {img}: {scale}"
                 except Exception as e:  # pillow raises many types for a broken file
                     kind, problem = "image unreadable", f"{name}: image {img} unreadable ({e})"
         if rec is not None and kind is None:
@@ -427,7 +493,8 @@ def check_split(data_dir, task, split, instructions, image_dir, open_images=True
                 kind, problem = "empty answer", (f"record {i} (id {rec['id']!r}): the answer {answer!r} "
                                                   "tokenises to nothing")
             elif empty:
-                kind, problem = "empty answer", f"{name}: the answer {answer!r} is empty (nothing to score against)"
+                kind, problem = "empty answer", f"{name}: the answer {answer!r} is " + (
+                    "empty (nothing to score against)" if isinstance(answer, str) else "not text: give it as a string")
         if kind:
             problems.append((kind, problem))
         else:
@@ -519,16 +586,38 @@ def image_root(data_dir, image_dir=""):
 
 
 def load_image(image_dir, rel, record=None):
-    """The image `rel` (a record's `image`) as RGB; `record` (its id) names the record in an error."""
+    """The image `rel` (a record's `image`) as RGB (to_rgb); `record` (its id) names the record in an error."""
     path = os.path.join(image_dir, rel)
     which = f"record {record!r}'s " if record is not None else "record's "
     try:
-        return Image.open(path).convert("RGB")
+        with Image.open(path) as im:
+            scale = no_8bit_reading(im)
+            if scale:
+                raise cli.UserError(f"{path}: {scale} ({which}image={rel!r})")
+            return to_rgb(im)
     except FileNotFoundError:
         raise cli.MissingFile(f"{path}: image missing ({which}image={rel!r}, --image_dir={image_dir})") from None
     except OSError as e:
         raise cli.UserError(f"{path}: image unreadable ({e}; {which}image={rel!r}); replace the file, or find every "
                             "such image with `python data.py check`, which decodes them all") from None
+
+
+def no_8bit_reading(im):
+    """Why the opened image `im` has no standard 8-bit reading (32-bit integer or float pixels, TIFF's I and F modes),
+    or None: every other mode has one (to_rgb)."""
+    if im.mode == "F" or im.mode == "I" and im.format != "PNG":
+        return (f"mode {im.mode} (32-bit {'floating-point' if im.mode == 'F' else 'integer'} pixels) has no standard "
+                "8-bit scale, which the model's processor needs; save the image with 8 bits a channel")
+    return None
+
+
+def to_rgb(im):
+    """The image as 8-bit RGB, as the official code's Image.open(...).convert('RGB') reads 8-bit files. 16-bit grey
+    (modes I;16, I;16B, ...; a PNG's mode I in older pillow) keeps its top byte: convert('RGB') alone would clip every
+    value above 255 to white. Pillow reads 16-bit RGB, RGBA and LA files at 8 bits already."""
+    if im.mode.startswith("I;16") or im.mode == "I":
+        im = im.convert("I").point(lambda v: v / 256).convert("L")  # truncates: v >> 8
+    return im.convert("RGB")
 
 
 def expand2square(img, background):

@@ -339,10 +339,11 @@ def truth_of(task, rec, gt, path):
     return gt[qid][0] if task == "GQA" else gt[qid]
 
 
-def score_task(task, preds, records, scoring="official", ground_truth=None):
+def score_task(task, preds, records, scoring="official", ground_truth=None, source=None):
     """Instruction Following score (0-100) of `preds` (prediction rows, in file order) on `records` (the task's test
     records). `ground_truth`: the folder holding the official ground-truth files (the image root's layout,
-    data.GROUND_TRUTH), or None to score ScienceQA, TextVQA and GQA against the test records' answers.
+    data.GROUND_TRUTH), or None to score ScienceQA, TextVQA and GQA against the test records' answers. `source`: the
+    prediction file, named in errors.
     Returns {task, score, n (the denominator), correct, missing, ...}; official and fixed differ in pairing and
     denominators (score_official, score_fixed)."""
     if scoring not in SCORINGS:
@@ -354,16 +355,17 @@ def score_task(task, preds, records, scoring="official", ground_truth=None):
                             "score on nothing is not 0")
     gt = load_ground_truth(task, ground_truth) if ground_truth and task in data.GROUND_TRUTH else None
     path = ground_truth and os.path.join(ground_truth, data.GROUND_TRUTH.get(task, ("",))[0])
-    result = (score_official if scoring == "official" else score_fixed)(task, preds, records, gt, path)
+    where = source or f"{task} predictions"
+    result = (score_official if scoring == "official" else score_fixed)(task, preds, records, gt, path, where)
     return {"task": task, **result, "records": len(records), "scoring": scoring,
             "ground_truth": path if gt is not None else "test file"}
 
 
-def score_fixed(task, preds, records, gt, path):
+def score_fixed(task, preds, records, gt, path, where):
     """coin's corrected rules: predictions paired with test records by question_id (as text); every test record
     counts once, a missing prediction as wrong; a repeated or unknown question_id is an error. GQA counts the
     questions its ground truth marks balanced (all of them without it)."""
-    by_qid = index_predictions(preds, records, f"{task} predictions")
+    by_qid = index_predictions(preds, records, where)
     if gt is not None and task == "GQA":
         records = [r for r in records if gt.get(str(r["question_id"]), (None, True))[1]]
     correct, missing = 0.0, 0
@@ -382,7 +384,7 @@ def score_fixed(task, preds, records, gt, path):
 PAIRED_BY_TEXT = ("TextVQA", "VQAv2")
 
 
-def score_official(task, preds, records, gt, path):
+def score_official(task, preds, records, gt, path, where):
     """The official scorers' own pairing and denominators, bit for bit (arithmetic in their order):
       - ScienceQA (eval_science_qa.py): every pid of the split (pid_splits.json's test, among `records`; without the
         file, every test record) counts; the last line of a repeated question_id counts; a question_id must equal the
@@ -396,10 +398,10 @@ def score_official(task, preds, records, gt, path):
     if task == "ScienceQA":
         return score_official_scienceqa(preds, records, gt, path)
     if task == "GQA":
-        return score_official_gqa(preds, records, gt, path)
+        return score_official_gqa(preds, records, gt, path, where)
     if task == "ImageNet":
         if len(preds) > len(records):
-            raise cli.UserError(f"ImageNet predictions: {len(preds)} lines for {len(records)} test records; the "
+            raise cli.UserError(f"{where}: {len(preds)} lines for {len(records)} ImageNet test records; the "
                                 "official eval_ImagetNet.py pairs line i with record i and fails past the last record")
         truths = [data.record_answer(r) for r in records[:len(preds)]]
     else:
@@ -409,7 +411,7 @@ def score_official(task, preds, records, gt, path):
         known = gt if from_file else {key(r["question_id"]): r for r in records}
         unknown = [p["question_id"] for p in preds if key(p["question_id"]) not in known]
         if unknown:
-            raise cli.UserError(f"{task} predictions: {len(unknown)} lines with a question_id not in "
+            raise cli.UserError(f"{where}: {len(unknown)} lines with a question_id not in "
                                 f"{path if from_file else 'the test file'} (e.g. {unknown[:3]}; the official scorer "
                                 "fails on them with KeyError): wrong task, test file or --max_test?")
         truths = [truth_of(task, p if from_file else known[key(p["question_id"])], gt, path) for p in preds]
@@ -444,14 +446,14 @@ def score_official_scienceqa(preds, records, gt, path):
             "missing": sum(pid not in latest for pid in gt), "left_out": sum(qid not in gt for qid in latest)}
 
 
-def score_official_gqa(preds, records, gt, path):
+def score_official_gqa(preds, records, gt, path, where):
     """convert_gqa_for_eval.py + eval_gqa.py's loop: see score_official."""
     if gt is None:
         gt = {r["question_id"]: (r["answer"], True) for r in records}
     latest = {p["question_id"]: p["text"] for p in preds}  # a repeated id: the last line
     unknown = [qid for qid in latest if qid not in gt]
     if unknown:
-        raise cli.UserError(f"GQA predictions: {len(unknown)} question_ids not in {path or 'the test file'} (e.g. "
+        raise cli.UserError(f"{where}: {len(unknown)} question_ids not in {path or 'the test file'} (e.g. "
                             f"{unknown[:3]}; the official eval_gqa.py fails on them with KeyError)")
     scores = [score_gqa(text, gt[qid][0], "official") for qid, text in latest.items() if gt[qid][1]]
     n = len(scores)
@@ -722,6 +724,12 @@ def heatmap(path, tasks, matrix, title):
     img.save(path)
 
 
+# Printed under a table with the zero-shot row: a base that writes sentences gets ScienceQA credit by the official rule
+ZERO_SHOT_SCIENCEQA = ("Zero-shot ScienceQA is not skill: the official rule takes the first one-letter word of a "
+                       "reply for its option (\"A poetry book called ...\" reads A, and so does \"it has a tail\"), "
+                       "so a base that writes sentences scores on the questions whose answer is A (docs/scoring.md).\n")
+
+
 def write_results(out_dir, tasks, if_matrix, gk_matrix, extra=None):
     """Write results.json (tasks, matrix and every aggregate at the top level for Instruction Following, the same
     under general_knowledge, then `extra`), results.md and heatmap_if.png / heatmap_gk.png; return the markdown.
@@ -732,6 +740,8 @@ def write_results(out_dir, tasks, if_matrix, gk_matrix, extra=None):
     res = {"tasks": list(tasks), "matrix": if_matrix, **aggregates(if_matrix)}
     md = markdown_table(tasks, if_matrix, "Instruction Following (accuracy %)",
                         {t: s["if"] for t, s in zero_shot.items()})
+    if "ScienceQA" in zero_shot and "ScienceQA" in tasks:
+        md += ZERO_SHOT_SCIENCEQA + "\n"
     heatmap(os.path.join(out_dir, "heatmap_if.png"), tasks, if_matrix, "Instruction Following: accuracy (%)")
     if gk_matrix is not None:
         res["general_knowledge"] = {"tasks": list(tasks), "matrix": gk_matrix, **aggregates(gk_matrix)}
@@ -755,7 +765,8 @@ class Options:
     predictions: str = ""                 # a run folder, its predictions/, the official results folder, or one file
     task: str = ""                        # with one file: its task
     test_file: str = ""                   # with one file: its test JSON (default: the task's, under --data_dir)
-    data_dir: str = "data/coin-mini"      # folder holding Instructions_*/ (a coin run folder: the run's)
+    data_dir: str = ""                    # folder holding Instructions_*/ (a coin run's files: the run's; else
+                                          # required, or --test_file with one file)
     instructions: str = "Original"        # Original | Diverse | 10Type (a coin run folder: the run's)
     image_dir: str = ""                   # image root (default <data_dir>/images), where the official ground truth is
     ground_truth: str = ""                # a folder holding them instead, laid out as the image root (ScienceQA/...)
@@ -794,16 +805,24 @@ RUN_SETTINGS = ("instructions", "max_test")
 RUN_LOCATIONS = ("data_dir", "image_dir", "ground_truth", "answers_from_test")
 
 
-def run_test_settings(opts):
-    """With --predictions a coin run folder (it holds results.json): the run's own test subset settings (RUN_SETTINGS,
-    RUN_LOCATIONS), and its recorded {task: test_set_id}; the command line may not give other --instructions or
-    --max_test."""
-    path = os.path.join(opts["predictions"], "results.json")
-    if not os.path.isfile(path):
-        return opts, {}
+def run_of(predictions):
+    """The coin run folder (it holds results.json) that --predictions is, or whose predictions/ it is, or in whose
+    predictions/<stage>/<Task>.jsonl it is one file; None for anything else (the official results tree, a file
+    elsewhere)."""
+    folder = os.path.abspath(predictions if os.path.isdir(predictions) else os.path.dirname(os.path.dirname(
+        os.path.abspath(predictions))))
+    run = os.path.dirname(folder) if os.path.basename(folder) == "predictions" else (
+        folder if os.path.isdir(predictions) else None)
+    return run if run is not None and os.path.isfile(os.path.join(run, "results.json")) else None
+
+
+def run_test_settings(opts, run_dir):
+    """The settings of the coin run in `run_dir` (run_of) that chose its test records (RUN_SETTINGS, RUN_LOCATIONS),
+    and its recorded {task: test_set_id}; the command line may not give other --instructions or --max_test."""
+    path = os.path.join(run_dir, "results.json")
     run = data.read_json(path)
     config = run.get("config", {})
-    clash = [f"--{k}={opts[k]}: the run in {opts['predictions']} evaluated with --{k}={config[k]} (its results.json); "
+    clash = [f"--{k}={opts[k]}: the run in {run_dir} evaluated with --{k}={config[k]} (its results.json); "
              f"drop --{k} to score the test records it scored" for k in RUN_SETTINGS
              if k in opts["given"] and k in config and opts[k] != config[k]]
     if clash:
@@ -812,7 +831,7 @@ def run_test_settings(opts):
         print(f"note: {path} does not record which test records the run scored (an older run): scoring the first "
               f"{config.get('max_test') or 'all'} of each test file, as its settings say, unverified")
     if config.get("skip_bad") and any(not k.endswith("/train") for k in run.get("dropped_records", {})):
-        raise cli.UserError(f"{opts['predictions']}: the run dropped bad test records (--skip_bad); rescoring it "
+        raise cli.UserError(f"{run_dir}: the run dropped bad test records (--skip_bad); rescoring it "
                             "needs the same records: use its results.json, or give one file with --test_file")
     taken = {k: config[k] for k in RUN_SETTINGS + RUN_LOCATIONS if k in config and k not in opts["given"]}
     return {**opts, **taken}, run.get("test_records", {})
@@ -928,11 +947,20 @@ def main(argv):
     if opts["compare"]:
         print(compare([r for r in opts["compare"].split(",") if r]))
         return
-    # a coin run folder: its own test subset and ground truth (run_test_settings)
-    opts, test_ids = run_test_settings(opts) if os.path.isdir(opts["predictions"]) else (opts, {})
     if not os.path.exists(opts["predictions"]):
         raise cli.MissingFile(f"--predictions={opts['predictions']!r}: no such folder or file (give a run folder, the "
                               "official results folder, or one file with --task; or --compare=RUN1,RUN2; see --help)")
+    # a coin run's files: its own test subset and ground truth (run_test_settings), unless --test_file names the records
+    one_file = os.path.isfile(opts["predictions"])
+    run_dir = None if one_file and opts["test_file"] else run_of(opts["predictions"])
+    opts, test_ids = run_test_settings(opts, run_dir) if run_dir else (opts, {})
+    if not opts["data_dir"] and not (one_file and opts["test_file"]):
+        raise cli.UserError(f"--predictions={opts['predictions']}: which test records does it answer? Give --data_dir "
+                            "(the folder holding Instructions_*/)" + (" or --test_file (the task's test JSON)"
+                                                                      if one_file else "")
+                            + "; only a coin run's own files name theirs (in its results.json)")
+    if not one_file and (out := cli.out_folder_problem(opts["out"])):
+        raise cli.UserError(out)
     if opts["ground_truth"] and not os.path.isdir(opts["ground_truth"]):
         raise cli.MissingFile(f"--ground_truth={opts['ground_truth']}: no such folder (the one holding ScienceQA/, "
                               "TextVQA/ and GQA/ with the official ground-truth files)")
@@ -940,24 +968,28 @@ def main(argv):
         opts["ground_truth"] or data.image_root(opts["data_dir"], opts["image_dir"]))
     judge = (None if opts["judge"] == "none" else ExactJudge() if opts["judge"] == "exact"
              else LMJudge(opts["judge"], opts["judge_batch"]))
-    records = {}
+    records, sources = {}, {}
 
     def score(task, path, test_file=""):  # -> (Instruction Following result, the judge's result or None)
-        if task not in records:
+        first = task not in records
+        if first:
             recs = data.test_examples(opts["data_dir"], task, opts["instructions"], path=test_file or None)
             records[task] = recs[:opts["max_test"]] if opts["max_test"] else recs
+            sources[task] = (f"{test_file or data.task_file(opts['data_dir'], task, 'eval', opts['instructions'])}, "
+                             f"{'the first' if opts['max_test'] else 'all'} {len(records[task])}")
             if task in test_ids and test_set_id(records[task]) != test_ids[task]:
                 raise cli.UserError(
                     f"{task}: the test records under --data_dir={opts['data_dir']} are not the {test_ids[task]['n']} "
-                    f"the run in {opts['predictions']} scored (regenerated or edited data?); give the data it read")
+                    f"the run in {run_dir} scored (regenerated or edited data?); give the data it read")
         preds = read_predictions(path, repeats=opts["scoring"] == "official")
-        scored = score_task(task, preds, records[task], opts["scoring"], ground_truth)
+        scored = score_task(task, preds, records[task], opts["scoring"], ground_truth,
+                            f"{path} (test records: {sources[task]})")
         # the judge sees one answer per test record (official scoring lets repeated lines through): the last one
         known = {str(r["question_id"]) for r in records[task]}
         latest = {str(p["question_id"]): p for p in preds if str(p["question_id"]) in known}
         judged = judge.score(task, list(latest.values()), records[task]) if judge else None
         print(f"{path}: {task} {scored['score']:.2f}" + (f", general knowledge {judged['score']:.2f}" if judged else "")
-              + counts_note(scored))
+              + counts_note(scored) + (f"; test records: {sources[task]}" if first else ""))
         return scored, judged
 
     if os.path.isfile(opts["predictions"]):  # one file

@@ -1,11 +1,37 @@
 """bench/llava7b.py at toy shapes on the CPU: the same code path as at 7B (meta-device build, coin's adapter, FSDP2
 sharding, to_empty, training steps, FLOP count, generation), so the GPU script cannot break unnoticed."""
+import importlib.util
 import json
 import os
 import subprocess
 import sys
 
+import pytest
+import torch
+
+import cli
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_bench(name, argv, capsys, monkeypatch):
+    """bench/<name>.py as its command line runs it, in this process (no interpreter start, torch loaded already):
+    (exit status, stdout, stderr). What the script changes in the process is undone after the test: its
+    OMP_WAIT_POLICY default, the folders it puts on sys.path, its torch threads."""
+    monkeypatch.setenv("OMP_WAIT_POLICY", os.environ.get("OMP_WAIT_POLICY", "PASSIVE"))
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", os.path.join(ROOT, "bench", f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, module)  # (its dataclasses look their module up there)
+    spec.loader.exec_module(module)
+    threads = torch.get_num_threads()
+    try:
+        with pytest.raises(SystemExit) as e:
+            cli.run(module.main, argv)
+    finally:
+        torch.set_num_threads(threads)
+    out = capsys.readouterr()
+    return e.value.code, out.out, out.err
 
 
 def test_llava7b_bench_at_tiny_shapes(tmp_path):
@@ -27,26 +53,24 @@ def test_llava7b_bench_at_tiny_shapes(tmp_path):
     assert "shard True" in proc.stdout and "MFU" in proc.stdout
 
 
-def test_methods_bench_runs(tmp_path):
+def test_methods_bench_runs(capsys, monkeypatch):
     """bench/methods.py, one round: every method's row and the Fisher's cost are printed."""
-    proc = subprocess.run([sys.executable, "bench/methods.py", "--rounds=1", "--threads=1", "--fisher_records=2",
-                           "--tasks_before=1"], cwd=ROOT, capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    status, out, err = run_bench("methods", ["--rounds=1", "--threads=1", "--fisher_records=2", "--tasks_before=1"],
+                                 capsys, monkeypatch)
+    assert status == 0, err[-3000:]
     for method in ("sequential", "replay", "ewc", "lwf", "olora"):
-        assert f"| {method} | " in proc.stdout, proc.stdout
-    assert "EWC's Fisher, once per task: 2 records" in proc.stdout
+        assert f"| {method} | " in out, out
+    assert "EWC's Fisher, once per task: 2 records" in out
 
 
-def test_moelora_bench_at_tiny_shapes():
+def test_moelora_bench_at_tiny_shapes(capsys, monkeypatch):
     """bench/moelora.py, two rounds at a toy shape: every variant's row and every target's verdict are printed (the
     verdicts themselves are about timings: not asserted); a bad setting is one error line."""
-    proc = subprocess.run([sys.executable, "bench/moelora.py", "--shapes=64x96", "--tokens=8", "--r=8", "--rounds=2",
-                           "--threads=1", "--dropout=0.05"], cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    status, out, err = run_bench("moelora", ["--shapes=64x96", "--tokens=8", "--r=8", "--rounds=2", "--threads=1",
+                                             "--dropout=0.05"], capsys, monkeypatch)
+    assert status == 0, err[-3000:]
     for row in ("base linear alone", "LoRA r=8 (moelora.py, E=1)", "MoELoRA E=8 r=8 (moelora.py)",
                 "per-expert loop E=8 r=8", "MoE / LoRA time", "MoE / LoRA saved activations"):
-        assert row in proc.stdout, proc.stdout
-    bad = subprocess.run([sys.executable, "bench/moelora.py", "--shapes=64", "--dropout=1"], cwd=ROOT,
-                         capture_output=True, text=True, timeout=300)
-    assert bad.returncode == 2 and bad.stderr.startswith("error: --dropout=1.0: must be in [0, 1)"), bad.stderr
+        assert row in out, out
+    status, _, err = run_bench("moelora", ["--shapes=64", "--dropout=1"], capsys, monkeypatch)
+    assert status == 2 and err.startswith("error: --dropout=1.0: must be in [0, 1)"), err
