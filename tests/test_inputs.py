@@ -77,7 +77,8 @@ SETTINGS = [
     (["--tasks=GQA,Foo"], "--tasks: unknown task 'Foo'"),
     (["--tasks=GQA,gqa"], "--tasks lists a task twice"),
     (["--lora_r=6", "--experts=4"], "--lora_r=6 --experts=4: the rank is split evenly over the experts"),
-    (["--global_batch=102"], "--global_batch=102: global batch 102 is not a multiple of micro_batch x ranks = 4 x 1"),
+    (["--global_batch=102"], "--global_batch=102 (102) on 1 rank(s) gives each 102 records a step, not a multiple of "
+                             "--micro_batch=4: choose a --micro_batch that divides 102"),
     (["--global_batch=big"], "--global_batch=big: must be '', 'official' or a whole number > 0"),
     (["--data_dir=nowhere"], "--data_dir=nowhere: no such folder"),
     (["--base=nowhere"], "--base=nowhere: no such model directory"),
