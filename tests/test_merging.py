@@ -311,3 +311,86 @@ def test_magmax_and_mean_evaluate_the_official_merge_and_restore_the_model_exact
             assert not torch.equal(merged_out, y)
             assert all(torch.equal(v, after[k]) for k, v in model.state_dict().items())  # restored bit for bit
             assert torch.equal(model(x), y)
+
+
+# -----------------------------------------------------------------------------
+# Through coin.py's loop: killed mid-stage and resumed, bit for bit; two gloo ranks train as one
+
+import json  # noqa: E402
+import os  # noqa: E402
+import socket  # noqa: E402
+
+import pytest  # noqa: E402
+from safetensors.torch import load_file  # noqa: E402
+
+import checkpoint  # noqa: E402
+import coin  # noqa: E402
+from test_resume import args, assert_killed_mid_stage, assert_same_run, finish, stage, start, wait_for  # noqa: E402
+
+MERGING = ["reglora", "magmax", "merge_mean"]
+
+
+@pytest.mark.parametrize("method", MERGING)
+def test_merging_method_resumes_exactly(method, mini_data, tiny_base, tmp_path):
+    """Two tasks of 12 steps, dropout on: SIGKILL in stage 2, rerun, the weights, predictions and scores of a run never
+    stopped, bit for bit. The state a resumed run reads (RegLoRA's merged factors and key elements, every stage's task
+    vector factors) comes only from the stage's method_state.safetensors."""
+    ref, out, log = str(tmp_path / "ref"), str(tmp_path / "run"), str(tmp_path / "log")
+    argv = lambda d: args(mini_data, tiny_base, d, f"--method={method}", "--experts=1")  # noqa: E731
+    coin.main(argv(ref))
+    proc = start(argv(out), log)
+    wait_for(os.path.join(stage(out, 1), checkpoint.MIDSTAGE), proc, log)
+    proc.kill()
+    proc.wait()
+    assert_killed_mid_stage(out, 1)
+    coin.main(argv(out))
+    assert_same_run(out, ref)
+    state = load_file(os.path.join(stage(ref, 0), checkpoint.METHOD_STATE))
+    weights = load_file(os.path.join(stage(ref, 0), "adapter.safetensors"))
+    if method == "reglora":  # the test base's 2 layers x 7 linears, each with its merged factors and 2% of its entries as keys
+        assert len([k for k in state if k.endswith(".keys")]) == 14
+        meta = json.load(open(os.path.join(stage(ref, 1), "meta.json")))
+        assert meta["final_penalty"] > 0 and meta["key_elements"] == sum(len(v) for k, v in state.items()
+                                                                        if k.endswith(".keys"))
+    else:  # the stage's LoRA and projector, and the base's projector
+        assert {k.removeprefix("0.") for k in state if k.startswith("0.")} == set(weights)
+        assert any(k.startswith("base.projector.") for k in state)
+
+
+def test_magmax_trains_as_sequential(mini_data, tiny_base, tmp_path):
+    """MagMax changes what is evaluated, not what trains: its stages' weights are sequential LoRA's, bit for bit."""
+    for method in ("magmax", "sequential"):
+        coin.main(args(mini_data, tiny_base, str(tmp_path / method), f"--method={method}", "--experts=1",
+                       "--max_train=16", "--zero_shot=false"))
+    for j in range(2):
+        got, want = (load_file(os.path.join(stage(str(tmp_path / m), j), "adapter.safetensors"))
+                     for m in ("magmax", "sequential"))
+        assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+
+
+@pytest.mark.parametrize("method", ["reglora", "magmax"])  # merge_mean keeps and merges as magmax does
+def test_merging_method_on_two_ranks_equals_one(method, mini_data, tiny_base, tmp_path):
+    """Two gloo ranks of 2 records give the weights and state of one rank of 4 (no dropout: masks are per rank):
+    RegLoRA's penalty is added once per step after the ranks' gradients are summed, its keys and merge are computed
+    alike on every rank; MagMax's evaluation merges alike on every rank."""
+    def argv(d, *extra):
+        return args(mini_data, tiny_base, d, f"--method={method}", "--experts=1", "--max_train=16", "--lr=1e-3",
+                    "--lora_dropout=0", "--zero_shot=false", *extra)
+    one, two = str(tmp_path / "one"), str(tmp_path / "two")
+    coin.main(argv(one))
+    with socket.socket() as s:  # a free port for the rendezvous
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = start(argv(two, "--micro_batch=2"), str(tmp_path / "two.log"),
+                 torchrun=["--nproc_per_node=2", f"--master_port={port}"])
+    assert finish(proc, str(tmp_path / "two.log")) == 0, open(tmp_path / "two.log").read()[-3000:]
+    for j in range(2):
+        for f in ("adapter.safetensors", checkpoint.METHOD_STATE):
+            got, want = (load_file(os.path.join(stage(d, j), f)) for d in (two, one))
+            assert got.keys() == want.keys()
+            for k in want:
+                if want[k].is_floating_point():  # float noise through Adam's normalisation, as test_resume's
+                    torch.testing.assert_close(got[k], want[k], rtol=1e-4, atol=1e-4, msg=f"{j + 1} {f}: {k}")
+                else:  # key elements: the same positions (two of near-equal |B A| may swap places in the order)
+                    assert torch.equal(got[k].sort().values, want[k].sort().values), f"{j + 1} {f}: {k}"
+    assert json.load(open(os.path.join(two, "results.json")))["matrix"][1][0] is not None
