@@ -7,6 +7,9 @@ of them by name. `--method` picks a class from METHODS; the maths is in each doc
     --method=ewc          EWC (Kirkpatrick et al. 2017, arXiv 1612.00796): a Fisher-weighted pull to the last weights
     --method=lwf          LwF (Li & Hoiem 2016, arXiv 1606.09282): distil the previous stage's model on the new inputs
     --method=olora        O-LoRA (Wang et al. 2023, arXiv 2310.14152): one LoRA subspace per task, kept orthogonal
+    --method=reglora      RegLoRA (SEFE: Chen et al. 2025, arXiv 2505.02486): a LoRA per task, merged, key entries held
+    --method=magmax       MagMax (Marczak et al. 2024, arXiv 2407.06322): evaluated as the max-magnitude task vector
+    --method=merge_mean   the mean of task vectors, MagMax's simplest merging baseline
 
 CoIN (arXiv 2403.08350) compares MoELoRA with LwF and EWC; Replay and O-LoRA are what later CL benchmarks of
 multimodal LLMs ship besides them. Replay, EWC and LwF work on any adapter (--experts=1 LoRA, >1 MoELoRA); O-LoRA
@@ -723,8 +726,8 @@ class RegLoRA(Method):
 
 
 # -----------------------------------------------------------------------------
-# Merging task vectors: MagMax (Marczak et al., ECCV 2024, arXiv 2407.06322; official code github.com/danielm1405/magmax,
-# read at 4f49f18) and the plain mean of task vectors
+# Merging task vectors: MagMax (Marczak et al., ECCV 2024, arXiv 2407.06322; official code
+# github.com/danielm1405/magmax, read at 4f49f18) and the plain mean of task vectors
 
 def max_magnitude(task_vectors):
     """Per entry, the task vector of largest magnitude over `task_vectors` (an iterable of same-shaped tensors, in

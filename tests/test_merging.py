@@ -347,7 +347,7 @@ def test_merging_method_resumes_exactly(method, mini_data, tiny_base, tmp_path):
     assert_same_run(out, ref)
     state = load_file(os.path.join(stage(ref, 0), checkpoint.METHOD_STATE))
     weights = load_file(os.path.join(stage(ref, 0), "adapter.safetensors"))
-    if method == "reglora":  # the test base's 2 layers x 7 linears, each with its merged factors and 2% of its entries as keys
+    if method == "reglora":  # the test base's 2 layers x 7 linears, each with its merged factors and keys (2%)
         assert len([k for k in state if k.endswith(".keys")]) == 14
         meta = json.load(open(os.path.join(stage(ref, 1), "meta.json")))
         assert meta["final_penalty"] > 0 and meta["key_elements"] == sum(len(v) for k, v in state.items()
