@@ -722,6 +722,8 @@ class RegLoRA(Method):
         return contextlib.nullcontext()
 
     def notes(self, model):
+        if not self.keys:
+            return {}
         return {"key_elements": sum(len(k) for k in self.keys.values())}  # in the penalty this stage, repeats counted
 
 

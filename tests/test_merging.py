@@ -394,3 +394,15 @@ def test_merging_method_on_two_ranks_equals_one(method, mini_data, tiny_base, tm
                 else:  # key elements: the same positions (two of near-equal |B A| may swap places in the order)
                     assert torch.equal(got[k].sort().values, want[k].sort().values), f"{j + 1} {f}: {k}"
     assert json.load(open(os.path.join(two, "results.json")))["matrix"][1][0] is not None
+
+
+def test_merging_methods_refuse_moelora():
+    from cli import UserError
+    with pytest.raises(UserError, match=r"--method=reglora --experts=8: RegLoRA trains and merges one plain LoRA per "
+                                        r"stage; give --experts=1"):
+        coin.parse_config(["--method=reglora"])
+    for method in ("magmax", "merge_mean"):
+        with pytest.raises(UserError, match=rf"--method={method} --experts=8: merging needs each stage's delta-W"):
+            coin.parse_config([f"--method={method}"])
+    cfg = coin.parse_config(["--method=reglora", "--experts=1", "--reglora_union=set"])
+    assert cfg.reglora_union == "set" and cfg.reglora_lambda == 2.5e3
