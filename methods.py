@@ -7,6 +7,9 @@ of them by name. `--method` picks a class from METHODS; the maths is in each doc
     --method=ewc          EWC (Kirkpatrick et al. 2017, arXiv 1612.00796): a Fisher-weighted pull to the last weights
     --method=lwf          LwF (Li & Hoiem 2016, arXiv 1606.09282): distil the previous stage's model on the new inputs
     --method=olora        O-LoRA (Wang et al. 2023, arXiv 2310.14152): one LoRA subspace per task, kept orthogonal
+    --method=reglora      RegLoRA (SEFE: Chen et al. 2025, arXiv 2505.02486): a LoRA per task, merged, key entries held
+    --method=magmax       MagMax (Marczak et al. 2024, arXiv 2407.06322): evaluated as the max-magnitude task vector
+    --method=merge_mean   the mean of task vectors, MagMax's simplest merging baseline
 
 CoIN (arXiv 2403.08350) compares MoELoRA with LwF and EWC; Replay and O-LoRA are what later CL benchmarks of
 multimodal LLMs ship besides them. Replay, EWC and LwF work on any adapter (--experts=1 LoRA, >1 MoELoRA); O-LoRA
@@ -528,4 +531,332 @@ def register(cls):
 
 
 for _cls in (Method, Replay, EWC, LwF, OLoRA):
+    register(_cls)
+
+
+# -----------------------------------------------------------------------------
+# RegLoRA (SEFE: Chen et al., ICML 2025, arXiv 2505.02486; official code github.com/jinpeng0528/SEFE, read at 2f61efe)
+
+class MergedLoRALinear(AdapterLayer):
+    """A frozen nn.Linear (self.base), the LoRAs of the finished stages merged, and this stage's fresh LoRA, which
+    alone trains:
+
+        y = W0 x + (alpha / r) * (B_m A_m x + B A dropout(x))        A_m = [A_1; ...; A_j]: (j r, d_in)
+                                                                     B_m = [B_1 ... B_j]:   (d_out, j r)
+
+    B_m A_m = sum_i B_i A_i, so the first term is every finished stage's (alpha / r) B_i A_i added into W0, as the
+    official code merges each stage's LoRA into the weights (scripts/merge_lora_weights.py). The merged delta is kept
+    as its factors, in fp32, outside W0: nothing is rounded into W0's dtype, the frozen base is never rewritten, and a
+    resumed run rebuilds it bit for bit from the method's state (set_merged). Factors are the smaller form while
+    j r < d_in d_out / (d_in + d_out) (7B at r 128: up to 16 stages). The fresh LoRA's keys are <name>.lora_A and
+    <name>.lora_B; the merged factors are buffers outside the state dict. No dropout on the merged part: it is part
+    of the weights."""
+
+    def __init__(self, base, r, alpha, dropout):
+        super().__init__()
+        assert isinstance(base, nn.Linear), f"MergedLoRALinear wraps an nn.Linear, got {type(base).__name__}"
+        self.base = base.requires_grad_(False)
+        self.scaling, self.dropout = alpha / r, dropout
+        d_in, d_out, device = base.in_features, base.out_features, base.weight.device
+        self.lora_A = nn.Parameter(torch.zeros(r, d_in, device=device))  # (r, d_in): set by fresh_lora
+        self.lora_B = nn.Parameter(torch.zeros(d_out, r, device=device))  # (d_out, r)
+        self.register_buffer("merged_A", torch.zeros(0, d_in, device=device), persistent=False)  # (j r, d_in)
+        self.register_buffer("merged_B", torch.zeros(d_out, 0, device=device), persistent=False)  # (d_out, j r)
+
+    def forward(self, x):  # x: (..., d_in)
+        y = self.base(x)  # (..., d_out)
+        h = x.to(self.lora_A.dtype)
+        out = (h @ self.merged_A.t()) @ self.merged_B.t() if len(self.merged_A) else 0  # (..., d_out)
+        if self.training and self.dropout > 0:
+            h = F.dropout(h, self.dropout)
+        out = out + (h @ self.lora_A.t()) @ self.lora_B.t()  # (..., d_out)
+        return y + (out * self.scaling).to(y.dtype)
+
+    @torch.no_grad()
+    def fold(self):
+        """Merge the trained LoRA: its factors join the merged ones and B becomes 0, so the layer computes the same."""
+        self.merged_A = torch.cat([self.merged_A, self.lora_A.detach()])
+        self.merged_B = torch.cat([self.merged_B, self.lora_B.detach()], dim=1)
+        self.lora_B.zero_()
+
+
+def merged_lora_layers(model):
+    """[(name, MergedLoRALinear)] in the model's order."""
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, MergedLoRALinear)]
+
+
+def add_merged_lora(model, names, r, alpha, dropout):
+    """Wrap the nn.Linear layers `names` in MergedLoRALinear (nothing merged yet, a zero LoRA: the base's output)."""
+    assert not merged_lora_layers(model), "the model has MergedLoRALinear layers already: add_merged_lora runs once"
+    for name in names:
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, MergedLoRALinear(model.get_submodule(name), r, alpha, dropout))
+    return names
+
+
+def fresh_lora(model, seed, stage, init):
+    """A new LoRA for stage `stage` in every layer: B = 0, A drawn from a generator seeded by (seed, stage) alone, layer
+    after layer. init: "kaiming" is PEFT's Kaiming-uniform with a = sqrt(5), what the official code's get_peft_model
+    gives every stage; "normal" is N(0, 0.01^2), coin's LoRA."""
+    g = seeded_generator(seed, "reglora", stage)
+    for _, m in merged_lora_layers(model):
+        A = torch.empty(m.lora_A.shape)
+        if init == "kaiming":
+            nn.init.kaiming_uniform_(A, a=math.sqrt(5), generator=g)
+        else:
+            A = torch.randn(A.shape, generator=g) * 0.01
+        with torch.no_grad():
+            m.lora_A.copy_(A)
+            m.lora_B.zero_()
+
+
+def key_elements(delta, ratio):
+    """The key elements of a stage's LoRA in one linear: the flat positions (row * d_in + column) of the
+    k = int(ratio * d_out * d_in) entries of largest |delta|, delta = B A (d_out, d_in) without alpha / r, largest
+    first, as key_elements_identification.py (lines 50-60) finds them (it keeps (row, column) pairs). int32 where the
+    positions fit (a 7B linear's do): half the memory of the official int64 pairs' quarter."""
+    k = int(ratio * delta.shape[0] * delta.shape[1])
+    flat = torch.topk(delta.abs().flatten(), k).indices  # (k,)
+    return flat.to(torch.int32) if delta.numel() < 2 ** 31 else flat
+
+
+def join_keys(earlier, new, union="concat"):
+    """A stage's key elements joined with the earlier stages': "concat" appends them (new first, as the official
+    torch.cat((new, legacy)), key_elements_identification.py line 67), so a position that is a key again counts once
+    more in the penalty's mean; "set" keeps each position once."""
+    if earlier is None:
+        return new
+    joined = torch.cat([new, earlier])
+    return joined if union == "concat" else torch.unique(joined)
+
+
+def reglora_penalty(layers, keys, lam):
+    """RegLoRA's regulariser of the stage's fresh LoRA at the earlier stages' key elements:
+
+        lam * (1 / N) * sum over the N adapted linears of mean_{p in keys} |(B A)_p|
+
+    B A without alpha / r, as the official penalty (llava/model/language_model/modeling_llama.py, lines 791-801: the
+    mean per linear, summed; line 1131: / 224; llava_llama.py line 114: x 2.5e3). N is coin's count of adapted linears
+    where the official code hard-codes 224 = 32 layers x 7 (the same at 7B with every linear adapted). A linear without
+    keys adds 0 (the official code's mean would be NaN; only a linear of fewer than 1 / ratio entries has none). layers:
+    [(name, MergedLoRALinear)], keys: {name: flat positions}. A scalar; only the fresh LoRAs get a gradient."""
+    total = 0.0
+    for name, m in layers:
+        if len(keys[name]):
+            total = total + (m.lora_B @ m.lora_A).flatten().index_select(0, keys[name]).abs().mean()
+    return total / len(layers) * lam
+
+
+class RegLoRA(Method):
+    """RegLoRA: each stage trains a fresh LoRA (r, alpha from --lora_r, --lora_alpha; official 128, 256) on the model
+    with every earlier stage's LoRA merged in (MergedLoRALinear); after the stage, the key elements of each adapted
+    linear, the top --reglora_ratio of |B A|, join the earlier stages' (join_keys), and the LoRA is merged; while a
+    later stage trains, the loss adds reglora_penalty once per optimizer step. The end-of-stage state holds, per
+    linear, the merged factors and the key elements; the projector trains and carries over as in sequential tuning
+    (the official code trains it too, unregularised). Defaults are the official code's (docs/methods.md)."""
+    name = "reglora"
+    shardable = False
+
+    @dataclasses.dataclass
+    class Settings:
+        reglora_lambda: float = 2.5e3     # reglora: penalty weight (official: loss = CE + 2.5e3 * penalty)
+        reglora_ratio: float = 0.02       # reglora: share of each linear's entries kept as key elements (official 2%)
+        reglora_union: str = "concat"     # reglora: a stage's keys join the earlier ones by concat (official: a key
+                                          # found again counts again in the mean) | set (each position once)
+        reglora_init: str = "kaiming"     # reglora: each fresh LoRA's A: kaiming (PEFT's, the official) | normal
+    rules = {"reglora_lambda": cli.at_least(0), "reglora_ratio": cli.between(0, 1, low_open=True),
+             "reglora_union": cli.one_of("concat", "set"), "reglora_init": cli.one_of("kaiming", "normal")}
+
+    @classmethod
+    def check(cls, cfg):
+        if cfg.experts != 1:
+            return [f"--method=reglora --experts={cfg.experts}: RegLoRA trains and merges one plain LoRA per stage; "
+                    "give --experts=1"]
+        return []
+
+    def describe(self):
+        return f"RegLoRA r={self.cfg.lora_r}, a fresh LoRA per stage, merged after it"
+
+    def add_adapter(self, model, n_stages):
+        cfg = self.cfg
+        names = add_merged_lora(model, target_linears(model), cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout)
+        for _, m in merged_lora_layers(model):
+            m.lora_A.requires_grad_(True)
+            m.lora_B.requires_grad_(True)
+        return names
+
+    def load_state(self, model, state):
+        """The merged factors of the stages so far into the layers, and their key elements; {} before any stage."""
+        self.keys = {}
+        for name, m in merged_lora_layers(model):
+            if f"{name}.merged_A" in state:
+                m.merged_A = state[f"{name}.merged_A"].to(m.lora_A.device)
+                m.merged_B = state[f"{name}.merged_B"].to(m.lora_A.device)
+            if f"{name}.keys" in state:
+                self.keys[name] = state[f"{name}.keys"].to(m.lora_A.device)
+
+    def start_stage(self, model, stage, records, state):
+        self.load_state(model, state)  # the model holds the earlier stages' LoRAs merged: on a resumed run too
+        fresh_lora(model, stage.seed, stage.index, self.cfg.reglora_init)
+        return records
+
+    def penalty(self, model):
+        if not self.keys:
+            return None  # the first stage: nothing to keep yet
+        return reglora_penalty(merged_lora_layers(model), self.keys, self.cfg.reglora_lambda)
+
+    def end_stage(self, model, stage, dataset, state):
+        """Key elements from B A in fp32 (none after the last stage: no stage reads them), then the merge."""
+        cfg, state = self.cfg, {}
+        with torch.no_grad():
+            for name, m in merged_lora_layers(model):
+                if not stage.last:
+                    new = key_elements(m.lora_B.float() @ m.lora_A.float(), cfg.reglora_ratio)
+                    state[f"{name}.keys"] = join_keys(self.keys.get(name), new, cfg.reglora_union)
+                m.fold()
+                state[f"{name}.merged_A"], state[f"{name}.merged_B"] = m.merged_A, m.merged_B
+        return state
+
+    def evaluating(self, model, stage, state):
+        self.load_state(model, state)  # as after this stage's end (a resumed run may evaluate without it)
+        return contextlib.nullcontext()
+
+    def notes(self, model):
+        if not self.keys:
+            return {}
+        return {"key_elements": sum(len(k) for k in self.keys.values())}  # in the penalty this stage, repeats counted
+
+
+# -----------------------------------------------------------------------------
+# Merging task vectors: MagMax (Marczak et al., ECCV 2024, arXiv 2407.06322; official code
+# github.com/danielm1405/magmax, read at 4f49f18) and the plain mean of task vectors
+
+def max_magnitude(task_vectors):
+    """Per entry, the task vector of largest magnitude over `task_vectors` (an iterable of same-shaped tensors, in
+    stage order), as src/merging/task_vectors.py's merge_max_abs (lines 104-127): a running torch.where with >=, so on
+    an exact tie of |tau| the later stage's entry is kept. (src/merging/ties.py's "magnitude" aggregate, an argmax
+    that keeps the first, is used by no script.) Two dense tensors at a time, whatever the number of stages."""
+    merged = None
+    for tau in task_vectors:
+        merged = tau if merged is None else torch.where(tau.abs() >= merged.abs(), tau, merged)
+    return merged
+
+
+def summed(task_vectors):
+    """The sum of `task_vectors`, in stage order (the official `sum(task_vectors)`, TaskVector.__add__)."""
+    total = None
+    for tau in task_vectors:
+        total = tau if total is None else total + tau
+    return total
+
+
+@contextlib.contextmanager
+def task_vector_merge(model, state, stages, merge, coefficient):
+    """Inside, the model is theta_0 + coefficient * merge(tau_1, ..., tau_stages), as the official apply_to
+    (src/merging/task_vectors.py, lines 73-85: pretrained + scaling_coef * vector); on exit it is as before, bit for
+    bit. The task vectors are theta_i - theta_0, theta_0 the base (no adapter, the base's projector):
+      - each adapted linear's, the LoRA's delta-W (alpha / r) B_i A_i of stage i, computed exactly in fp32 from the
+        factors in `state` ("<i>.<layer>.lora_A", "<i>.<layer>.lora_B"), one linear at a time (a 7B model's dense
+        deltas would not fit at once); the merged weight is written into the base linear's weight in its dtype (its
+        own value saved to the CPU, restored on exit), and the linear stands in for its adapter layer;
+      - the projector's, its weights after stage i less the base's ("<i>.projector.<k>", "base.projector.<k>").
+    NOTE(fidelity): the official task vectors are differences of whole fp32 state dicts (full fine-tuning of CLIP);
+    here the language model is adapted by a LoRA, whose delta-W is exactly its product, and the merged weights round
+    to the base's dtype (exact at fp32; bf16 at 7B, as the base's own weights)."""
+    saved, swapped = [], []
+    try:
+        with torch.no_grad():
+            for name, m in [(n, m) for n, m in model.named_modules() if isinstance(m, AdapterLayer)]:
+                w = m.base.weight
+                taus = (m.scaling * (state[f"{i}.{name}.lora_B"].to(w.device).float()
+                                     @ state[f"{i}.{name}.lora_A"].to(w.device).float()) for i in range(stages))
+                merged = w.float() + coefficient * merge(taus)  # (d_out, d_in)
+                saved.append((w, w.detach().to("cpu", copy=True)))
+                w.copy_(merged)
+                parent, _, child = name.rpartition(".")
+                swapped.append((model.get_submodule(parent), child, m))
+                setattr(model.get_submodule(parent), child, m.base)
+            for k, p in projector(model).named_parameters():
+                base = state[f"base.projector.{k}"].to(p.device)
+                taus = (state[f"{i}.projector.{k}"].to(p.device) - base for i in range(stages))
+                merged = base + coefficient * merge(taus)
+                saved.append((p, p.detach().to("cpu", copy=True)))
+                p.copy_(merged)
+        yield
+    finally:
+        with torch.no_grad():
+            for parent, child, m in swapped:
+                setattr(parent, child, m)
+            for p, value in saved:
+                p.copy_(value)
+
+
+class MagMax(Method):
+    """MagMax: sequential fine-tuning of a LoRA (--experts=1) and the projector, exactly as --method=sequential
+    trains; the model evaluated after stage j is theta_0 + magmax_lambda * (per entry, the task vector of largest
+    magnitude over stages 1..j) (task_vector_merge, max_magnitude), while training goes on from stage j's own weights.
+    The end-of-stage state keeps every stage's LoRA factors and projector (and the base's projector): the task
+    vectors are rebuilt from them, one linear at a time, exactly."""
+    name = "magmax"
+    shardable = False
+
+    @dataclasses.dataclass
+    class Settings:
+        magmax_lambda: float = 0.5        # magmax: the merged task vector's scaling (official: 0.5)
+    rules = {"magmax_lambda": cli.at_least(0)}
+
+    @classmethod
+    def check(cls, cfg):
+        if cfg.experts != 1:
+            return [f"--method={cls.name} --experts={cfg.experts}: merging needs each stage's delta-W, which a "
+                    "token-routed MoELoRA has not; give --experts=1"]
+        return []
+
+    def describe(self):
+        return f"LoRA r={self.cfg.lora_r}, evaluated as {self.name} merges its task vectors"
+
+    def merge(self, task_vectors):
+        return max_magnitude(task_vectors)
+
+    def coefficient(self, stages):
+        return self.cfg.magmax_lambda
+
+    def start_stage(self, model, stage, records, state):
+        if stage.index == 0:  # theta_0's projector, before it trains (kept in the state from the first stage's end)
+            self.base_projector = {k: p.detach().to("cpu", copy=True) for k, p in projector(model).named_parameters()}
+        return records
+
+    def end_stage(self, model, stage, dataset, state):
+        """The earlier stages' state, plus this stage's LoRA factors and projector (the base's projector once)."""
+        j, state = stage.index, dict(state)
+        if j == 0:
+            state.update({f"base.projector.{k}": v for k, v in self.base_projector.items()})
+        state.update({f"{j}.{n}": p.detach().to("cpu", copy=True) for n, p in adapter_parameters(model)})
+        state.update({f"{j}.projector.{k}": p.detach().to("cpu", copy=True)
+                      for k, p in projector(model).named_parameters()})
+        return state
+
+    def evaluating(self, model, stage, state):
+        return task_vector_merge(model, state, stage.index + 1, self.merge, self.coefficient(stage.index + 1))
+
+
+class MeanMerge(MagMax):
+    """The plain mean of task vectors: the model evaluated after stage j is theta_0 + merge_lambda * (1/j) *
+    sum_{i <= j} tau_i (the official merging baseline: sum with scaling_coef 1 / n, merge_splitted.py line 71);
+    trained and kept as MagMax."""
+    name = "merge_mean"
+
+    @dataclasses.dataclass
+    class Settings:
+        merge_lambda: float = 1.0         # merge_mean: the mean task vector's scaling (official: 1, on the mean)
+    rules = {"merge_lambda": cli.at_least(0)}
+
+    def merge(self, task_vectors):
+        return summed(task_vectors)
+
+    def coefficient(self, stages):
+        return self.cfg.merge_lambda / stages  # the official 1.0 / n_splits at merge_lambda 1
+
+
+for _cls in (RegLoRA, MagMax, MeanMerge):
     register(_cls)
