@@ -817,10 +817,14 @@ def hide_router(image, has_image, text, image_anchors, text_anchors, temperature
     for all of them (--hide_router=batch). image (B, d_i), has_image (B,), text (B, d_t), anchors (t, d)."""
     cos_image = F.cosine_similarity(image.unsqueeze(1), image_anchors.unsqueeze(0), dim=2)  # (B, t)
     cos_text = F.cosine_similarity(text.unsqueeze(1), text_anchors.unsqueeze(0), dim=2)  # (B, t)
+    # NOTE(fidelity): per record by default; the official code takes the max over the batch (over="batch"), the
+    # same at its evaluation's batch of 1
     if over == "batch":
         best_text = cos_text.max(0).values  # (t,)
         score = (cos_image[has_image].max(0).values + best_text) / 2 if has_image.any() else best_text
         return F.softmax(score / temperature, dim=0).expand(len(text), -1)
+    # NOTE(fidelity): a record without an image is routed by its text alone; the official evaluation does not route
+    # it (no images: an early return, llava_arch.py line 138), so the previous record's weights stay
     score = torch.where(has_image.unsqueeze(1), (cos_image + cos_text) / 2, cos_text)  # (B, t)
     return F.softmax(score / temperature, dim=1)
 
@@ -955,6 +959,9 @@ class TaskRouted(Method):
         return self.all_kept()
 
     def evaluating(self, model, stage, state):
+        # NOTE(fidelity): the experts and kept features of the tasks trained so far; the official evaluation sums the
+        # lower layers over its config's cur_task + 1 experts (1 + 1 in its CoIN scripts) and softmaxes over
+        # expert_num = 6 anchors (HiDe-LLaVA) or every task's prototype, untrained ones included (DISCO)
         layers = task_expert_layers(model)
         for m in layers:
             m.seen = stage.index + 1
@@ -1010,6 +1017,9 @@ class HiDe(TaskRouted):
             g = seeded_generator(stage.seed, self.name, stage.index)
             return {"image_anchors": official_running_anchor(image[has], self.cfg.micro_batch, g),
                     "text_anchors": official_running_anchor(text, self.cfg.micro_batch, g)}
+        # NOTE(fidelity): the mean of the records' features (the paper); the official running mean counts a random
+        # start as a record and keeps a bf16 counter (--hide_anchor=official); records without an image are left out
+        # of the image anchor (official training gives them a zero image)
         return {"image_anchors": mean_feature(image[has]), "text_anchors": mean_feature(text)}
 
     def weigh(self, image, has, text, kept, over=None):
