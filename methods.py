@@ -10,6 +10,8 @@ of them by name. `--method` picks a class from METHODS; the maths is in each doc
     --method=reglora      RegLoRA (SEFE: Chen et al. 2025, arXiv 2505.02486): a LoRA per task, merged, key entries held
     --method=magmax       MagMax (Marczak et al. 2024, arXiv 2407.06322): evaluated as the max-magnitude task vector
     --method=merge_mean   the mean of task vectors, MagMax's simplest merging baseline
+    --method=hide         HiDe-LLaVA (Guo et al., ACL 2025): a LoRA expert per task, the top layer's weighed by CLIP features
+    --method=disco        DISCO (MCITlib): a LoRA slice per task, every layer's weighed by CLIP text features
 
 CoIN (arXiv 2403.08350) compares MoELoRA with LwF and EWC; Replay and O-LoRA are what later CL benchmarks of
 multimodal LLMs ship besides them. Replay, EWC and LwF work on any adapter (--experts=1 LoRA, >1 MoELoRA); O-LoRA
@@ -37,6 +39,7 @@ import dataclasses
 import hashlib
 import math
 import random
+import re
 
 import torch
 import torch.distributed as dist
@@ -44,6 +47,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import cli
+import data
 from base_model import projector
 from moelora import AdapterLayer, adapter_parameters, add_moelora, target_linears
 
@@ -860,3 +864,524 @@ class MeanMerge(MagMax):
 
 for _cls in (RegLoRA, MagMax, MeanMerge):
     register(_cls)
+
+
+# -----------------------------------------------------------------------------
+# Routing by CLIP features at test time, one LoRA expert per task: HiDe-LLaVA (Guo et al., ACL 2025, arXiv 2503.12941;
+# official code github.com/Ghy0501/HiDe-LLaVA) and DISCO (MCITlib, github.com/Ghy0501/MCITlib, DISCO/). Neither is told
+# the task at test time: both weigh the tasks' experts by how close the input's frozen CLIP features are to each task's
+# features kept from its training records. The file and line references are to the official code at the commits
+# HiDe-LLaVA 4dd0793 and MCITlib 2956dfd (docs/methods.md lists every difference and why).
+
+class TaskExpertLinear(AdapterLayer):
+    """A frozen nn.Linear (self.base) plus one LoRA expert per task, A_i: (k, d_in), B_i: (d_out, k), k = r/E, scaled
+    by s = alpha / r (the total rank, as the official layers' lora_alpha / r with r split over expert_num):
+
+        training, stage j         y = W0 x + s B_j A_j dropout(x)                 only expert j trains
+        evaluation, rule "sum"    y = W0 x + s (sum_{i<t} B_i) (sum_{i<t} A_i) x   t = tasks trained so far
+        evaluation, "weighted"    y = W0 x + s sum_{i<t} w_i B_i A_i x             w (B, t): each record's weights
+
+    "sum" is HiDe-LLaVA's rule below its top layer: the A's and the B's are summed separately, so the cross terms
+    B_i A_j (i != j) count too (HiDe/peft/tuners/clitmoelora.py, HiDeMOELinearA.forward lines 462-476 and
+    HiDeMOELinearB.forward 514-528). "weighted" is HiDe-LLaVA's top layer (HiDeMOELoraLinear.forward, lines 416-424)
+    and every DISCO layer (DISCO/CoIN/peft/tuners/clitmoelora.py lines 400-420: B diag(w_1 I, ..., w_E I) A x, the
+    block-diagonal product, is this sum). `weights` is set by the router (TestTimeRouter) before each batch.
+    State-dict keys <name>.lora_A.<i>, <name>.lora_B.<i>, i = 0..E-1: every expert is built at once, so any stage's
+    checkpoint loads into the same structure; B_i = 0 until task i trains."""
+
+    def __init__(self, base, r, alpha, experts, dropout, rule):
+        super().__init__()
+        assert isinstance(base, nn.Linear), f"TaskExpertLinear wraps an nn.Linear, got {type(base).__name__}"
+        assert r % experts == 0 and rule in ("sum", "weighted"), (r, experts, rule)
+        self.base = base.requires_grad_(False)
+        self.rank, self.scaling, self.dropout, self.rule = r // experts, alpha / r, dropout, rule
+        self.task, self.seen, self.weights = 0, 0, None  # training's expert; experts evaluated; (B, seen) or None
+        d_in, d_out, device = base.in_features, base.out_features, base.weight.device
+        self.lora_A = nn.ParameterList([nn.Parameter(torch.zeros(self.rank, d_in, device=device))
+                                        for _ in range(experts)])
+        self.lora_B = nn.ParameterList([nn.Parameter(torch.zeros(d_out, self.rank, device=device))
+                                        for _ in range(experts)])
+
+    def forward(self, x):  # x: (B, T, d_in)
+        y = self.base(x)  # (B, T, d_out)
+        h = x.to(self.lora_A[0].dtype)
+        if self.training:  # the stage's own expert alone (clitmoelora.py lines 407-410)
+            if self.dropout > 0:
+                h = F.dropout(h, self.dropout)
+            delta = (h @ self.lora_A[self.task].t()) @ self.lora_B[self.task].t()  # (B, T, d_out)
+        elif not self.seen:  # evaluated before any task trained: the base
+            return y
+        elif self.rule == "sum":
+            A = torch.stack(list(self.lora_A)[:self.seen]).sum(0)  # (k, d_in): sum_i A_i
+            B = torch.stack(list(self.lora_B)[:self.seen]).sum(0)  # (d_out, k): sum_i B_i
+            delta = (h @ A.t()) @ B.t()
+        else:
+            w = self.weights
+            assert w is not None and w.shape == (x.shape[0], self.seen), \
+                f"router weights {None if w is None else tuple(w.shape)} for a batch of {x.shape[0]} records and " \
+                f"{self.seen} experts: evaluate inside the method's evaluating() context"
+            A = torch.cat(list(self.lora_A)[:self.seen])  # (t k, d_in): every expert's A_i in one product
+            B = torch.cat(list(self.lora_B)[:self.seen], dim=1)  # (d_out, t k)
+            z = (h @ A.t()).unflatten(-1, (self.seen, self.rank))  # (B, T, t, k)
+            z = z * w.view(w.shape[0], *[1] * (z.dim() - 3), self.seen, 1).to(z.dtype)  # expert i's part times w_i
+            delta = z.flatten(-2) @ B.t()  # (B, T, d_out)
+        return y + (delta * self.scaling).to(y.dtype)
+
+
+def task_expert_layers(model):
+    return [m for m in model.modules() if isinstance(m, TaskExpertLinear)]
+
+
+def layer_index(name):
+    """The decoder layer of an adapted linear's name (model.language_model.layers.31.mlp.down_proj -> 31)."""
+    found = re.search(r"\.layers\.(\d+)\.", f".{name}")
+    assert found, f"{name}: no .layers.<i>. in the name"
+    return int(found.group(1))
+
+
+def add_task_experts(model, r, alpha, experts, dropout, weighted_layers, seed, method):
+    """Wrap every linear of the language model (as the official find_all_linear_names: not lm_head, the vision tower or
+    the projector) in TaskExpertLinear with `experts` experts; the rule "weighted" in the decoder layers
+    `weighted_layers` (a function of the number of layers -> the set of their indices), "sum" elsewhere. A_i ~ N(0,
+    0.01^2) and B_i = 0 (the official reset_lora_parameters, clitmoelora.py lines 297-302), expert i's A drawn from a
+    generator seeded by (seed, method, i) alone. Returns the wrapped names."""
+    assert not task_expert_layers(model), "the model has task experts already: add_task_experts runs once"
+    names = target_linears(model)
+    weighted = weighted_layers(max(layer_index(n) for n in names) + 1)
+    for name in names:
+        parent, _, child = name.rpartition(".")
+        rule = "weighted" if layer_index(name) in weighted else "sum"
+        setattr(model.get_submodule(parent), child, TaskExpertLinear(model.get_submodule(name), r, alpha, experts,
+                                                                     dropout, rule))
+    layers = task_expert_layers(model)
+    for i in range(experts):
+        g = seeded_generator(seed, method, f"expert{i}")
+        for m in layers:
+            with torch.no_grad():
+                m.lora_A[i].copy_(torch.randn(m.lora_A[i].shape, generator=g) * 0.01)
+    return names
+
+
+def train_expert(model, task):
+    """Stage `task` trains expert `task` alone; the other experts are frozen."""
+    for m in task_expert_layers(model):
+        m.task = task
+        for i, (A, B) in enumerate(zip(m.lora_A, m.lora_B)):
+            A.requires_grad_(i == task)
+            B.requires_grad_(i == task)
+
+
+# --- the router's features: frozen, computed without a graph, outside the trained model
+
+def instruction_texts(tokenizer, input_ids, attention_mask):
+    """Each prompt's instruction: its attended tokens (any padding side) decoded without special tokens (the image
+    token, BOS, padding), then the text between the first "USER:" and the last "ASSISTANT:". For a prompt with an
+    image this is the text the official router reads (HiDe-LLaVA llava/model/llava_arch.py lines 165-168, DISCO's
+    lines 160-163: the decoded prompt, its first line dropped, cut at " ASSISTANT"): the question with its
+    instruction template, without the system prompt."""
+    texts = []
+    for ids, mask in zip(input_ids, attention_mask):
+        text = tokenizer.decode(ids[mask.bool()], skip_special_tokens=True)
+        user, assistant = text.find("USER:"), text.rfind("ASSISTANT:")
+        assert 0 <= user < assistant, f"not a LLaVA-1.5 (Vicuna v1) prompt: {text[:100]!r}"
+        texts.append(text[user + len("USER:"):assistant].strip())
+    return texts
+
+
+class EmbeddingText:
+    """CoIN-mini's stand-in for CLIP's text tower (the tiny base has none): the mean of the frozen language model's
+    input embeddings of the instruction's tokens (the base's tokenizer, no special tokens). Zeros for an empty text."""
+
+    def __init__(self, model, tokenizer):
+        self.embed, self.tokenizer = model.get_input_embeddings(), tokenizer
+
+    def __call__(self, texts):  # -> (B, d_model) float32
+        rows = []
+        for text in texts:
+            ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+            weight = self.embed.weight
+            rows.append(weight[torch.tensor(ids, device=weight.device)].float().mean(0) if ids else
+                        torch.zeros(weight.shape[1], device=weight.device))
+        return torch.stack(rows)
+
+
+class ClipText:
+    """CLIP's text tower, as the official router reads it: CLIPTextModel's pooler_output (the last layer-normed state
+    at the end-of-text token) of the instruction, tokenised by CLIP's tokenizer with the longest padding, truncated at
+    77 tokens (llava_arch.py lines 170-179; llava/model/multimodal_encoder/clip_encoder.py, CLIPTextTower.forward lines
+    115-123). Only the text model is loaded from the CLIP folder, frozen, in eval mode; it is not part of the trained
+    model (no optimizer, no checkpoint sees it)."""
+
+    def __init__(self, folder, device, dtype):
+        from transformers import AutoTokenizer, CLIPTextModel
+        self.tokenizer = AutoTokenizer.from_pretrained(folder)
+        self.model = CLIPTextModel.from_pretrained(folder, dtype=dtype).to(device).eval().requires_grad_(False)
+
+    def __call__(self, texts):  # -> (B, hidden) float32
+        enc = self.tokenizer(texts, padding="longest", max_length=77, truncation=True, return_tensors="pt")
+        enc = {k: enc[k].to(self.model.device) for k in ("input_ids", "attention_mask")}
+        return self.model(**enc).pooler_output.float()
+
+
+def visual_projection(folder):
+    """CLIP's visual_projection.weight (projection_dim, hidden) from the CLIP folder's weights, read alone: the
+    base's vision tower is CLIP's vision model, and its pooled output times this is CLIPVisionModelWithProjection's
+    image_embeds, the official image feature (clip_encoder.py line 51)."""
+    import os
+    path = os.path.join(folder, "model.safetensors")
+    if os.path.exists(path):
+        from safetensors import safe_open
+        with safe_open(path, "pt") as f:
+            if "visual_projection.weight" in f.keys():
+                return f.get_tensor("visual_projection.weight")
+    elif os.path.exists(os.path.join(folder, "pytorch_model.bin")):
+        sd = torch.load(os.path.join(folder, "pytorch_model.bin"), map_location="cpu", weights_only=True, mmap=True)
+        if "visual_projection.weight" in sd:
+            return sd["visual_projection.weight"].clone()
+    raise cli.UserError(f"{folder}: no visual_projection.weight in model.safetensors or pytorch_model.bin; give the "
+                        "whole CLIP folder (openai/clip-vit-large-patch14-336), the one `coin.py assemble --clip` read")
+
+
+class RouterFeatures:
+    """What the router compares, per record, all frozen and without a graph: the image's feature, the pooled output of
+    the base's vision tower (CLIP's CLS state after its last layer norm), times CLIP's visual projection when `clip`
+    names the CLIP folder (then it is CLIP's image_embeds, the official feature); and the instruction's feature,
+    ClipText with `clip`, else the EmbeddingText stand-in."""
+
+    def __init__(self, model, tokenizer, clip=""):
+        self.tokenizer, self.image_token = tokenizer, model.config.image_token_index
+        self.vision = vision_tower(model)
+        device = self.vision.device
+        self.projection = visual_projection(clip).float().to(device) if clip else None
+        self.text = ClipText(clip, device, model.dtype) if clip else EmbeddingText(model, tokenizer)
+        self.image_dim = self.vision.config.hidden_size if self.projection is None else self.projection.shape[0]
+
+    def has_image(self, input_ids):  # (B, T) -> (B,) bool
+        return (input_ids == self.image_token).any(1)
+
+    def image(self, pooled, has_image):
+        """(B, image_dim) float32: the records' image features (zeros for a record without an image) from the vision
+        tower's pooled output of the batch's images, in order (n_images, hidden)."""
+        out = torch.zeros(len(has_image), self.image_dim, device=has_image.device)
+        if pooled is not None:
+            assert len(pooled) == int(has_image.sum()), f"{len(pooled)} images for {int(has_image.sum())} records"
+            pooled = pooled.float()
+            out[has_image] = pooled if self.projection is None else pooled @ self.projection.t()
+        return out
+
+    def instruction(self, input_ids, attention_mask):  # -> (B, text_dim) float32
+        return self.text(instruction_texts(self.tokenizer, input_ids, attention_mask))
+
+
+def vision_tower(model):
+    tower = getattr(getattr(model, "model", None), "vision_tower", None)
+    if tower is None:
+        raise cli.UserError(f"{type(model).__name__}: no model.vision_tower; the CLIP-feature routers need a LLaVA")
+    return tower
+
+
+@torch.no_grad()
+def record_features(features, processor, records, image_dir, chunk, rank=0, world=1):
+    """(image (n, image_dim), has_image (n,), instruction (n, text_dim)) of training `records`, on the CPU: each
+    prompt as evaluation writes it (no answer) and its image as training sees it, padded to a square (the official
+    anchors are taken from training batches). Chunks of `chunk` records, dealt to the ranks in turn and gathered in
+    record order: the same features whatever the number of ranks. The model is only read (the vision tower and the
+    embeddings, frozen, no dropout): no random number is drawn."""
+    device, mean, pad_id = features.vision.device, data.image_mean_rgb(processor), processor.tokenizer.pad_token_id
+    parts = {}
+    for c in range(rank, math.ceil(len(records) / chunk), world):
+        items = []
+        for ex in records[c * chunk:(c + 1) * chunk]:
+            image = None if ex["image"] is None else data.expand2square(
+                data.load_image(image_dir, ex["image"], ex["id"]), mean)
+            items.append(data.encode(processor, data.build_prompt(ex["question"], image is not None, processor), image))
+        enc = data.collate(items, pad_id, left=True)
+        ids, mask = enc["input_ids"].to(device), enc["attention_mask"].to(device)
+        pooled = None
+        if enc.get("pixel_values") is not None:
+            pooled = features.vision(pixel_values=enc["pixel_values"].to(device, features.vision.dtype)).pooler_output
+        has = features.has_image(ids)
+        parts[c] = (features.image(pooled, has).cpu(), has.cpu(), features.instruction(ids, mask).cpu())
+    if world > 1:
+        gathered = [None] * world
+        dist.all_gather_object(gathered, parts)
+        parts = {c: p for part in gathered for c, p in part.items()}
+    image, has, text = (torch.cat([parts[c][k] for c in sorted(parts)]) for k in range(3))
+    return image, has, text
+
+
+def mean_feature(rows):
+    """The mean of `rows` (n, d), summed in float64; zeros when n = 0 (a task without images: cosine 0 to it)."""
+    if not len(rows):
+        return torch.zeros(rows.shape[1])
+    return (rows.double().sum(0) / len(rows)).float()
+
+
+def official_running_anchor(rows, chunk, generator):
+    """HiDe-LLaVA's anchor as its code computes it (llava_arch.py lines 187-194, llava_llama.py lines 58-71): starting
+    from a random 0.1 N(0, 1) vector counted as one sample, with a bf16 counter, the running mean over successive
+    chunks of `chunk` rows (its training micro-batches):
+
+        anchor <- (anchor * count + sum(chunk)) / (count + n),    count in bf16 (exact to 256; stuck at 8192 for 16)
+
+    --hide_anchor=official; the default is the mean of the records' features (mean_feature), the paper's."""
+    anchor = 0.1 * torch.randn(rows.shape[1], generator=generator)
+    count = torch.ones(1, dtype=torch.bfloat16)
+    for s in range(0, len(rows), chunk):
+        part = rows[s:s + chunk]
+        total = anchor * count + part.sum(0)
+        count += part.shape[0]
+        anchor = total / count
+    return anchor.float()
+
+
+# --- the routers: each record's expert weights from its features and the tasks' kept features
+
+def hide_router(image, has_image, text, image_anchors, text_anchors, temperature=0.1, over="record"):
+    """HiDe-LLaVA's expert weights (B, t) over the t tasks trained so far (llava_arch.py lines 196-215):
+
+        w = softmax_i( (cos(image, image_anchor_i) + cos(text, text_anchor_i)) / 2 / temperature )
+
+    over="record": each record its own weights (a record without an image: its text cosine alone), the paper's rule and
+    what the official evaluation computes (it generates one record at a time). over="batch": the official code at a
+    batch: per task the largest image cosine and the largest text cosine over the batch's records, one weight vector
+    for all of them (--hide_router=batch). image (B, d_i), has_image (B,), text (B, d_t), anchors (t, d)."""
+    cos_image = F.cosine_similarity(image.unsqueeze(1), image_anchors.unsqueeze(0), dim=2)  # (B, t)
+    cos_text = F.cosine_similarity(text.unsqueeze(1), text_anchors.unsqueeze(0), dim=2)  # (B, t)
+    # NOTE(fidelity): per record by default; the official code takes the max over the batch (over="batch"), the
+    # same at its evaluation's batch of 1
+    if over == "batch":
+        best_text = cos_text.max(0).values  # (t,)
+        score = (cos_image[has_image].max(0).values + best_text) / 2 if has_image.any() else best_text
+        return F.softmax(score / temperature, dim=0).expand(len(text), -1)
+    # NOTE(fidelity): a record without an image is routed by its text alone; the official evaluation does not route
+    # it (no images: an early return, llava_arch.py line 138), so the previous record's weights stay
+    score = torch.where(has_image.unsqueeze(1), (cos_image + cos_text) / 2, cos_text)  # (B, t)
+    return F.softmax(score / temperature, dim=1)
+
+
+def disco_router(text, prototypes, temperature=0.05, over="record"):
+    """DISCO's expert weights (B, t) over the t tasks trained so far (DISCO/llava/model/llava_arch.py lines 175-182):
+
+        w = softmax_i( cos(text, prototype_i) / temperature )          the text feature alone
+
+    over="record": each record its own weights (what the official evaluation, one record at a time, computes);
+    over="batch": the official code at a batch, the cosine of the batch's mean text feature (--disco_router=batch).
+    text (B, d), prototypes (t, d)."""
+    query = text.mean(0, keepdim=True) if over == "batch" else text  # (B or 1, d)
+    cos = F.cosine_similarity(query.unsqueeze(1), prototypes.unsqueeze(0), dim=2)  # (B or 1, t)
+    return F.softmax(cos / temperature, dim=1).expand(len(text), -1)
+
+
+class TestTimeRouter:
+    """A context in which every forward of the model routes: before the language model runs on a new prompt, the
+    records' expert weights are computed from their own inputs and set on the weighted layers, where they stay for
+    the decoding steps that follow (the KV cache's: the official code too routes at the prompt and returns early for
+    one-token inputs, llava_arch.py line 138). Three hooks, so that it works whether the vision tower runs inside the
+    forward (a plain call) or before it (transformers' generate encodes the images first):
+      - the model's forward pre-hook takes a prompt's input_ids and attention_mask (a prompt: no cache, or an empty
+        one); the padding side does not matter, each record's tokens are read through its attention mask;
+      - the vision tower's forward hook keeps its pooled output (images of the records that have one, in order);
+      - the language model's forward pre-hook, which runs after both, computes the weights once for the prompt.
+    weigh(image (B, d_i), has_image (B,), text (B, d_t)) -> (B, t). `routed` collects each record's largest weight's
+    task, for the record."""
+
+    def __init__(self, model, features, weigh, layers):
+        self.model, self.features, self.weigh, self.layers = model, features, weigh, layers
+        self.prompt, self.pooled, self.routed, self.hooks = None, None, [], []
+
+    def __enter__(self):
+        language_model = self.model.model.language_model
+        self.hooks = [self.model.register_forward_pre_hook(self.take_prompt, with_kwargs=True),
+                      self.features.vision.register_forward_hook(self.take_images),
+                      language_model.register_forward_pre_hook(self.route, with_kwargs=True)]
+        return self
+
+    def __exit__(self, *exc):
+        for h in self.hooks:
+            h.remove()
+        for m in self.layers:
+            m.weights = None
+        self.prompt = self.pooled = None
+
+    def take_prompt(self, module, args, kwargs):
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        if cache is None or cache.get_seq_length() == 0:
+            ids = kwargs["input_ids"] if "input_ids" in kwargs else args[0]
+            assert ids is not None, "the router reads input_ids: a forward with inputs_embeds alone cannot route"
+            mask = kwargs.get("attention_mask")
+            self.prompt = (ids, torch.ones_like(ids) if mask is None else mask)
+
+    def take_images(self, module, args, output):
+        self.pooled = output.pooler_output
+
+    @torch.no_grad()
+    def route(self, module, args, kwargs):
+        if self.prompt is None:  # a decoding step: the prompt's weights stay
+            return
+        ids, mask = self.prompt
+        has = self.features.has_image(ids)
+        w = self.weigh(self.features.image(self.pooled if has.any() else None, has), has,
+                       self.features.instruction(ids, mask))
+        for m in self.layers:
+            m.weights = w
+        self.routed.append(w.argmax(1).cpu())
+        self.prompt = self.pooled = None
+
+
+class TaskRouted(Method):
+    """What HiDe-LLaVA and DISCO share: a LoRA expert per task in every linear of the language model (TaskExpertLinear;
+    --experts E >= the number of tasks, rank --lora_r / E each, as the official expert_num and lora_r), stage j training
+    expert j and the projector (as the official scripts: --mm_projector_lr); the features of each task's training
+    records (record_features) kept as the method's state; at evaluation a TestTimeRouter. A subclass says which layers
+    are weighted (weighted_layers), what it keeps of a task's features (keep) and how it weighs (weigh)."""
+    shardable = False  # the router's hooks and layers are untested under FSDP
+    ROUTE_CHECK = 200  # training records per task the routing accuracy in meta.json is measured on (a seeded sample)
+
+    @classmethod
+    def check(cls, cfg):
+        try:
+            n = len(data.parse_tasks(cfg.tasks))
+        except ValueError:
+            return []  # coin.py reports the task list
+        if cfg.experts < n:
+            return [f"--method={cls.name} --experts={cfg.experts}: one expert per task, and --tasks has {n}; give "
+                    f"--experts={n} (or more)"]
+        return []
+
+    def describe(self):
+        cfg = self.cfg
+        return f"{self.title}: a LoRA expert of rank {cfg.lora_r // cfg.experts} per task (E={cfg.experts})"
+
+    def clip_folder(self):
+        return getattr(self.cfg, f"{self.name}_clip")
+
+    def add_adapter(self, model, n_stages):
+        from transformers import AutoProcessor
+        cfg = self.cfg
+        self.processor = AutoProcessor.from_pretrained(cfg.base, backend="pil")
+        if not data.vicuna_prompts(self.processor):
+            raise cli.UserError(f"--method={self.name} --base={cfg.base}: the router reads the instruction of a "
+                                "LLaVA-1.5 (Vicuna v1) prompt, as the official code; this base prompts with a chat "
+                                "template")
+        names = add_task_experts(model, cfg.lora_r, cfg.lora_alpha, cfg.experts, cfg.lora_dropout,
+                                 self.weighted_layers, cfg.seed, self.name)
+        self.features = RouterFeatures(model, self.processor.tokenizer, self.clip_folder())
+        return names
+
+    def task_features(self, records, stage):
+        return record_features(self.features, self.processor, records, data.image_root(self.cfg.data_dir,
+                               self.cfg.image_dir), self.cfg.micro_batch, stage.rank, stage.world)
+
+    def start_stage(self, model, stage, records, state):
+        """Expert j trains; the task's features are taken now (they do not depend on the training: the towers are
+        frozen), so that notes() can measure the routing after the stage and end_stage return them."""
+        train_expert(model, stage.index)
+        self.stage, self.kept = stage, {k: v.cpu() for k, v in state.items()}
+        self.new = self.keep(*self.task_features(records, stage), stage)  # {name: (d,)}
+        return records
+
+    def all_kept(self):
+        """{name: (t, d)}: the earlier tasks' kept features and this stage's, in task order."""
+        return {k: torch.cat([self.kept[k], v.unsqueeze(0)]) if k in self.kept else v.unsqueeze(0)
+                for k, v in self.new.items()}
+
+    def end_stage(self, model, stage, dataset, state):
+        return self.all_kept()
+
+    def evaluating(self, model, stage, state):
+        # NOTE(fidelity): the experts and kept features of the tasks trained so far; the official evaluation sums the
+        # lower layers over its config's cur_task + 1 experts (1 + 1 in its CoIN scripts) and softmaxes over
+        # expert_num = 6 anchors (HiDe-LLaVA) or every task's prototype, untrained ones included (DISCO)
+        layers = task_expert_layers(model)
+        for m in layers:
+            m.seen = stage.index + 1
+        kept = {k: v.to(self.features.vision.device) for k, v in state.items()}
+        assert all(len(v) == stage.index + 1 for v in kept.values()), {k: len(v) for k, v in kept.items()}
+        return TestTimeRouter(model, self.features, lambda image, has, text: self.weigh(image, has, text, kept),
+                              [m for m in layers if m.rule == "weighted"])
+
+    @torch.no_grad()
+    def notes(self, model):
+        """routed_<task>: the share of a seeded sample of each seen task's training records whose largest weight is
+        its own task's expert, each record weighed alone (over="record")."""
+        stage, kept, out = self.stage, self.all_kept(), {}
+        for i, task in enumerate(stage.earlier + [stage.name]):
+            pool = stage.train_sets[task]
+            rng = random.Random(f"{stage.seed}-route-{task}")
+            sample = [pool[k] for k in sorted(rng.sample(range(len(pool)), min(self.ROUTE_CHECK, len(pool))))]
+            image, has, text = self.task_features(sample, stage)
+            w = self.weigh(image, has, text, kept, over="record")
+            out[f"routed_{task}"] = (w.argmax(1) == i).float().mean().item()
+        return out
+
+
+@register
+class HiDe(TaskRouted):
+    """HiDe-LLaVA: each task keeps the mean of its training records' CLIP image features and CLIP text features (of the
+    instruction); at evaluation every layer below the top applies the summed experts (sum B_i)(sum A_i) x, the top
+    layer the experts weighed by hide_router. Training is the official: stage j trains expert j alone, s B_j A_j x."""
+    name = "hide"
+    title = "HiDe-LLaVA"
+
+    @dataclasses.dataclass
+    class Settings:
+        hide_temperature: float = 0.1     # hide: the router's softmax temperature (official: 0.1)
+        hide_router: str = "record"       # hide: record (each record its own weights: the paper, and the official
+                                          # evaluation at batch 1) | batch (the official code at a batch: the best
+                                          # cosine over the batch, one weight vector for all)
+        hide_anchor: str = "mean"         # hide: mean (a task's anchors the mean of its records' features: the
+                                          # paper) | official (its code's running mean: a random start counted as one
+                                          # record, a bf16 counter, per --micro_batch records)
+        hide_clip: str = ""               # hide: the CLIP folder (openai/clip-vit-large-patch14-336) whose text
+                                          # tower and visual projection give the router's features; "": the stand-ins
+                                          # (docs/methods.md: the tiny base has no text tower)
+    rules = {"hide_temperature": cli.POSITIVE, "hide_router": cli.one_of("record", "batch"),
+             "hide_anchor": cli.one_of("mean", "official"), "hide_clip": cli.ANY}
+
+    @staticmethod
+    def weighted_layers(n_layers):
+        return {n_layers - 1}  # the top decoder layer (the official `int(self.layer) != 31`, clitmoelora.py line 412)
+
+    def keep(self, image, has, text, stage):
+        if self.cfg.hide_anchor == "official":
+            g = seeded_generator(stage.seed, self.name, stage.index)
+            return {"image_anchors": official_running_anchor(image[has], self.cfg.micro_batch, g),
+                    "text_anchors": official_running_anchor(text, self.cfg.micro_batch, g)}
+        # NOTE(fidelity): the mean of the records' features (the paper); the official running mean counts a random
+        # start as a record and keeps a bf16 counter (--hide_anchor=official); records without an image are left out
+        # of the image anchor (official training gives them a zero image)
+        return {"image_anchors": mean_feature(image[has]), "text_anchors": mean_feature(text)}
+
+    def weigh(self, image, has, text, kept, over=None):
+        return hide_router(image, has, text, kept["image_anchors"], kept["text_anchors"], self.cfg.hide_temperature,
+                           over or self.cfg.hide_router)
+
+
+@register
+class DISCO(TaskRouted):
+    """DISCO: each task keeps a prototype of its instructions' CLIP text features (their mean); at evaluation every
+    layer applies sum_i w_i B_i A_i x with w = disco_router. Stage j trains slice j alone, as HiDe-LLaVA."""
+    name = "disco"
+    title = "DISCO"
+
+    @dataclasses.dataclass
+    class Settings:
+        disco_temperature: float = 0.05   # disco: the router's softmax temperature (official: 0.05)
+        disco_router: str = "record"      # disco: record (each record its own weights: the official evaluation at
+                                          # batch 1) | batch (the official code at a batch: the batch's mean feature)
+        disco_clip: str = ""              # disco: the CLIP folder whose text tower gives the router's feature; "":
+                                          # the stand-in (docs/methods.md)
+    rules = {"disco_temperature": cli.POSITIVE, "disco_router": cli.one_of("record", "batch"), "disco_clip": cli.ANY}
+
+    @staticmethod
+    def weighted_layers(n_layers):
+        return set(range(n_layers))  # every layer (DISCO's 32 hard-coded layers, llava_arch.py lines 215-226)
+
+    def keep(self, image, has, text, stage):
+        # NOTE(fidelity): the official prototype is a running sum (llava_arch.py lines 190-197: the boundary stays 1),
+        # in bf16; the mean here is the sum / n in float64: the same cosine, without bf16's lost low-order terms
+        return {"text_prototypes": mean_feature(text)}
+
+    def weigh(self, image, has, text, kept, over=None):
+        return disco_router(text, kept["text_prototypes"], self.cfg.disco_temperature, over or self.cfg.disco_router)
