@@ -96,7 +96,7 @@ def same_inputs(saved, inputs):
     """Whether a file's recorded inputs (inputs_hash) are this run's: the same base, and the same train records for
     every task the file's run had (this run may have more tasks)."""
     if isinstance(saved, str):  # written before the split: train and test records and base in one hash
-        return saved == inputs["v1"]
+        return saved == (inputs["v1"] if isinstance(inputs, dict) else inputs)
     return (isinstance(saved, dict) and saved.get("base") == inputs["base"]
             and all(inputs["train"].get(task) == h for task, h in saved.get("train", {}).items()))
 
@@ -366,12 +366,12 @@ def finished_stages(cfg, stages, info, rank):
     return done
 
 
-def load_results(cfg, tasks, rows, info, test_records):
+def load_results(cfg, tasks, rows, info, test_content):
     """The matrices and results.json extras this run extends: empty ones for a new --out, else the earlier run's
     `rows` (of its finished stages), its zero-shot row and its timings (results.json is only ever extended). A run
     with more tasks than the earlier one (--tasks extended) gets its rows in larger matrices. Under other evaluation
-    settings (EVALUATION) or other test records (`test_records`: {task: its test set's id}) no score is kept: every
-    finished stage is scored again from its checkpoint, and `reevaluated` records what changed."""
+    settings (EVALUATION) or other test records (`test_content`: {task: a hash of its test records}) no score is kept:
+    every finished stage is scored again from its checkpoint, and `reevaluated` records what changed."""
     T = len(tasks)
     if_matrix, gk_matrix = [[None] * T for _ in range(T)], [[None] * T for _ in range(T)]
     extra = {**info, "timing": {}}
@@ -384,12 +384,13 @@ def load_results(cfg, tasks, rows, info, test_records):
     changed = {k: [old["config"].get(k, defaults[k]), info["config"][k]] for k in EVALUATION
                if old["config"].get(k, defaults[k]) != info["config"][k]}
     if not changed:  # the same settings, but other test records (a regenerated test file)
-        changed = {f"test records of {t}": [was, test_records[t]] for t, was in old.get("test_records", {}).items()
-                   if t in test_records and was != test_records[t]}
+        changed = {f"test records of {t}": [was, test_content[t]] for t, was in old.get("test_content", {}).items()
+                   if t in test_content and was != test_content[t]}
     extra["timing"] = old["timing"]
-    extra["reevaluated"] = old.get("reevaluated", [])
+    if "reevaluated" in old:
+        extra["reevaluated"] = old["reevaluated"]
     if changed:  # nothing of the old scores holds: the loop scores every finished stage again
-        extra["reevaluated"].append({"changed": changed, "stages": len(rows)})
+        extra["reevaluated"] = extra.get("reevaluated", []) + [{"changed": changed, "stages": len(rows)}]
         return if_matrix, gk_matrix, extra
     n = len(old["tasks"])  # the earlier run's tasks: the first n of these
     for r in rows:

@@ -10,6 +10,8 @@ methods.py the continual-learning methods (--method), each one class whose hooks
 import contextlib
 import dataclasses
 import functools
+import hashlib
+import json
 import math
 import os
 import random
@@ -781,9 +783,14 @@ def main(argv):
            "(the global batch is the experiment's, the same on any number of ranks: --global_batch)")
     # the General Knowledge judge, built once, on rank 0 (which does all the scoring)
     judge = None if rank else evaluate.ExactJudge() if cfg.judge == "exact" else evaluate.LMJudge(cfg.judge)
+    # which test records the run scores (their question_ids, for eval.py's rescoring) and what they hold: a finished
+    # run continued with other ones (--max_test, a regenerated test file) scores its stages again
     test_records = {task: evaluate.test_set_id(recs) for task, recs in test_sets.items()}
-    if_matrix, gk_matrix, extra = load_results(cfg, tasks, [row for *_, row in stages[:done]], info, test_records)
+    test_content = {task: hashlib.sha1(json.dumps(recs, sort_keys=True).encode()).hexdigest()
+                    for task, recs in test_sets.items()}
+    if_matrix, gk_matrix, extra = load_results(cfg, tasks, [row for *_, row in stages[:done]], info, test_content)
     describe_evaluation(extra, cfg, tasks, test_records, dropped)
+    extra["test_content"] = test_content
     if cfg.zero_shot and "zero_shot" not in extra:  # the base on every task: the row before the first stage
         t0 = time.time()
         base_scores = evaluate_stage(model, processor, judge, cfg, test_sets, rank, world, "stage0-zeroshot")

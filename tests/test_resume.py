@@ -415,32 +415,39 @@ def test_resume_refuses_what_another_run_wrote(data_copy, tiny_base, tmp_path):
     run()  # finished: nothing to do
     assert (open(adapter, "rb").read(), open(os.path.join(out, "results.json")).read()) == before
     with pytest.raises(UserError, match=r"stage1-GQA/meta.json: written by a run with --lr=0.01, this one has "
-                                         r"--lr=0.001; continue it with the same settings, or write to another --out"):
+                                         r"--lr=0.001; continue it with the same settings \(evaluation settings and "
+                                         r"more tasks after the finished ones may change\), or write to another --out"):
         run("--lr=1e-3")
     with pytest.raises(UserError, match=r"meta.json: written with a global batch of 4, this run has 8"):
         run("--micro_batch=8")
     with pytest.raises(UserError, match=rf"--out={re.escape(out)} holds a run already"):
         run("--resume=false")
-    path = task_file(data_copy, "GQA", "test")
+    path = task_file(data_copy, "GQA", "test")  # other test records: the finished stage is scored again
     recs = json.load(open(path))
     recs[0]["answer"] = "regenerated"
+    with open(path, "w") as f:
+        json.dump(recs, f)
+    run()
+    assert open(adapter, "rb").read() == before[0]
+    assert list(json.load(open(os.path.join(out, "results.json")))["reevaluated"][0]["changed"]) == [
+        "test records of GQA"]
+    path = task_file(data_copy, "GQA", "train")  # other train records: another training
+    recs = json.load(open(path))
+    recs[0]["conversations"][1]["value"] = "regenerated"
     with open(path, "w") as f:
         json.dump(recs, f)
     with pytest.raises(UserError, match=r"meta.json: written by a run that read other data or another base"):
         run()
 
 
-def test_resume_refuses_a_finished_stage_without_its_scores(reference, mini_data, tiny_base, tmp_path):
-    """A run goes on from the last finished stage's weights: a finished earlier stage whose scores are gone (a lost
-    results.json) cannot be scored with its own weights any more, so the run refuses instead of scoring it with the
-    later stage's; once the later stage's checkpoint is deleted, that stage trains again and both are scored."""
+def test_lost_scores_are_scored_again_from_each_stages_checkpoint(reference, mini_data, tiny_base, tmp_path):
+    """A finished stage whose scores are gone (a lost results.json) is scored again with its own weights, read from its
+    checkpoint, without training: the matrix is the uninterrupted run's."""
     out = str(tmp_path / "run")
     shutil.copytree(reference, out)
     os.remove(os.path.join(out, "results.json"))
-    with pytest.raises(UserError, match=r"results.json: no scores for stage 1, whose checkpoint exists; the run goes "
-                                        r"on from stage 2's weights .* delete the checkpoint folders of stages 2-2"):
-        coin.main(args(mini_data, tiny_base, out))
-    shutil.rmtree(stage(out, 1))
+    adapters = [open(os.path.join(stage(out, j), "adapter.safetensors"), "rb").read() for j in range(2)]
     coin.main(args(mini_data, tiny_base, out))
     assert json.load(open(os.path.join(out, "results.json")))["matrix"] == \
         json.load(open(os.path.join(reference, "results.json")))["matrix"]
+    assert adapters == [open(os.path.join(stage(out, j), "adapter.safetensors"), "rb").read() for j in range(2)]
