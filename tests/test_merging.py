@@ -381,7 +381,7 @@ def test_merging_method_on_two_ranks_equals_one(method, mini_data, tiny_base, tm
     with socket.socket() as s:  # a free port for the rendezvous
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    proc = start(argv(two, "--micro_batch=2"), str(tmp_path / "two.log"),
+    proc = start(argv(two), str(tmp_path / "two.log"),  # the same command: 2 records a rank
                  torchrun=["--nproc_per_node=2", f"--master_port={port}"])
     assert finish(proc, str(tmp_path / "two.log")) == 0, open(tmp_path / "two.log").read()[-3000:]
     for j in range(2):
