@@ -42,15 +42,13 @@ import sys
 import time
 import warnings
 
-# LLaVA's image-token check reads a count, a value fake tensors lack: transformers' own switch turns it off (above)
-os.environ.setdefault("TRANSFORMERS_DISABLE_TORCH_CHECK", "1")
-import torch  # noqa: E402
-import torch.distributed as dist  # noqa: E402
-from torch._subclasses.fake_tensor import FakeTensorMode  # noqa: E402
-from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker  # noqa: E402
-from torch.distributed._tools.mem_tracker import MemTracker, _MemRefType  # noqa: E402
-from torch.distributed.fsdp import FSDPModule  # noqa: E402
-from torch.testing._internal.distributed.fake_pg import FakeStore  # noqa: E402  (registers the "fake" backend)
+import torch
+import torch.distributed as dist
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker
+from torch.distributed._tools.mem_tracker import MemTracker, _MemRefType
+from torch.distributed.fsdp import FSDPModule
+from torch.testing._internal.distributed.fake_pg import FakeStore  # importing it registers the "fake" backend
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -76,17 +74,25 @@ COLUMNS = {"weights": ("Parameter", "Buffer", "Sharded Param", "Unsharded Param"
 # -----------------------------------------------------------------------------
 # The trackers
 
-class PeakOnly:
-    """The whole peak only: MemTracker also updates every module's own peak after every operation, a loop over the
-    model's thousand modules that makes a 7B step ten times slower; this bench prints the whole peak alone."""
+class BenchTracking:
+    """What both trackers do differently here. The whole peak only: MemTracker also updates every module's own peak
+    after every operation, a loop over the model's thousand modules that makes a 7B step ten times slower. Sparse
+    tensors: see _track."""
 
     def _update_peak_stats(self, peak_state):
         for device, snap in self._curr_mem_snap.items():
             if self._peak_mem.get(device, 0) < snap["Total"]:
                 self._peak_mem[device], self._peak_mem_snap[device] = snap["Total"], dict(snap)
 
+    def _track(self, reftype, t):
+        """A sparse CSR tensor (moelora's dropout, on real tensors) has no storage of its own: its index and value
+        tensors' are tracked instead."""
+        parts = (t.crow_indices(), t.col_indices(), t.values()) if t.layout == torch.sparse_csr else (t,)
+        for part in parts:
+            super()._track(reftype, part)
 
-class Tracker(PeakOnly, MemTracker):
+
+class Tracker(BenchTracking, MemTracker):
     """MemTracker for a model with a frozen base. MemTracker hooks every weight to file its gradient as one, and torch
     refuses a hook on a weight that takes no gradient: here only the trainable weights are hooked."""
 
@@ -103,7 +109,7 @@ class Tracker(PeakOnly, MemTracker):
         self._update_and_maybe_create_winfos(grad, _MemRefType.GRAD)
 
 
-class ShardedTracker(PeakOnly, FSDPMemTracker):
+class ShardedTracker(BenchTracking, FSDPMemTracker):
     """FSDPMemTracker (per rank: shards, gathered weights, all-gather and reduce-scatter buffers), the whole peak."""
 
 
@@ -398,6 +404,8 @@ def main(argv):
             raise cli.UserError(f"--against={opts.against} --out={opts.out}: both must be files (llava7b.py's "
                                 "results and this bench's)")
         return compare(opts.against, opts.out)
+    # LLaVA's image-token check reads a count, a value fake tensors lack: transformers' own switch turns it off
+    os.environ.setdefault("TRANSFORMERS_DISABLE_TORCH_CHECK", "1")
     torch.manual_seed(0)
     t0 = time.time()
 
