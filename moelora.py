@@ -138,8 +138,7 @@ def draw_drops(seed, total, p, device="cpu"):
     skip = gap - 1 is the number of kept entries before the drop. The arithmetic runs in place: a fresh tensor of
     this size costs about as much in page faults as the arithmetic itself."""
     gen = torch.Generator(device=device).manual_seed(seed)
-    expected = total * p
-    chunk = int(expected + 8 * math.sqrt(expected) + 16)  # covers all entries but about once in 1e15 draws
+    chunk = drop_chunk(total, p)
     skips, end = [], 0  # end: one past the last drop so far
     while end < total:  # continue the sequence until it has passed the last entry
         u = torch.rand(chunk, dtype=torch.float64, device=device, generator=gen)  # [0, 1)
@@ -151,6 +150,14 @@ def draw_drops(seed, total, p, device="cpu"):
     K = int(torch.searchsorted(drops, float(total)))  # the drops inside the sequence
     inside = large < K
     return drops[:K].long(), (small[:K], large[inside], large_skips[inside])
+
+
+def drop_chunk(total, p):
+    """How many gaps draw_drops draws at a time: the expected number of drops among `total` entries plus 8 standard
+    deviations, so that one chunk covers the whole sequence but about once in 1e15 draws. A size from shapes alone:
+    bench/memory.py sizes the draw's buffers with it on fake tensors, which have no values to count drops in."""
+    expected = total * p
+    return int(expected + 8 * math.sqrt(expected) + 16)
 
 
 def pack_skips(skips):

@@ -63,17 +63,23 @@ EXPERTS = {"lora": 1, "moelora": 8}
 SPEC_BF16_TFLOPS = {"H100": 989, "H200": 989, "A100": 312, "L40S": 362, "A10": 125, "RTX 4090": 165, "RTX 3090": 71}
 
 
+def llava_config(shapes):
+    """LLaVA-1.5's configuration at SHAPES[shapes]: CLIP features from layer -2 without CLS, a 2-layer GELU projector,
+    the image token the last of the vocabulary."""
+    s = SHAPES[shapes]
+    return LlavaConfig(vision_config=CLIPVisionConfig(**s["vision"]), text_config=LlamaConfig(**s["text"]),
+                       image_token_index=s["text"]["vocab_size"] - 1,
+                       image_seq_length=(s["vision"]["image_size"] // s["vision"]["patch_size"]) ** 2,
+                       vision_feature_layer=-2, vision_feature_select_strategy="default", projector_hidden_act="gelu")
+
+
 def build(shapes, adapter, dropout, grad_ckpt, shard, device):
     """The model on `device`: the base in bf16 with coin's adapter (and sharded with shard=True), random weights.
     Gradient checkpointing goes on after the FLOPs are counted (measure_training)."""
     s = SHAPES[shapes]
-    config = LlavaConfig(vision_config=CLIPVisionConfig(**s["vision"]), text_config=LlamaConfig(**s["text"]),
-                         image_token_index=s["text"]["vocab_size"] - 1,
-                         image_seq_length=(s["vision"]["image_size"] // s["vision"]["patch_size"]) ** 2,
-                         vision_feature_layer=-2, vision_feature_select_strategy="default",
-                         projector_hidden_act="gelu")
     with torch.device("meta"):
-        model = LlavaForConditionalGeneration._from_config(config, dtype=torch.bfloat16, attn_implementation="sdpa")
+        model = LlavaForConditionalGeneration._from_config(llava_config(shapes), dtype=torch.bfloat16,
+                                                           attn_implementation="sdpa")
     cfg = coin.Config(lora_r=s["r"], lora_alpha=s["alpha"], experts=EXPERTS[adapter], lora_dropout=dropout,
                       grad_ckpt=grad_ckpt, dtype="bfloat16")
     params, _ = coin.add_adapter(model, cfg, torch.device("meta"))
@@ -90,16 +96,18 @@ def build(shapes, adapter, dropout, grad_ckpt, shard, device):
     return model, params, cfg
 
 
-def batch(shapes, micro_batch, device, seed=0):
-    """micro_batch sequences of --seq tokens: <s>, the image's tokens, random text; the loss on the last --answer."""
+def batch(shapes, micro_batch, device, seed=0, seq=None, answer=None):
+    """micro_batch sequences of `seq` tokens (the shapes' own by default): <s>, the image's tokens, random text; the
+    loss on the last `answer`."""
     s = SHAPES[shapes]
+    seq, answer = seq or s["seq"], answer or s["answer"]
     image_token, px = s["text"]["vocab_size"] - 1, s["vision"]["image_size"]
     n_image = (px // s["vision"]["patch_size"]) ** 2
     g = torch.Generator().manual_seed(seed)
-    text = torch.randint(3, image_token, (micro_batch, s["seq"] - n_image), generator=g)
+    text = torch.randint(3, image_token, (micro_batch, seq - n_image), generator=g)
     ids = torch.cat([text[:, :1], torch.full((micro_batch, n_image), image_token), text[:, 1:]], dim=1)  # (B, seq)
     labels = torch.full_like(ids, -100)
-    labels[:, -s["answer"]:] = ids[:, -s["answer"]:]
+    labels[:, -answer:] = ids[:, -answer:]
     return {"input_ids": ids.to(device), "attention_mask": torch.ones_like(ids).to(device),
             "pixel_values": torch.randn(micro_batch, 3, px, px, generator=g).to(device, torch.bfloat16),
             "labels": labels.to(device)}
