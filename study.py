@@ -65,7 +65,9 @@ PAPER_BWT_GAIN = PAPER["MoELoRA E=8"]["BWT"] - PAPER["LoRA"]["BWT"]  # +6.71: th
 ORIGINAL = "Original"
 SEQUENTIAL = "sequential"  # plain sequential tuning: the paper's LoRA and MoELoRA rows (coin.py --method)
 # coin.py --method: the paper's baselines (LwF, EWC), then the peers' (Replay, O-LoRA), as their rows are named
-METHOD_NAMES = {"lwf": "LwF", "ewc": "EWC", "replay": "Replay", "olora": "O-LoRA"}
+METHOD_NAMES = {"lwf": "LwF", "ewc": "EWC", "replay": "Replay", "olora": "O-LoRA", "reglora": "RegLoRA",
+                "magmax": "MagMax", "merge_mean": "mean merge", "hide": "HiDe-LLaVA", "disco": "DISCO"}
+OWN_ADAPTER = ("olora", "reglora", "hide", "disco")  # methods that build their own adapter: named alone
 METHOD_ORDER = (SEQUENTIAL, *METHOD_NAMES)
 CHANCE_TIMES = 3  # a task is learned when its score right after training reaches 3 x chance
 FLAG_NOTE = (f"† k: k of the method's runs score some task under {CHANCE_TIMES} x chance right after training it: "
@@ -100,8 +102,8 @@ def mean_of_all(values):
 def method_name(key):
     multitask, experts, instructions, method, strength = key
     name = "LoRA" if experts == 1 else f"MoELoRA E={experts}"
-    if method == "olora":
-        name = "O-LoRA"  # its own adapter, a LoRA per task
+    if method in OWN_ADAPTER:
+        name = METHOD_NAMES[method]  # its own adapter (a LoRA per task, merged LoRAs, a LoRA expert per task)
     elif method != SEQUENTIAL:
         name = f"{METHOD_NAMES.get(method, method)} ({name})"
     name = f"multi-task ({name})" if multitask else name
