@@ -115,7 +115,8 @@ def extend_settings(cls, more):
     fields = [(f.name, f.type, dataclasses.field(default=f.default)) for c in [cls, *more]
               for f in dataclasses.fields(c)]
     names = [f[0] for f in fields]
-    assert len(set(names)) == len(names), f"a setting is defined twice: {sorted(n for n in names if names.count(n) > 1)}"
+    twice = sorted(n for n in names if names.count(n) > 1)
+    assert not twice, f"a setting is defined twice: {twice}"
     extended = dataclasses.make_dataclass(cls.__name__, fields)
     extended.__module__ = cls.__module__
     return extended

@@ -2,9 +2,9 @@
 coin: continual instruction tuning of a multimodal LLM (CoIN, arXiv 2403.08350), from scratch.
 
 Reads top to bottom: config -> DDP setup -> load the base -> inject the adapter -> for each task: the method's start,
-train one epoch, the method's end, save, evaluate on every task seen so far -> results. `python coin.py --help` lists the settings. Running the same command
-into the same --out again continues where it stopped (killed, Ctrl-C, a lost rank), to the same weights and scores:
-checkpoint.py holds what a stage writes and how a run continues; base_model.py builds the bases (stage 0, assemble);
+train one epoch, the method's end, save, evaluate on every task seen so far -> results. `python coin.py --help` lists
+the settings. Running the same command into the same --out again continues where it stopped (killed, Ctrl-C, a lost
+rank), to the same weights and scores: checkpoint.py holds what a stage writes and how a run continues; base_model.py builds the bases (stage 0, assemble);
 methods.py the continual-learning methods (--method), each one class whose hooks this loop calls.
 """
 import contextlib
@@ -82,7 +82,8 @@ class Config:
                                           # 2e-4 (their DeepSpeed config overrides it: 1.0 is what they run in effect)
     # --- optim
     lr: float = 1e-3                      # official 2e-4 at 7B; the tiny model's image features scramble at 2e-3
-    micro_batch: int = 8                  # records per forward, at most (CoIN-mini: 375 steps of 8 learn more than 188 of 16)
+    micro_batch: int = 8                  # records per forward, at most (CoIN-mini: 375 steps of 8 learn more than
+                                          # 188 of 16)
     grad_accum: int = 1                   # accumulation steps on one rank: the global batch is micro_batch x this
     global_batch: str = ""                # "" = micro_batch x grad_accum; N; or "official" (the per-task table). The
                                           # same on any number of ranks: each takes global/ranks records a step
@@ -155,7 +156,8 @@ def run_settings():
     """(the settings dataclass, its rules) of a run: Config and RULES above, then each registered method's own
     settings (its class's Settings and rules, methods.py), so a method's settings are written once, in its class."""
     cls = cli.extend_settings(Config, [m.Settings for m in METHODS.values() if m.Settings])
-    return cls, {**RULES, "method": cli.one_of(*METHODS), **{k: r for m in METHODS.values() for k, r in m.rules.items()}}
+    own_rules = {k: rule for m in METHODS.values() for k, rule in m.rules.items()}
+    return cls, {**RULES, "method": cli.one_of(*METHODS), **own_rules}
 
 
 def parse_config(argv):
@@ -223,7 +225,8 @@ def check_folders(cfg):
         raise cli.UserError("\n".join(problems))
 
 
-# The official global batch of each task (8 GPUs x grad-accum 8 x the scripts' per-device batch); --global_batch=official
+# The official global batch of each task (8 GPUs x grad-accum 8 x the scripts' per-device batch): --global_batch=
+# official
 OFFICIAL_GLOBAL_BATCH = {"ScienceQA": 896, "TextVQA": 896, "ImageNet": 1024, "GQA": 384, "VizWiz": 896,
                          "Grounding": 384, "VQAv2": 512, "OCR-VQA": 640}
 
@@ -644,7 +647,8 @@ def read_inputs(cfg, tasks, processor):
     `python data.py check`): a file that is not a list of records, a malformed record, a missing or unreadable image
     (its header: decoding every image takes minutes at CoIN's size; `data.py check` does), an empty answer or a
     repeated question_id stops the run now, every problem named, or with --skip_bad is dropped, counted and reported.
-    Then --data_fraction (seeded per task) and --max_train / --max_test. Returns ({task: train}, {task: test}, dropped)."""
+    Then --data_fraction (seeded per task) and --max_train / --max_test. Returns ({task: train}, {task: test},
+    dropped)."""
     image_dir = data.image_root(cfg.data_dir, cfg.image_dir)
     checked = data.check_tasks(cfg.data_dir, tasks, cfg.instructions, image_dir, open_images=False, processor=processor)
     bad = {key: c for key, c in checked.items() if c[2]}
@@ -738,8 +742,9 @@ def train_stage(model, processor, method, cfg, stage, stages, train_sets, batche
     params = [p for p in model.parameters() if p.requires_grad]  # the method may have changed what trains
     dataset = data.InstructionDataset(records, processor, data.image_root(cfg.data_dir, cfg.image_dir))
     micro_batch, grad_accum = batches[name]  # this stage's split of its global batch over the ranks (batch_plan)
-    losses = train_one_task(model, dataset, params, dataclasses.replace(cfg, micro_batch=micro_batch,
-                                                                        grad_accum=grad_accum), rank, world, device, cfg.seed + j, f"stage {j + 1}/{len(stages)} train {name}",
+    stage_cfg = dataclasses.replace(cfg, micro_batch=micro_batch, grad_accum=grad_accum)
+    losses = train_one_task(model, dataset, params, stage_cfg, rank, world, device, cfg.seed + j,
+                            f"stage {j + 1}/{len(stages)} train {name}",
                             os.path.join(stage_dir(cfg, j, name), MIDSTAGE), info, started_from, method)
     with torch.no_grad():  # the method's penalty at the stage's final weights, to see its scale
         penalty = method.penalty(model)
@@ -804,7 +809,7 @@ def main(argv):
     started_from, state = load_stage(model, cfg, stages, holds, device)
     if rank == 0:
         table = evaluate.write_results(cfg.out, tasks, if_matrix, gk_matrix, extra)
-    # the paper's loop: for each task, the method's start, train, the method's end, save, evaluate every task seen so far
+    # the paper's loop: for each task the method's start, train, the method's end, save, evaluate every task seen so far
     for j, (name, train_tasks, eval_tasks, row) in enumerate(stages):
         stage_name = f"stage{j + 1}-{name}"
         if j < done and if_matrix[row][tasks.index(eval_tasks[-1])] is not None:

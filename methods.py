@@ -10,7 +10,7 @@ of them by name. `--method` picks a class from METHODS; the maths is in each doc
     --method=reglora      RegLoRA (SEFE: Chen et al. 2025, arXiv 2505.02486): a LoRA per task, merged, key entries held
     --method=magmax       MagMax (Marczak et al. 2024, arXiv 2407.06322): evaluated as the max-magnitude task vector
     --method=merge_mean   the mean of task vectors, MagMax's simplest merging baseline
-    --method=hide         HiDe-LLaVA (Guo et al., ACL 2025): a LoRA expert per task, the top layer's weighed by CLIP features
+    --method=hide         HiDe-LLaVA (Guo et al., ACL 2025): a LoRA expert per task, weighed by CLIP features at test
     --method=disco        DISCO (MCITlib): a LoRA slice per task, every layer's weighed by CLIP text features
 
 CoIN (arXiv 2403.08350) compares MoELoRA with LwF and EWC; Replay and O-LoRA are what later CL benchmarks of
@@ -475,8 +475,8 @@ class OLoRA(Method):
         olora_lambda2: float = 0.0        # olora: weight of the L2 term on the newest subspace (official: 0)
         olora_targets: str = "q_proj,v_proj"  # olora: the linears it adapts, name suffixes (official: q and v,
                                           # PEFT's default for Llama) | all (every linear of the language model)
-        olora_init: str = "kaiming"       # olora: A_t's init: kaiming (PEFT's, the official code) | normal (N(0, 0.01^2))
-        olora_l2: str = "norm"            # olora: the L2 term: norm (sum of Frobenius norms, the official code) | squared
+        olora_init: str = "kaiming"       # olora: A_t's init: kaiming (PEFT's, as the official code) | normal
+        olora_l2: str = "norm"            # olora: L2 term: norm (sum of Frobenius norms, the official code) | squared
         olora_projector: bool = False     # olora: the projector trains too (official: only the newest LoRA trains)
     rules = {"olora_lambda1": cli.at_least(0), "olora_lambda2": cli.at_least(0),
              "olora_targets": cli.Rule(bool, "'all' or comma-separated name suffixes (q_proj,v_proj)"),
