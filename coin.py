@@ -4,8 +4,9 @@ coin: continual instruction tuning of a multimodal LLM (CoIN, arXiv 2403.08350),
 Reads top to bottom: config -> DDP setup -> load the base -> inject the adapter -> for each task: the method's start,
 train one epoch, the method's end, save, evaluate on every task seen so far -> results. `python coin.py --help` lists
 the settings. Running the same command into the same --out again continues where it stopped (killed, Ctrl-C, a lost
-rank), to the same weights and scores: checkpoint.py holds what a stage writes and how a run continues; base_model.py builds the bases (stage 0, assemble);
-methods.py the continual-learning methods (--method), each one class whose hooks this loop calls.
+rank), to the same weights and scores: checkpoint.py holds what a stage writes and how a run continues; base_model.py
+builds the bases (stage 0, assemble); methods.py the continual-learning methods (--method), each one class whose hooks
+this loop calls.
 """
 import contextlib
 import dataclasses
