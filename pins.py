@@ -19,7 +19,7 @@ torch is imported (the libraries read them once, at their first call):
   it to AVX2.
 
 The thread count changes reduction orders too: pinned, a run with --threads=0 uses one thread per rank.
-COIN_PINS=0 in the environment leaves every library its widest kernels (a run ~1.3x faster, almost all of it MKL's:
+COIN_PINS=0 in the environment leaves every library its widest kernels (a run ~1.8x faster, almost all of it MKL's:
 docs/performance.md; other bits on another CPU); a variable already set in the environment is kept (and recorded), so
 one pin can be changed alone.
 """

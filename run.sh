@@ -28,10 +28,10 @@ phase "1. CoIN-mini data"
 phase "2. tiny base"
 
 # --- 3. Sequential instruction tuning, two runs side by side: plain LoRA (E = 1, r = 16), the baseline, and MoELoRA
-# (E = 8 experts of rank 2, total r = 16, a dense softmax router per linear). ~11 min for both.
+# (E = 8 experts of rank 2, total r = 16, a dense softmax router per linear). ~14 min for both (851 s measured).
 # coin.py pins the CPU numerics before torch loads (pins.py): torch's kernels at AVX2, MKL's matmul on its CNR branch
 # for every x86-64 CPU, oneDNN off, one thread: these figures to the last digit on any x86-64 CPU with AVX2 (torch
-# 2.13.0), at ~1.3x the time of unpinned runs. COIN_PINS=0 bash run.sh: faster, other digits on another CPU.
+# 2.13.0), at ~1.8x the time of unpinned runs (383 s and 416 s of training unpinned, 696 s and 726 s pinned). COIN_PINS=0 bash run.sh: faster, other digits on another CPU.
 # Each evaluates the base zero-shot first, then trains each task one epoch and evaluates every task seen so far.
 # One thread each on the 2 cores: a tiny model's step is mostly Python and small kernels, so one thread is only
 # ~12% slower than two (measured side by side: the pair took 524 s, LoRA alone at two threads 303 s). LoRA's
