@@ -9,6 +9,7 @@ export TOKENIZERS_PARALLELISM=false
 T0=$(date +%s); TSTART=$T0; PHASES=""
 phase() { PHASES+="$(printf '%-34s %5d s' "$1" $(( $(date +%s) - T0 )))\n"; T0=$(date +%s); }  # wall time per section
 STUDY_NAMES="multitask lora moelora-e2 moelora-e4 moelora-e8 lora-diverse lora-10type lwf ewc replay olora"
+STUDY_NAMES+=" reglora magmax merge-mean hide disco lora-asd sefe"  # the field's methods (issues 30, 31): rows to come
 for m in ${STUDY_METHODS:-}; do  # section 5's run names, checked before any work
   [[ " $STUDY_NAMES " == *" $m "* ]] ||
     { echo "STUDY_METHODS: no study run is named '$m'; the names: $STUDY_NAMES" >&2; exit 1; }
@@ -57,8 +58,10 @@ phase "4. comparison"
 # --- 5. The study: the paper's findings with error bars; runs only with `STUDY=1 bash run.sh` or `bash run.sh study`.
 # 11 runs per seed into out/study/<method>-s<seed>: multi-task, sequential LoRA (E = 1), MoELoRA E = 2, 4, 8 at the same
 # total rank (r = 16), LoRA with the Diverse and 10Type instruction sets (LoRA Original is shared), and LwF, EWC,
-# Replay and O-LoRA on LoRA with their default settings (--method). Zero-shot is the base, which the LoRA runs score
-# before their first stage (results.json: zero_shot; the others skip it: same base).
+# Replay and O-LoRA on LoRA with their default settings (--method); then the field's methods, 7 more runs per seed:
+# RegLoRA, MagMax, the mean merge, HiDe-LLaVA and DISCO (E = 8: a rank-2 expert per task), LoRA on SEFE's ASD set, and
+# SEFE (ASD + RegLoRA). Zero-shot is the base, which the LoRA runs score before their first stage (results.json:
+# zero_shot; the others skip it: same base).
 # Every task's train records, as section 3 trains them (STUDY_MAX_TRAIN=0): the tiny model learns ScienceQA's letter
 # from ~6,000 records and Grounding's box from ~9,000, so on fewer a run's diagonal sits near chance there and its
 # BWT measures the loss of a format never learned (study.py flags such runs with a †).
@@ -86,7 +89,14 @@ if [ "${STUDY:-0}" = 1 ] || [ "${1:-}" = study ]; then
                  "lwf-s$s --experts=1 --method=lwf --seed=$s --zero_shot=false"
                  "ewc-s$s --experts=1 --method=ewc --seed=$s --zero_shot=false"
                  "replay-s$s --experts=1 --method=replay --seed=$s --zero_shot=false"
-                 "olora-s$s --experts=1 --method=olora --seed=$s --zero_shot=false")
+                 "olora-s$s --experts=1 --method=olora --seed=$s --zero_shot=false"
+                 "reglora-s$s --experts=1 --method=reglora --seed=$s --zero_shot=false"
+                 "magmax-s$s --experts=1 --method=magmax --seed=$s --zero_shot=false"
+                 "merge-mean-s$s --experts=1 --method=merge_mean --seed=$s --zero_shot=false"
+                 "hide-s$s --experts=8 --method=hide --seed=$s --zero_shot=false"
+                 "disco-s$s --experts=8 --method=disco --seed=$s --zero_shot=false"
+                 "lora-asd-s$s --experts=1 --instructions=ASD --seed=$s --zero_shot=false"
+                 "sefe-s$s --experts=1 --method=reglora --instructions=ASD --seed=$s --zero_shot=false")
   done
   if [ -n "$STUDY_METHODS" ]; then  # keep the runs whose name, less its -s<seed>, is listed
     kept=()
