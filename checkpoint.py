@@ -379,8 +379,8 @@ def load_results(cfg, tasks, rows, info, test_content):
     if not (cfg.resume and os.path.exists(path)):
         return if_matrix, gk_matrix, extra
     old = read_json_file(path)
-    check_same_run(old, info, path, setting_defaults(cfg))
     defaults = setting_defaults(cfg)
+    check_same_run(old, info, path, defaults)
     changed = {k: [old["config"].get(k, defaults[k]), info["config"][k]] for k in EVALUATION
                if old["config"].get(k, defaults[k]) != info["config"][k]}
     if not changed:  # the same settings, but other test records (a regenerated test file)
