@@ -368,10 +368,11 @@ def finished_stages(cfg, stages, info, rank):
 
 def load_results(cfg, tasks, rows, info, test_content):
     """The matrices and results.json extras this run extends: empty ones for a new --out, else the earlier run's
-    `rows` (of its finished stages), its zero-shot row and its timings (results.json is only ever extended). A run
-    with more tasks than the earlier one (--tasks extended) gets its rows in larger matrices. Under other evaluation
-    settings (EVALUATION) or other test records (`test_content`: {task: a hash of its test records}) no score is kept:
-    every finished stage is scored again from its checkpoint, and `reevaluated` records what changed."""
+    `rows` (of its finished stages), its zero-shot row, its timings and what its method measured (results.json is only
+    ever extended). A run with more tasks than the earlier one (--tasks extended) gets its rows in larger matrices.
+    Under other evaluation settings (EVALUATION) or other test records (`test_content`: {task: a hash of its test
+    records}) no score is kept: every finished stage is scored again from its checkpoint, and `reevaluated` records
+    what changed."""
     T = len(tasks)
     if_matrix, gk_matrix = [[None] * T for _ in range(T)], [[None] * T for _ in range(T)]
     extra = {**info, "timing": {}}
@@ -399,4 +400,6 @@ def load_results(cfg, tasks, rows, info, test_content):
             gk_matrix[r][:n] = old["general_knowledge"]["matrix"][r]
     if "zero_shot" in old and all(t in old["zero_shot"] for t in tasks):
         extra["zero_shot"] = old["zero_shot"]
+    if "measured" in old:  # what the method measured of each stage's evaluation; a stage scored again replaces it
+        extra["measured"] = old["measured"]
     return if_matrix, gk_matrix, extra

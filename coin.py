@@ -618,17 +618,20 @@ def whole_weights(model):
             m.set_reshard_after_forward(m is not model, recurse=False)  # as shard_model set it
 
 
-def evaluate_stage(model, processor, judge, cfg, test_sets, rank, world, stage_name):
-    """Generate and score every task of `test_sets` ({task: test records}); returns {task: (instruction following,
-    general knowledge)}."""
+def evaluate_stage(model, processor, judge, cfg, test_sets, rank, world, stage_name, evaluation=None):
+    """Generate and score every task of `test_sets` ({task: test records}); returns ({task: (instruction following,
+    general knowledge)}, {task: what the method measured of its evaluation}: `evaluation` is what the method's
+    evaluating() context gave, None or an object whose task_done(task) says it, Method.evaluating)."""
     image_dir = data.image_root(cfg.data_dir, cfg.image_dir)
-    scores = {}
+    scores, measured = {}, {}
     for task, records in test_sets.items():
         pad, max_new_tokens, strip = evaluation_of(cfg, task)
         with whole_weights(model):
             preds = evaluate.generate(model, processor, records, image_dir, batch_size=cfg.eval_batch,
                                       max_new_tokens=max_new_tokens, rank=rank, world_size=world,
                                       desc=f"eval {stage_name} {task}", pad_images=pad, strip_question=strip)
+        if evaluation is not None:  # on every rank, after the same task: the method may sum over the ranks
+            measured[task] = evaluation.task_done(task)
         if rank == 0:
             pred_dir = os.path.join(cfg.out, "predictions", stage_name)
             evaluate.write_jsonl(os.path.join(pred_dir, f"{task}.jsonl"), preds)
@@ -637,7 +640,7 @@ def evaluate_stage(model, processor, judge, cfg, test_sets, rank, world, stage_n
             knowledge = judge.score(task, preds, records)
             evaluate.write_jsonl(os.path.join(pred_dir, f"{task}.judge.jsonl"), knowledge["rows"])
             scores[task] = (following["score"], knowledge["score"])
-    return scores
+    return scores, measured
 
 
 # -----------------------------------------------------------------------------
@@ -799,7 +802,7 @@ def main(argv):
     extra["test_content"] = test_content
     if cfg.zero_shot and "zero_shot" not in extra:  # the base on every task: the row before the first stage
         t0 = time.time()
-        base_scores = evaluate_stage(model, processor, judge, cfg, test_sets, rank, world, "stage0-zeroshot")
+        base_scores, _ = evaluate_stage(model, processor, judge, cfg, test_sets, rank, world, "stage0-zeroshot")
         extra["zero_shot"] = {task: {"if": s[0], "gk": s[1]} for task, s in base_scores.items()}
         extra["timing"]["zero_shot_eval"] = time.time() - t0
     # the checkpoint to go on from (the weights and the method's state the last finished stage left) loads and is
@@ -825,12 +828,16 @@ def main(argv):
                                               started_from, state, rank, world, device)
             holds = j
         t_train, t0 = time.time() - t0, time.time()
-        with method.evaluating(model, stage, state):
-            scores = evaluate_stage(model, processor, judge, cfg, {t: test_sets[t] for t in eval_tasks}, rank, world,
-                                    stage_name)
+        with method.evaluating(model, stage, state) as evaluation:
+            scores, measured = evaluate_stage(model, processor, judge, cfg, {t: test_sets[t] for t in eval_tasks},
+                                              rank, world, stage_name, evaluation)
         extra["timing"][stage_name] = {"train": t_train, "eval": time.time() - t0}
+        if measured:  # e.g. a test-time router's accuracy: {task: {"routed": share}}
+            extra.setdefault("measured", {})[stage_name] = measured
         if rank == 0:
-            print0(f"stage {j + 1} {name} scores: " + ", ".join(f"{t} {s[0]:.1f}" for t, s in scores.items()))
+            print0(f"stage {j + 1} {name} scores: " + ", ".join(
+                f"{t} {s[0]:.1f}" + "".join(f" ({k} {v:.3g})" for k, v in measured.get(t, {}).items())
+                for t, s in scores.items()))
             table = record_scores(cfg, tasks, row, scores, if_matrix, gk_matrix, extra)
     if rank == 0:
         print0(table)

@@ -730,6 +730,17 @@ ZERO_SHOT_SCIENCEQA = ("Zero-shot ScienceQA is not skill: the official rule take
                        "so a base that writes sentences scores on the questions whose answer is A (docs/scoring.md).\n")
 
 
+def latest_measured(res):
+    """(the stage, {task: {name: number}}) of the latest stage in `measured` of results.json (or of its extras): what
+    the method measured of that stage's evaluation (coin.py, Method.evaluating; HiDe-LLaVA's and DISCO's "routed");
+    (None, {}) without any."""
+    measured = res.get("measured") or {}
+    if not measured:
+        return None, {}
+    stage = max(measured, key=lambda name: int(re.match(r"stage(\d+)-", name).group(1)))  # stage<j>-<task>
+    return stage, measured[stage]
+
+
 def write_results(out_dir, tasks, if_matrix, gk_matrix, extra=None):
     """Write results.json (tasks, matrix and every aggregate at the top level for Instruction Following, the same
     under general_knowledge, then `extra`), results.md and heatmap_if.png / heatmap_gk.png; return the markdown.
@@ -742,6 +753,10 @@ def write_results(out_dir, tasks, if_matrix, gk_matrix, extra=None):
                         {t: s["if"] for t, s in zero_shot.items()})
     if "ScienceQA" in zero_shot and "ScienceQA" in tasks:
         md += ZERO_SHOT_SCIENCEQA + "\n"
+    stage, measured = latest_measured(extra)
+    for name in dict.fromkeys(k for m in measured.values() for k in m):  # one line per number the method measures
+        md += (f"\n{name} after {stage} (measured by the method, docs/methods.md): "
+               + " · ".join(f"{t} {m[name]:.2f}" for t, m in measured.items() if name in m) + "\n")
     heatmap(os.path.join(out_dir, "heatmap_if.png"), tasks, if_matrix, "Instruction Following: accuracy (%)")
     if gk_matrix is not None:
         res["general_knowledge"] = {"tasks": list(tasks), "matrix": gk_matrix, **aggregates(gk_matrix)}

@@ -26,7 +26,8 @@ The loop calls a method's hooks at five points (docs/methods.md, "Write your own
         per step:         loss += method.penalty(model)     once, after the ranks' gradients are summed
         state = method.end_stage(model, stage, dataset, state)   tensors to keep; may rewrite the weights
         save the stage's weights and `state` (checksummed); on resume `state` is read back from there
-        with method.evaluating(model, stage, state):  evaluate every task seen so far
+        with method.evaluating(model, stage, state) as evaluation:  evaluate every task seen so far
+            after each task's answers, on every rank:  evaluation.task_done(task)   (unless evaluation is None)
 
 Rules a method keeps, so that a resumed run and N ranks give the weights of one uninterrupted run: it draws no number
 from torch's global random stream (seed its own generator from (seed, stage)); what it needs in a later stage goes
@@ -145,7 +146,11 @@ class Method:
     def evaluating(self, model, stage, state):
         """A context the loop evaluates stage `stage` in (after its end_stage; `state` what that returned): a method
         that evaluates other weights than it trains on (a merge), or routes at test time, sets that up on entry and
-        undoes it on exit."""
+        undoes it on exit. What the context gives (`with ... as evaluation`) is None, or an object with a method
+        task_done(task) -> {name: number}: the loop calls it on every rank after each task's answers are generated,
+        the tasks in the same order on every rank, and records what it returns, numbers about that task's evaluation
+        summed over the ranks (the whole test set's: a collective may sum them), in results.json's
+        measured[<stage>][task] and the stage's summary line. It must not change the answers."""
         return contextlib.nullcontext()
 
     def notes(self, model):
@@ -1183,11 +1188,13 @@ class TestTimeRouter:
         one); the padding side does not matter, each record's tokens are read through its attention mask;
       - the vision tower's forward hook keeps its pooled output (images of the records that have one, in order);
       - the language model's forward pre-hook, which runs after both, computes the weights once for the prompt.
-    weigh(image (B, d_i), has_image (B,), text (B, d_t)) -> (B, t). `routed` collects each record's largest weight's
-    task, for the record."""
+    weigh(image (B, d_i), has_image (B,), text (B, d_t)) -> (B, t), over `tasks` (the tasks trained so far, in expert
+    order). `routed` collects each prompt's records' largest weight's expert ((B,) a prompt) until task_done, which
+    the loop calls on each of the `world` ranks after a task's answers (Method.evaluating)."""
 
-    def __init__(self, model, features, weigh, layers):
+    def __init__(self, model, features, weigh, layers, tasks, world=1):
         self.model, self.features, self.weigh, self.layers = model, features, weigh, layers
+        self.tasks, self.world = tasks, world
         self.prompt, self.pooled, self.routed, self.hooks = None, None, [], []
 
     def __enter__(self):
@@ -1228,6 +1235,20 @@ class TestTimeRouter:
         self.routed.append(w.argmax(1).cpu())
         self.prompt = self.pooled = None
 
+    def task_done(self, task):
+        """{"routed": the share of `task`'s records routed since the last call, on all the ranks, whose largest
+        weight is `task`'s own expert}: the routing accuracy of what the evaluation routed (at --hide_router=batch or
+        --disco_router=batch every record of a batch has the batch's weights)."""
+        chosen = torch.cat(self.routed) if self.routed else torch.zeros(0, dtype=torch.long)  # (records on this rank,)
+        self.routed = []
+        counts = torch.tensor([int((chosen == self.tasks.index(task)).sum()), len(chosen)],
+                              device=self.features.vision.device)  # (own expert, records)
+        if self.world > 1:  # every rank calls task_done after the same task
+            dist.all_reduce(counts)
+        own, records = counts.tolist()
+        assert records, f"{task}: no record was routed (generate inside the method's evaluating() context)"
+        return {"routed": own / records}
+
 
 class TaskRouted(Method):
     """What HiDe-LLaVA and DISCO share: a LoRA expert per task in every linear of the language model (TaskExpertLinear;
@@ -1236,7 +1257,6 @@ class TaskRouted(Method):
     records (record_features) kept as the method's state; at evaluation a TestTimeRouter. A subclass says which layers
     are weighted (weighted_layers), what it keeps of a task's features (keep) and how it weighs (weigh)."""
     shardable = False  # the router's hooks and layers are untested under FSDP
-    ROUTE_CHECK = 200  # training records per task the routing accuracy in meta.json is measured on (a seeded sample)
 
     @classmethod
     def check(cls, cfg):
@@ -1275,9 +1295,9 @@ class TaskRouted(Method):
 
     def start_stage(self, model, stage, records, state):
         """Expert j trains; the task's features are taken now (they do not depend on the training: the towers are
-        frozen), so that notes() can measure the routing after the stage and end_stage return them."""
+        frozen), for end_stage to return."""
         train_expert(model, stage.index)
-        self.stage, self.kept = stage, {k: v.cpu() for k, v in state.items()}
+        self.kept = {k: v.cpu() for k, v in state.items()}
         self.new = self.keep(*self.task_features(records, stage), stage)  # {name: (d,)}
         return records
 
@@ -1299,21 +1319,7 @@ class TaskRouted(Method):
         kept = {k: v.to(self.features.vision.device) for k, v in state.items()}
         assert all(len(v) == stage.index + 1 for v in kept.values()), {k: len(v) for k, v in kept.items()}
         return TestTimeRouter(model, self.features, lambda image, has, text: self.weigh(image, has, text, kept),
-                              [m for m in layers if m.rule == "weighted"])
-
-    @torch.no_grad()
-    def notes(self, model):
-        """routed_<task>: the share of a seeded sample of each seen task's training records whose largest weight is
-        its own task's expert, each record weighed alone (over="record")."""
-        stage, kept, out = self.stage, self.all_kept(), {}
-        for i, task in enumerate(stage.earlier + [stage.name]):
-            pool = stage.train_sets[task]
-            rng = random.Random(f"{stage.seed}-route-{task}")
-            sample = [pool[k] for k in sorted(rng.sample(range(len(pool)), min(self.ROUTE_CHECK, len(pool))))]
-            image, has, text = self.task_features(sample, stage)
-            w = self.weigh(image, has, text, kept, over="record")
-            out[f"routed_{task}"] = (w.argmax(1) == i).float().mean().item()
-        return out
+                              [m for m in layers if m.rule == "weighted"], stage.earlier + [stage.name], stage.world)
 
 
 @register
@@ -1353,9 +1359,9 @@ class HiDe(TaskRouted):
         # of the image anchor (official training gives them a zero image)
         return {"image_anchors": mean_feature(image[has]), "text_anchors": mean_feature(text)}
 
-    def weigh(self, image, has, text, kept, over=None):
+    def weigh(self, image, has, text, kept):
         return hide_router(image, has, text, kept["image_anchors"], kept["text_anchors"], self.cfg.hide_temperature,
-                           over or self.cfg.hide_router)
+                           self.cfg.hide_router)
 
 
 @register
@@ -1383,5 +1389,5 @@ class DISCO(TaskRouted):
         # in bf16; the mean here is the sum / n in float64: the same cosine, without bf16's lost low-order terms
         return {"text_prototypes": mean_feature(text)}
 
-    def weigh(self, image, has, text, kept, over=None):
-        return disco_router(text, kept["text_prototypes"], self.cfg.disco_temperature, over or self.cfg.disco_router)
+    def weigh(self, image, has, text, kept):
+        return disco_router(text, kept["text_prototypes"], self.cfg.disco_temperature, self.cfg.disco_router)

@@ -95,7 +95,7 @@ def assert_same_run(out, ref, tasks=TASKS, steps=12):
             got, want = (open(os.path.join(d, "predictions", stage_name, f)).read() for d in (out, ref))
             assert got == want, f"{stage_name}/{f} differs"
     got, want = (json.load(open(os.path.join(d, "results.json"))) for d in (out, ref))
-    for key in ("matrix", "general_knowledge", "zero_shot", "MAA", "BWT", "inputs"):
+    for key in ("matrix", "general_knowledge", "zero_shot", "MAA", "BWT", "inputs", "measured"):
         assert got.get(key) == want.get(key), key
 
 

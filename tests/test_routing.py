@@ -1,7 +1,9 @@
 """HiDe-LLaVA and DISCO (methods.py, "Routing by CLIP features"): their layers, routers and kept features against
 transcriptions of the official code (HiDe-LLaVA at 4dd0793, github.com/Ghy0501/HiDe-LLaVA; DISCO in MCITlib at 2956dfd,
 github.com/Ghy0501/MCITlib, DISCO/), file and line cited at each; the router in left-padded batched generation; the
-real-scale feature path on a tiny CLIP; features equal on 2 gloo ranks and 1; a run killed mid-stage resumes exactly."""
+real-scale feature path on a tiny CLIP; features and routing accuracy equal on 2 gloo ranks and 1; the routing accuracy
+in results.json against the router's weights computed by hand; a run killed mid-stage resumes exactly."""
+import dataclasses
 import json
 import os
 
@@ -340,6 +342,28 @@ def test_router_in_batched_left_padded_generation(method, tiny_base, mini_data):
     torch.testing.assert_close(torch.stack(weights), hook.weigh(image, has, text, state), rtol=1e-5, atol=1e-6)
 
 
+def routed_by_hand(hook, processor, records, image_dir, state, own, pad=True, strip=False):
+    """The share of `records` whose largest router weight is expert `own`, without the TestTimeRouter: the prompts
+    encoded as eval.generate encodes them (`pad`, `strip`: coin.evaluation_of), in one left-padded batch, their
+    features read from the frozen towers and weighed by the method's router."""
+    items = []
+    for r in records:
+        image = data.load_image(image_dir, r["image"], r["question_id"]) if r.get("image") else None
+        if image is not None and pad:
+            image = data.expand2square(image, data.image_mean_rgb(processor))
+        question = r["text"].strip() if strip else r["text"]
+        items.append(data.encode(processor, data.build_prompt(question, image is not None, processor), image))
+    enc = data.collate(items, processor.tokenizer.pad_token_id, left=True)
+    features = hook.features
+    with torch.no_grad():
+        pooled = (features.vision(pixel_values=enc["pixel_values"]).pooler_output
+                  if enc.get("pixel_values") is not None else None)
+        has = features.has_image(enc["input_ids"])
+        w = hook.weigh(features.image(pooled, has), has, features.instruction(enc["input_ids"], enc["attention_mask"]),
+                       state)  # (records, tasks)
+    return int((w.argmax(1) == own).sum()) / len(records)
+
+
 # -----------------------------------------------------------------------------
 # The real-scale path: CLIP's text tower and visual projection, from a CLIP folder (here a tiny one)
 
@@ -377,7 +401,33 @@ def test_clip_folder_gives_the_official_features(tiny_base, mini_data, tmp_path)
 
 
 # -----------------------------------------------------------------------------
-# Exactness: 2 ranks and 1 take the same features; a run killed mid-stage resumes to the same run
+# Exactness: 2 ranks and 1 take the same features and measure the same routing; a run killed mid-stage resumes to the
+# same run
+
+ROUTED_TESTS = {"ScienceQA": 5, "GQA": 4}  # test records generated per task: uneven over 2 ranks (3 + 2, 2 + 2)
+
+
+def two_task_routing(hook, model, processor, mini_data, rank=0, world=1):
+    """(the kept features, [what task_done says]) on `rank` of `world`: ScienceQA then GQA keep the features of their
+    first 6 training records; then, generated in batches of 2 inside evaluating(), ScienceQA's and GQA's test records
+    together, measured as ScienceQA's (its expert is the right one for 5 of the 9), and GQA's alone."""
+    train = {t: data.train_examples(mini_data, t)[:6] for t in ROUTED_TESTS}
+    stage = methods.Stage(index=1, name="GQA", count=2, earlier=["ScienceQA"], train_sets=train, seed=0, rank=rank,
+                          world=world, device=torch.device("cpu"), record_loss=None)
+    state = {}
+    for j, task in enumerate(train):
+        state = hook.start_stage(model, dataclasses.replace(stage, index=j, name=task, earlier=list(train)[:j]),
+                                 train[task], state)
+        state = hook.end_stage(model, None, None, state)
+    tests = {t: data.test_examples(mini_data, t)[:n] for t, n in ROUTED_TESTS.items()}
+    shares = []
+    with hook.evaluating(model, stage, state) as router:
+        for task, records in (("ScienceQA", tests["ScienceQA"] + tests["GQA"]), ("GQA", tests["GQA"])):
+            E.generate(model, processor, records, os.path.join(mini_data, "images"), batch_size=2, max_new_tokens=1,
+                       rank=rank, world_size=world)
+            shares.append(router.task_done(task))
+    return state, shares
+
 
 def _features_on_rank(rank, world, init_file, tiny_base, mini_data, out):
     import torch.distributed as dist
@@ -386,20 +436,30 @@ def _features_on_rank(rank, world, init_file, tiny_base, mini_data, out):
     cfg, model, processor, hook = routed_model(tiny_base, mini_data, "hide")
     recs = data.train_examples(mini_data, "ScienceQA")[:10]
     got = methods.record_features(hook.features, processor, recs, os.path.join(mini_data, "images"), 3, rank, world)
+    _, shares = two_task_routing(hook, model, processor, mini_data, rank, world)
     if rank == 0:
-        torch.save(got, out)
+        torch.save((got, shares), out)
     dist.destroy_process_group()
 
 
-def test_features_on_two_gloo_ranks_equal_one(tiny_base, mini_data, tmp_path):
+def test_features_and_routing_on_two_gloo_ranks_equal_one(tiny_base, mini_data, tmp_path):
     mp.spawn(_features_on_rank, args=(2, str(tmp_path / "store"), tiny_base, mini_data, str(tmp_path / "two.pt")),
              nprocs=2)
-    two = torch.load(tmp_path / "two.pt")
+    two, two_shares = torch.load(tmp_path / "two.pt")
     cfg, model, processor, hook = routed_model(tiny_base, mini_data, "hide")
     recs = data.train_examples(mini_data, "ScienceQA")[:10]
     one = methods.record_features(hook.features, processor, recs, os.path.join(mini_data, "images"), 3)
     assert all(torch.equal(a, b) for a, b in zip(one, two))
     assert not one[1].all() and one[1].any()  # ScienceQA has records with and without an image
+    # the routing accuracy: the whole test set's on 2 ranks as on 1, and the router's argmax counted by hand
+    state, shares = two_task_routing(hook, model, processor, mini_data)
+    assert two_shares == shares
+    tests = {t: data.test_examples(mini_data, t)[:n] for t, n in ROUTED_TESTS.items()}
+    image_dir = os.path.join(mini_data, "images")
+    want = [routed_by_hand(hook, processor, tests["ScienceQA"] + tests["GQA"], image_dir, state, own=0),
+            routed_by_hand(hook, processor, tests["GQA"], image_dir, state, own=1)]
+    assert shares == [{"routed": w} for w in want]
+    assert 0 < want[0] < 1  # GQA's records among ScienceQA's are not ScienceQA's
 
 
 ROUTE_TASKS = ["GQA", "VQAv2", "ScienceQA"]
@@ -414,7 +474,8 @@ def route_args(mini_data, tiny_base, out, method, *extra):
             "--zero_shot=false", *extra]
 
 
-@pytest.mark.parametrize("method, extra", [("hide", ["--hide_anchor=official"]), ("disco", [])])
+@pytest.mark.parametrize("method, extra", [("hide", ["--hide_anchor=official", "--hide_router=batch"]),
+                                           ("disco", [])])
 def test_routed_method_resumes_exactly(method, extra, mini_data, tiny_base, tmp_path):
     ref, out = str(tmp_path / "ref"), str(tmp_path / "run")
     coin.main(route_args(mini_data, tiny_base, ref, method, *extra))
@@ -426,13 +487,27 @@ def test_routed_method_resumes_exactly(method, extra, mini_data, tiny_base, tmp_
     assert not os.path.exists(os.path.join(stage(out, 2, ROUTE_TASKS), "meta.json")), "stage 3 ended before the kill"
     proc = start(route_args(mini_data, tiny_base, out, method, *extra), log)
     assert finish(proc, log) == 0, open(log).read()[-3000:]
-    assert_same_run(out, ref, ROUTE_TASKS, steps=4)
+    assert_same_run(out, ref, ROUTE_TASKS, steps=4)  # results.json's measured (the routing) too
+    # each stage's routing accuracy per task in results.json, as the router's weights say by hand (--hide_router=batch:
+    # the 4 test records of a task are one batch, --eval_batch=4; ScienceQA's has a record without an image)
+    cfg = coin.parse_config(route_args(mini_data, tiny_base, ref, method, *extra))
+    model, processor = coin.load_base(cfg, torch.device("cpu"))
+    hook = methods.METHODS[method](cfg)
+    coin.add_adapter(model, cfg, "cpu", hook, 3)  # the features: the frozen towers, as the run's
+    measured = json.load(open(os.path.join(ref, "results.json")))["measured"]
     for j in range(3):
         got, want = (load_file(os.path.join(stage(d, j, ROUTE_TASKS), checkpoint.METHOD_STATE)) for d in (out, ref))
         assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
         assert all(len(v) == j + 1 for v in want.values())  # one row of kept features per task so far
-        meta = json.load(open(os.path.join(stage(ref, j, ROUTE_TASKS), "meta.json")))
-        assert {k for k in meta if k.startswith("routed_")} == {f"routed_{t}" for t in ROUTE_TASKS[:j + 1]}
+        routed = {}
+        for i, task in enumerate(ROUTE_TASKS[:j + 1]):
+            pad, _, strip = coin.evaluation_of(cfg, task)
+            routed[task] = {"routed": routed_by_hand(hook, processor, data.test_examples(mini_data, task)[:4],
+                                                     os.path.join(mini_data, "images"), want, i, pad, strip)}
+        assert measured[os.path.basename(stage(ref, j, ROUTE_TASKS))] == routed
+    line = " · ".join(f"{t} {routed[t]['routed']:.2f}" for t in ROUTE_TASKS)  # results.md: the last stage's
+    assert f"routed after {os.path.basename(stage(ref, 2, ROUTE_TASKS))} (measured by the method, docs/methods.md): " \
+           f"{line}\n" in open(os.path.join(ref, "results.md")).read()
     # stage j trained expert j alone: the later experts' B are still 0 after it
     weights = load_file(os.path.join(stage(ref, 0, ROUTE_TASKS), "adapter.safetensors"))
     assert all(not v.any() for k, v in weights.items() if ".lora_B.1" in k or ".lora_B.2" in k)
