@@ -20,7 +20,9 @@ arXiv 2503.12941, calls MFN "Last"), for the T x T matrix a[j][i] = score on tas
   - MFN, mean final accuracy: (1/T) sum_i a[T][i], the last row (results.json's final_average);
   - MAA, mean average accuracy: (1/T) sum_j (1/j) sum_{i<=j} a[j][i];
   - BWT, backward transfer: sum_{i<T} (a[T][i] - a[i][i]) divided by T, as the CoIN paper's main text does
-    (MCITlib divides by T - 1, results.json's BWT_classic).
+    (MCITlib divides by T - 1, results.json's BWT_classic);
+  - routed, for the methods that route at test time (HiDe-LLaVA, DISCO): after the last stage, the share of each
+    task's test records whose largest router weight is the task's own expert, mean over the tasks (ROUTED_NOTE).
 A task counts as learned in a run when its diagonal entry reaches 3 x its chance level (CoIN-mini's coin_mini.json
 holds each task's chance: the mean over its test records of 1 / the number of plausible answers); below that the
 run's BWT on the task measures the loss of a format it never learned, so such runs are flagged (†), and the claims
@@ -72,6 +74,9 @@ METHOD_ORDER = (SEQUENTIAL, *METHOD_NAMES)
 CHANCE_TIMES = 3  # a task is learned when its score right after training reaches 3 x chance
 FLAG_NOTE = (f"† k: k of the method's runs score some task under {CHANCE_TIMES} x chance right after training it: "
              "not learned, so BWT there measures the loss of a format never learned.")
+ROUTED_NOTE = ("routed: after the last stage, the share (%) of each task's test records whose largest router weight is "
+               "that task's own expert, mean over the tasks (results.json's measured; HiDe-LLaVA and DISCO route, "
+               "blank for the methods that do not).")
 # what a run's config says it is; runs are grouped by it. strength: ((setting, value), ...) where not the default
 Method = collections.namedtuple("Method", STUDY_FACTORS, defaults=((),))
 LORA = Method(multitask=False, experts=1, instructions=ORIGINAL, method=SEQUENTIAL)  # sequential LoRA, the baseline
@@ -153,7 +158,8 @@ def setting_defaults():
 
 def summarise_run(res):
     """The numbers of one results.json the study uses: per metric (if, gk) the final row, the diagonal, MFT, MFN, MAA,
-    BWT, final average and the matrix; the zero-shot row (None without one)."""
+    BWT, final average and the matrix; the zero-shot row (None without one); the routing accuracy (ROUTED_NOTE, None
+    for a method without a router)."""
     tasks, zero_shot = res["tasks"], res.get("zero_shot")
     out = {"seed": res["config"]["seed"], "tasks": tasks, "zero_shot": None}
     for which, r in (("if", res), ("gk", res.get("general_knowledge") or {})):
@@ -163,6 +169,9 @@ def summarise_run(res):
                       "MFN": mean_of_all(matrix[-1]), **{k: r.get(k) for k in ("MAA", "BWT", "final_average")}}
     if zero_shot:
         out["zero_shot"] = {w: [zero_shot[t][w] if t in zero_shot else None for t in tasks] for w in ("if", "gk")}
+    _, measured = evaluate.latest_measured(res)  # the last stage's, for a finished run
+    routed = [m["routed"] for m in measured.values() if "routed" in m]
+    out["routed"] = 100 * sum(routed) / len(routed) if routed else None
     out["seconds"] = run_seconds(res.get("timing"))
     return out
 
@@ -234,6 +243,11 @@ def other_methods(groups):
 def zero_shot_rows(groups):
     """The zero-shot rows ({'if': [...], 'gk': [...]}) of the Original-instruction runs that evaluated the base."""
     return [r["zero_shot"] for k, runs in groups.items() if k.instructions == ORIGINAL for r in runs if r["zero_shot"]]
+
+
+def routes(groups):
+    """Whether some run of the study measured its routing: then its tables have a routed column."""
+    return any(r["routed"] is not None for runs in groups.values() for r in runs)
 
 
 def seed_list(runs):
@@ -312,35 +326,44 @@ def study_main_table(groups, tasks, which, chance=None):
     of the matrix per task, then MFT, MFN, MAA and BWT, each mean ± std over seeds. Zero-shot is the base before
     stage 1, as the runs that evaluate it (--zero_shot) score it (the same model, so std 0 unless something is not
     deterministic; its MFN is the mean of its row); n counts those runs. With chance levels, MFT carries † k when k of
-    the method's runs left some task under 3 x chance right after training it."""
-    lines = ["| method | n | " + " | ".join(tasks) + " | MFT | MFN | MAA | BWT |", "|---" * (len(tasks) + 6) + "|"]
+    the method's runs left some task under 3 x chance right after training it. Instruction Following has a routed
+    column too when some run routes (ROUTED_NOTE)."""
+    routed = which == "if" and routes(groups)
+    lines = ["| method | n | " + " | ".join(tasks) + " | MFT | MFN | MAA | BWT |" + " routed |" * routed,
+             "|---" * (len(tasks) + 6 + routed) + "|"]
     zero_shots = [z[which] for z in zero_shot_rows(groups)]
     if zero_shots:
         lines.append(f"| zero-shot | {len(zero_shots)} | "
                      + " | ".join(mean_pm_std(z[i] for z in zero_shots) for i in range(len(tasks)))
-                     + f" |  | {mean_pm_std(mean_of_all(z) for z in zero_shots)} |  |  |")
+                     + f" |  | {mean_pm_std(mean_of_all(z) for z in zero_shots)} |  |  |" + "  |" * routed)
 
     def cells(runs):
         summaries = [r[which] for r in runs]
         return ([mean_pm_std(r["final"][i] for r in summaries) for i in range(len(tasks))]
-                + [mean_pm_std(r[k] for r in summaries) for k in ("MFT", "MFN", "MAA", "BWT")])
-    return "\n".join(lines + method_rows(groups, tasks, chance, cells, flag_at=len(tasks)))
+                + [mean_pm_std(r[k] for r in summaries) for k in ("MFT", "MFN", "MAA", "BWT")]
+                + [mean_pm_std(r["routed"] for r in runs)] * routed)
+    return "\n".join(lines + method_rows(groups, tasks, chance, cells, flag_at=len(tasks))
+                     + ["", ROUTED_NOTE] * routed)
 
 
 def study_summary_table(groups, tasks, chance=None):
     """The main table's aggregates only, Instruction Following then General Knowledge: a row per method (Original
-    instructions), MFT, MFN, MAA and BWT, each mean ± std over seeds; zero-shot and multi-task have MFN only. † k on
-    the MFT as in study_main_table."""
-    keys = ("MFT", "MFN", "MAA", "BWT")
-    lines = ["| method | n | " + " | ".join(keys) + " | GK " + " | GK ".join(keys) + " |", "|---" * 10 + "|"]
+    instructions), MFT, MFN, MAA and BWT, each mean ± std over seeds, and routed after the Instruction Following ones
+    when some run routes (ROUTED_NOTE); zero-shot and multi-task have MFN only. † k on the MFT as in
+    study_main_table."""
+    keys, routed = ("MFT", "MFN", "MAA", "BWT"), routes(groups)
+    lines = ["| method | n | " + " | ".join(keys) + " |" + " routed |" * routed + " GK " + " | GK ".join(keys) + " |",
+             "|---" * (10 + routed) + "|"]
     zero_shots = zero_shot_rows(groups)
     if zero_shots:
-        lines.append(f"| zero-shot | {len(zero_shots)} |  | {mean_pm_std(mean_of_all(z['if']) for z in zero_shots)}"
-                     f" |  |  |  | {mean_pm_std(mean_of_all(z['gk']) for z in zero_shots)} |  |  |")
+        means = {w: mean_pm_std(mean_of_all(z[w]) for z in zero_shots) for w in ("if", "gk")}
+        lines.append(f"| zero-shot | {len(zero_shots)} |  | {means['if']} |  |  |" + "  |" * routed
+                     + f"  | {means['gk']} |  |  |")
 
     def cells(runs):
-        return [mean_pm_std(r[which][k] for r in runs) for which in ("if", "gk") for k in keys]
-    return "\n".join(lines + method_rows(groups, tasks, chance, cells, flag_at=0))
+        if_cells, gk_cells = ([mean_pm_std(r[which][k] for r in runs) for k in keys] for which in ("if", "gk"))
+        return if_cells + [mean_pm_std(r["routed"] for r in runs)] * routed + gk_cells
+    return "\n".join(lines + method_rows(groups, tasks, chance, cells, flag_at=0) + ["", ROUTED_NOTE] * routed)
 
 
 def study_diagonal_table(groups, tasks, which, chance=None):

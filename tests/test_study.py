@@ -30,7 +30,8 @@ RUNS = [
 ZERO_SHOT = {"ScienceQA": {"if": 20.0, "gk": 30.0}, "TextVQA": {"if": 0.0, "gk": 10.0}}
 
 
-def write_run(root, name, multitask, experts, instructions, seed, if_m, gk_m, stages=None, timing=None, **config):
+def write_run(root, name, multitask, experts, instructions, seed, if_m, gk_m, stages=None, timing=None, measured=None,
+              **config):
     cfg = {"tasks": ",".join(TASKS), "max_train": 1500, "lora_r": 16, "lr": 1e-3, "out": os.path.join(root, name),
            "threads": 1, "seed": seed, "multitask": multitask, "experts": experts, "instructions": instructions,
            **config}
@@ -44,6 +45,8 @@ def write_run(root, name, multitask, experts, instructions, seed, if_m, gk_m, st
         res["stages"] = stages
     if timing is not None:
         res["timing"] = timing
+    if measured is not None:
+        res["measured"] = measured
     os.makedirs(os.path.join(root, name))
     with open(os.path.join(root, name, "results.json"), "w") as f:
         json.dump(res, f)
@@ -337,6 +340,31 @@ def test_groups_by_method_and_names_the_rows(method_study):
     assert ("| 5. MoELoRA forgets less than LwF and EWC (MoELoRA E=8 minus each, BWT difference beyond 2 standard "
             "errors) | +17.5 ± 5.6 (LwF) (**higher**), +5.0 ± 3.5 (EWC) (**not resolved**) |") in compact
     assert "| **not resolved**: +10.8 ± 3.0 (E=8) |" not in compact and "| **yes**: -18.3 ± 2.9 |" in compact
+
+
+def test_routing_column_for_the_runs_that_route(tmp_path):
+    """HiDe-LLaVA's runs record their routing (results.json's measured): the Instruction Following tables show the
+    last stage's mean over the tasks, mean ± std over seeds, blank for LoRA; the General Knowledge table has none."""
+    root = str(tmp_path)
+    for run in RUNS[:2]:
+        write_run(root, *run)
+    for seed, last in ((0, [1.0, 0.8]), (1, [0.7, 0.9])):  # means 90 and 80: 85.0 ± 7.1
+        measured = {"stage1-ScienceQA": {"ScienceQA": {"routed": 0.5}},  # not the last stage: not in the column
+                    "stage2-TextVQA": {t: {"routed": v} for t, v in zip(TASKS, last)}}
+        write_run(root, f"hide{seed}", False, 8, "Original", seed, RUNS[seed][5], RUNS[seed][6], measured=measured,
+                  method="hide")
+    groups, _, _ = S.read_study(root)
+    table = S.study_main_table(groups, TASKS, "if").splitlines()
+    assert table[0].endswith("| MFT | MFN | MAA | BWT | routed |") and table[1].count("|---") == 9
+    assert table[3].startswith("| LoRA |") and table[3].endswith("| -17.5 ± 3.5 |  |")
+    assert table[4].startswith("| HiDe-LLaVA |") and table[4].endswith("| -17.5 ± 3.5 | 85.0 ± 7.1 |")
+    assert table[-1] == S.ROUTED_NOTE
+    assert "routed" not in S.study_main_table(groups, TASKS, "gk")
+    summary = S.study_summary_table(groups, TASKS).splitlines()
+    assert summary[0] == "| method | n | MFT | MFN | MAA | BWT | routed | GK MFT | GK MFN | GK MAA | GK BWT |"
+    assert summary[2] == "| zero-shot | 4 |  | 10.0 ± 0.0 |  |  |  |  | 20.0 ± 0.0 |  |  |"
+    assert summary[4].startswith("| HiDe-LLaVA |") and "| -17.5 ± 3.5 | 85.0 ± 7.1 | 51.2 ± 1.8 |" in summary[4]
+    assert S.ROUTED_NOTE in S.write_study(root)
 
 
 def test_robustness_rows_of_claim_5_and_the_peers(tmp_path):
