@@ -18,14 +18,15 @@ from test_resume import Ranks  # noqa: E402
 TOLERANCE = 0.01  # fake over real peak, at toy shapes (measured: within 0.9%)
 
 
-def bench(tmp_path, tensors, *settings):
-    """`python bench/memory.py` in a process forked from this one (the bench changes process state: its environment, a
-    fake process group)."""
-    out, log = tmp_path / f"{tensors}.jsonl", str(tmp_path / f"{tensors}.log")
-    proc = Ranks(["--shapes=tiny", f"--tensors={tensors}", "--grid=lists", "--seq=40", "--prompt=30", f"--out={out}",
-                  *settings], log, main=memory.main)
-    assert proc.wait(timeout=300) == 0, open(log).read()[-3000:]
-    return [json.loads(line) for line in open(out)]
+def bench(tmp_path, *settings):
+    """The rows of `python bench/memory.py --tensors=real` and of `--tensors=fake`, both run at once in processes
+    forked from this one (the bench changes process state: its environment, a fake process group)."""
+    procs = {tensors: Ranks(["--shapes=tiny", f"--tensors={tensors}", "--grid=lists", "--seq=40", "--prompt=30",
+                             f"--out={tmp_path / f'{tensors}.jsonl'}", *settings], str(tmp_path / f"{tensors}.log"),
+                            main=memory.main) for tensors in ("real", "fake")}
+    for tensors, proc in procs.items():
+        assert proc.wait(timeout=300) == 0, open(tmp_path / f"{tensors}.log").read()[-3000:]
+    return [[json.loads(line) for line in open(tmp_path / f"{tensors}.jsonl")] for tensors in procs]
 
 
 @pytest.mark.parametrize("settings", [
@@ -36,7 +37,7 @@ def bench(tmp_path, tensors, *settings):
 def test_fake_peaks_match_real_tensors(tmp_path, settings):
     """The same step, on fake and on real tensors: every peak within TOLERANCE, sharded over 8 fake ranks too; with
     dropout, fake runs SizedExpertDropout and real runs moelora's ExpertDropoutLinear."""
-    real, fake = bench(tmp_path, "real", *settings), bench(tmp_path, "fake", *settings)
+    real, fake = bench(tmp_path, *settings)
     assert len(real) == len(fake) > 0
     for r, f in zip(real, fake):
         config = {k: v for k, v in r.items() if k in ("adapter", "dropout", "grad_ckpt", "ranks", "micro_batch",

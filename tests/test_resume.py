@@ -198,10 +198,9 @@ def reference(mini_data, tiny_base, tmp_path_factory):
 
 
 def test_sigkill_mid_stage_then_resume(mini_data, tiny_base, reference, tmp_path, capsys):
-    """SIGKILL during stage 2 of `python coin.py`: the rerun keeps stage 1 (checkpoint, scores) and goes on from stage
-    2's checkpoint."""
+    """SIGKILL during stage 2: the rerun keeps stage 1 (checkpoint, scores) and goes on from stage 2's checkpoint."""
     out, log = str(tmp_path / "run"), str(tmp_path / "log")
-    proc = start(args(mini_data, tiny_base, out), log, script=True)
+    proc = start(args(mini_data, tiny_base, out), log)
     wait_for(os.path.join(stage(out, 1), checkpoint.MIDSTAGE), proc, log)
     proc.kill()
     proc.wait()
