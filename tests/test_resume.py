@@ -118,10 +118,13 @@ class Ranks:
         return next((c for c in self.codes.values() if c), 0)
 
     def wait(self, timeout=None):
+        """The exit status (the first non-zero one of the ranks); past `timeout` the run is killed (as by
+        subprocess.run) and TimeoutExpired raised."""
         t0 = time.time()
         while (code := self.poll()) is None:
             if timeout is not None and time.time() - t0 > timeout:
-                raise subprocess.TimeoutExpired(f"coin.py on {len(self.pids)} forked rank(s)", timeout)
+                self.kill()
+                raise subprocess.TimeoutExpired(f"{len(self.pids)} forked rank(s)", timeout)
             time.sleep(0.01)
         return code
 
