@@ -134,8 +134,8 @@ def docs_of_class(node, source):
         comment = comment.strip()
         if lineno in fields:
             n = fields[lineno]
-            docs.append(SettingDoc(n.target.id, ast.get_source_segment(source, n.annotation),
-                                   ast.get_source_segment(source, n.value), comment or " ".join(block), group))
+            docs.append(SettingDoc(n.target.id, source_segment(lines, n.annotation), source_segment(lines, n.value),
+                                   comment or " ".join(block), group))
             block = []
         elif comment and not code.strip() and len(code) > indent and docs and not block:
             docs[-1].help += " " + comment  # a continuation, indented under the comment above
@@ -146,6 +146,15 @@ def docs_of_class(node, source):
         else:
             block = []
     return docs
+
+
+def source_segment(lines, node):
+    """ast.get_source_segment from the source's lines (that function splits the whole source again at each call: a
+    second a command line, read for every setting)."""
+    text = [line.encode() for line in lines[node.lineno - 1:node.end_lineno]]  # ast's columns count UTF-8 bytes
+    text[-1] = text[-1][:node.end_col_offset]
+    text[0] = text[0][node.col_offset:]
+    return b"\n".join(text).decode()
 
 
 def help_text(docs, usage):

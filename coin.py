@@ -166,7 +166,8 @@ def parse_config(argv):
     at once, as one UserError, before anything is read, loaded or written (main then checks the folders)."""
     settings, rules = run_settings()
     # each setting in range first (the combinations below assume it), then check_config
-    cfg, _ = cli.parse(settings, argv, __doc__, rules, docs=cli.setting_docs(__file__, "Config", "methods.py"))
+    docs = cli.setting_docs(__file__, "Config", "methods.py") if cli.wants_help(argv) else None  # read from the source
+    cfg, _ = cli.parse(settings, argv, __doc__, rules, docs=docs)
     problems = check_config(cfg, int(os.environ.get("WORLD_SIZE", 1)))
     if problems:
         raise cli.UserError("\n".join(problems))

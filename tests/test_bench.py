@@ -3,27 +3,33 @@ sharding, to_empty, training steps, FLOP count, generation), so the GPU script c
 import importlib.util
 import json
 import os
-import subprocess
 import sys
 
 import pytest
 import torch
 
 import cli
+from test_resume import Ranks
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def run_bench(name, argv, capsys, monkeypatch):
-    """bench/<name>.py as its command line runs it, in this process (no interpreter start, torch loaded already):
-    (exit status, stdout, stderr). What the script changes in the process is undone after the test: its
-    OMP_WAIT_POLICY default, the folders it puts on sys.path, its torch threads."""
+def load_bench(name, monkeypatch):
+    """bench/<name>.py's module, loaded in this process. What loading it changes is undone after the test: its
+    OMP_WAIT_POLICY default, the folders it puts on sys.path."""
     monkeypatch.setenv("OMP_WAIT_POLICY", os.environ.get("OMP_WAIT_POLICY", "PASSIVE"))
     monkeypatch.setattr(sys, "path", list(sys.path))
     spec = importlib.util.spec_from_file_location(f"bench_{name}", os.path.join(ROOT, "bench", f"{name}.py"))
     module = importlib.util.module_from_spec(spec)
     monkeypatch.setitem(sys.modules, spec.name, module)  # (its dataclasses look their module up there)
     spec.loader.exec_module(module)
+    return module
+
+
+def run_bench(name, argv, capsys, monkeypatch):
+    """bench/<name>.py as its command line runs it, in this process (no interpreter start, torch loaded already):
+    (exit status, stdout, stderr). Its torch threads are set back after it."""
+    module = load_bench(name, monkeypatch)
     threads = torch.get_num_threads()
     try:
         with pytest.raises(SystemExit) as e:
@@ -34,13 +40,13 @@ def run_bench(name, argv, capsys, monkeypatch):
     return e.value.code, out.out, out.err
 
 
-def test_llava7b_bench_at_tiny_shapes(tmp_path):
-    out = tmp_path / "bench.jsonl"
-    proc = subprocess.run([sys.executable, "bench/llava7b.py", "--shapes=tiny", "--adapters=moelora", "--dropout=0.05",
-                           "--grad_ckpt=1", "--shard=0,1", "--micro_batches=1,2", "--steps=1", "--gen_batches=2",
-                           "--new_tokens=3", f"--out={out}"], cwd=ROOT, capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert proc.returncode == 0, proc.stderr[-3000:]
+def test_llava7b_bench_at_tiny_shapes(tmp_path, monkeypatch):
+    """In a process forked from this one (the bench starts a process group and FSDP2 shards its model there)."""
+    out, log = tmp_path / "bench.jsonl", str(tmp_path / "log")
+    proc = Ranks(["--shapes=tiny", "--adapters=moelora", "--dropout=0.05", "--grad_ckpt=1", "--shard=0,1",
+                  "--micro_batches=1,2", "--steps=1", "--gen_batches=2", "--new_tokens=3", f"--out={out}"], log,
+                 main=load_bench("llava7b", monkeypatch).main)
+    assert proc.wait(timeout=300) == 0, open(log).read()[-3000:]
     rows = [json.loads(line) for line in open(out)]
     for shard in (False, True):
         train = {r["micro_batch"]: r for r in rows if r["shard"] is shard and "micro_batch" in r}
@@ -50,7 +56,8 @@ def test_llava7b_bench_at_tiny_shapes(tmp_path):
         assert all(r["step_s"] > 0 and 0 < r["mfu"] < 1 for r in train.values())
         generated = [r for r in rows if r["shard"] is shard and "gen_batch" in r]
         assert [(r["gen_batch"], r["new_tokens"]) for r in generated] == [(2, 3)]
-    assert "shard True" in proc.stdout and "MFU" in proc.stdout
+    printed = open(log).read()
+    assert "shard True" in printed and "MFU" in printed
 
 
 def test_methods_bench_runs(capsys, monkeypatch):

@@ -3,7 +3,6 @@ its stand-in for moelora's sparse dropout against the real layer, and the dropou
 import hashlib
 import json
 import os
-import subprocess
 import sys
 
 import pytest
@@ -11,19 +10,23 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "bench"))
+import cli  # noqa: E402
 import memory  # noqa: E402
 import moelora  # noqa: E402
+from test_resume import Ranks  # noqa: E402
 
 TOLERANCE = 0.01  # fake over real peak, at toy shapes (measured: within 0.9%)
 
 
-def bench(tmp_path, tensors, *settings):
-    out = tmp_path / f"{tensors}.jsonl"
-    proc = subprocess.run([sys.executable, "bench/memory.py", "--shapes=tiny", f"--tensors={tensors}", "--grid=lists",
-                           "--seq=40", "--prompt=30", f"--out={out}", *settings], cwd=ROOT, capture_output=True,
-                          text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return [json.loads(line) for line in open(out)]
+def bench(tmp_path, *settings):
+    """The rows of `python bench/memory.py --tensors=real` and of `--tensors=fake`, both run at once in processes
+    forked from this one (the bench changes process state: its environment, a fake process group)."""
+    procs = {tensors: Ranks(["--shapes=tiny", f"--tensors={tensors}", "--grid=lists", "--seq=40", "--prompt=30",
+                             f"--out={tmp_path / f'{tensors}.jsonl'}", *settings], str(tmp_path / f"{tensors}.log"),
+                            main=memory.main) for tensors in ("real", "fake")}
+    for tensors, proc in procs.items():
+        assert proc.wait(timeout=300) == 0, open(tmp_path / f"{tensors}.log").read()[-3000:]
+    return [[json.loads(line) for line in open(tmp_path / f"{tensors}.jsonl")] for tensors in procs]
 
 
 @pytest.mark.parametrize("settings", [
@@ -34,7 +37,7 @@ def bench(tmp_path, tensors, *settings):
 def test_fake_peaks_match_real_tensors(tmp_path, settings):
     """The same step, on fake and on real tensors: every peak within TOLERANCE, sharded over 8 fake ranks too; with
     dropout, fake runs SizedExpertDropout and real runs moelora's ExpertDropoutLinear."""
-    real, fake = bench(tmp_path, "real", *settings), bench(tmp_path, "fake", *settings)
+    real, fake = bench(tmp_path, *settings)
     assert len(real) == len(fake) > 0
     for r, f in zip(real, fake):
         config = {k: v for k, v in r.items() if k in ("adapter", "dropout", "grad_ckpt", "ranks", "micro_batch",
@@ -84,8 +87,10 @@ def test_dropout_draw_is_unchanged(seed, total, p, count, positions, packed, lar
     assert (len(drops), digest(drops), digest(small), len(large_at)) == (count, positions, packed, large)
 
 
-def test_bad_setting_is_one_error_line():
-    proc = subprocess.run([sys.executable, "bench/memory.py", "--grid=all", "--adapters=dora"], cwd=ROOT,
-                          capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 2 and proc.stderr.startswith("error: --grid=all"), proc.stderr
-    assert len(proc.stderr.splitlines()) == 2 and "--adapters=dora" in proc.stderr
+def test_bad_setting_is_one_error_line(capsys):
+    """As `python bench/memory.py --grid=all --adapters=dora` runs it (refused before any work: in this process)."""
+    with pytest.raises(SystemExit) as e:
+        cli.run(memory.main, ["--grid=all", "--adapters=dora"])
+    stderr = capsys.readouterr().err
+    assert e.value.code == 2 and stderr.startswith("error: --grid=all"), stderr
+    assert len(stderr.splitlines()) == 2 and "--adapters=dora" in stderr

@@ -318,7 +318,6 @@ def test_magmax_and_mean_evaluate_the_official_merge_and_restore_the_model_exact
 
 import json  # noqa: E402
 import os  # noqa: E402
-import socket  # noqa: E402
 
 import pytest  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
@@ -378,11 +377,7 @@ def test_merging_method_on_two_ranks_equals_one(method, mini_data, tiny_base, tm
                     "--lora_dropout=0", "--zero_shot=false", *extra)
     one, two = str(tmp_path / "one"), str(tmp_path / "two")
     coin.main(argv(one))
-    with socket.socket() as s:  # a free port for the rendezvous
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = start(argv(two), str(tmp_path / "two.log"),  # the same command: 2 records a rank
-                 torchrun=["--nproc_per_node=2", f"--master_port={port}"])
+    proc = start(argv(two), str(tmp_path / "two.log"), ranks=2)  # the same command: 2 records a rank
     assert finish(proc, str(tmp_path / "two.log")) == 0, open(tmp_path / "two.log").read()[-3000:]
     for j in range(2):
         for f in ("adapter.safetensors", checkpoint.METHOD_STATE):
@@ -393,7 +388,8 @@ def test_merging_method_on_two_ranks_equals_one(method, mini_data, tiny_base, tm
                     torch.testing.assert_close(got[k], want[k], rtol=1e-4, atol=1e-4, msg=f"{j + 1} {f}: {k}")
                 else:  # key elements: the same positions (two of near-equal |B A| may swap places in the order)
                     assert torch.equal(got[k].sort().values, want[k].sort().values), f"{j + 1} {f}: {k}"
-    assert json.load(open(os.path.join(two, "results.json")))["matrix"][1][0] is not None
+    res = json.load(open(os.path.join(two, "results.json")))
+    assert res["matrix"][1][0] is not None and res["world_size"] == 2
 
 
 def test_merging_methods_refuse_moelora():

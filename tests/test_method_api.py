@@ -5,8 +5,6 @@ import json
 import os
 import re
 import shutil
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -16,7 +14,7 @@ import checkpoint
 import coin
 import methods
 import study
-from test_resume import ROOT, args, assert_killed_mid_stage, assert_same_run, fail, finish, stage, wait_for
+from test_resume import ROOT, args, assert_killed_mid_stage, assert_same_run, fail, finish, stage, start, wait_for
 
 
 def docs_example():
@@ -42,10 +40,6 @@ class Average(Method):
         return sums
 '''
 
-RUNNER = ("import sys, methods; exec(open(sys.argv.pop(1)).read(), vars(methods)); import cli, coin; "
-          "cli.run(coin.main, sys.argv[1:])")
-
-
 @pytest.fixture
 def registered():
     """Register a method from its source text in this process (as pasting it into methods.py would), for one test."""
@@ -57,27 +51,18 @@ def registered():
 
 @pytest.mark.parametrize("name, source, extra", [("l2", None, ["--l2_lambda=100"]), ("average", AVERAGE, [])])
 def test_a_new_method_resumes_exactly(name, source, extra, registered, mini_data, tiny_base, tmp_path):
-    source = source or docs_example()
-    registered(source)
-    path = str(tmp_path / "method.py")
-    with open(path, "w") as f:
-        f.write(source)
+    registered(source or docs_example())
     ref, out, log = str(tmp_path / "ref"), str(tmp_path / "run"), str(tmp_path / "log")
     argv = args(mini_data, tiny_base, ref, f"--method={name}", *extra)
     coin.main(argv)
-    with open(log, "w") as f:  # the same command in a child process, the method registered there from its source
-        proc = subprocess.Popen([sys.executable, "-c", RUNNER, path, *args(mini_data, tiny_base, out,
-                                                                           f"--method={name}", *extra)],
-                                cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=f, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+    # the same command in a child process (forked: the method registered in it as in this one), killed and rerun
+    proc = start(args(mini_data, tiny_base, out, f"--method={name}", *extra), log)
     wait_for(os.path.join(stage(out, 1), checkpoint.MIDSTAGE), proc, log)
     proc.kill()
     proc.wait()
     assert_killed_mid_stage(out, 1)
-    proc = subprocess.Popen([sys.executable, "-c", RUNNER, path, *args(mini_data, tiny_base, out, f"--method={name}",
-                                                                       *extra)],
-                            cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=open(log, "a"),
-                            stderr=subprocess.STDOUT, start_new_session=True)
+    log = str(tmp_path / "resumed.log")
+    proc = start(args(mini_data, tiny_base, out, f"--method={name}", *extra), log)
     if finish(proc, log) != 0:
         fail(proc, log, "the resumed run failed")
     assert_same_run(out, ref)

@@ -93,7 +93,9 @@ def _fisher_on_rank(rank, world, init_file, out):
 
 
 def test_ewc_fisher_on_two_gloo_ranks_equals_one(tmp_path):
-    mp.spawn(_fisher_on_rank, args=(2, str(tmp_path / "store"), str(tmp_path / "f2.pt")), nprocs=2)
+    # forked, not spawned: a spawned rank spends seconds importing torch again
+    mp.start_processes(_fisher_on_rank, args=(2, str(tmp_path / "store"), str(tmp_path / "f2.pt")), nprocs=2,
+                       start_method="fork")
     two = torch.load(tmp_path / "f2.pt")
     net, record_loss = tiny_regression()
     one = methods.ewc_fisher(list(net.named_parameters()), record_loss, list(range(9)))

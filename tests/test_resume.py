@@ -1,6 +1,7 @@
 """Nothing lost: a run killed mid-stage or mid-save, stopped with Ctrl-C, or restarted by torchrun after losing a rank
 ends with the same adapter weights and predictions as an uninterrupted run (bit for bit: CPU, same world size); bad
 input fails before any work with a message naming the file and what is wrong."""
+import contextlib
 import json
 import os
 import re
@@ -10,6 +11,7 @@ import socket
 import subprocess
 import sys
 import time
+import traceback
 
 import pytest
 import torch
@@ -17,6 +19,7 @@ from safetensors.torch import load_file, save_file
 from transformers import LlavaForConditionalGeneration
 
 import checkpoint
+import cli
 import coin
 import moelora
 import methods
@@ -35,12 +38,102 @@ def args(mini_data, tiny_base, out, *extra, tasks=TASKS):
             "--eval_batch=4", "--max_new_tokens=4", "--threads=1", *extra]
 
 
-def start(argv, log, torchrun=()):
-    """coin.py in a child process (which a test can kill), its output to `log`."""
+def start(argv, log, torchrun=(), ranks=1, script=False):
+    """coin.py in a child process (which a test can kill), its output to `log`: the script under torchrun (`torchrun`,
+    its arguments), as `python coin.py` (`script`), or else `ranks` processes forked from this one (Ranks)."""
+    if not torchrun and not script:
+        return Ranks(argv, log, ranks)
     cmd = [sys.executable, *(["-m", "torch.distributed.run", *torchrun] if torchrun else []), "coin.py", *argv]
     with open(log, "w") as f:  # the child keeps its own copy of the file; its own session, to kill it whole
         return subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=f,
                                 stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def free_port():
+    with socket.socket() as s:  # a free port for a run's rendezvous
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Ranks:
+    """A run of `python coin.py ARGV` (or, with ranks > 1, `torchrun --nproc_per_node=RANKS coin.py ARGV`; or another
+    entry point's `main`) in processes forked from this one: they start with torch, transformers and coin loaded (a
+    fresh interpreter spends seconds importing them), change nothing in this one, and are killed like any process.
+    Each rank gets torchrun's environment (RANK, WORLD_SIZE, MASTER_ADDR...), all ranks one process group (proc.pid),
+    to kill them whole; their output goes to `log`. The subset of subprocess.Popen the tests use: pid, poll, wait,
+    kill, send_signal. As torchrun does, a rank that fails takes the others down (they would wait in a collective).
+    One torch thread each: GNU OpenMP hangs starting threads in a process forked from one that used its threads."""
+
+    def __init__(self, argv, log, ranks=1, main=coin.main):
+        assert main is not coin.main or "--threads=1" in argv, "a forked run needs --threads=1"
+        open(log, "w").close()
+        port, self.pids, self.codes = free_port(), [], {}
+        for rank in range(ranks):
+            env = {"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(ranks), "LOCAL_WORLD_SIZE": str(ranks),
+                   "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)} if ranks > 1 else {}
+            group = self.pids[0] if self.pids else 0
+            pid = os.fork()
+            if pid == 0:
+                os.setpgid(0, group)
+                self._run(main, argv, log, env)  # never returns
+            with contextlib.suppress(OSError):  # (the child may have done it first)
+                os.setpgid(pid, group or pid)
+            self.pids.append(pid)
+        self.pid = self.pids[0]
+
+    @staticmethod
+    def _run(main, argv, log, env):
+        """The forked child: what `python coin.py ARGV` does after its imports (one torch thread, as OMP_NUM_THREADS=1
+        gave the child processes), then exit without this process's atexit handlers (pytest's)."""
+        code = 1
+        try:
+            signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a fresh interpreter
+            fd = os.open(log, os.O_WRONLY | os.O_APPEND)
+            os.dup2(fd, 1)
+            os.dup2(fd, 2)
+            sys.stdout = sys.stderr = open(1, "w", buffering=1, closefd=False)
+            os.environ.update(env)
+            torch.set_num_threads(1)
+            try:
+                cli.run(main, argv)
+            except SystemExit as e:
+                code = e.code if isinstance(e.code, int) else 0 if e.code is None else 1
+        except BaseException:
+            traceback.print_exc()
+        finally:
+            with contextlib.suppress(BaseException):
+                sys.stdout.flush()
+            os._exit(code)
+
+    def poll(self):
+        for pid in self.pids:
+            if pid not in self.codes:
+                done, status = os.waitpid(pid, os.WNOHANG)
+                if done:
+                    self.codes[pid] = os.waitstatus_to_exitcode(status)
+                    if self.codes[pid] and len(self.codes) < len(self.pids):
+                        self.kill()
+        if len(self.codes) < len(self.pids):
+            return None
+        return next((c for c in self.codes.values() if c), 0)
+
+    def wait(self, timeout=None):
+        """The exit status (the first non-zero one of the ranks); past `timeout` the run is killed (as by
+        subprocess.run) and TimeoutExpired raised."""
+        t0 = time.time()
+        while (code := self.poll()) is None:
+            if timeout is not None and time.time() - t0 > timeout:
+                self.kill()
+                raise subprocess.TimeoutExpired(f"{len(self.pids)} forked rank(s)", timeout)
+            time.sleep(0.01)
+        return code
+
+    def send_signal(self, sig):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.pid, sig)
+
+    def kill(self):
+        self.send_signal(signal.SIGKILL)
 
 
 def fail(proc, log, why):
@@ -160,9 +253,9 @@ def test_sigkill_mid_save_keeps_the_last_good_checkpoint(mini_data, tiny_base, r
 
 def test_ctrl_c_saves_and_resume_continues(mini_data, tiny_base, reference, tmp_path):
     """SIGINT during training: the step in flight completes, a mid-stage checkpoint is written, exit code 130 and a
-    message saying how to continue; the rerun matches the uninterrupted run."""
+    message saying how to continue (from `python coin.py`); the rerun matches the uninterrupted run."""
     out, log = str(tmp_path / "run"), str(tmp_path / "log")
-    proc = start(args(mini_data, tiny_base, out), log)
+    proc = start(args(mini_data, tiny_base, out), log, script=True)
     wait_for(os.path.join(stage(out, 0), checkpoint.MIDSTAGE), proc, log)
     proc.send_signal(signal.SIGINT)
     assert finish(proc, log, 60) == 130, open(log).read()[-3000:]
@@ -174,19 +267,13 @@ def test_ctrl_c_saves_and_resume_continues(mini_data, tiny_base, reference, tmp_
 
 def test_torchrun_elastic_restart_after_a_rank_is_killed(mini_data, tiny_base, tmp_path):
     """Two gloo ranks under torchrun --max-restarts=1; rank 1 is SIGKILLed mid-stage; torchrun restarts both, which
-    continue from the mid-stage checkpoint and end equal to an uninterrupted two-rank run."""
-    def torchrun(out, log):
-        with socket.socket() as s:  # a free port for this run's rendezvous
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        return start(args(mini_data, tiny_base, out, "--zero_shot=false", tasks=["GQA"]), log,
-                     torchrun=["--nproc_per_node=2", "--max-restarts=1", f"--master_port={port}"])
-
-    ref, out = str(tmp_path / "ref"), str(tmp_path / "run")
-    proc = torchrun(ref, str(tmp_path / "ref.log"))
+    continue from the mid-stage checkpoint and end equal to an uninterrupted two-rank run (of forked ranks: this is
+    the suite's one launch of torchrun itself)."""
+    argv = lambda out: args(mini_data, tiny_base, out, "--zero_shot=false", tasks=["GQA"])  # noqa: E731
+    ref, out, log = str(tmp_path / "ref"), str(tmp_path / "run"), str(tmp_path / "run.log")
+    proc = start(argv(ref), str(tmp_path / "ref.log"), ranks=2)
     assert finish(proc, str(tmp_path / "ref.log")) == 0, open(tmp_path / "ref.log").read()[-3000:]
-    log = str(tmp_path / "run.log")
-    proc = torchrun(out, log)
+    proc = start(argv(out), log, torchrun=["--nproc_per_node=2", "--max-restarts=1", f"--master_port={free_port()}"])
     wait_for(os.path.join(stage(out, 0, ["GQA"]), checkpoint.MIDSTAGE), proc, log)
     workers = {worker_env(pid)["RANK"]: pid for pid in os.listdir("/proc") if pid.isdigit() and parent(pid) == proc.pid}
     assert sorted(workers) == ["0", "1"], workers
@@ -245,12 +332,9 @@ def test_method_resumes_exactly_and_two_ranks_equal_one(method, mini_data, tiny_
         for f in files:
             assert load_file(os.path.join(stage(out, j, METHOD_TASKS), f)).keys()  # written, and resumed from
 
-    with socket.socket() as s:  # a free port for the rendezvous
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = start(method_args(mini_data, tiny_base, two, method), str(tmp_path / "two.log"),  # the same command
-                 torchrun=["--nproc_per_node=2", f"--master_port={port}"])
+    proc = start(method_args(mini_data, tiny_base, two, method), str(tmp_path / "two.log"), ranks=2)  # the same command
     assert finish(proc, str(tmp_path / "two.log")) == 0, open(tmp_path / "two.log").read()[-3000:]
+    assert json.load(open(os.path.join(two, "results.json")))["world_size"] == 2
     coin.main(method_args(mini_data, tiny_base, accum, method, "--micro_batch=2", "--grad_accum=2"))
     for other in (two, accum):
         for j in range(len(METHOD_TASKS)):

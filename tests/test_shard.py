@@ -6,44 +6,34 @@ accumulation and a short last batch (coin.fsdp_fillers). Gradient clipping is of
 gradient's norm is summed shard by shard, in another order, so with clipping on the two runs differ by float
 rounding (measured: 4e-9 in a weight after one step), which twelve steps at this lr amplify."""
 import os
-import signal
-import socket
 
 import pytest
 
 import coin
 from cli import UserError
-from test_resume import args, assert_killed_mid_stage, assert_same_run, finish, parent, start, stage, wait_for
+from test_resume import args, assert_killed_mid_stage, assert_same_run, finish, start, stage, wait_for
 
 TASKS = ["GQA"]
 
 
-def torchrun(mini_data, tiny_base, out, log, *extra):
-    with socket.socket() as s:  # a free port for this run's rendezvous
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+def two_ranks(mini_data, tiny_base, out, log, *extra):
     # 47 records in global batches of 4 = 2 ranks x 2 micro-batches of 1: the twelfth batch has 3, so rank 1 runs
     # one micro-batch and a filler
     return start(args(mini_data, tiny_base, out, "--micro_batch=1", "--global_batch=4", "--max_train=47",
-                      "--max_grad_norm=1e9", "--dtype=bfloat16", "--grad_ckpt", *extra, tasks=TASKS), log,
-                 torchrun=["--nproc_per_node=2", f"--master_port={port}"])
+                      "--max_grad_norm=1e9", "--dtype=bfloat16", "--grad_ckpt", *extra, tasks=TASKS), log, ranks=2)
 
 
 def run(mini_data, tiny_base, out, log, *extra):
-    proc = torchrun(mini_data, tiny_base, out, log, *extra)
+    proc = two_ranks(mini_data, tiny_base, out, log, *extra)
     assert finish(proc, log) == 0, open(log).read()[-3000:]
 
 
 def killed_mid_stage(mini_data, tiny_base, out, log, *extra):
-    """Start a run, SIGKILL both ranks (torchrun starts them in sessions of their own) and torchrun once it has
-    written a mid-stage checkpoint."""
-    proc = torchrun(mini_data, tiny_base, out, log, *extra)
+    """Start a run, SIGKILL both ranks once it has written a mid-stage checkpoint."""
+    proc = two_ranks(mini_data, tiny_base, out, log, *extra)
     wait_for(os.path.join(stage(out, 0, TASKS), "midstage.pt"), proc, log)
-    workers = [int(pid) for pid in os.listdir("/proc") if pid.isdigit() and parent(pid) == proc.pid]
-    assert len(workers) == 2, workers
-    for pid in workers:
-        os.kill(pid, signal.SIGKILL)
-    os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.poll() is None and len(proc.pids) == 2 and not proc.codes, proc.codes  # both ranks still running
+    proc.kill()
     proc.wait()
     assert_killed_mid_stage(out, 0, TASKS)
 
