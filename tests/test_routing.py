@@ -443,8 +443,9 @@ def _features_on_rank(rank, world, init_file, tiny_base, mini_data, out):
 
 
 def test_features_and_routing_on_two_gloo_ranks_equal_one(tiny_base, mini_data, tmp_path):
-    mp.spawn(_features_on_rank, args=(2, str(tmp_path / "store"), tiny_base, mini_data, str(tmp_path / "two.pt")),
-             nprocs=2)
+    # forked, not spawned: a spawned rank spends seconds importing torch again
+    mp.start_processes(_features_on_rank, args=(2, str(tmp_path / "store"), tiny_base, mini_data,
+                                                str(tmp_path / "two.pt")), nprocs=2, start_method="fork")
     two, two_shares = torch.load(tmp_path / "two.pt")
     cfg, model, processor, hook = routed_model(tiny_base, mini_data, "hide")
     recs = data.train_examples(mini_data, "ScienceQA")[:10]
