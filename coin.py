@@ -41,6 +41,7 @@ from transformers import AutoModelForImageTextToText, AutoProcessor
 
 import data
 import eval as evaluate
+import moelora
 from base_model import assemble_main, pretrain_base, projector
 from checkpoint import (MIDSTAGE, NonFiniteLoss, finished_stages, inputs_hash, load_checkpoint, load_midstage,
                         load_results, read_json_file, run_info, save_checkpoint, save_midstage, setting_defaults,
@@ -236,13 +237,16 @@ OFFICIAL_GLOBAL_BATCH = {"ScienceQA": 896, "TextVQA": 896, "ImageNet": 1024, "GQ
 def batch_plan(cfg, stage, world):
     """(global batch, micro-batch, accumulation steps) of `stage` on `world` ranks. The global batch is a setting of
     the experiment, the same on any number of ranks: --global_batch (N, or the official table's for the stage), by
-    default --micro_batch x --grad_accum, what one rank runs. Each rank takes global / world records a step, in
-    micro-batches of --micro_batch (fewer if its share is smaller):
+    default --micro_batch x --grad_accum, what one rank runs. Each rank takes global / world records a step, a
+    contiguous run of the global batch, in micro-batches of --micro_batch (fewer if its share is smaller):
 
         global_batch = micro_batch * world_size * grad_accum
 
-    so `torchrun --nproc_per_node=N coin.py ...` trains the experiment `python coin.py ...` trains, N times as fast.
-    A global batch that the ranks or the micro-batch cannot split is refused, naming what to set."""
+    so `torchrun --nproc_per_node=N coin.py ...` trains the experiment `python coin.py ...` trains, N times as fast:
+    the same records and dropout masks (each record's own), the same update up to float rounding, and to the last bit
+    on a CPU where 2 ranks each run one of the two micro-batches of one rank's step (--micro_batch = global / 2: the
+    same micro-batches, the same sum of their two gradients; with more, ranks and accumulation add them in other
+    orders). A global batch that the ranks or the micro-batch cannot split is refused, naming what to set."""
     if cfg.global_batch == "official" and stage not in OFFICIAL_GLOBAL_BATCH:
         raise cli.UserError(f"--global_batch=official: the official table has no batch for stage {stage!r}; give "
                             "--global_batch=N")
@@ -335,18 +339,25 @@ def global_batches(n, global_batch, seed, epochs):
             yield order[s:s + global_batch]
 
 
-def fsdp_fillers(dataset, step_indices, micro_batch, world, n_mine, pad_id):
+def fsdp_fillers(dataset, step_indices, share, micro_batch, n_mine, pad_id):
     """--shard: FSDP gathers weights in every forward and backward, a collective, so every rank must run as many
-    micro-batches as rank 0, which holds the most of a global batch dealt rank::world (the last one of an epoch can be
-    short). The missing ones are fillers: a micro-batch with no answer token (labels all -100), whose loss and
-    gradients are exactly zero. (They run last, so only later epochs' dropout masks on that rank differ from an
-    unsharded run's: CoIN trains one epoch a stage, and every stage reseeds.)"""
-    n_most = math.ceil(len(step_indices[::world]) / micro_batch)
+    micro-batches as rank 0, which holds the most of a global batch (its first `share` records; the last batch of an
+    epoch can be short). The missing ones are fillers: a micro-batch with no answer token (labels all -100), whose
+    loss and gradients are exactly zero, whatever their dropout masks."""
+    n_most = len(rank_micro_batches(len(step_indices), 0, share, micro_batch))
     if n_mine == n_most:
         return []
     filler = collate([dataset[step_indices[0]]], pad_id)
     filler["labels"] = torch.full_like(filler["labels"], -100)
     return [filler] * (n_most - n_mine)
+
+
+def rank_micro_batches(n, rank, share, micro_batch):
+    """This rank's micro-batches of a global batch of n records, as ranges of places in it: its share, a contiguous
+    run of `share` places (fewer in a short last batch), cut into micro-batches. They are the micro-batches one rank
+    running the whole global batch in micro-batches of this size runs, so N ranks and 1 compute the same sums."""
+    places = range(rank * share, min((rank + 1) * share, n))
+    return [places[k:k + micro_batch] for k in range(0, len(places), micro_batch)]
 
 
 def lr_at(step, total, cfg):
@@ -382,8 +393,10 @@ def train_one_task(model, dataset, params, cfg, rank, world, device, seed, desc,
     for the non-finite loss message."""
     method = method or Method(cfg)
     opt, pad_id, sharded = adamw(model, params, cfg), dataset.tok.pad_token_id, cfg.shard and world > 1
-    steps = list(global_batches(len(dataset), cfg.micro_batch * world * cfg.grad_accum, seed, cfg.epochs))
-    # the dropout masks depend on (seed, stage) only: a resumed run that skips finished stages draws the same ones
+    share = cfg.micro_batch * cfg.grad_accum  # the records each rank takes a step: global batch / world (batch_plan)
+    steps = list(global_batches(len(dataset), share * world, seed, cfg.epochs))
+    # anything drawn from torch's stream depends on (seed, stage) only: a resumed run that skips finished stages draws
+    # the same (the adapters' dropout masks do not draw from it: each record has a seed of its own, below)
     torch.manual_seed(seed)
     start, losses, last_checkpoint = 0, [], started_from
     if midstage and os.path.exists(midstage):
@@ -394,9 +407,11 @@ def train_one_task(model, dataset, params, cfg, rank, world, device, seed, desc,
     bar = cli.progress(range(start, len(steps)), desc=desc, disable=rank != 0, initial=start, total=len(steps))
     with sigint_flag() if midstage else contextlib.nullcontext([]) as stop:
         for step in bar:
-            mine = steps[step][rank::world]  # this rank's share of the global batch
-            micro = [collate([dataset[i] for i in mine[k:k + cfg.micro_batch]], pad_id)
-                     for k in range(0, len(mine), cfg.micro_batch)]
+            chunks = rank_micro_batches(len(steps[step]), rank, share, cfg.micro_batch)
+            micro = [collate([dataset[steps[step][i]] for i in chunk], pad_id) for chunk in chunks]
+            # each record's dropout seed, from its place in the global batch: the same masks on any number of ranks,
+            # in any micro-batch, and in a resumed run
+            seeds = [[moelora.record_seed(seed, step, i) for i in chunk] for chunk in chunks]
             # one all_reduce: the global batch's answer-token count, and whether any rank was sent Ctrl-C
             n_tokens, stopping = all_reduce_(torch.tensor([float(sum((m["labels"] != -100).sum() for m in micro)),
                                                            float(len(stop))]))
@@ -406,8 +421,9 @@ def train_one_task(model, dataset, params, cfg, rank, world, device, seed, desc,
                        "command again to continue from there.")
                 raise SystemExit(130)
             if sharded:
-                micro += fsdp_fillers(dataset, steps[step], cfg.micro_batch, world, len(micro), pad_id)
-            loss, term = accumulate_gradients(model, micro, n_tokens, params, method, sharded, world, device)
+                fillers = fsdp_fillers(dataset, steps[step], share, cfg.micro_batch, len(micro), pad_id)
+                micro, seeds = micro + fillers, seeds + [[moelora.record_seed(seed, step, -1)]] * len(fillers)
+            loss, term = accumulate_gradients(model, micro, seeds, n_tokens, params, method, sharded, world, device)
             if not math.isfinite(loss + term):  # raise before the step: no weight and no checkpoint sees it
                 raise NonFiniteLoss(f"{desc}: the loss is {loss + term} at step {step + 1} of {len(steps)}; stopped "
                                     f"without saving, the last good checkpoint stays ({last_checkpoint}); the "
@@ -442,24 +458,28 @@ def adamw(model, params, cfg):
     return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
-def accumulate_gradients(model, micro, n_tokens, params, method, sharded, world, device):
+def accumulate_gradients(model, micro, seeds, n_tokens, params, method, sharded, world, device):
     """The global batch's gradient in `params`' .grad: each of this rank's micro-batches' loss (the answer tokens'
-    cross-entropy sum, plus the method's loss term) divided by the global batch's answer-token count `n_tokens`, then
+    cross-entropy sum, plus the method's loss term; `seeds`: each micro-batch's records' dropout seeds, as
+    moelora.dropout_records takes them) divided by the global batch's answer-token count `n_tokens`, then
     summed over micro-batches and ranks, so that 1 x N ranks, 2 x N/2 and gradient accumulation give the same step.
     Then the method's penalty, once, on every rank after the sum (the same gradient added to the same sum). Returns
     (the cross-entropy per answer token, the method's loss terms and penalty on that scale).
     NOTE(fidelity): the official trainer averages per micro-batch instead (mean over that micro-batch's tokens, then
     mean over micro-batches and ranks)."""
     sums, penalty_value = torch.zeros(2), 0.0  # (cross-entropy, the method's loss term), summed over answer tokens
-    for i, m in enumerate(micro):
+    for i, (m, records) in enumerate(zip(micro, seeds)):
         if sharded:  # FSDP reduce-scatters once a step, after the last backward: all_reduce_grads' sum
             model.set_requires_gradient_sync(i == len(micro) - 1)
         inputs = model_inputs(m, model, device)
-        logits = model(**inputs).logits  # (B, T, vocab)
-        labels = m["labels"].to(device)
-        ce = answer_ce(logits, labels)
-        term = method.loss_term(model, inputs, logits, labels)
-        ((ce if term is None else ce + term) / n_tokens).backward()
+        # the records' dropout seeds and token counts (right-padded), for the forward and for the backward, where
+        # gradient checkpointing runs the forward again
+        with moelora.dropout_records(records, m["attention_mask"].sum(1).tolist()):
+            logits = model(**inputs).logits  # (B, T, vocab)
+            labels = m["labels"].to(device)
+            ce = answer_ce(logits, labels)
+            term = method.loss_term(model, inputs, logits, labels)
+            ((ce if term is None else ce + term) / n_tokens).backward()
         sums[0] += ce.detach().cpu()
         if term is not None:
             sums[1] += term.detach().cpu()
@@ -523,7 +543,8 @@ def load_base(cfg, device, processor=None):
     model.to(device)
     if cfg.grad_ckpt:
         # non-reentrant checkpointing: gradients reach the adapters although every block's input (the frozen
-        # embeddings) has requires_grad=False, and the recomputed forward redraws the same dropout masks
+        # embeddings) has requires_grad=False; the recomputed forward draws the same dropout masks (the records'
+        # seeds, moelora.dropout_records)
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     return model, processor
 

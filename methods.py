@@ -50,7 +50,7 @@ import torch.nn.functional as F
 import cli
 import data
 from base_model import projector
-from moelora import AdapterLayer, adapter_parameters, add_moelora, target_linears
+from moelora import AdapterLayer, adapter_parameters, add_moelora, record_dropout, target_linears
 
 
 @dataclasses.dataclass
@@ -375,13 +375,14 @@ class OLoRALinear(AdapterLayer):
     Every task's LoRA is built at once (init_subspaces), so a checkpoint of any stage loads into the same structure;
     B_i = 0 until task i trains, so a subspace changes nothing before. State-dict keys <name>.lora_A.<i>,
     <name>.lora_B.<i>, i = 0..tasks-1. One dropout mask is shared by all subspaces, as the official layer's one
-    nn.Dropout (src/peft/tuners/lora.py, forward)."""
+    nn.Dropout (src/peft/tuners/lora.py, forward), each record's from its seed and the layer's `key`
+    (moelora.record_dropout)."""
 
-    def __init__(self, base, r, alpha, dropout, tasks):
+    def __init__(self, base, r, alpha, dropout, tasks, key=0):
         super().__init__()
         assert isinstance(base, nn.Linear), f"OLoRALinear wraps an nn.Linear, got {type(base).__name__}"
         self.base = base.requires_grad_(False)
-        self.r, self.scaling, self.dropout, self.active = r, alpha / r, dropout, 0
+        self.r, self.scaling, self.dropout, self.active, self.key = r, alpha / r, dropout, 0, key
         d_in, d_out, device = base.in_features, base.out_features, base.weight.device
         self.lora_A = nn.ParameterList([nn.Parameter(torch.zeros(r, d_in, device=device)) for _ in range(tasks)])
         self.lora_B = nn.ParameterList([nn.Parameter(torch.zeros(d_out, r, device=device)) for _ in range(tasks)])
@@ -392,7 +393,7 @@ class OLoRALinear(AdapterLayer):
             return y
         h = x.to(self.lora_A[0].dtype)
         if self.training and self.dropout > 0:
-            h = F.dropout(h, self.dropout)
+            h = record_dropout(h, self.dropout, self.key, "OLoRALinear")
         A = torch.cat(list(self.lora_A)[:self.active])  # (t r, d_in): every active subspace in one product
         B = torch.cat(list(self.lora_B)[:self.active], dim=1)  # (d_out, t r)
         return y + ((h @ A.t()) @ B.t() * self.scaling).to(y.dtype)
@@ -406,9 +407,11 @@ def add_olora(model, names, r, alpha, dropout, tasks):
     """Wrap the nn.Linear layers `names` in OLoRALinear with `tasks` subspaces, none active yet (the model computes
     as the base until set_active)."""
     assert not olora_layers(model), "the model has O-LoRA layers already: add_olora runs once"
-    for name in names:
+    for key, name in enumerate(names):  # key: the layer's part in its dropout seeds
         parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent), child, OLoRALinear(model.get_submodule(name), r, alpha, dropout, tasks))
+        linear = model.get_submodule(name)
+        setattr(model.get_submodule(parent), child,
+                OLoRALinear(linear, r, alpha, dropout, tasks, key).train(linear.training))
     return names
 
 
@@ -559,13 +562,13 @@ class MergedLoRALinear(AdapterLayer):
     resumed run rebuilds it bit for bit from the method's state (set_merged). Factors are the smaller form while
     j r < d_in d_out / (d_in + d_out) (7B at r 128: up to 16 stages). The fresh LoRA's keys are <name>.lora_A and
     <name>.lora_B; the merged factors are buffers outside the state dict. No dropout on the merged part: it is part
-    of the weights."""
+    of the weights; the fresh LoRA's is each record's from its seed and the layer's `key` (moelora.record_dropout)."""
 
-    def __init__(self, base, r, alpha, dropout):
+    def __init__(self, base, r, alpha, dropout, key=0):
         super().__init__()
         assert isinstance(base, nn.Linear), f"MergedLoRALinear wraps an nn.Linear, got {type(base).__name__}"
         self.base = base.requires_grad_(False)
-        self.scaling, self.dropout = alpha / r, dropout
+        self.scaling, self.dropout, self.key = alpha / r, dropout, key
         d_in, d_out, device = base.in_features, base.out_features, base.weight.device
         self.lora_A = nn.Parameter(torch.zeros(r, d_in, device=device))  # (r, d_in): set by fresh_lora
         self.lora_B = nn.Parameter(torch.zeros(d_out, r, device=device))  # (d_out, r)
@@ -577,7 +580,7 @@ class MergedLoRALinear(AdapterLayer):
         h = x.to(self.lora_A.dtype)
         out = (h @ self.merged_A.t()) @ self.merged_B.t() if len(self.merged_A) else 0  # (..., d_out)
         if self.training and self.dropout > 0:
-            h = F.dropout(h, self.dropout)
+            h = record_dropout(h, self.dropout, self.key, "MergedLoRALinear")
         out = out + (h @ self.lora_A.t()) @ self.lora_B.t()  # (..., d_out)
         return y + (out * self.scaling).to(y.dtype)
 
@@ -597,9 +600,11 @@ def merged_lora_layers(model):
 def add_merged_lora(model, names, r, alpha, dropout):
     """Wrap the nn.Linear layers `names` in MergedLoRALinear (nothing merged yet, a zero LoRA: the base's output)."""
     assert not merged_lora_layers(model), "the model has MergedLoRALinear layers already: add_merged_lora runs once"
-    for name in names:
+    for key, name in enumerate(names):  # key: the layer's part in its dropout seeds
         parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent), child, MergedLoRALinear(model.get_submodule(name), r, alpha, dropout))
+        linear = model.get_submodule(name)
+        setattr(model.get_submodule(parent), child,
+                MergedLoRALinear(linear, r, alpha, dropout, key).train(linear.training))
     return names
 
 
@@ -892,14 +897,15 @@ class TaskExpertLinear(AdapterLayer):
     and every DISCO layer (DISCO/CoIN/peft/tuners/clitmoelora.py lines 400-420: B diag(w_1 I, ..., w_E I) A x, the
     block-diagonal product, is this sum). `weights` is set by the router (TestTimeRouter) before each batch.
     State-dict keys <name>.lora_A.<i>, <name>.lora_B.<i>, i = 0..E-1: every expert is built at once, so any stage's
-    checkpoint loads into the same structure; B_i = 0 until task i trains."""
+    checkpoint loads into the same structure; B_i = 0 until task i trains. Training's dropout mask is each record's,
+    from its seed and the layer's `key` (moelora.record_dropout)."""
 
-    def __init__(self, base, r, alpha, experts, dropout, rule):
+    def __init__(self, base, r, alpha, experts, dropout, rule, key=0):
         super().__init__()
         assert isinstance(base, nn.Linear), f"TaskExpertLinear wraps an nn.Linear, got {type(base).__name__}"
         assert r % experts == 0 and rule in ("sum", "weighted"), (r, experts, rule)
         self.base = base.requires_grad_(False)
-        self.rank, self.scaling, self.dropout, self.rule = r // experts, alpha / r, dropout, rule
+        self.rank, self.scaling, self.dropout, self.rule, self.key = r // experts, alpha / r, dropout, rule, key
         self.task, self.seen, self.weights = 0, 0, None  # training's expert; experts evaluated; (B, seen) or None
         d_in, d_out, device = base.in_features, base.out_features, base.weight.device
         self.lora_A = nn.ParameterList([nn.Parameter(torch.zeros(self.rank, d_in, device=device))
@@ -912,7 +918,7 @@ class TaskExpertLinear(AdapterLayer):
         h = x.to(self.lora_A[0].dtype)
         if self.training:  # the stage's own expert alone (clitmoelora.py lines 407-410)
             if self.dropout > 0:
-                h = F.dropout(h, self.dropout)
+                h = record_dropout(h, self.dropout, self.key, "TaskExpertLinear")
             delta = (h @ self.lora_A[self.task].t()) @ self.lora_B[self.task].t()  # (B, T, d_out)
         elif not self.seen:  # evaluated before any task trained: the base
             return y
@@ -953,11 +959,12 @@ def add_task_experts(model, r, alpha, experts, dropout, weighted_layers, seed, m
     assert not task_expert_layers(model), "the model has task experts already: add_task_experts runs once"
     names = target_linears(model)
     weighted = weighted_layers(max(layer_index(n) for n in names) + 1)
-    for name in names:
+    for key, name in enumerate(names):  # key: the layer's part in its dropout seeds
         parent, _, child = name.rpartition(".")
         rule = "weighted" if layer_index(name) in weighted else "sum"
-        setattr(model.get_submodule(parent), child, TaskExpertLinear(model.get_submodule(name), r, alpha, experts,
-                                                                     dropout, rule))
+        linear = model.get_submodule(name)
+        setattr(model.get_submodule(parent), child,
+                TaskExpertLinear(linear, r, alpha, experts, dropout, rule, key).train(linear.training))
     layers = task_expert_layers(model)
     for i in range(experts):
         g = seeded_generator(seed, method, f"expert{i}")

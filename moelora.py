@@ -21,14 +21,24 @@ drop, so each expert's product is the shared dense one minus the dropped entries
     A_i dropout_i(x) = (A_i x - A_i ((1 - m_i) * x)) / (1 - p)
 
 ExpertDropoutLinear computes the dense A x as above and subtracts the sparse A_i ((1 - m_i) * x), found from the
-dropped positions alone (draw_drops() draws them); backward rebuilds them from the gaps between them, kept in about
+dropped positions alone (record_drops() draws them); backward rebuilds them from the gaps between them, kept in about
 one byte each, so no mask and no masked copy of x is ever stored.
+
+Every record draws its masks from a seed of its own (record_drops), which the training loop gives each forward with
+dropout_records(): a record's masks depend on the run's seed, the stage, the optimizer step, the record's place in
+that step's global batch and the layer, not on the rank that draws them, the other records of its micro-batch, its
+padding, a resumed run's RNG state or gradient checkpointing's recomputation. A training forward with dropout and no
+seeds is an error.
 
 Usage:
     names = add_moelora(model)                # every nn.Linear of the language model, lm_head excluded
     mark_only_moelora_trainable(model)        # then switch the projector on if the recipe trains it
+    with dropout_records(seeds, lengths):     # training: each record's dropout seed (record_seed) and token count
+        model(**batch).loss.backward()
     torch.save(moelora_state_dict(model), path); load_moelora_state_dict(model, torch.load(path))
 """
+import contextlib
+import hashlib
 import math
 import warnings
 
@@ -46,7 +56,7 @@ class AdapterLayer(nn.Module):
 class MoELoRALinear(AdapterLayer):
     """A frozen nn.Linear (self.base) plus E LoRA experts of rank r/E mixed per token by a softmax router."""
 
-    def __init__(self, base, r, alpha, num_experts, dropout=0.0):
+    def __init__(self, base, r, alpha, num_experts, dropout=0.0, key=0):
         super().__init__()
         assert isinstance(base, nn.Linear), f"MoELoRALinear wraps an nn.Linear, got {type(base).__name__}"
         assert r % num_experts == 0, f"rank r={r} must split evenly over num_experts={num_experts}"
@@ -54,7 +64,7 @@ class MoELoRALinear(AdapterLayer):
         self.base = base.requires_grad_(False)  # W0 (and bias), frozen; state-dict key <name>.base.weight
         self.r, self.num_experts, self.expert_rank = r, num_experts, r // num_experts
         self.scaling = alpha / r  # NOTE(fidelity): alpha over the *total* rank r, not r/E, as the official code
-        self.dropout = dropout
+        self.dropout, self.key = dropout, key  # key: which layer, in its records' dropout seeds (layer_records)
         d_in, d_out, device = base.in_features, base.out_features, base.weight.device
         # adapter weights in the default dtype (fp32) even on a bf16 base: inputs are cast in and results back
         # NOTE(fidelity): A_i ~ N(0, 0.01^2) as the official MoELoRA, also for E = 1, whereas the paper's LoRA
@@ -72,9 +82,11 @@ class MoELoRALinear(AdapterLayer):
         if self.training and self.dropout > 0:
             # each expert's A_i reads its own dropout of x, the router reads x itself (as the official code's router).
             # NOTE(fidelity): the official loop calls nn.Dropout once per expert; the masks here have the same
-            # distribution (iid Bernoulli(1 - p) per expert, token and feature) from another random stream, and the
-            # 1 / (1 - p) multiplies A_i (m_i * x) instead of x: the same in exact arithmetic
-            z = ExpertDropoutLinear.apply(h, self.lora_A, router, E, self.dropout, dropout_seed())  # (..., r [+ E])
+            # distribution (iid Bernoulli(1 - p) per expert, token and feature) from another random stream, seeded
+            # per record (record_drops), and the 1 / (1 - p) multiplies A_i (m_i * x) instead of x: the same in exact
+            # arithmetic
+            seeds, lengths = layer_records(self.key)
+            z = ExpertDropoutLinear.apply(h, self.lora_A, router, E, self.dropout, seeds, lengths)  # (..., r [+ E])
             scaling = self.scaling / (1 - self.dropout)
         elif router is None:  # p = 0 or eval: one product for all experts' A_i x
             z = h @ self.lora_A.t()  # (..., r)
@@ -121,18 +133,105 @@ class MoELoRALinear(AdapterLayer):
 
 
 # -----------------------------------------------------------------------------
-# Dropout per expert without masked copies of x: draw the dropped positions only, correct the dense product
+# Dropout per expert without masked copies of x: draw the dropped positions only, correct the dense product. Each
+# record's masks from a seed of its own (dropout_records), whatever rank, micro-batch or padding it is drawn in
 
-def dropout_seed():
-    """The seed of one forward's dropout masks, drawn from torch's default CPU generator: the run's seed, a resumed
-    run's restored RNG state and gradient checkpointing's replayed RNG state all give the same masks again."""
-    return int(torch.randint(2 ** 62, ()))
+_records = None  # (seeds, lengths) of the records whose forward and backward run now (dropout_records), or None
+
+
+@contextlib.contextmanager
+def dropout_records(seeds, lengths=None):
+    """The records that the forwards and backwards inside run on (backward too: gradient checkpointing runs the
+    forward again there): their dropout seeds (B ints, record_seed) and token counts (B ints: a right-padded batch's
+    records are its first lengths[b] tokens; None: no padding). A training forward with dropout reads them
+    (layer_records); outside, it fails."""
+    global _records
+    previous, _records = _records, (list(seeds), None if lengths is None else list(lengths))
+    try:
+        yield
+    finally:
+        _records = previous
+
+
+def mix_seed(*parts):
+    """A seed in [0, 2^63) from a few values (ints, a name): the first 8 bytes of the BLAKE2b hash of their repr, so
+    that the seeds of different parts (records, layers, experts) share no structure."""
+    return int.from_bytes(hashlib.blake2b(repr(parts).encode(), digest_size=8).digest(), "little") >> 1
+
+
+def record_seed(seed, step, index):
+    """The dropout seed of the record at `index` of optimizer step `step`'s global batch, in a stage trained from
+    `seed`: the same on any number of ranks and in a resumed run."""
+    return mix_seed("dropout", seed, step, index)
+
+
+def layer_records(key, what="MoELoRALinear"):
+    """(the records' seeds for the layer `key`, their token counts or None) of the forward in flight: what
+    dropout_records set, each record's seed mixed with the layer's key. Without dropout_records: an error, rather than
+    masks from some other random stream, which would differ between ranks and runs."""
+    if _records is None:
+        raise RuntimeError(f"{what}: a training forward with dropout needs its records' dropout seeds: run it inside "
+                           "moelora.dropout_records(seeds, lengths) (coin.py's training step does), or in eval mode, "
+                           "or with dropout 0")
+    seeds, lengths = _records
+    return [mix_seed(seed, key) for seed in seeds], lengths
+
+
+def record_drops(seeds, lengths, num_experts, N, d_in, p, device="cpu"):
+    """Where the E experts' dropout masks are 0 for x (N, d_in) holding B = len(seeds) records of T = N / B tokens each
+    (x (B, T, d_in) flattened): sorted int64 flat positions into the (E, N, d_in) stack of the experts' inputs.
+    Record b's masks cover its first L_b = lengths[b] tokens (right padding, which no answer token reads, keeps every
+    entry) and come from seeds[b] alone: one draw of E chunks of c_b = drop_chunk(L_b d_in, p) uniforms, the e-th
+    giving expert e's drops among the record's L_b d_in entries as draw_drops gives them (a chunk short of them,
+    about once in 1e15, goes on from a generator seeded by (seeds[b], e)). So a record's masks do not depend on which
+    rank draws them, the other records of its micro-batch or their padding.
+    The choice (docs/performance.md): a seed per record costs a generator seeding per record where a seed per
+    micro-batch costs one, a few percent of a tiny model's training step; in exchange a record's masks are its own
+    whatever the split of the global batch: 2 ranks of 4, 1 of 8 and 1 of 4 x 2 accumulation steps draw the same.
+    The drops are laid out expert after expert, record after record, as the stack is: the arithmetic runs on all of
+    them at once, C (a multiple of 16) a row, so every entry goes through the same vector kernel (one thread: a
+    record's drops do not depend on the other rows to the last bit)."""
+    B, E = len(seeds), num_experts
+    T = N // B
+    lengths = [T] * B if lengths is None else lengths
+    assert B * T == N and len(lengths) == B and all(0 < L <= T for L in lengths), \
+        f"{N} tokens do not hold {B} records of at most {N // max(B, 1)} tokens each: token counts {lengths}"
+    chunks = [drop_chunk(L * d_in, p) for L in lengths]
+    C = -(-max(chunks) // 16) * 16
+    u = torch.ones(E, B, C, dtype=torch.float64, device=device)  # u = 1: an infinite gap, past each row's chunk
+    gen = torch.Generator(device=device)
+    for b, (seed, chunk) in enumerate(zip(seeds, chunks)):
+        u[:, b, :chunk].uniform_(generator=gen.manual_seed(seed))  # (E, c_b): the record's E chunks, in one draw
+    drops = u.neg_().add_(1).log_().mul_(1 / math.log1p(-p)).floor_().add_(1).cumsum_(2).sub_(1)  # as draw_drops
+    n = torch.tensor(lengths, dtype=torch.float64, device=device) * d_in  # (B,): each expert's entries in a record
+    last = drops[:, torch.arange(B, device=device), torch.tensor(chunks, device=device) - 1]  # (E, B)
+    if bool((last < n - 1).any()):  # the rest of a short row from a generator of its own: Bernoulli after its last drop
+        more = {(e, b): draw_drops(mix_seed(seeds[b], e), int(n[b] - 1 - last[e, b]), p, device) + int(last[e, b]) + 1
+                for e, b in (last < n - 1).nonzero().tolist()}
+        drops = torch.cat([drops, drops.new_full((E, B, max(map(len, more.values()))), math.inf)], dim=2)
+        for (e, b), positions in more.items():
+            drops[e, b, C:C + len(positions)] = positions
+    inside = drops < n.view(B, 1)  # (E, B, C)
+    # expert e's drop at t d_in + j of record b sits at e N d_in + (b T + t) d_in + j of the stack
+    drops += (torch.arange(E, device=device).view(E, 1, 1) * (N * d_in) +
+              torch.arange(B, device=device).view(B, 1) * (T * d_in))
+    return torch.masked_select(drops, inside).long()  # (K,): sorted, as the rows are in the stack's order
+
+
+def record_dropout(x, p, key, what):
+    """nn.Dropout(p) on x (..., d_in) holding the records of dropout_records, each record's mask drawn from its seed
+    and the layer `key` as a one-expert MoELoRA's (record_drops): the same on any rank. A dense mask, for the methods'
+    adapter layers (methods.py), whose input is a plain LoRA's: kept for backward as a byte per entry, as nn.Dropout's.
+    what: the layer's kind, for the error without dropout_records."""
+    seeds, lengths = layer_records(key, what)
+    kept = torch.ones(x.shape, dtype=torch.bool, device=x.device)
+    kept.view(-1)[record_drops(seeds, lengths, 1, x[..., 0].numel(), x.shape[-1], p, x.device)] = False
+    return x * kept / (1 - p)
 
 
 def draw_drops(seed, total, p, device="cpu"):
     """Where a Bernoulli(p) sequence of `total` entries is 1 (an expert's dropout mask is 0): sorted int64 positions
-    (K,), and the same drops packed in about one byte each for backward (unpack_drops gives the positions back).
-    The gaps between consecutive drops are iid Geometric(p), P(gap > k) = (1 - p)^k, so drawing the gaps gives
+    (K,). The gaps between consecutive drops are iid Geometric(p), P(gap > k) = (1 - p)^k, so drawing the gaps gives
     exactly that sequence from about p * total random numbers instead of total. A gap is drawn by inverting that
     tail, 1 + floor(log(1 - u) / log(1 - p)) for u uniform in [0, 1), in float64, whose integers are exact up to 2^53;
     skip = gap - 1 is the number of kept entries before the drop. The arithmetic runs in place: a fresh tensor of
@@ -145,11 +244,8 @@ def draw_drops(seed, total, p, device="cpu"):
         skips.append(u.neg_().add_(1).log_().mul_(1 / math.log1p(-p)).floor_())  # (chunk,): 0, 1, 2, ... (1 - u first)
         end += int(skips[-1].sum()) + chunk  # the sum of the gaps
     skips = torch.cat(skips) if len(skips) > 1 else skips[0]
-    small, large, large_skips = pack_skips(skips)
     drops = skips.add_(1).cumsum_(0).sub_(1)  # (K',): positions, the last ones past the sequence's end
-    K = int(torch.searchsorted(drops, float(total)))  # the drops inside the sequence
-    inside = large < K
-    return drops[:K].long(), (small[:K], large[inside], large_skips[inside])
+    return drops[:int(torch.searchsorted(drops, float(total)))].long()  # the drops inside the sequence
 
 
 def drop_chunk(total, p):
@@ -160,28 +256,24 @@ def drop_chunk(total, p):
     return int(expected + 8 * math.sqrt(expected) + 16)
 
 
-def pack_skips(skips):
-    """The skips in one byte each, saturated at 255, and the rare larger ones (P(skip > 255) = (1 - p)^256, 2e-6 at
-    p = 0.05) in full, with their indices: a quarter of the bytes of int32 positions, all that backward keeps of the
-    masks."""
-    if skips.max() <= 255:  # every skip fits its byte: nothing to keep in full
-        return skips.to(torch.uint8), skips.new_empty(0, dtype=torch.long), skips.new_empty(0)
+def pack_drops(positions):
+    """The sorted drop positions (K,) in about one byte each, all that backward keeps of the masks (a quarter of the
+    bytes of int32 positions): the skips (kept entries before each drop: gap - 1) saturated at 255, and the rare larger
+    ones (P(skip > 255) = (1 - p)^256, 2e-6 at p = 0.05) in full, with their indices. unpack_drops gives them back."""
+    skips = torch.empty_like(positions)  # (K,): the first drop's skip is its position
+    skips[:1] = positions[:1]
+    torch.sub(positions[1:], positions[:-1], out=skips[1:]).sub_(1)
+    if not len(skips) or skips.max() <= 255:  # every skip fits its byte: nothing to keep in full
+        return skips.to(torch.uint8), skips.new_empty(0), skips.new_empty(0)
     large = torch.nonzero(skips > 255).squeeze(1)  # (L,)
     return skips.clamp(max=255).to(torch.uint8), large, skips[large]
 
 
 def unpack_drops(small, large, large_skips):
-    """The positions that draw_drops returned with these packed skips: sorted int64 (K,)."""
+    """The positions that pack_drops packed: sorted int64 (K,)."""
     skips = small.long()  # (K,)
-    skips[large] = large_skips.long()
+    skips[large] = large_skips
     return skips.add_(1).cumsum_(0).sub_(1)  # gap = skip + 1; the first drop sits at gap - 1
-
-
-def dropped_positions(seed, num_experts, numel, p, device="cpu"):
-    """Where the experts' dropout masks are 0: sorted int64 flat positions into the (E, N, d_in) stack of the E
-    experts' inputs (numel = N * d_in entries each), every entry dropped independently with probability p, drawn
-    as one Bernoulli(p) sequence over the E * numel entries (draw_drops)."""
-    return draw_drops(seed, num_experts * numel, p, device)[0]
 
 
 def expert_dropout_layout(positions, num_experts, N, d_in):
@@ -233,18 +325,21 @@ class ExpertDropoutLinear(torch.autograd.Function):
         backward  dL/dx   = [dz, dg] [A; W_g] - sum_i (1 - m_i) * (dz_i A_i)   dz_i A_i sampled where m_i = 0
                   dL/dA_i = dz_i^T (m_i * x)                            x with expert i's dropped entries zeroed
 
-    The masks come from draw_drops(seed, ...) in forward; backward rebuilds them from the gaps between the drops,
-    packed in about one byte each (pack_skips: 0.4 bytes per entry of x at E = 8, p = 0.05, against x's own 4).
+    The masks come from record_drops(seeds, lengths, ...) in forward, x holding len(seeds) records; backward
+    rebuilds them from the gaps between the drops, packed in about one byte each (pack_drops: 0.4 bytes per entry of
+    x at E = 8, p = 0.05, against x's own 4).
     Nothing else but x, A and W_g is saved, no mask and no masked copy of x. The sparse kernels run in fp32 at least
     (the CPU's have no bf16); outputs and gradients come back in the inputs' dtypes."""
 
     @staticmethod
-    def forward(ctx, x, lora_A, router, num_experts, p, seed):  # x (..., d_in), lora_A (r, d_in), router (E, d_in)
+    def forward(ctx, x, lora_A, router, num_experts, p, seeds, lengths):
+        # x (..., d_in), lora_A (r, d_in), router (E, d_in); seeds, lengths: x's records' (record_drops)
         x2d, weight = x.reshape(-1, x.shape[-1]), lora_A if router is None else torch.cat([lora_A, router])
         z = x2d @ weight.t()  # (N, r [+ E]): the dense product, as without dropout
         (N, d_in), (r, E) = x2d.shape, (lora_A.shape[0], num_experts)
         sparse_dtype = torch.promote_types(x.dtype, torch.float32)  # the CPU's sparse kernels have no bf16
-        positions, packed = draw_drops(seed, E * x2d.numel(), p, x.device)  # (K,): into the (E, N, d_in) stack
+        positions = record_drops(seeds, lengths, E, N, d_in, p, x.device)  # (K,): into the (E, N, d_in) stack
+        packed = pack_drops(positions)
         crow, col, in_x, _ = expert_dropout_layout(positions, E, N, d_in)
         dropped_x = x2d.reshape(-1).index_select(0, in_x).to(sparse_dtype)  # (K,)
         dropped = sparse_csr(crow, col, dropped_x, (E * N, E * d_in))  # D: the dropped entries of x
@@ -276,7 +371,7 @@ class ExpertDropoutLinear(torch.autograd.Function):
             kept_x.copy_(x2d).view(-1).index_fill_(0, in_x[start:end], 0.0)
             grad_A[e] = grad_experts[e * N:(e + 1) * N].t() @ kept_x  # (r/E, d_in)
         grad_x = None if grad_x is None else grad_x.view(x.shape)
-        return grad_x, grad_A.view(r, d_in).to(lora_A.dtype), grad_router, None, None, None
+        return grad_x, grad_A.view(r, d_in).to(lora_A.dtype), grad_router, None, None, None, None
 
 
 # -----------------------------------------------------------------------------
@@ -313,10 +408,11 @@ def add_moelora(model, targets=None, r=128, alpha=256.0, num_experts=8, dropout=
     wrapped = [n for n, m in model.named_modules() if isinstance(m, MoELoRALinear)]
     assert not wrapped, f"the model already has MoELoRA layers ({wrapped[0]}, ...): add_moelora runs once"
     names = target_linears(model, targets)
-    for name in names:
+    for key, name in enumerate(names):  # key: the layer's part in its dropout seeds, the same on every rank
         parent, _, child = name.rpartition(".")
+        linear = model.get_submodule(name)  # the wrapper in the linear's mode: a model in eval mode stays in it
         setattr(model.get_submodule(parent), child,
-                MoELoRALinear(model.get_submodule(name), r, alpha, num_experts, dropout))
+                MoELoRALinear(linear, r, alpha, num_experts, dropout, key).train(linear.training))
     return names
 
 

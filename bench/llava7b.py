@@ -44,6 +44,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import coin  # noqa: E402
 import cli  # noqa: E402
 import data  # noqa: E402
+import moelora  # noqa: E402
 from moelora import MoELoRALinear  # noqa: E402
 from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration  # noqa: E402
 
@@ -115,9 +116,10 @@ def batch(shapes, micro_batch, device, seed=0, seq=None, answer=None):
 
 def train_step(model, opt, params, b):
     """coin.py's optimizer step on one micro-batch: sum of answer-token CE / answer tokens, backward, clip, AdamW."""
-    logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"],
-                   pixel_values=b["pixel_values"]).logits  # (B, T, vocab)
-    (coin.answer_ce(logits, b["labels"]) / (b["labels"][:, 1:] != -100).sum()).backward()
+    with moelora.dropout_records(range(len(b["input_ids"]))):  # each record's dropout seed, as coin.py's step
+        logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"],
+                       pixel_values=b["pixel_values"]).logits  # (B, T, vocab)
+        (coin.answer_ce(logits, b["labels"]) / (b["labels"][:, 1:] != -100).sum()).backward()
     torch.nn.utils.clip_grad_norm_(params, 1.0)
     opt.step()
     opt.zero_grad(set_to_none=True)

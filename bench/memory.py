@@ -119,19 +119,27 @@ class ShardedTracker(BenchTracking, FSDPMemTracker):
 class SizedExpertDropout(torch.autograd.Function):
     """moelora.ExpertDropoutLinear's memory without its values: the same dense products, and empty tensors of the
     sizes and dtypes that its draw, sparse layout and sparse products allocate, in the same order and alive as long.
-    Sizes from shapes: the draw's chunk (moelora.drop_chunk) and K = p E N d_in drops, the expected count."""
+    Sizes from shapes: the records' chunks (moelora.drop_chunk) and K = p E sum_b L_b d_in drops, the expected
+    count."""
 
     @staticmethod
-    def forward(ctx, x, lora_A, router, num_experts, p, seed):
+    def forward(ctx, x, lora_A, router, num_experts, p, seeds, lengths):
         x2d, weight = x.reshape(-1, x.shape[-1]), lora_A if router is None else torch.cat([lora_A, router])
         z = x2d @ weight.t()  # (N, r [+ E])
         (N, d_in), (r, E) = x2d.shape, (lora_A.shape[0], num_experts)
         sparse_dtype = torch.promote_types(x.dtype, torch.float32)
-        K, chunk = round(p * E * x2d.numel()), moelora.drop_chunk(E * x2d.numel(), p)
-        gaps = x.new_empty(chunk, dtype=torch.float64)  # draw_drops: the gaps, then in place their positions
-        small = x.new_empty(chunk, dtype=torch.uint8)  # pack_skips: a byte a gap, kept for backward
-        positions = x.new_empty(K, dtype=torch.long)  # drops[:K].long()
-        del gaps
+        B = len(seeds)  # moelora.record_drops: the records' uniforms side by side, then in place their drops
+        lengths = [N // B] * B if lengths is None else lengths
+        C = -(-max(moelora.drop_chunk(L * d_in, p) for L in lengths) // 16) * 16
+        grid = x.new_empty((E, B, C), dtype=torch.float64)
+        inside = x.new_empty((E, B, C), dtype=torch.bool)
+        K = sum(round(p * E * L * d_in) for L in lengths)
+        dropped = x.new_empty(K, dtype=torch.float64)  # masked_select
+        positions = x.new_empty(K, dtype=torch.long)  # .long()
+        del dropped, grid, inside
+        skips = x.new_empty(K, dtype=torch.long)  # pack_drops
+        small = x.new_empty(K, dtype=torch.uint8)  # a byte a drop, kept for backward
+        del skips
         crow, col = layout(positions, E * N, d_in)
         dropped_x = x.new_empty(K).to(sparse_dtype)  # index_select
         blocks = moelora.expert_blocks(lora_A.to(sparse_dtype), E)  # (E d_in, r/E)
@@ -161,7 +169,7 @@ class SizedExpertDropout(torch.autograd.Function):
         grad_A = torch.empty(E, r // E, d_in, dtype=sparse_dtype, device=x.device)
         kept_x = torch.empty_like(x2d, dtype=sparse_dtype)  # noqa: F841 (m_e * x for one expert at a time)
         grad_x = None if grad_x is None else grad_x.view(x.shape)
-        return grad_x, grad_A.view(r, d_in).to(lora_A.dtype), grad_router, None, None, None
+        return grad_x, grad_A.view(r, d_in).to(lora_A.dtype), grad_router, None, None, None, None
 
 
 def layout(positions, rows, d_in):
@@ -182,15 +190,15 @@ def layout(positions, rows, d_in):
 
 @contextlib.contextmanager
 def sized_dropout(on):
-    """With `on`, MoELoRALinear's dropout runs as SizedExpertDropout, with a constant seed (moelora.dropout_seed
-    reads a random integer's value). Set at the call site for this bench only: the real path is left as it is."""
-    real = moelora.ExpertDropoutLinear, moelora.dropout_seed
+    """With `on`, MoELoRALinear's dropout runs as SizedExpertDropout. Set at the call site for this bench only: the
+    real path is left as it is."""
+    real = moelora.ExpertDropoutLinear
     if on:
-        moelora.ExpertDropoutLinear, moelora.dropout_seed = SizedExpertDropout, lambda: 0
+        moelora.ExpertDropoutLinear = SizedExpertDropout
     try:
         yield
     finally:
-        moelora.ExpertDropoutLinear, moelora.dropout_seed = real
+        moelora.ExpertDropoutLinear = real
 
 
 # -----------------------------------------------------------------------------
@@ -272,9 +280,10 @@ def train_peak(model, shapes, micro_batch, accum, seq, answer, mode):
         for i in range(runs):
             if sharded:
                 model.set_requires_gradient_sync(i == runs - 1)
-            logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"],
-                           pixel_values=b["pixel_values"]).logits  # (B, T, vocab)
-            (coin.answer_ce(logits, b["labels"]) / n_tokens).backward()
+            with moelora.dropout_records(range(micro_batch)):  # each record's dropout seed, as coin.py's step
+                logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"],
+                               pixel_values=b["pixel_values"]).logits  # (B, T, vocab)
+                (coin.answer_ce(logits, b["labels"]) / n_tokens).backward()
             del logits
             tracker.reset_mod_stats()  # the tracker refuses a second forward of the model otherwise
         torch.nn.utils.clip_grad_norm_(params, 1.0, foreach=True)

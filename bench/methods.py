@@ -33,6 +33,7 @@ sys.path.append(os.path.dirname(os.path.abspath(__file__)))  # bench/train_step.
 import cli  # noqa: E402
 import coin  # noqa: E402
 import methods  # noqa: E402
+import moelora  # noqa: E402
 from moelora import target_linears  # noqa: E402
 from train_step import SIZES, batch_for, build, prepare  # noqa: E402
 
@@ -64,12 +65,13 @@ def step(method, model, opt, b, state):
     params = [p for p in model.parameters() if p.requires_grad]
     if method == "lwf":
         teacher = methods.teacher_logits(model, state["teacher"], inputs)
-    logits = model(**inputs).logits  # (B, T, vocab)
-    loss = answer_ce(logits, b["labels"])
-    if method == "lwf":
-        n_tokens = (b["labels"][:, 1:] != -100).sum()
-        loss = loss + 0.1 * methods.lwf_distillation(logits, teacher, b["labels"], 2.0) / n_tokens
-    loss.backward()
+    with moelora.dropout_records(range(len(b["input_ids"]))):  # each record's dropout seed, as coin.py's step
+        logits = model(**inputs).logits  # (B, T, vocab)
+        loss = answer_ce(logits, b["labels"])
+        if method == "lwf":
+            n_tokens = (b["labels"][:, 1:] != -100).sum()
+            loss = loss + 0.1 * methods.lwf_distillation(logits, teacher, b["labels"], 2.0) / n_tokens
+        loss.backward()
     if method == "ewc":
         methods.ewc_penalty(state["named"], state["fisher"], state["anchor"], 0.1).backward()
     if method == "olora":

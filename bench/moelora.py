@@ -44,6 +44,7 @@ import torch.nn.functional as F  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import cli  # noqa: E402
+import moelora  # noqa: E402
 from moelora import MoELoRALinear  # noqa: E402
 
 
@@ -104,15 +105,16 @@ def saved_bytes(module, x):
             storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
         return t
 
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        module(x)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), moelora.dropout_records([0]):
+        module(x)  # x: one record's tokens
     return sum(storages.values())
 
 
 def step_time(module, x, grad_out, clock):
     """Seconds for one forward + backward; gradients are cleared outside the timed region."""
     t0 = clock()
-    module(x).backward(grad_out)
+    with moelora.dropout_records([0]):  # x: one record's tokens, its dropout seed (a --baseline layer ignores it)
+        module(x).backward(grad_out)
     elapsed = clock() - t0
     x.grad = None
     for p in module.parameters():

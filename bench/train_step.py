@@ -92,9 +92,11 @@ def prepare(size, experts, dropout, adapter=moelora):
 
 
 def step(model, opt, b):
-    logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], pixel_values=b["pixel_values"]).logits
-    loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), b["labels"][:, 1:].flatten())  # (B*(L-1), V) vs (B*(L-1),)
-    loss.backward()
+    with moelora.dropout_records(range(len(b["input_ids"]))):  # a seed per record, as coin.py (--baseline: ignored)
+        logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"],
+                       pixel_values=b["pixel_values"]).logits
+        loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), b["labels"][:, 1:].flatten())  # (B*(L-1), V), (B*(L-1),)
+        loss.backward()
     opt.step()
     opt.zero_grad(set_to_none=True)
 

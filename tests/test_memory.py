@@ -61,7 +61,7 @@ def test_sized_dropout_allocates_as_the_real_layer(d_in):
             x = torch.randn(2, 48, d_in, requires_grad=True)  # (B, T, d_in): earlier layers need the input's gradient
             tracker = memory.Tracker()
             tracker.track_external(layer, x)
-            with tracker:
+            with tracker, moelora.dropout_records([0, 1]):  # two records, a seed each
                 layer.train()(x).sum().backward()
             return tracker.get_tracker_snapshot("peak")
     real, fake = (memory.columns(peak(fake))["total"] for fake in (False, True))
@@ -73,7 +73,7 @@ def digest(t):
 
 
 # (seed, entries, p, drops, their positions' digest, the packed gaps' digest, gaps over 255), from moelora.draw_drops
-# as it was before drop_chunk: the masks of real runs, pinned
+# as it was before drop_chunk: a record's masks in real runs, pinned
 DRAWS = [(1, 10000, 0.05, 479, "7695698208e47a2e", "7b030ee57cdc84fb", 0),
          (1099511627783, 300000, 0.05, 15136, "38bb9b575bf39ec6", "6879376a9522a874", 0),
          (3, 50000, 0.3, 15005, "9e24d912ab2156da", "4c28b9bba5015e9f", 0),
@@ -83,7 +83,8 @@ DRAWS = [(1, 10000, 0.05, 479, "7695698208e47a2e", "7b030ee57cdc84fb", 0),
 @pytest.mark.parametrize("seed,total,p,count,positions,packed,large", DRAWS)
 def test_dropout_draw_is_unchanged(seed, total, p, count, positions, packed, large):
     """Same seed, same drops: the bench's sizing (moelora.drop_chunk) left the masks of real runs as they were."""
-    drops, (small, large_at, _) = moelora.draw_drops(seed, total, p)
+    drops = moelora.draw_drops(seed, total, p)
+    small, large_at, _ = moelora.pack_drops(drops)
     assert (len(drops), digest(drops), digest(small), len(large_at)) == (count, positions, packed, large)
 
 

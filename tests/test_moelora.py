@@ -2,6 +2,9 @@
 
     y = W0 x + (alpha / r) * sum_i g_i(x) * B_i A_i dropout_i(x),    g = softmax(W_g x)
 """
+import contextlib
+import math
+
 import pytest
 import torch
 import torch.nn as nn
@@ -10,8 +13,9 @@ from transformers import (CLIPVisionConfig, LlamaConfig, LlamaForCausalLM, Llava
                           LlavaForConditionalGeneration)
 
 from bench.moelora import saved_bytes
-from moelora import (MoELoRALinear, add_moelora, draw_drops, dropout_seed, dropped_positions,
-                     load_moelora_state_dict, mark_only_moelora_trainable, moelora_state_dict, unpack_drops)
+from moelora import (MoELoRALinear, add_moelora, draw_drops, drop_chunk, dropout_records, layer_records,
+                     load_moelora_state_dict, mark_only_moelora_trainable, mix_seed, moelora_state_dict, pack_drops,
+                     record_drops, unpack_drops)
 
 D_IN, D_OUT, R = 12, 10, 8
 
@@ -63,25 +67,45 @@ def test_matches_written_out_loop(E, shape):
     assert_same_output_and_grads(layer, x, layer(x), x_ref, ref, w)
 
 
-def masks_of(seed, E, shape, p):
-    """The dropout multipliers (E, *shape) a forward with this seed applies: 0 where dropped, 1/(1-p) elsewhere."""
-    kept = torch.ones(E, *shape)
-    kept.view(-1)[dropped_positions(seed, E, kept[0].numel(), p)] = 0  # positions into the (E, *shape) stack
-    return kept / (1 - p)
+def written_out_drops(seed, E, n, p):
+    """A record's E experts' drops as record_drops defines them, written out: E chunks of drop_chunk(n, p) uniforms
+    from the record's generator, expert e's gaps 1 + floor(log(1 - u) / log(1 - p)) from the e-th, continued after its
+    last drop from a generator seeded by (seed, e) if they end before n. (E, n) bool, True where dropped."""
+    u = torch.rand(E, drop_chunk(n, p), dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
+    dropped = torch.zeros(E, n, dtype=torch.bool)
+    for e in range(E):
+        positions = ((1 - u[e]).log() / math.log1p(-p)).floor().add(1).cumsum(0).sub(1)
+        last = int(positions[-1])
+        if last < n - 1:
+            positions = torch.cat([positions, draw_drops(mix_seed(seed, e), n - 1 - last, p) + last + 1])
+        dropped[e, positions[positions < n].long()] = True
+    return dropped
+
+
+def masks_of(seeds, E, shape, p, lengths=None, key=0):
+    """The dropout multipliers (E, *shape) that layer `key` applies to an input of `shape` holding len(seeds) records
+    in a forward inside dropout_records(seeds, lengths): 0 where dropped, 1/(1-p) elsewhere, each record's drawn alone
+    over its first lengths[b] tokens (written_out_drops)."""
+    with dropout_records(seeds, lengths):
+        seeds, lengths = layer_records(key)
+    kept = torch.ones(E, len(seeds), math.prod(shape[:-1]) // len(seeds), shape[-1])  # (E, B, T, d_in)
+    for b, (seed, L) in enumerate(zip(seeds, lengths or [kept.shape[2]] * len(seeds))):
+        kept[:, b, :L] = ~written_out_drops(seed, E, L * shape[-1], p).view(E, L, -1)
+    return kept.view(E, *shape) / (1 - p)
 
 
 @pytest.mark.parametrize("E", [1, 4, 8])
 @pytest.mark.parametrize("x_needs_grad", [True, False])
 def test_dropout_matches_written_out_loop(E, x_needs_grad):
-    """In training each expert applies its own mask; a forward draws one seed from torch's default generator and
-    dropped_positions(seed, ...) gives the masks it used: same output and same gradients as the written-out loop."""
+    """In training each expert applies its own mask, each record's drawn from its own seed (masks_of writes them out):
+    same output and same gradients as the written-out loop, padded records too."""
     p = 0.3
     layer = make_layer(E, dropout=p).train()
-    x = torch.randn(3, 4, D_IN, requires_grad=x_needs_grad)
-    torch.manual_seed(123)
-    y = layer(x)
-    torch.manual_seed(123)
-    masks = masks_of(dropout_seed(), E, x.shape, p)  # (E, 3, 4, d_in): 0 or 1/(1-p)
+    x = torch.randn(3, 4, D_IN, requires_grad=x_needs_grad)  # 3 records of at most 4 tokens: 4, 2 and 3 of them
+    with dropout_records([7, 8, 9], [4, 2, 3]):
+        y = layer(x)
+    masks = masks_of([7, 8, 9], E, x.shape, p, [4, 2, 3])  # (E, 3, 4, d_in): 0 or 1/(1-p)
+    assert (masks[:, 1, 2:] != 0).all() and (masks[:, 2, 3:] != 0).all()  # padding: nothing dropped
     assert (masks == 0).any() and (masks != 0).any()
     x_ref = x.detach().clone().requires_grad_(x_needs_grad)
     ref, w = loop_reference(layer, x_ref, masks)
@@ -103,11 +127,10 @@ def test_dropout_layouts_match_the_loop(d_in, p):
     layer = MoELoRALinear(nn.Linear(d_in, D_OUT), r=R, alpha=16.0, num_experts=E, dropout=p).train()
     with torch.no_grad():
         layer.lora_B.normal_()
-    x = torch.randn(N, d_in, requires_grad=True)
-    torch.manual_seed(5)
-    y = layer(x)
-    torch.manual_seed(5)
-    masks = masks_of(dropout_seed(), E, x.shape, p)  # (E, N, d_in)
+    x = torch.randn(N, d_in, requires_grad=True)  # 4 records of 10 tokens
+    with dropout_records([5, 6, 7, 8]):
+        y = layer(x)
+    masks = masks_of([5, 6, 7, 8], E, x.shape, p)  # (E, N, d_in)
     assert (masks == 0).any()
     x_ref = x.detach().clone().requires_grad_()
     ref, w = loop_reference(layer, x_ref, masks)
@@ -122,13 +145,13 @@ def test_dropout_layouts_match_the_loop(d_in, p):
 
 def test_packed_drops_give_the_positions_back():
     """What backward keeps of the masks, one byte per drop and the rare gaps over 256 in full, gives back exactly the
-    positions the forward drew, with and without such gaps."""
-    for p, total, any_large in ((0.3, 10_000, False), (0.05, 100_000, False), (0.003, 100_000, True)):
-        positions, packed = draw_drops(7, total, p)
-        small, large, large_skips = packed
+    positions the forward drew, with and without such gaps, and none."""
+    for p, total, any_large in ((0.3, 10_000, False), (0.05, 100_000, False), (0.003, 100_000, True), (0.01, 1, 0)):
+        positions = record_drops([7], None, 1, total, 1, p)  # one record, one expert: draw_drops itself
+        assert torch.equal(positions, draw_drops(7, total, p))
+        small, large, large_skips = packed = pack_drops(positions)
         assert small.dtype == torch.uint8 and len(small) == len(positions) and bool(len(large)) == any_large
         assert torch.equal(unpack_drops(*packed), positions)
-        assert torch.equal(positions, dropped_positions(7, 1, total, p))
 
 
 def test_dropped_positions_are_iid_bernoulli():
@@ -136,7 +159,7 @@ def test_dropped_positions_are_iid_bernoulli():
     independently of the other experts, tokens and features (joint drops at rate p^2). Bounds: 5 binomial standard
     deviations (the draws are seeded, so the test is deterministic)."""
     E, N, d, p = 4, 400, 500, 0.05
-    dropped = ~(masks_of(7, E, (N, d), p) > 0)  # (E, N, d): True where dropped
+    dropped = ~(masks_of([7], E, (N, d), p) > 0)  # (E, N, d): True where dropped
     n = dropped[0].numel()
 
     def assert_rate(observed, q, count):
@@ -150,25 +173,45 @@ def test_dropped_positions_are_iid_bernoulli():
     assert_rate((dropped[:, :, 1:] & dropped[:, :, :-1]).float().mean().item(), p * p, E * N * (d - 1))  # features
     assert_rate((dropped[:, 1:] & dropped[:, :-1]).float().mean().item(), p * p, E * (N - 1) * d)  # tokens
     # the count of drops is Binomial(n, p), not fixed: its spread over seeds matches n p (1 - p)
-    counts = torch.tensor([float(len(dropped_positions(s, 1, 1000, p))) for s in range(400)])
+    counts = torch.tensor([float(len(draw_drops(s, 1000, p))) for s in range(400)])
     assert abs(counts.mean().item() - 50) < 5 * (47.5 / 400) ** 0.5, counts.mean()
     assert 0.7 < counts.var().item() / 47.5 < 1.3, counts.var()
-    pos = dropped_positions(3, E, n, p)  # sorted, distinct, in range
+    pos = record_drops(range(4), [100, 50, 100, 7], E, N, d, p)  # sorted, distinct, in range
     assert pos.dtype == torch.int64 and torch.all(pos[1:] > pos[:-1]) and 0 <= pos.min() and pos.max() < E * n
 
 
-def test_dropout_reproducible_and_from_the_default_generator():
-    """Same torch seed, same masks (a resumed run restores torch's RNG state and draws them again); another seed,
-    other masks; and the masks come from torch's default generator, whose state a forward advances."""
-    layer = make_layer(4, dropout=0.1).train()
-    x = torch.randn(6, D_IN)
-    outs = []
-    for seed in (5, 5, 6):
-        torch.manual_seed(seed)
-        state = torch.get_rng_state()
-        outs.append(layer(x))
-        assert not torch.equal(torch.get_rng_state(), state)
-    assert torch.equal(outs[0], outs[1]) and not torch.equal(outs[0], outs[2])
+def test_dropout_masks_are_the_records_own():
+    """A record's masks come from its seed and the layer alone: the same in any micro-batch, beside any records, with
+    any padding; another seed or another layer, others. torch's default generator is neither read nor advanced, and a
+    training forward with dropout and no seeds fails rather than draw from some other stream."""
+    p, E, d_in = 0.2, 4, 16
+    masks = {}
+    for key in (0, 1):
+        # record 5 has 6 tokens: alone, beside others in a batch padded to 6, or to 7 tokens
+        for seeds, lengths in (([5], None), ([9, 5, 3], [2, 6, 1]), ([5, 9], [6, 7])):
+            state = torch.get_rng_state()
+            torch.manual_seed(len(seeds))  # other RNG states: nothing changes
+            x_shape = torch.Size((len(seeds), max(lengths or [6]), d_in))
+            m = masks_of(seeds, E, x_shape, p, lengths, key)
+            masks[key, len(seeds)] = m[:, seeds.index(5), :6]  # record 5's first 6 tokens
+            torch.set_rng_state(state)
+    for key in (0, 1):
+        assert torch.equal(masks[key, 1], masks[key, 3]) and torch.equal(masks[key, 1], masks[key, 2])
+    assert not torch.equal(masks[0, 1], masks[1, 1])
+    layer = MoELoRALinear(nn.Linear(d_in, D_OUT), r=8, alpha=16.0, num_experts=E, dropout=p, key=1).train()
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    x = torch.randn(2, 6, d_in)
+    state = torch.get_rng_state()
+    with dropout_records([9, 5]):
+        y = layer(x)
+    assert torch.equal(torch.get_rng_state(), state)
+    ref, _ = loop_reference(layer, x, masks_of([9, 5], E, x.shape, p, key=1))
+    torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-6)
+    with dropout_records([9, 6]):
+        assert not torch.equal(layer(x)[1], y[1]) and torch.equal(layer(x)[0], y[0])  # record 2's seed: its output
+    with pytest.raises(RuntimeError, match=r"needs its records' dropout seeds: run it inside moelora.dropout_records"):
+        layer(x)
 
 
 def test_dropout_with_bf16():
@@ -177,12 +220,11 @@ def test_dropout_with_bf16():
     p = 0.2
     layer = make_layer(4, dropout=p).train()
     x = torch.randn(2, 3, D_IN).bfloat16()
-    torch.manual_seed(9)
-    masks = masks_of(dropout_seed(), 4, x.shape, p)
+    masks = masks_of([9, 10], 4, x.shape, p)
     ref, w = loop_reference(layer, x.float(), masks)
     layer.base.bfloat16()
-    torch.manual_seed(9)
-    y = layer(x)
+    with dropout_records([9, 10]):
+        y = layer(x)
     assert y.dtype == torch.bfloat16 and layer.lora_A.dtype == torch.float32
     torch.testing.assert_close(y.float(), ref.detach(), rtol=0.03, atol=0.05)
     y.float().sum().backward()
@@ -190,8 +232,8 @@ def test_dropout_with_bf16():
     torch.testing.assert_close(layer.lora_A.grad.view(4, layer.expert_rank, D_IN), w["A"].grad, rtol=0.02, atol=0.02)
     layer.bfloat16()
     xg = x.clone().requires_grad_()
-    torch.manual_seed(9)
-    y16 = layer(xg)
+    with dropout_records([9, 10]):
+        y16 = layer(xg)
     y16.sum().backward()
     assert y16.dtype == xg.grad.dtype == layer.lora_A.grad.dtype == torch.bfloat16
     torch.testing.assert_close(y16.float(), ref.detach(), rtol=0.03, atol=0.1)
@@ -199,25 +241,29 @@ def test_dropout_with_bf16():
 
 @pytest.mark.parametrize("E", [1, 4])
 def test_dropout_under_gradient_checkpointing(E):
-    """Non-reentrant checkpointing (coin.py's --grad_ckpt) recomputes the forward in backward; torch restores the RNG
-    state for it, so the recomputation draws the same seed and the gradients equal those without checkpointing.
-    Without that restore (preserve_rng_state=False) the masks would differ: the test can tell."""
+    """Non-reentrant checkpointing (coin.py's --grad_ckpt) recomputes the forward in backward, inside the same
+    dropout_records: the recomputation draws the same masks (the records' seeds; no call counter, no RNG state), so
+    the gradients equal those without checkpointing. A recomputation with other seeds would give other masks (the test
+    can tell), and one outside dropout_records fails."""
     layer = make_layer(E, dropout=0.2).train()
-    x = torch.randn(5, D_IN)
+    x = torch.randn(5, D_IN)  # one record of 5 tokens
 
-    def grads_of(ckpt, preserve):
+    def grads_of(ckpt, backward_seeds=(11,)):
         layer.zero_grad(set_to_none=True)
         xi = x.clone().requires_grad_()
-        torch.manual_seed(11)
-        y = checkpoint(layer, xi, use_reentrant=False, preserve_rng_state=preserve) if ckpt else layer(xi)
-        (y * torch.arange(y.numel()).view(y.shape)).sum().backward()
+        with dropout_records([11]):
+            y = checkpoint(layer, xi, use_reentrant=False) if ckpt else layer(xi)
+        with dropout_records(backward_seeds) if backward_seeds else contextlib.nullcontext():
+            (y * torch.arange(y.numel()).view(y.shape)).sum().backward()
         return [xi.grad] + [p.grad for p in layer.parameters() if p.requires_grad]
 
-    plain = grads_of(False, True)
-    for a, b in zip(plain, grads_of(True, True)):
+    plain = grads_of(False)
+    for a, b in zip(plain, grads_of(True)):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+    with pytest.raises(RuntimeError, match="needs its records' dropout seeds"):
+        grads_of(True, backward_seeds=None)
     try:  # other masks: torch's checkpoint refuses a recomputation whose packed masks differ in size from the forward's
-        other = grads_of(True, False)
+        other = grads_of(True, backward_seeds=(12,))
     except CheckpointError:
         return
     assert not all(torch.equal(a, b) for a, b in zip(plain, other))  # same size, other masks: other gradients
@@ -246,7 +292,8 @@ def test_dropout_masks_are_independent_per_expert():
         layer.lora_B.copy_(torch.eye(E * d))  # B_i writes output block i
         layer.router.weight.zero_()  # g_i = 1/E
     x = torch.ones(20000, d)
-    out = layer.train()(x).view(-1, E, d) * E  # (N, E, d): dropout_i(x), scaling = 1
+    with dropout_records(range(100)):  # 100 records of 200 tokens
+        out = layer.train()(x).view(-1, E, d) * E  # (N, E, d): dropout_i(x), scaling = 1
     kept = out != 0
     assert torch.allclose(out[kept], torch.tensor(1 / (1 - p))), out[kept].unique()
     rate = kept.float().mean(dim=(0, 2))  # (E,)
