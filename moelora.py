@@ -185,9 +185,10 @@ def record_drops(seeds, lengths, num_experts, N, d_in, p, device="cpu"):
     giving expert e's drops among the record's L_b d_in entries as draw_drops gives them (a chunk short of them,
     about once in 1e15, goes on from a generator seeded by (seeds[b], e)). So a record's masks do not depend on which
     rank draws them, the other records of its micro-batch or their padding.
-    The choice (docs/performance.md): a seed per record costs a generator seeding per record where a seed per
-    micro-batch costs one, a few percent of a tiny model's training step; in exchange a record's masks are its own
-    whatever the split of the global batch: 2 ranks of 4, 1 of 8 and 1 of 4 x 2 accumulation steps draw the same.
+    The choice (docs/performance.md): a seed per record costs a generator seeding and a chunk margin per record where
+    a seed per micro-batch costs one draw, 2-10% of a tiny MoELoRA training step at dropout 0.05 (10% of its
+    instructions); in exchange a record's masks are its own whatever the split of the global batch (2 ranks of 4, 1 of
+    8 and 1 of 4 x 2 accumulation steps draw the same), where a micro-batch's would change with its records.
     The drops are laid out expert after expert, record after record, as the stack is: the arithmetic runs on all of
     them at once, C (a multiple of 16) a row, so every entry goes through the same vector kernel (one thread: a
     record's drops do not depend on the other rows to the last bit)."""
