@@ -369,7 +369,7 @@ def test_magmax_trains_as_sequential(mini_data, tiny_base, tmp_path):
 
 @pytest.mark.parametrize("method", ["reglora", "magmax"])  # merge_mean keeps and merges as magmax does
 def test_merging_method_on_two_ranks_equals_one(method, mini_data, tiny_base, tmp_path):
-    """Two gloo ranks of 2 records give the weights and state of one rank of 4 (no dropout: masks are per rank):
+    """Two gloo ranks of 2 records give the weights and state of one rank of 4 (dropout 0: tests/test_ranks.py checks the masks):
     RegLoRA's penalty is added once per step after the ranks' gradients are summed, its keys and merge are computed
     alike on every rank; MagMax's evaluation merges alike on every rank."""
     def argv(d, *extra):
