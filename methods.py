@@ -50,7 +50,7 @@ import torch.nn.functional as F
 import cli
 import data
 from base_model import projector
-from moelora import AdapterLayer, adapter_parameters, add_moelora, record_dropout, target_linears
+from moelora import AdapterLayer, adapter_parameters, add_moelora, record_dropout, target_linears, wrap_linears
 
 
 @dataclasses.dataclass
@@ -407,12 +407,7 @@ def add_olora(model, names, r, alpha, dropout, tasks):
     """Wrap the nn.Linear layers `names` in OLoRALinear with `tasks` subspaces, none active yet (the model computes
     as the base until set_active)."""
     assert not olora_layers(model), "the model has O-LoRA layers already: add_olora runs once"
-    for key, name in enumerate(names):  # key: the layer's part in its dropout seeds
-        parent, _, child = name.rpartition(".")
-        linear = model.get_submodule(name)
-        setattr(model.get_submodule(parent), child,
-                OLoRALinear(linear, r, alpha, dropout, tasks, key).train(linear.training))
-    return names
+    return wrap_linears(model, names, lambda linear, key, name: OLoRALinear(linear, r, alpha, dropout, tasks, key))
 
 
 def init_subspaces(model, seed, init):
@@ -600,12 +595,7 @@ def merged_lora_layers(model):
 def add_merged_lora(model, names, r, alpha, dropout):
     """Wrap the nn.Linear layers `names` in MergedLoRALinear (nothing merged yet, a zero LoRA: the base's output)."""
     assert not merged_lora_layers(model), "the model has MergedLoRALinear layers already: add_merged_lora runs once"
-    for key, name in enumerate(names):  # key: the layer's part in its dropout seeds
-        parent, _, child = name.rpartition(".")
-        linear = model.get_submodule(name)
-        setattr(model.get_submodule(parent), child,
-                MergedLoRALinear(linear, r, alpha, dropout, key).train(linear.training))
-    return names
+    return wrap_linears(model, names, lambda linear, key, name: MergedLoRALinear(linear, r, alpha, dropout, key))
 
 
 def fresh_lora(model, seed, stage, init):
@@ -959,12 +949,8 @@ def add_task_experts(model, r, alpha, experts, dropout, weighted_layers, seed, m
     assert not task_expert_layers(model), "the model has task experts already: add_task_experts runs once"
     names = target_linears(model)
     weighted = weighted_layers(max(layer_index(n) for n in names) + 1)
-    for key, name in enumerate(names):  # key: the layer's part in its dropout seeds
-        parent, _, child = name.rpartition(".")
-        rule = "weighted" if layer_index(name) in weighted else "sum"
-        linear = model.get_submodule(name)
-        setattr(model.get_submodule(parent), child,
-                TaskExpertLinear(linear, r, alpha, experts, dropout, rule, key).train(linear.training))
+    wrap_linears(model, names, lambda linear, key, name: TaskExpertLinear(
+        linear, r, alpha, experts, dropout, "weighted" if layer_index(name) in weighted else "sum", key))
     layers = task_expert_layers(model)
     for i in range(experts):
         g = seeded_generator(seed, method, f"expert{i}")

@@ -409,11 +409,18 @@ def add_moelora(model, targets=None, r=128, alpha=256.0, num_experts=8, dropout=
     wrapped = [n for n, m in model.named_modules() if isinstance(m, MoELoRALinear)]
     assert not wrapped, f"the model already has MoELoRA layers ({wrapped[0]}, ...): add_moelora runs once"
     names = target_linears(model, targets)
-    for key, name in enumerate(names):  # key: the layer's part in its dropout seeds, the same on every rank
+    return wrap_linears(model, names, lambda linear, key, name: MoELoRALinear(linear, r, alpha, num_experts, dropout,
+                                                                             key))
+
+
+def wrap_linears(model, names, wrap):
+    """Replace each nn.Linear `names[k]` of `model` by wrap(linear, k, name), in the linear's mode (a model in eval
+    mode stays in it); k, the layer's place in `names`, is its key in the records' dropout seeds (layer_records): the
+    same on every rank. Returns names."""
+    for key, name in enumerate(names):
         parent, _, child = name.rpartition(".")
-        linear = model.get_submodule(name)  # the wrapper in the linear's mode: a model in eval mode stays in it
-        setattr(model.get_submodule(parent), child,
-                MoELoRALinear(linear, r, alpha, num_experts, dropout, key).train(linear.training))
+        linear = model.get_submodule(name)
+        setattr(model.get_submodule(parent), child, wrap(linear, key, name).train(linear.training))
     return names
 
 
